@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what the integration tests need: Dovecot (IMAP + POP3), curl,
+# fetchmail, mpop and python3. Idempotent: does nothing when all present.
+set -euo pipefail
+
+have_all=1
+for tool in dovecot doveadm curl fetchmail mpop python3; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
+        have_all=0
+        break
+    fi
+done
+if [ "$have_all" -eq 1 ]; then
+    echo "install-test-deps: everything is already installed"
+    exit 0
+fi
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    else
+        sudo "$@"
+    fi
+}
+
+as_root apt-get update
+as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+    dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail mpop python3

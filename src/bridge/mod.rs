@@ -1,0 +1,4 @@
+//! POP3 meaning on top of IMAP: the maildrop snapshot and UIDL formats.
+
+pub mod maildrop;
+pub mod uidl;

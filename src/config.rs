@@ -1,0 +1,293 @@
+//! Configuration: a TOML file, then `POPBRIDGE_*` environment variables and
+//! command-line flags on top (see `main.rs`), then [`Config::validate`].
+//!
+//! Every key has a default and a doc comment; unknown keys are errors, so a
+//! typo never silently falls back to a default. `config/popbridge.example.toml`
+//! documents every key and is parsed by a test.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bridge::uidl::UidlFormat;
+use crate::error::ConfigError;
+use crate::upstream::imap::NoUidplus;
+
+/// RFC 1939 §3: "Such a timer MUST be of at least 10 minutes' duration."
+pub const MIN_IDLE_TIMEOUT_SECS: u64 = 600;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where POP3 clients connect.
+    pub listen: ListenConfig,
+    /// The IMAP server behind popbridge.
+    pub upstream: UpstreamConfig,
+    /// POP3 behaviour.
+    pub pop3: Pop3Config,
+    /// Resource limits.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The POP3 listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Address and port for plain POP3 (RFC 1939 port 110).
+    pub address: String,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0:110".into(),
+        }
+    }
+}
+
+/// How the IMAP server is reached.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// TLS from the first byte (IMAPS, usually port 993).
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (usually port 143).
+    #[default]
+    Starttls,
+    /// No TLS: credentials and mail cross the network in clear.
+    None,
+}
+
+/// The IMAP server.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `host:port` of the IMAP server.
+    pub address: String,
+    /// `implicit`, `starttls` or `none`. The default is `starttls`: plaintext
+    /// must be chosen explicitly.
+    pub tls: UpstreamTls,
+    /// The mailbox POP3 sessions see.
+    pub mailbox: String,
+    /// Seconds to wait for the TCP connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds to wait for any one IMAP response.
+    pub command_timeout_secs: u64,
+    /// At QUIT, when the server lacks UIDPLUS: `refuse` (delete nothing,
+    /// answer -ERR) or `expunge-if-alone` (EXPUNGE only when no other message
+    /// is flagged \Deleted).
+    pub no_uidplus: NoUidplus,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:143".into(),
+            tls: UpstreamTls::default(),
+            mailbox: "INBOX".into(),
+            connect_timeout_secs: 10,
+            command_timeout_secs: 60,
+            no_uidplus: NoUidplus::default(),
+        }
+    }
+}
+
+/// POP3 behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    /// UIDL template (Dovecot `pop3_uidl_format` syntax: %u, %v, width, X/x)
+    /// or a preset: `dovecot` (%08Xu%08Xv), `cyrus` (%v.%u), `courier`
+    /// (%v-%u), `uw` (%08Xv%08Xu).
+    pub uidl_format: String,
+    /// Mark messages fetched with RETR as \Seen at QUIT.
+    pub mark_seen_on_retr: bool,
+    /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
+    pub idle_timeout_secs: u64,
+    /// Seconds a client has to log in.
+    pub login_timeout_secs: u64,
+    /// Text after "+OK " in the greeting.
+    pub greeting: String,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Self {
+            uidl_format: "dovecot".into(),
+            mark_seen_on_retr: true,
+            idle_timeout_secs: 600,
+            login_timeout_secs: 60,
+            greeting: "popbridge ready.".into(),
+        }
+    }
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent POP3 sessions; more get `-ERR [SYS/TEMP]` and are closed.
+    pub max_sessions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_sessions: 1000 }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `popbridge=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a TOML file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parses TOML text (not yet validated).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// Checks every value; the first problem is reported.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let listen: SocketAddr = self.listen.address.parse().map_err(|_| {
+            ConfigError(format!(
+                "listen.address {:?} is not an address:port such as 0.0.0.0:110",
+                self.listen.address
+            ))
+        })?;
+        let a = &self.upstream.address;
+        match a.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "upstream.address {a:?} is not host:port such as imap.example.org:143"
+                )))
+            }
+        }
+        if self.upstream.tls != UpstreamTls::None {
+            return Err(ConfigError(format!(
+                "upstream.tls = {:?} is not supported yet; set upstream.tls = \"none\" (plaintext) explicitly",
+                self.upstream.tls
+            )));
+        }
+        let mailbox = &self.upstream.mailbox;
+        if mailbox.is_empty() || mailbox.contains(['\r', '\n', '\0']) {
+            return Err(ConfigError(format!(
+                "upstream.mailbox {mailbox:?} is not a valid mailbox name"
+            )));
+        }
+        for (key, v) in [
+            (
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+            ),
+            (
+                "upstream.command_timeout_secs",
+                self.upstream.command_timeout_secs,
+            ),
+            ("pop3.login_timeout_secs", self.pop3.login_timeout_secs),
+            ("limits.max_sessions", self.limits.max_sessions as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError(format!("{key} must be greater than 0")));
+            }
+        }
+        if self.pop3.idle_timeout_secs < MIN_IDLE_TIMEOUT_SECS {
+            return Err(ConfigError(format!(
+                "pop3.idle_timeout_secs = {} is below {MIN_IDLE_TIMEOUT_SECS}: RFC 1939 §3 requires at least 10 minutes",
+                self.pop3.idle_timeout_secs
+            )));
+        }
+        if self.pop3.greeting.contains(['\r', '\n']) {
+            return Err(ConfigError("pop3.greeting must be one line".into()));
+        }
+        let uidl = UidlFormat::parse(&self.pop3.uidl_format)
+            .map_err(|e| ConfigError(format!("pop3.{e}")))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
+        Ok(Validated {
+            listen,
+            uidl,
+            idle_timeout: Duration::from_secs(self.pop3.idle_timeout_secs),
+            login_timeout: Duration::from_secs(self.pop3.login_timeout_secs),
+            config: self.clone(),
+        })
+    }
+}
+
+/// A configuration that passed [`Config::validate`], with values parsed.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub listen: SocketAddr,
+    pub uidl: UidlFormat,
+    pub idle_timeout: Duration,
+    pub login_timeout: Duration,
+    pub config: Config,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_an_explicit_tls_choice() {
+        let err = Config::default().validate().unwrap_err();
+        assert!(err.0.contains("upstream.tls"), "{err}");
+        let mut c = Config::default();
+        c.upstream.tls = UpstreamTls::None;
+        let v = c.validate().unwrap();
+        assert_eq!(v.listen.port(), 110);
+        assert_eq!(v.uidl.source(), "dovecot");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::from_toml("[pop3]\nuidl_fromat = \"x\"").is_err());
+        assert!(Config::from_toml("bogus = 1").is_err());
+        let bad = |toml: &str| {
+            let c = Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}")).unwrap();
+            c.validate().unwrap_err().0
+        };
+        assert!(bad("address = \"nohost\"").contains("upstream.address"));
+        assert!(bad("address = \"h:0\"").contains("upstream.address"));
+        assert!(bad("command_timeout_secs = 0").contains("command_timeout_secs"));
+        assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));
+        assert!(bad("[pop3]\nuidl_format = \"%v\"").contains("uidl_format"));
+        assert!(bad("[listen]\naddress = \"x\"").contains("listen.address"));
+    }
+}

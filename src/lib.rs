@@ -1,0 +1,24 @@
+//! popbridge: a POP3 server that serves each session from an IMAP mailbox.
+//!
+//! # Layout
+//! - [`pop3`]: the protocol core with no I/O: command parsing
+//!   ([`pop3::command`]), the RFC 1939 state machine ([`pop3::session`]) and
+//!   response encoding with dot-stuffing ([`pop3::response`]).
+//! - [`bridge`]: POP3 meaning on top of IMAP: the maildrop snapshot taken at
+//!   login and UIDLs built from UID and UIDVALIDITY.
+//! - [`upstream`]: the IMAP side behind a narrow trait (log in and snapshot,
+//!   stream a message, commit at QUIT), implemented over async-imap.
+//! - [`server`]: listener and per-connection driver, the only place where
+//!   sockets, the session and the upstream meet.
+//! - [`config`]: the TOML file and its validation; [`error`]: error types
+//!   tagged by source.
+//!
+//! The data path: socket → `LineDecoder` → `Session::handle` → `Action` →
+//! `Upstream` → bytes back to the client.
+
+pub mod bridge;
+pub mod config;
+pub mod error;
+pub mod pop3;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,620 @@
+//! The POP3 session state machine (RFC 1939 §§3-6), with no I/O.
+//!
+//! [`Session::handle`] takes one decoded line, writes any immediate reply into
+//! an output buffer and returns an [`Action`]: go on, close, or ask the
+//! driver to do upstream work (log in, fetch a message, commit at QUIT). The
+//! driver reports back with the `*_result` methods, which write the reply.
+
+use crate::bridge::maildrop::{Lookup, Maildrop};
+use crate::bridge::uidl::UidlFormat;
+use crate::pop3::command::{Command, Line, MsgNum, ParseError, Secret};
+use crate::pop3::response::{err, ok};
+
+/// Dovecot disconnects after this many bad commands in a row
+/// (`CLIENT_MAX_BAD_COMMANDS`); so do we, so a client stuck in a loop of
+/// garbage does not keep a session open forever.
+pub const MAX_BAD_COMMANDS: u32 = 20;
+
+/// RFC 2449 §6: the capabilities we offer, in both states.
+pub const CAPABILITIES: &[&str] = &[
+    "TOP",
+    "UIDL",
+    "RESP-CODES",
+    "PIPELINING",
+    "AUTH-RESP-CODE",
+    "USER",
+    concat!("IMPLEMENTATION popbridge-", env!("CARGO_PKG_VERSION")),
+];
+
+/// Settings that shape replies.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How UIDLs are formed.
+    pub uidl: UidlFormat,
+    /// Mark messages `\Seen` at QUIT when RETR fetched them (Dovecot does).
+    /// TOP never marks.
+    pub mark_seen: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            uidl: UidlFormat::default(),
+            mark_seen: true,
+        }
+    }
+}
+
+/// Where the session is (RFC 1939 §3).
+#[derive(Debug)]
+enum State {
+    /// Before login; `user` is set by USER.
+    Authorization { user: Option<String> },
+    /// Waiting for the upstream login that PASS started.
+    LoggingIn,
+    /// Logged in, with the snapshot.
+    Transaction(Maildrop),
+    /// QUIT in TRANSACTION was received; changes are being committed.
+    Update,
+    /// Nothing more to do; the driver closes the connection.
+    Closed,
+}
+
+/// What the driver must do next. Any reply text is already in the output buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send what is buffered and read the next command.
+    Continue,
+    /// Send what is buffered, then close the connection.
+    Close,
+    /// Log in to the upstream and take a snapshot; then call
+    /// [`Session::login_result`].
+    Login { user: String, pass: Secret },
+    /// Stream a message to the client; then call [`Session::fetch_result`].
+    Fetch(FetchRequest),
+    /// QUIT in TRANSACTION: apply these changes upstream; then call
+    /// [`Session::commit_result`]. The only path that changes the mailbox.
+    Commit(CommitRequest),
+}
+
+/// A RETR or TOP to stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    pub msg: MsgNum,
+    pub uid: u32,
+    /// The size from the snapshot; the fetched octets must match it.
+    pub size: u64,
+    /// `None` for RETR, `Some(n)` for `TOP msg n`.
+    pub top_lines: Option<u64>,
+}
+
+/// The changes that QUIT commits (RFC 1939 §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitRequest {
+    /// UIDs marked by DELE: to be removed.
+    pub delete: Vec<u32>,
+    /// UIDs retrieved with RETR and not deleted: to be marked `\Seen`.
+    pub seen: Vec<u32>,
+}
+
+/// How a login attempt ended.
+#[derive(Debug)]
+pub enum LoginOutcome {
+    Ok(Maildrop),
+    /// The upstream refused the credentials.
+    Refused,
+    /// The upstream could not be used. `code` is an RFC 3206 response code;
+    /// the text is safe for the client (never upstream wording).
+    Failed {
+        code: &'static str,
+        text: &'static str,
+    },
+}
+
+/// How a fetch ended, when it did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchFailure {
+    /// Another client expunged the message.
+    Gone,
+    /// The upstream failed before anything was sent to the client; the
+    /// session can go on.
+    Upstream,
+}
+
+/// How a commit ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// All marked messages were removed (and `\Seen` set).
+    Done,
+    /// Some marked messages could not be removed; the text says why.
+    NotRemoved(String),
+    /// The upstream failed; nothing can be said about what happened.
+    Failed,
+}
+
+/// One POP3 session.
+#[derive(Debug)]
+pub struct Session {
+    state: State,
+    config: SessionConfig,
+    /// Bad commands in a row; see [`MAX_BAD_COMMANDS`].
+    bad_commands: u32,
+}
+
+impl Session {
+    /// A new session in the AUTHORIZATION state. The driver sends the greeting.
+    pub fn new(config: SessionConfig) -> Self {
+        Self {
+            state: State::Authorization { user: None },
+            config,
+            bad_commands: 0,
+        }
+    }
+
+    /// True in TRANSACTION (logged in).
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, State::Transaction(_))
+    }
+
+    /// The snapshot, once logged in.
+    pub fn maildrop(&self) -> Option<&Maildrop> {
+        match &self.state {
+            State::Transaction(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Handles one input line.
+    pub fn handle(&mut self, line: Line, out: &mut Vec<u8>) -> Action {
+        let parsed = match line {
+            Line::Complete(bytes) => Command::parse(&bytes),
+            Line::TooLong => Err(ParseError::LineTooLong),
+        };
+        let action = match parsed {
+            Ok(cmd) => self.command(cmd, out),
+            Err(e) => {
+                err(out, None, &e.to_string());
+                Err(())
+            }
+        };
+        match action {
+            Ok(a) => {
+                self.bad_commands = 0;
+                a
+            }
+            Err(()) => {
+                self.bad_commands += 1;
+                if self.bad_commands >= MAX_BAD_COMMANDS {
+                    err(out, None, "Too many invalid commands.");
+                    self.state = State::Closed;
+                    Action::Close
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    /// Runs a parsed command. `Err(())` means the command was refused (a
+    /// `-ERR` is already written) and counts as a bad command.
+    fn command(&mut self, cmd: Command, out: &mut Vec<u8>) -> Result<Action, ()> {
+        // Commands valid in every state.
+        match &cmd {
+            Command::Capa => {
+                ok(out, "");
+                for c in CAPABILITIES {
+                    out.extend_from_slice(c.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b".\r\n");
+                return Ok(Action::Continue);
+            }
+            Command::Noop if self.is_authenticated() => {
+                ok(out, "");
+                return Ok(Action::Continue);
+            }
+            _ => {}
+        }
+        match &mut self.state {
+            State::Authorization { user } => match cmd {
+                Command::User(name) => match String::from_utf8(name) {
+                    Ok(name) if valid_credential(name.as_bytes()) => {
+                        *user = Some(name);
+                        ok(out, "");
+                        Ok(Action::Continue)
+                    }
+                    _ => {
+                        *user = None;
+                        err(out, Some("AUTH"), "Invalid characters in user name.");
+                        Err(())
+                    }
+                },
+                Command::Pass(pass) => {
+                    let Some(name) = user.take() else {
+                        err(out, None, "No username given.");
+                        return Err(());
+                    };
+                    if !valid_credential(pass.expose()) {
+                        err(out, Some("AUTH"), "Invalid characters in password.");
+                        return Err(());
+                    }
+                    self.state = State::LoggingIn;
+                    Ok(Action::Login { user: name, pass })
+                }
+                Command::Quit => {
+                    ok(out, "Logging out.");
+                    self.state = State::Closed;
+                    Ok(Action::Close)
+                }
+                other => {
+                    err(
+                        out,
+                        None,
+                        &format!("{} is not allowed before login.", other.name()),
+                    );
+                    Err(())
+                }
+            },
+            State::Transaction(drop) => transaction(drop, cmd, out, &self.config),
+            State::LoggingIn | State::Update | State::Closed => {
+                // The driver never feeds input while upstream work is pending.
+                err(out, None, "Command not allowed now.");
+                Err(())
+            }
+        }
+        .map(|action| {
+            if let Action::Commit(_) = action {
+                // RFC 1939 §6: QUIT in TRANSACTION enters UPDATE.
+                let State::Transaction(_) = std::mem::replace(&mut self.state, State::Update)
+                else {
+                    unreachable!("commit is only issued in TRANSACTION")
+                };
+            }
+            action
+        })
+    }
+
+    /// Reports how the upstream login started by [`Action::Login`] ended.
+    pub fn login_result(&mut self, outcome: LoginOutcome, out: &mut Vec<u8>) -> Action {
+        match outcome {
+            LoginOutcome::Ok(maildrop) => {
+                self.state = State::Transaction(maildrop);
+                ok(out, "Logged in.");
+                Action::Continue
+            }
+            LoginOutcome::Refused => {
+                self.state = State::Authorization { user: None };
+                // RFC 3206 §4: AUTH means the credentials were wrong.
+                err(out, Some("AUTH"), "Authentication failed.");
+                Action::Continue
+            }
+            LoginOutcome::Failed { code, text } => {
+                self.state = State::Authorization { user: None };
+                // RFC 3206 §4: SYS/TEMP means try again later, SYS/PERM
+                // that retrying will not help.
+                err(out, Some(code), text);
+                Action::Continue
+            }
+        }
+    }
+
+    /// Reports how a fetch ended. On success the response was already sent
+    /// by the driver; failures get their `-ERR` here.
+    pub fn fetch_result(
+        &mut self,
+        req: &FetchRequest,
+        result: Result<(), FetchFailure>,
+        out: &mut Vec<u8>,
+    ) {
+        match result {
+            Ok(()) => {
+                if req.top_lines.is_none() {
+                    if let State::Transaction(m) = &mut self.state {
+                        m.mark_retrieved(req.msg);
+                    }
+                }
+            }
+            Err(FetchFailure::Gone) => {
+                err(out, None, &format!("Message {} expunged.", req.msg));
+            }
+            Err(FetchFailure::Upstream) => {
+                err(
+                    out,
+                    Some("SYS/TEMP"),
+                    "Message could not be read from the mail server, try again later.",
+                );
+            }
+        }
+    }
+
+    /// Reports how the commit started by QUIT ended; the session then closes.
+    pub fn commit_result(
+        &mut self,
+        outcome: CommitOutcome,
+        deleted: usize,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        self.state = State::Closed;
+        match outcome {
+            CommitOutcome::Done if deleted == 0 => ok(out, "Logging out."),
+            CommitOutcome::Done => ok(out, "Logging out, messages deleted."),
+            // RFC 1939 §6: if the server cannot remove marked messages, QUIT
+            // must answer -ERR.
+            CommitOutcome::NotRemoved(why) => err(out, Some("SYS/PERM"), &why),
+            CommitOutcome::Failed => err(
+                out,
+                Some("SYS/TEMP"),
+                "The mail server failed; some changes may not have been saved.",
+            ),
+        }
+        Action::Close
+    }
+}
+
+/// Refuses bytes that must never reach the upstream as syntax, or that a
+/// string cannot carry: NUL (CR and LF cannot occur inside a line).
+fn valid_credential(b: &[u8]) -> bool {
+    !b.is_empty() && !b.iter().any(|&c| c == 0 || c == b'\r' || c == b'\n')
+}
+
+fn lookup_error(out: &mut Vec<u8>, e: Lookup) {
+    match e {
+        Lookup::NoSuchMessage(n) => err(out, None, &format!("There's no message {n}.")),
+        Lookup::Deleted => err(out, None, "Message is deleted."),
+    }
+}
+
+/// TRANSACTION-state commands (RFC 1939 §5). Reply texts follow Dovecot's
+/// POP3 server, so clients see the same bytes from either.
+fn transaction(
+    drop: &mut Maildrop,
+    cmd: Command,
+    out: &mut Vec<u8>,
+    config: &SessionConfig,
+) -> Result<Action, ()> {
+    let lookup = |drop: &Maildrop, n: MsgNum, out: &mut Vec<u8>| {
+        drop.get(n).cloned().map_err(|e| lookup_error(out, e))
+    };
+    match cmd {
+        Command::Stat => {
+            let (count, octets) = drop.stat();
+            ok(out, &format!("{count} {octets}"));
+        }
+        Command::List(None) => {
+            let (count, _) = drop.stat();
+            ok(out, &format!("{count} messages:"));
+            for (n, e) in drop.visible() {
+                out.extend_from_slice(format!("{n} {}\r\n", e.size).as_bytes());
+            }
+            out.extend_from_slice(b".\r\n");
+        }
+        Command::List(Some(n)) => {
+            let e = lookup(drop, n, out)?;
+            ok(out, &format!("{n} {}", e.size));
+        }
+        Command::Uidl(None) => {
+            ok(out, "");
+            for (n, e) in drop.visible() {
+                out.extend_from_slice(
+                    format!("{n} {}\r\n", config.uidl.render(e.uid, drop.uidvalidity)).as_bytes(),
+                );
+            }
+            out.extend_from_slice(b".\r\n");
+        }
+        Command::Uidl(Some(n)) => {
+            let e = lookup(drop, n, out)?;
+            ok(
+                out,
+                &format!("{n} {}", config.uidl.render(e.uid, drop.uidvalidity)),
+            );
+        }
+        Command::Retr(n) => {
+            let e = lookup(drop, n, out)?;
+            return Ok(Action::Fetch(FetchRequest {
+                msg: n,
+                uid: e.uid,
+                size: e.size,
+                top_lines: None,
+            }));
+        }
+        Command::Top(n, lines) => {
+            let e = lookup(drop, n, out)?;
+            return Ok(Action::Fetch(FetchRequest {
+                msg: n,
+                uid: e.uid,
+                size: e.size,
+                top_lines: Some(lines),
+            }));
+        }
+        Command::Dele(n) => {
+            drop.delete(n).map_err(|e| lookup_error(out, e))?;
+            ok(out, "Marked to be deleted.");
+        }
+        Command::Rset => {
+            drop.reset();
+            ok(out, "");
+        }
+        Command::Quit => {
+            return Ok(Action::Commit(CommitRequest {
+                delete: drop.deleted_uids(),
+                seen: if config.mark_seen {
+                    drop.retrieved_uids()
+                } else {
+                    Vec::new()
+                },
+            }));
+        }
+        Command::User(_) | Command::Pass(_) => {
+            err(out, None, "Already logged in.");
+            return Err(());
+        }
+        Command::Capa | Command::Noop => unreachable!("handled for every state"),
+    }
+    Ok(Action::Continue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(s: &str) -> Line {
+        Line::Complete(s.as_bytes().to_vec())
+    }
+
+    fn run(s: &mut Session, input: &str) -> (Action, String) {
+        let mut out = Vec::new();
+        let a = s.handle(line(input), &mut out);
+        (a, String::from_utf8(out).unwrap())
+    }
+
+    fn logged_in() -> Session {
+        let mut s = Session::new(SessionConfig::default());
+        run(&mut s, "USER alice");
+        let (a, _) = run(&mut s, "PASS secret");
+        assert!(matches!(a, Action::Login { .. }));
+        let mut out = Vec::new();
+        let drop = Maildrop::new(0x5f5e100, vec![(4, 100), (7, 250), (9, 30)]);
+        s.login_result(LoginOutcome::Ok(drop), &mut out);
+        assert_eq!(out, b"+OK Logged in.\r\n");
+        s
+    }
+
+    #[test]
+    fn authorization() {
+        let mut s = Session::new(SessionConfig::default());
+        assert_eq!(
+            run(&mut s, "STAT").1,
+            "-ERR STAT is not allowed before login.\r\n"
+        );
+        assert_eq!(run(&mut s, "PASS x").1, "-ERR No username given.\r\n");
+        assert_eq!(run(&mut s, "USER alice").1, "+OK\r\n");
+        let (a, out) = run(&mut s, "PASS  sp ace");
+        assert_eq!(out, "");
+        assert_eq!(
+            a,
+            Action::Login {
+                user: "alice".into(),
+                pass: Secret::new(b" sp ace".to_vec())
+            }
+        );
+        let mut out = Vec::new();
+        s.login_result(LoginOutcome::Refused, &mut out);
+        assert_eq!(out, b"-ERR [AUTH] Authentication failed.\r\n");
+        // USER must be given again after a failed PASS.
+        assert_eq!(run(&mut s, "PASS x").1, "-ERR No username given.\r\n");
+        assert_eq!(
+            run(&mut s, "USER a\0b").1,
+            "-ERR [AUTH] Invalid characters in user name.\r\n"
+        );
+        run(&mut s, "USER alice");
+        assert_eq!(
+            run(&mut s, "PASS a\0b").1,
+            "-ERR [AUTH] Invalid characters in password.\r\n"
+        );
+        assert_eq!(
+            run(&mut s, "QUIT"),
+            (Action::Close, "+OK Logging out.\r\n".into())
+        );
+    }
+
+    #[test]
+    fn capa_lists_required_capabilities() {
+        let mut s = Session::new(SessionConfig::default());
+        let (_, out) = run(&mut s, "CAPA");
+        for c in [
+            "TOP",
+            "USER",
+            "UIDL",
+            "RESP-CODES",
+            "PIPELINING",
+            "AUTH-RESP-CODE",
+        ] {
+            assert!(out.contains(&format!("\r\n{c}\r\n")), "{c} in {out}");
+        }
+        assert!(out.contains("\r\nIMPLEMENTATION popbridge"));
+        assert!(out.starts_with("+OK\r\n") && out.ends_with("\r\n.\r\n"));
+    }
+
+    #[test]
+    fn transaction_replies_match_dovecot() {
+        let mut s = logged_in();
+        assert_eq!(run(&mut s, "STAT").1, "+OK 3 380\r\n");
+        assert_eq!(
+            run(&mut s, "LIST").1,
+            "+OK 3 messages:\r\n1 100\r\n2 250\r\n3 30\r\n.\r\n"
+        );
+        assert_eq!(run(&mut s, "LIST 2").1, "+OK 2 250\r\n");
+        assert_eq!(run(&mut s, "LIST 4").1, "-ERR There's no message 4.\r\n");
+        assert_eq!(
+            run(&mut s, "UIDL").1,
+            "+OK\r\n1 0000000405F5E100\r\n2 0000000705F5E100\r\n3 0000000905F5E100\r\n.\r\n"
+        );
+        assert_eq!(run(&mut s, "UIDL 3").1, "+OK 3 0000000905F5E100\r\n");
+        assert_eq!(run(&mut s, "DELE 2").1, "+OK Marked to be deleted.\r\n");
+        assert_eq!(run(&mut s, "DELE 2").1, "-ERR Message is deleted.\r\n");
+        assert_eq!(run(&mut s, "RETR 2").1, "-ERR Message is deleted.\r\n");
+        assert_eq!(run(&mut s, "STAT").1, "+OK 2 130\r\n");
+        assert_eq!(
+            run(&mut s, "LIST").1,
+            "+OK 2 messages:\r\n1 100\r\n3 30\r\n.\r\n"
+        );
+        assert_eq!(run(&mut s, "UIDL 2").1, "-ERR Message is deleted.\r\n");
+        assert_eq!(run(&mut s, "RSET").1, "+OK\r\n");
+        assert_eq!(run(&mut s, "STAT").1, "+OK 3 380\r\n");
+        assert_eq!(run(&mut s, "NOOP").1, "+OK\r\n");
+        assert_eq!(run(&mut s, "USER bob").1, "-ERR Already logged in.\r\n");
+    }
+
+    #[test]
+    fn retr_top_and_quit_ask_the_driver() {
+        let mut s = logged_in();
+        let (a, out) = run(&mut s, "RETR 3");
+        assert_eq!(out, "");
+        let Action::Fetch(req) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!((req.uid, req.size, req.top_lines), (9, 30, None));
+        let mut out = Vec::new();
+        s.fetch_result(&req, Ok(()), &mut out);
+        let (a, _) = run(&mut s, "TOP 1 0");
+        let Action::Fetch(top) = a else { panic!() };
+        assert_eq!(top.top_lines, Some(0));
+        s.fetch_result(&top, Err(FetchFailure::Gone), &mut out);
+        assert_eq!(out, b"-ERR Message 1 expunged.\r\n");
+        run(&mut s, "DELE 1");
+        let (a, _) = run(&mut s, "QUIT");
+        assert_eq!(
+            a,
+            Action::Commit(CommitRequest {
+                delete: vec![4],
+                seen: vec![9]
+            })
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            s.commit_result(CommitOutcome::Done, 1, &mut out),
+            Action::Close
+        );
+        assert_eq!(out, b"+OK Logging out, messages deleted.\r\n");
+    }
+
+    #[test]
+    fn too_many_bad_commands_close_the_session() {
+        let mut s = Session::new(SessionConfig::default());
+        for _ in 1..MAX_BAD_COMMANDS {
+            assert_eq!(run(&mut s, "BOGUS").0, Action::Continue);
+        }
+        let (a, out) = run(&mut s, "BOGUS");
+        assert_eq!(a, Action::Close);
+        assert!(out.ends_with("-ERR Too many invalid commands.\r\n"));
+    }
+
+    #[test]
+    fn overlong_line_is_an_error_and_the_session_goes_on() {
+        let mut s = Session::new(SessionConfig::default());
+        let mut out = Vec::new();
+        assert_eq!(s.handle(Line::TooLong, &mut out), Action::Continue);
+        assert_eq!(out, b"-ERR Line too long\r\n");
+        assert_eq!(run(&mut s, "USER a").1, "+OK\r\n");
+    }
+}

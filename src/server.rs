@@ -1,0 +1,498 @@
+//! The listener and the per-connection driver: the one place where POP3
+//! bytes meet sockets and the upstream.
+//!
+//! Data path: socket → [`LineDecoder`] → [`Session::handle`] → [`Action`] →
+//! [`Connector`]/[`Upstream`] → bytes back through one buffered writer,
+//! flushed when the client's pipelined input is used up (RFC 2449 §6.6).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+use crate::bridge::maildrop::Maildrop;
+use crate::error::UpstreamError;
+use crate::pop3::command::{Line, LineDecoder};
+use crate::pop3::response::{err, MessageEncoder};
+use crate::pop3::session::{
+    Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
+};
+use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
+
+/// Bytes read from the client at a time. Pipelined commands arrive in one
+/// read; lines are limited to 255 octets, so this holds many.
+pub const READ_BUFFER: usize = 4096;
+
+/// The client writer's buffer: replies and message chunks collect here and
+/// go out in few segments.
+pub const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Settings every session shares.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub session: SessionConfig,
+    pub greeting: String,
+    /// RFC 1939 §3 autologout timer in TRANSACTION (at least 10 minutes).
+    pub idle_timeout: Duration,
+    /// Time allowed to log in.
+    pub login_timeout: Duration,
+    pub max_sessions: usize,
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve<C: Connector>(
+    listener: TcpListener,
+    connector: Arc<C>,
+    settings: Arc<ServerSettings>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let sessions = Arc::new(Semaphore::new(settings.max_sessions));
+    let ids = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("session", id, %peer, user = tracing::field::Empty);
+        let connector = connector.clone();
+        let settings = settings.clone();
+        let permit = sessions.clone().try_acquire_owned();
+        tokio::spawn(
+            async move {
+                match permit {
+                    Ok(_permit) => handle(stream, peer, connector, settings).await,
+                    Err(_) => refuse(stream).await,
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Over the session limit: say so and close, rather than leave the client hanging.
+async fn refuse(mut stream: TcpStream) {
+    warn!("session limit reached, connection refused");
+    let mut out = Vec::new();
+    err(
+        &mut out,
+        Some("SYS/TEMP"),
+        "Too many connections, try again later.",
+    );
+    let _ = timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+}
+
+async fn handle<C: Connector>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    connector: Arc<C>,
+    settings: Arc<ServerSettings>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(error = %e, "set_nodelay failed");
+    }
+    let started = Instant::now();
+    let (reader, writer) = stream.into_split();
+    let mut conn = Connection {
+        reader,
+        writer: BufWriter::with_capacity(WRITE_BUFFER, writer),
+        inbuf: vec![0; READ_BUFFER].into_boxed_slice(),
+        pos: 0,
+        end: 0,
+        decoder: LineDecoder::default(),
+        session: Session::new(settings.session.clone()),
+        out: Vec::with_capacity(512),
+        upstream: None,
+        connector,
+        settings,
+        stats: Stats::default(),
+    };
+    debug!(%peer, "connected");
+    let end = conn.run().await;
+    if let Some(up) = conn.upstream.take() {
+        // RFC 1939 §6: without QUIT nothing is removed; just log out.
+        up.logout().await;
+    }
+    if let End::ClientError(e) = &end {
+        debug!(error = %e, "client connection error");
+    }
+    let s = &conn.stats;
+    info!(
+        reason = end.as_str(),
+        retr = s.retr,
+        retr_octets = s.retr_octets,
+        top = s.top,
+        deleted = s.deleted,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "session ended"
+    );
+}
+
+/// Counters for the end-of-session log line (as Dovecot's pop3_logout_format).
+#[derive(Debug, Default)]
+struct Stats {
+    retr: u64,
+    retr_octets: u64,
+    top: u64,
+    deleted: u64,
+}
+
+/// Why a session ended.
+enum End {
+    Quit,
+    ClientClosed,
+    Timeout,
+    ClientError(std::io::Error),
+    Upstream,
+    /// QUIT before login, or too many bad commands.
+    Closed,
+}
+
+impl End {
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::Quit => "quit",
+            End::ClientClosed => "client closed",
+            End::Timeout => "idle timeout",
+            End::ClientError(_) => "client i/o error",
+            End::Upstream => "upstream failure",
+            End::Closed => "closed",
+        }
+    }
+}
+
+struct Connection<C: Connector> {
+    reader: OwnedReadHalf,
+    writer: BufWriter<OwnedWriteHalf>,
+    /// Client input; `pos..end` is not yet decoded.
+    inbuf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    decoder: LineDecoder,
+    session: Session,
+    /// Replies produced by the session, moved to `writer` after each command.
+    out: Vec<u8>,
+    upstream: Option<C::Conn>,
+    connector: Arc<C>,
+    settings: Arc<ServerSettings>,
+    stats: Stats,
+}
+
+impl<C: Connector> Connection<C> {
+    async fn run(&mut self) -> End {
+        match self.drive().await {
+            Ok(end) => end,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => End::Timeout,
+            Err(e) => End::ClientError(e),
+        }
+    }
+
+    async fn drive(&mut self) -> std::io::Result<End> {
+        self.out.clear();
+        crate::pop3::response::ok(&mut self.out, &self.settings.greeting);
+        self.send_out().await?;
+        loop {
+            let Some(line) = self.next_line().await? else {
+                return Ok(End::ClientClosed);
+            };
+            let action = self.session.handle(line, &mut self.out);
+            match action {
+                Action::Continue => self.send_out().await?,
+                Action::Close => {
+                    self.send_out().await?;
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
+                Action::Login { user, pass } => {
+                    Span::current().record("user", user.as_str());
+                    let outcome = match self.connector.login(&user, &pass).await {
+                        Ok((conn, snap)) => {
+                            info!(messages = snap.messages.len(), "logged in");
+                            self.upstream = Some(conn);
+                            LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
+                        }
+                        Err(UpstreamError::AuthFailed(text)) => {
+                            info!(upstream = %text, "login refused");
+                            LoginOutcome::Refused
+                        }
+                        Err(
+                            e @ UpstreamError::No {
+                                command: "SELECT", ..
+                            },
+                        ) => {
+                            warn!(error = %e, "mailbox not available");
+                            LoginOutcome::Failed {
+                                code: "SYS/PERM",
+                                text: "Mailbox not available.",
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, kind = e.kind(), "upstream login failed");
+                            LoginOutcome::Failed {
+                                code: "SYS/TEMP",
+                                text: "Mail server unavailable, try again later.",
+                            }
+                        }
+                    };
+                    self.session.login_result(outcome, &mut self.out);
+                    self.send_out().await?;
+                }
+                Action::Fetch(req) => {
+                    if let Some(end) = self.fetch(&req).await? {
+                        return Ok(end);
+                    }
+                }
+                Action::Commit(req) => {
+                    let Some(up) = self.upstream.as_mut() else {
+                        unreachable!("TRANSACTION always has an upstream");
+                    };
+                    let outcome =
+                        match up.commit(&req.delete, &req.seen).await {
+                            Ok(report) if report.not_removed.is_empty() => {
+                                self.stats.deleted = req.delete.len() as u64;
+                                CommitOutcome::Done
+                            }
+                            Ok(report) => {
+                                let n = report.not_removed.len();
+                                self.stats.deleted = (req.delete.len() - n) as u64;
+                                warn!(
+                                    not_removed = n,
+                                    "QUIT could not remove every marked message"
+                                );
+                                CommitOutcome::NotRemoved(report.reason.unwrap_or_else(|| {
+                                    "Some messages could not be deleted.".into()
+                                }))
+                            }
+                            Err(e) => {
+                                error!(error = %e, kind = e.kind(), "commit failed");
+                                CommitOutcome::Failed
+                            }
+                        };
+                    self.session
+                        .commit_result(outcome, req.delete.len(), &mut self.out);
+                    self.send_out().await?;
+                    self.flush().await?;
+                    return Ok(End::Quit);
+                }
+            }
+        }
+    }
+
+    /// Streams RETR/TOP. Returns `Some(end)` when the session must close.
+    async fn fetch(&mut self, req: &FetchRequest) -> std::io::Result<Option<End>> {
+        let Some(up) = self.upstream.as_mut() else {
+            unreachable!("TRANSACTION always has an upstream");
+        };
+        // Anything already produced goes first, in order.
+        self.writer.write_all(&self.out).await?;
+        self.out.clear();
+        let status = match req.top_lines {
+            None => format!("+OK {} octets\r\n", req.size),
+            Some(_) => "+OK\r\n".to_string(),
+        };
+        let mut sink = ClientSink {
+            writer: &mut self.writer,
+            encoder: match req.top_lines {
+                None => MessageEncoder::retr(),
+                Some(n) => MessageEncoder::top(n),
+            },
+            status: status.into_bytes(),
+            started: false,
+            scratch: Vec::new(),
+            write_timeout: self.settings.idle_timeout,
+        };
+        let result = up
+            .fetch(req.uid, req.size, req.top_lines.is_some(), &mut sink)
+            .await;
+        let started = sink.started;
+        match result {
+            Ok(FetchEnd::Complete) => {
+                let ClientSink {
+                    encoder,
+                    mut scratch,
+                    ..
+                } = sink;
+                let octets = encoder.consumed();
+                scratch.clear();
+                encoder.finish(&mut scratch);
+                self.write(&scratch).await?;
+                match req.top_lines {
+                    None => {
+                        self.stats.retr += 1;
+                        self.stats.retr_octets += octets;
+                    }
+                    Some(_) => self.stats.top += 1,
+                }
+                self.session.fetch_result(req, Ok(()), &mut self.out);
+            }
+            Ok(FetchEnd::Gone) => {
+                info!(
+                    uid = req.uid,
+                    msg = req.msg.get(),
+                    "message expunged by another client"
+                );
+                self.session
+                    .fetch_result(req, Err(FetchFailure::Gone), &mut self.out);
+            }
+            Err(UpstreamError::Io(e)) if started && is_client_error(&e) => {
+                return Err(e);
+            }
+            Err(e) if started => {
+                // Part of the message is out after +OK: the only honest end is
+                // to close without the terminating "." (never a short +OK).
+                error!(error = %e, kind = e.kind(), uid = req.uid, "upstream failed mid-message, closing");
+                let _ = self.flush().await;
+                return Ok(Some(End::Upstream));
+            }
+            Err(e) if e.is_fatal() => {
+                error!(error = %e, kind = e.kind(), uid = req.uid, "upstream failed");
+                err(
+                    &mut self.out,
+                    Some("SYS/TEMP"),
+                    "Lost connection to the mail server, try again later.",
+                );
+                self.send_out().await?;
+                self.flush().await?;
+                return Ok(Some(End::Upstream));
+            }
+            Err(e) => {
+                warn!(error = %e, kind = e.kind(), uid = req.uid, "fetch refused by upstream");
+                self.session
+                    .fetch_result(req, Err(FetchFailure::Upstream), &mut self.out);
+            }
+        }
+        self.send_out().await?;
+        Ok(None)
+    }
+
+    /// Next input line; flushes pending replies whenever the buffered input
+    /// is used up (the end of a pipelined batch). `None` at EOF.
+    async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        loop {
+            let mut input = &self.inbuf[self.pos..self.end];
+            let before = input.len();
+            let line = self.decoder.decode(&mut input);
+            self.pos += before - input.len();
+            if let Some(line) = line {
+                return Ok(Some(line));
+            }
+            self.flush().await?;
+            let wait = if self.session.is_authenticated() {
+                self.settings.idle_timeout
+            } else {
+                self.settings.login_timeout
+            };
+            let n = match timeout(wait, self.reader.read(&mut self.inbuf)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    info!("client idle too long");
+                    self.out.clear();
+                    err(&mut self.out, None, "Disconnected for inactivity.");
+                    self.send_out().await?;
+                    self.flush().await?;
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            self.pos = 0;
+            self.end = n;
+        }
+    }
+
+    async fn send_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            let r = self.write(&out).await;
+            self.out = out;
+            self.out.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        timeout(self.settings.idle_timeout, self.writer.write_all(data))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        timeout(self.settings.idle_timeout, self.writer.flush())
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+}
+
+/// Errors the client side produces (as opposed to the upstream's I/O).
+fn is_client_error(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<ClientIoError>())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("client: {0}")]
+struct ClientIoError(std::io::Error);
+
+fn client_io(e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), ClientIoError(e))
+}
+
+/// Writes a message to the client as it arrives from the upstream.
+struct ClientSink<'a> {
+    writer: &'a mut BufWriter<OwnedWriteHalf>,
+    encoder: MessageEncoder,
+    /// The `+OK` line, sent only once the first chunk arrived, so a failure
+    /// before that can still be answered with `-ERR`.
+    status: Vec<u8>,
+    started: bool,
+    scratch: Vec<u8>,
+    write_timeout: Duration,
+}
+
+impl ClientSink<'_> {
+    async fn write(&mut self, data_is_scratch: bool) -> std::io::Result<()> {
+        let data: &[u8] = if data_is_scratch {
+            &self.scratch
+        } else {
+            &self.status
+        };
+        timeout(self.write_timeout, self.writer.write_all(data))
+            .await
+            .map_err(|_| client_io(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(client_io)
+    }
+}
+
+impl BodySink for ClientSink<'_> {
+    async fn chunk(&mut self, data: &[u8]) -> std::io::Result<Flow> {
+        if !self.started {
+            self.started = true;
+            self.write(false).await?;
+        }
+        self.scratch.clear();
+        self.encoder.encode(data, &mut self.scratch);
+        self.write(true).await?;
+        Ok(if self.encoder.is_done() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+}

@@ -1,0 +1,910 @@
+//! The IMAP upstream, over async-imap and tokio.
+//!
+//! async-imap's convenience calls lose errors (see `shared/ASYNC_IMAP.md`):
+//! its fetch/store/expunge streams end with `Ok` on a tagged NO or BAD and on
+//! a clean disconnect. So after login every command here goes through one
+//! checked loop ([`ImapConn::send`] + [`ImapConn::finish`]) that reads
+//! responses until *our* tagged reply and turns NO, BAD, EOF and timeouts
+//! into errors. Any error that leaves a reply unread poisons the connection:
+//! it is never used again.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_imap::error::Error as ImapError;
+use async_imap::imap_proto::{
+    AttributeValue, Capability, MailboxDatum, RequestId, Response, ResponseCode, Status,
+};
+use async_imap::{Authenticator, Client, Session};
+use tokio::io::BufWriter;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
+use crate::error::UpstreamError;
+use crate::pop3::command::Secret;
+
+/// Octets asked for per `BODY.PEEK[]<offset.length>` when streaming RETR.
+/// async-imap buffers each response whole, so this bounds per-session memory
+/// (with [`RETR_WINDOW`] chunks in flight) however large the message.
+pub const RETR_CHUNK: u64 = 128 * 1024;
+
+/// Chunk requests kept in flight during RETR, so the next chunk is on its way
+/// while the current one is written to the client.
+pub const RETR_WINDOW: usize = 2;
+
+/// Octets per request for TOP, which usually needs only the header and a few
+/// lines: a 30 MB message costs one small fetch.
+pub const TOP_CHUNK: u64 = 32 * 1024;
+
+/// RFC 7162 §4 recommends clients keep command lines under 8192 octets; UID
+/// sets longer than this are split over several commands.
+pub const MAX_UID_SET_LEN: usize = 7900;
+
+/// What to do at QUIT when the server lacks UIDPLUS (RFC 4315), so `UID
+/// EXPUNGE` is not available and a plain `EXPUNGE` would also remove messages
+/// that other clients flagged `\Deleted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoUidplus {
+    /// Delete nothing and answer QUIT with `-ERR` (the default: never risks
+    /// another client's mail).
+    #[default]
+    Refuse,
+    /// Flag the messages, and run `EXPUNGE` only if no other message in the
+    /// mailbox is flagged `\Deleted` at that moment. Another client could
+    /// flag a message between the check and the `EXPUNGE`.
+    ExpungeIfAlone,
+}
+
+/// How popbridge reaches and uses the IMAP server.
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    /// `host:port`.
+    pub address: String,
+    /// The mailbox a POP3 session sees.
+    pub mailbox: String,
+    pub connect_timeout: Duration,
+    /// How long to wait for any single upstream response.
+    pub command_timeout: Duration,
+    pub no_uidplus: NoUidplus,
+}
+
+type Stream = BufWriter<TcpStream>;
+
+/// Opens IMAP sessions from an [`ImapConfig`].
+#[derive(Debug, Clone)]
+pub struct ImapConnector {
+    config: std::sync::Arc<ImapConfig>,
+}
+
+impl ImapConnector {
+    pub fn new(config: ImapConfig) -> Self {
+        Self {
+            config: std::sync::Arc::new(config),
+        }
+    }
+}
+
+/// SASL PLAIN (RFC 4616): authzid empty, then user and password, NUL-separated.
+struct Plain<'a> {
+    user: &'a str,
+    pass: &'a [u8],
+}
+
+impl Authenticator for Plain<'_> {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.user.len() + self.pass.len() + 2);
+        v.push(0);
+        v.extend_from_slice(self.user.as_bytes());
+        v.push(0);
+        v.extend_from_slice(self.pass);
+        v
+    }
+}
+
+impl Connector for ImapConnector {
+    type Conn = ImapConn;
+
+    async fn login(
+        &self,
+        user: &str,
+        pass: &Secret,
+    ) -> Result<(ImapConn, Snapshot), UpstreamError> {
+        let cfg = self.config.clone();
+        let span = info_span!("upstream", op = "login", addr = %cfg.address);
+        async move {
+            let session = open_session(&cfg, user, pass).await?;
+            let mut conn = ImapConn {
+                session,
+                config: cfg,
+                uidplus: false,
+                poisoned: false,
+            };
+            let r = conn.select_and_snapshot().await;
+            let snapshot = conn.note(r)?;
+            Ok((conn, snapshot))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Connects, reads the greeting and authenticates.
+async fn open_session(
+    cfg: &ImapConfig,
+    user: &str,
+    pass: &Secret,
+) -> Result<Session<Stream>, UpstreamError> {
+    let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.address))
+        .await
+        .map_err(|_| UpstreamError::Timeout("connect"))?
+        .map_err(|source| UpstreamError::Connect {
+            addr: cfg.address.clone(),
+            source,
+        })?;
+    // Without TCP_NODELAY each small command waits for the peer's delayed
+    // ACK (measured: ~40 ms per command against Cyrus).
+    tcp.set_nodelay(true)?;
+    // async-imap writes tag, command and CRLF separately; the buffer makes
+    // them one segment, sent at its flush.
+    let mut client = Client::new(BufWriter::new(tcp));
+
+    // async-imap's login skips untagged lines, so a `* BYE` greeting would go
+    // unnoticed: read the greeting ourselves.
+    let greeting = timeout(cfg.command_timeout, client.read_response())
+        .await
+        .map_err(|_| UpstreamError::Timeout("greeting"))?
+        .map_err(UpstreamError::Io)?
+        .ok_or(UpstreamError::ConnectionLost)?;
+    let mut sasl_plain = false;
+    let mut login_disabled = false;
+    match greeting.parsed() {
+        Response::Data {
+            status: Status::Ok,
+            outcome,
+        } => {
+            if let Some(ResponseCode::Capabilities(caps)) = &outcome.code {
+                for c in caps {
+                    match c {
+                        Capability::Auth(m) if m.eq_ignore_ascii_case("PLAIN") => sasl_plain = true,
+                        Capability::Atom(a) if a.eq_ignore_ascii_case("LOGINDISABLED") => {
+                            login_disabled = true
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Response::Data { status, outcome } => {
+            return Err(UpstreamError::Greeting(format!(
+                "{status:?} {}",
+                outcome.information.as_deref().unwrap_or("")
+            )))
+        }
+        other => return Err(UpstreamError::Protocol(format!("greeting: {other:?}"))),
+    }
+    drop(greeting);
+
+    // Prefer AUTHENTICATE PLAIN: base64 carries any octet except NUL (which
+    // the POP3 side already refused), so quotes, backslashes, braces and
+    // non-ASCII reach the server intact and never as IMAP syntax.
+    let result = if sasl_plain {
+        timeout(
+            cfg.command_timeout,
+            client.authenticate(
+                "PLAIN",
+                Plain {
+                    user,
+                    pass: pass.expose(),
+                },
+            ),
+        )
+        .await
+    } else if login_disabled {
+        return Err(UpstreamError::Unsupported(
+            "the IMAP server refuses LOGIN (LOGINDISABLED) and offers no AUTH=PLAIN".into(),
+        ));
+    } else {
+        // LOGIN sends both as quoted strings; async-imap escapes `\` and `"`
+        // and refuses CR/LF. A password that is not UTF-8 cannot be quoted.
+        let Ok(pass) = std::str::from_utf8(pass.expose()) else {
+            return Err(UpstreamError::AuthFailed(
+                "password is not UTF-8 and the server offers no AUTH=PLAIN".into(),
+            ));
+        };
+        timeout(cfg.command_timeout, client.login(user, pass)).await
+    };
+    match result {
+        Err(_) => Err(UpstreamError::Timeout("login")),
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err((e, _client))) => Err(match e {
+            ImapError::No(text) if is_temporary(&text) => UpstreamError::No {
+                command: "LOGIN",
+                text,
+            },
+            ImapError::No(text) => UpstreamError::AuthFailed(text),
+            ImapError::Bad(text) => UpstreamError::AuthFailed(format!("BAD {text}")),
+            ImapError::Io(e) => UpstreamError::Io(e),
+            ImapError::ConnectionLost => UpstreamError::ConnectionLost,
+            other => UpstreamError::Protocol(other.to_string()),
+        }),
+    }
+}
+
+/// RFC 5530 codes that mean "not your credentials, try later".
+fn is_temporary(text: &str) -> bool {
+    ["[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]"]
+        .iter()
+        .any(|code| text.contains(code))
+}
+
+/// An authenticated IMAP session with the POP3 mailbox selected.
+pub struct ImapConn {
+    session: Session<Stream>,
+    config: std::sync::Arc<ImapConfig>,
+    /// The server offers UIDPLUS (RFC 4315): `UID EXPUNGE` is safe.
+    uidplus: bool,
+    /// Set after an error that may have left a reply unread.
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for ImapConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapConn")
+            .field("address", &self.config.address)
+            .field("uidplus", &self.uidplus)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+/// Reads the next response, turning timeout and EOF into errors. A macro,
+/// because async-imap's response type cannot be named in a signature.
+macro_rules! next_response {
+    ($conn:expr, $what:expr) => {
+        match timeout($conn.config.command_timeout, $conn.session.read_response()).await {
+            Err(_) => Err(UpstreamError::Timeout($what)),
+            Ok(Err(e)) => Err(UpstreamError::Io(e)),
+            Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
+            Ok(Ok(Some(r))) => Ok(r),
+        }
+    };
+}
+
+/// The text of a tagged reply: code (when imap-proto knows it) and text.
+fn outcome_text(code: &Option<ResponseCode<'_>>, info: &Option<Cow<'_, str>>) -> String {
+    match (code, info) {
+        (Some(c), Some(i)) => format!("[{c:?}] {i}"),
+        (Some(c), None) => format!("[{c:?}]"),
+        (None, Some(i)) => i.to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+impl ImapConn {
+    /// Refuses to use a connection that an earlier error left out of step.
+    fn ensure_usable(&self) -> Result<(), UpstreamError> {
+        if self.poisoned {
+            Err(UpstreamError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Poisons the connection after an error that may leave a reply unread.
+    fn note<T>(&mut self, r: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+        if let Err(e) = &r {
+            if e.is_fatal() {
+                self.poisoned = true;
+            }
+        }
+        r
+    }
+
+    /// Sends a tagged command.
+    async fn send(&mut self, cmd: &str, what: &'static str) -> Result<RequestId, UpstreamError> {
+        match timeout(self.config.command_timeout, self.session.run_command(cmd)).await {
+            Err(_) => Err(UpstreamError::Timeout(what)),
+            Ok(Ok(tag)) => Ok(tag),
+            Ok(Err(ImapError::Io(e))) => Err(UpstreamError::Io(e)),
+            Ok(Err(e)) => Err(UpstreamError::Protocol(e.to_string())),
+        }
+    }
+
+    /// Reads until the tagged reply to `tag`, handing every other response
+    /// to `each`. NO and BAD become errors; the connection stays usable.
+    async fn finish(
+        &mut self,
+        tag: &RequestId,
+        what: &'static str,
+        mut each: impl FnMut(&Response<'_>),
+    ) -> Result<String, UpstreamError> {
+        loop {
+            let resp = next_response!(self, what)?;
+            match resp.parsed() {
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if t == tag => {
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    return match status {
+                        Status::Ok => Ok(text),
+                        Status::No => Err(UpstreamError::No {
+                            command: what,
+                            text,
+                        }),
+                        _ => Err(UpstreamError::Bad {
+                            command: what,
+                            text,
+                        }),
+                    };
+                }
+                Response::Done { tag: t, .. } => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "reply to unknown tag {}",
+                        t.0
+                    )));
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    debug!(text = ?outcome.information, "server said BYE");
+                }
+                other => each(other),
+            }
+        }
+    }
+
+    async fn exec(
+        &mut self,
+        cmd: &str,
+        what: &'static str,
+        each: impl FnMut(&Response<'_>),
+    ) -> Result<String, UpstreamError> {
+        let tag = self.send(cmd, what).await?;
+        self.finish(&tag, what, each).await
+    }
+
+    /// CAPABILITY (pipelined with SELECT), then the snapshot.
+    async fn select_and_snapshot(&mut self) -> Result<Snapshot, UpstreamError> {
+        let mailbox = quote_mailbox(&self.config.mailbox)?;
+        // The capabilities may change at login, so ask again.
+        let cap_tag = self.send("CAPABILITY", "CAPABILITY").await?;
+        let select_tag = self.send(&format!("SELECT {mailbox}"), "SELECT").await?;
+        let mut uidplus = false;
+        self.finish(&cap_tag, "CAPABILITY", |r| {
+            if let Response::Capabilities(caps) = r {
+                uidplus = caps
+                    .iter()
+                    .any(|c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("UIDPLUS")));
+            }
+        })
+        .await?;
+        self.uidplus = uidplus;
+
+        let mut exists = None;
+        let mut uidvalidity = None;
+        self.finish(&select_tag, "SELECT", |r| match r {
+            Response::MailboxData(MailboxDatum::Exists(n)) => exists = Some(*n),
+            Response::Data {
+                status: Status::Ok,
+                outcome,
+            } => {
+                if let Some(ResponseCode::UidValidity(v)) = outcome.code {
+                    uidvalidity = Some(v);
+                }
+            }
+            _ => {}
+        })
+        .await?;
+        let (Some(exists), Some(uidvalidity)) = (exists, uidvalidity) else {
+            return Err(UpstreamError::Protocol(
+                "SELECT without EXISTS or UIDVALIDITY".into(),
+            ));
+        };
+
+        let mut messages = Vec::with_capacity(exists as usize);
+        // `FETCH 1:*` on an empty mailbox is a BAD in Dovecot: skip it.
+        if exists > 0 {
+            self.exec("UID FETCH 1:* (UID RFC822.SIZE)", "UID FETCH", |r| {
+                if let Response::Fetch(_, attrs) = r {
+                    let mut uid = None;
+                    let mut size = None;
+                    for a in attrs {
+                        match a {
+                            AttributeValue::Uid(u) => uid = Some(*u),
+                            AttributeValue::Rfc822Size(s) => size = Some(u64::from(*s)),
+                            _ => {}
+                        }
+                    }
+                    // Unsolicited FETCH (flag changes) carry no size: skip them.
+                    if let (Some(u), Some(s)) = (uid, size) {
+                        messages.push((u, s));
+                    }
+                }
+            })
+            .await?;
+        }
+        debug!(
+            exists,
+            uidvalidity,
+            listed = messages.len(),
+            uidplus,
+            "snapshot taken"
+        );
+        Ok(Snapshot {
+            uidvalidity,
+            messages,
+        })
+    }
+
+    async fn fetch_inner<S: BodySink>(
+        &mut self,
+        uid: u32,
+        size: u64,
+        prefix_only: bool,
+        sink: &mut S,
+    ) -> Result<FetchEnd, UpstreamError> {
+        let (chunk, window) = if prefix_only {
+            (TOP_CHUNK, 1)
+        } else {
+            (RETR_CHUNK, RETR_WINDOW)
+        };
+        // Ask for one octet more than the snapshot's size, so a message that
+        // is longer than announced is noticed rather than cut short.
+        let end = size + 1;
+        let mut next_offset = 0u64;
+        let mut in_flight: VecDeque<(RequestId, u64, u64)> = VecDeque::new();
+        let mut delivered = 0u64;
+        let mut stopped = false;
+        let mut failure: Option<UpstreamError> = None;
+        let mut gone = false;
+
+        loop {
+            while failure.is_none() && !stopped && in_flight.len() < window && next_offset < end {
+                let len = chunk.min(end - next_offset);
+                let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{next_offset}.{len}>)");
+                let tag = self.send(&cmd, "UID FETCH").await?;
+                in_flight.push_back((tag, next_offset, len));
+                next_offset += len;
+            }
+            let Some((tag, offset, len)) = in_flight.pop_front() else {
+                break;
+            };
+            // Read this request's responses; hand the body to the sink.
+            let mut got_item = false;
+            loop {
+                let resp = next_response!(self, "UID FETCH")?;
+                match resp.parsed() {
+                    Response::Done {
+                        tag: t,
+                        status,
+                        outcome,
+                    } if *t == tag => {
+                        let text = outcome_text(&outcome.code, &outcome.information);
+                        if text.contains("EXPUNGEISSUED") {
+                            gone = true;
+                        }
+                        match status {
+                            Status::Ok => {}
+                            Status::No if failure.is_none() => {
+                                failure = Some(UpstreamError::No {
+                                    command: "UID FETCH",
+                                    text,
+                                })
+                            }
+                            _ if failure.is_none() => {
+                                failure = Some(UpstreamError::Bad {
+                                    command: "UID FETCH",
+                                    text,
+                                })
+                            }
+                            _ => {}
+                        }
+                        break;
+                    }
+                    Response::Done { tag: t, .. } => {
+                        return Err(UpstreamError::Protocol(format!(
+                            "reply to unknown tag {}",
+                            t.0
+                        )));
+                    }
+                    Response::Fetch(_, attrs)
+                        if attrs
+                            .iter()
+                            .any(|a| matches!(a, AttributeValue::Uid(u) if *u == uid)) =>
+                    {
+                        for a in attrs {
+                            let AttributeValue::BodySection { data, index, .. } = a else {
+                                continue;
+                            };
+                            got_item = true;
+                            let Some(data) = data else {
+                                // `BODY[] NIL`: Dovecot's answer for a message
+                                // expunged by another session.
+                                gone = true;
+                                continue;
+                            };
+                            if failure.is_some() || stopped || gone {
+                                continue;
+                            }
+                            if index.map(u64::from).unwrap_or(0) != offset {
+                                failure = Some(UpstreamError::Protocol(format!(
+                                    "asked for offset {offset}, got {index:?}"
+                                )));
+                                continue;
+                            }
+                            let n = data.len() as u64;
+                            if offset + n > size || (n < len && offset + n < size) {
+                                // Longer than RFC822.SIZE, or shorter.
+                                failure = Some(UpstreamError::SizeMismatch {
+                                    uid,
+                                    expected: size,
+                                    got: offset + n,
+                                });
+                                continue;
+                            }
+                            delivered += n;
+                            match sink.chunk(data).await {
+                                Ok(Flow::Continue) => {}
+                                Ok(Flow::Stop) => stopped = true,
+                                Err(e) => {
+                                    // The client is gone; finish reading so
+                                    // the connection stays in step, then fail.
+                                    failure = Some(UpstreamError::Io(e));
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if !got_item && failure.is_none() {
+                // No item for our UID: the message no longer exists.
+                gone = true;
+            }
+            if gone && failure.is_none() && delivered > 0 {
+                failure = Some(UpstreamError::VanishedMidStream { uid });
+            }
+            if gone {
+                stopped = true;
+            }
+        }
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        if gone {
+            return Ok(FetchEnd::Gone);
+        }
+        if !stopped && delivered != size {
+            return Err(UpstreamError::SizeMismatch {
+                uid,
+                expected: size,
+                got: delivered,
+            });
+        }
+        Ok(FetchEnd::Complete)
+    }
+
+    async fn commit_inner(
+        &mut self,
+        delete: &[u32],
+        seen: &[u32],
+    ) -> Result<CommitReport, UpstreamError> {
+        for set in uid_sets(seen) {
+            self.exec(
+                &format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"),
+                "UID STORE",
+                |_| {},
+            )
+            .await?;
+        }
+        if delete.is_empty() {
+            return Ok(CommitReport {
+                not_removed: vec![],
+                reason: None,
+            });
+        }
+        if !self.uidplus {
+            match self.config.no_uidplus {
+                NoUidplus::Refuse => {
+                    return Ok(CommitReport {
+                        not_removed: delete.to_vec(),
+                        reason: Some(
+                            "Mail server lacks UIDPLUS; nothing was deleted (see no_uidplus)."
+                                .into(),
+                        ),
+                    });
+                }
+                NoUidplus::ExpungeIfAlone => return self.expunge_if_alone(delete).await,
+            }
+        }
+        for set in uid_sets(delete) {
+            self.exec(
+                &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+                "UID STORE",
+                |_| {},
+            )
+            .await?;
+        }
+        // RFC 4315 §2.1: UID EXPUNGE removes only the listed messages, even
+        // if others are flagged \Deleted.
+        for set in uid_sets(delete) {
+            self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
+                .await?;
+        }
+        self.verify_removed(delete, None).await
+    }
+
+    async fn expunge_if_alone(&mut self, delete: &[u32]) -> Result<CommitReport, UpstreamError> {
+        let mut others = Vec::new();
+        self.exec("UID SEARCH DELETED", "UID SEARCH", |r| {
+            if let Response::MailboxData(MailboxDatum::Search(v)) = r {
+                others.extend(
+                    v.iter()
+                        .copied()
+                        .filter(|u| delete.binary_search(u).is_err()),
+                );
+            }
+        })
+        .await?;
+        if !others.is_empty() {
+            return Ok(CommitReport {
+                not_removed: delete.to_vec(),
+                reason: Some(
+                    "Other messages are flagged \\Deleted and the mail server lacks UIDPLUS; nothing was deleted."
+                        .into(),
+                ),
+            });
+        }
+        for set in uid_sets(delete) {
+            self.exec(
+                &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+                "UID STORE",
+                |_| {},
+            )
+            .await?;
+        }
+        self.exec("EXPUNGE", "EXPUNGE", |_| {}).await?;
+        self.verify_removed(delete, None).await
+    }
+
+    /// Checks that none of `delete` still exists.
+    async fn verify_removed(
+        &mut self,
+        delete: &[u32],
+        reason: Option<String>,
+    ) -> Result<CommitReport, UpstreamError> {
+        let mut left = Vec::new();
+        for set in uid_sets(delete) {
+            self.exec(&format!("UID SEARCH UID {set}"), "UID SEARCH", |r| {
+                if let Response::MailboxData(MailboxDatum::Search(v)) = r {
+                    left.extend(
+                        v.iter()
+                            .copied()
+                            .filter(|u| delete.binary_search(u).is_ok()),
+                    );
+                }
+            })
+            .await?;
+        }
+        left.sort_unstable();
+        left.dedup();
+        let reason = if left.is_empty() {
+            reason
+        } else {
+            warn!(
+                count = left.len(),
+                "messages still present after UID EXPUNGE"
+            );
+            Some(format!("{} messages could not be deleted.", left.len()))
+        };
+        Ok(CommitReport {
+            not_removed: left,
+            reason,
+        })
+    }
+}
+
+impl Upstream for ImapConn {
+    async fn fetch<S: BodySink>(
+        &mut self,
+        uid: u32,
+        size: u64,
+        prefix_only: bool,
+        sink: &mut S,
+    ) -> Result<FetchEnd, UpstreamError> {
+        let span = info_span!(
+            "upstream",
+            op = if prefix_only { "top" } else { "retr" },
+            uid
+        );
+        async move {
+            self.ensure_usable()?;
+            let r = self.fetch_inner(uid, size, prefix_only, sink).await;
+            self.note(r)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn commit(
+        &mut self,
+        delete: &[u32],
+        seen: &[u32],
+    ) -> Result<CommitReport, UpstreamError> {
+        let span = info_span!(
+            "upstream",
+            op = "commit",
+            delete = delete.len(),
+            seen = seen.len()
+        );
+        let mut delete = delete.to_vec();
+        delete.sort_unstable();
+        async move {
+            self.ensure_usable()?;
+            let r = self.commit_inner(&delete, seen).await;
+            self.note(r)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn logout(mut self) {
+        if !self.poisoned {
+            let _ = timeout(
+                Duration::from_secs(5),
+                self.exec("LOGOUT", "LOGOUT", |_| {}),
+            )
+            .await;
+        }
+    }
+}
+
+/// Quotes a mailbox name as an IMAP quoted string (RFC 3501 §4.3), encoding
+/// non-ASCII names in modified UTF-7 (RFC 3501 §5.1.3).
+fn quote_mailbox(name: &str) -> Result<String, UpstreamError> {
+    if name.is_empty() || name.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
+        return Err(UpstreamError::Unsupported(format!(
+            "invalid mailbox name {name:?}"
+        )));
+    }
+    let encoded = modified_utf7(name);
+    let mut s = String::with_capacity(encoded.len() + 2);
+    s.push('"');
+    for c in encoded.chars() {
+        if c == '"' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    Ok(s)
+}
+
+/// RFC 3501 §5.1.3: printable ASCII stands for itself ("&" as "&-"); other
+/// characters are UTF-16 in modified base64 between "&" and "-".
+pub fn modified_utf7(name: &str) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,";
+    let mut out = String::with_capacity(name.len());
+    let mut pending: Vec<u16> = Vec::new();
+    let flush = |pending: &mut Vec<u16>, out: &mut String| {
+        if pending.is_empty() {
+            return;
+        }
+        out.push('&');
+        let bytes: Vec<u8> = pending.iter().flat_map(|u| u.to_be_bytes()).collect();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            let chars = chunk.len() + 1;
+            for i in 0..chars {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out.push('-');
+        pending.clear();
+    };
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut pending, &mut out);
+            if c == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(c);
+            }
+        } else {
+            let mut buf = [0u16; 2];
+            pending.extend_from_slice(c.encode_utf16(&mut buf));
+        }
+    }
+    flush(&mut pending, &mut out);
+    out
+}
+
+/// Compresses ascending UIDs into IMAP sequence sets ("1:3,7,9:10"), split so
+/// no set exceeds [`MAX_UID_SET_LEN`].
+pub fn uid_sets(uids: &[u32]) -> Vec<String> {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut sets = Vec::new();
+    let mut cur = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        i += 1;
+        let piece = if start == end {
+            start.to_string()
+        } else {
+            format!("{start}:{end}")
+        };
+        if !cur.is_empty() && cur.len() + 1 + piece.len() > MAX_UID_SET_LEN {
+            sets.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(',');
+        }
+        cur.push_str(&piece);
+    }
+    if !cur.is_empty() {
+        sets.push(cur);
+    }
+    sets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_compress_and_split() {
+        assert_eq!(uid_sets(&[]), Vec::<String>::new());
+        assert_eq!(uid_sets(&[5, 1, 2, 3, 7, 9, 10]), vec!["1:3,5,7,9:10"]);
+        let many: Vec<u32> = (0..10_000).map(|i| i * 2).collect();
+        let sets = uid_sets(&many);
+        assert!(sets.len() > 1);
+        assert!(sets.iter().all(|s| s.len() <= MAX_UID_SET_LEN));
+        let back: Vec<u32> = sets
+            .iter()
+            .flat_map(|s| {
+                s.split(',')
+                    .map(|p| p.parse::<u32>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(back, many);
+    }
+
+    #[test]
+    fn mailbox_names_are_quoted_and_utf7_encoded() {
+        assert_eq!(quote_mailbox("INBOX").unwrap(), "\"INBOX\"");
+        assert_eq!(
+            quote_mailbox("My \"Mail\"\\x").unwrap(),
+            "\"My \\\"Mail\\\"\\\\x\""
+        );
+        // RFC 3501 §5.1.3 example.
+        assert_eq!(
+            modified_utf7("~peter/mail/台北/日本語"),
+            "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+        );
+        assert_eq!(modified_utf7("A&B"), "A&-B");
+        assert_eq!(modified_utf7("Entwürfe"), "Entw&APw-rfe");
+        assert!(quote_mailbox("a\r\nb").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! The IMAP side, behind a narrow interface: log in and take a snapshot,
+//! stream one message, commit changes at QUIT, log out.
+//!
+//! Everything POP3 needs from a mail store goes through [`Connector`] and
+//! [`Upstream`]; the IMAP implementation lives in [`imap`].
+
+use std::future::Future;
+use std::io;
+
+use crate::error::UpstreamError;
+use crate::pop3::command::Secret;
+
+pub mod imap;
+
+/// The mailbox at login: what the maildrop is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub uidvalidity: u32,
+    /// (UID, RFC822.SIZE) of every message.
+    pub messages: Vec<(u32, u64)>,
+}
+
+/// Whether the consumer of a message wants more of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// TOP has what it needs: stop fetching.
+    Stop,
+}
+
+/// Receives a message's bytes in order, chunk by chunk.
+pub trait BodySink: Send {
+    /// Called at least once per successful fetch (with an empty chunk for an
+    /// empty message), in order. An error ends the fetch.
+    fn chunk(&mut self, data: &[u8]) -> impl Future<Output = io::Result<Flow>> + Send;
+}
+
+/// How a fetch ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchEnd {
+    /// Every octet (or, after [`Flow::Stop`], as many as were wanted) was
+    /// delivered, and the total matched the expected size.
+    Complete,
+    /// The message no longer exists (expunged by someone else); nothing was
+    /// delivered to the sink.
+    Gone,
+}
+
+/// What a commit achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    /// UIDs that were asked to be removed and still exist afterwards.
+    pub not_removed: Vec<u32>,
+    /// Why, when `not_removed` is not empty.
+    pub reason: Option<String>,
+}
+
+/// Opens authenticated upstream sessions.
+pub trait Connector: Send + Sync + 'static {
+    type Conn: Upstream;
+    /// Connects, logs in as `user`, selects the mailbox and takes the snapshot.
+    fn login(
+        &self,
+        user: &str,
+        pass: &Secret,
+    ) -> impl Future<Output = Result<(Self::Conn, Snapshot), UpstreamError>> + Send;
+}
+
+/// One authenticated upstream session with the mailbox selected.
+pub trait Upstream: Send + 'static {
+    /// Streams message `uid` (of `size` octets per the snapshot) into `sink`.
+    /// `prefix_only` hints that only the start is wanted (TOP), so fetch in
+    /// small pieces. An upstream failure after the first chunk was delivered
+    /// is an error, never a shorter `Complete`.
+    fn fetch<S: BodySink>(
+        &mut self,
+        uid: u32,
+        size: u64,
+        prefix_only: bool,
+        sink: &mut S,
+    ) -> impl Future<Output = Result<FetchEnd, UpstreamError>> + Send;
+
+    /// Marks `seen` as `\Seen`, then removes exactly the messages `delete`.
+    fn commit(
+        &mut self,
+        delete: &[u32],
+        seen: &[u32],
+    ) -> impl Future<Output = Result<CommitReport, UpstreamError>> + Send;
+
+    /// Ends the session politely; errors are ignored.
+    fn logout(self) -> impl Future<Output = ()> + Send;
+}
