@@ -122,6 +122,7 @@ fn init_logging(config: &Config) {
         .add_directive("imap_proto=off".parse().expect("static directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match config.log.format {
         LogFormat::Text => tracing::subscriber::set_global_default(builder.finish()),

@@ -3,7 +3,8 @@
 //! A message's (UIDVALIDITY, UID) pair never changes while it exists (RFC 3501
 //! §2.3.1.1), so a UIDL built from it is stable across sessions and devices.
 //! Templates use Dovecot's `pop3_uidl_format` syntax so an operator can copy
-//! the setting of the POP3 server popbridge replaces.
+//! the setting of the POP3 server popbridge replaces. Hex digits are
+//! lower-case, as Dovecot prints them.
 
 use std::fmt::Write as _;
 
@@ -22,8 +23,10 @@ enum Var {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Radix {
     Decimal,
-    UpperHex,
-    LowerHex,
+    /// Dovecot's `X` modifier. Despite the capital letter, Dovecot 2.3 prints
+    /// lower-case hex digits (measured: `%08Xu%08Xv` gives
+    /// `000000016b07998f`), and clients remember those exact strings.
+    Hex,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +101,9 @@ impl UidlFormat {
                 return Err(UidlFormatError::TooLong(spec.to_string()));
             }
             let radix = match chars.peek() {
-                Some('X') => {
+                Some('X' | 'x') => {
                     chars.next();
-                    Radix::UpperHex
-                }
-                Some('x') => {
-                    chars.next();
-                    Radix::LowerHex
+                    Radix::Hex
                 }
                 _ => Radix::Decimal,
             };
@@ -153,8 +152,7 @@ impl UidlFormat {
                     // Writing to a String cannot fail.
                     let _ = match radix {
                         Radix::Decimal => write!(s, "{v:0w$}"),
-                        Radix::UpperHex => write!(s, "{v:0w$X}"),
-                        Radix::LowerHex => write!(s, "{v:0w$x}"),
+                        Radix::Hex => write!(s, "{v:0w$x}"),
                     };
                 }
             }
@@ -182,8 +180,8 @@ mod tests {
     #[test]
     fn dovecot_default() {
         let f = UidlFormat::default();
-        assert_eq!(f.render(1, 1700000000), "000000016553F100");
-        assert_eq!(f.render(0xABCDEF, 0x12), "00ABCDEF00000012");
+        assert_eq!(f.render(1, 1700000000), "000000016553f100");
+        assert_eq!(f.render(0xABCDEF, 0x12), "00abcdef00000012");
         assert_eq!(
             UidlFormat::parse("dovecot").unwrap().render(5, 6),
             "0000000500000006"

@@ -547,9 +547,9 @@ mod tests {
         assert_eq!(run(&mut s, "LIST 4").1, "-ERR There's no message 4.\r\n");
         assert_eq!(
             run(&mut s, "UIDL").1,
-            "+OK\r\n1 0000000405F5E100\r\n2 0000000705F5E100\r\n3 0000000905F5E100\r\n.\r\n"
+            "+OK\r\n1 0000000405f5e100\r\n2 0000000705f5e100\r\n3 0000000905f5e100\r\n.\r\n"
         );
-        assert_eq!(run(&mut s, "UIDL 3").1, "+OK 3 0000000905F5E100\r\n");
+        assert_eq!(run(&mut s, "UIDL 3").1, "+OK 3 0000000905f5e100\r\n");
         assert_eq!(run(&mut s, "DELE 2").1, "+OK Marked to be deleted.\r\n");
         assert_eq!(run(&mut s, "DELE 2").1, "-ERR Message is deleted.\r\n");
         assert_eq!(run(&mut s, "RETR 2").1, "-ERR Message is deleted.\r\n");

@@ -9,7 +9,6 @@
 //! it is never used again.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_imap::error::Error as ImapError;
@@ -460,126 +459,143 @@ impl ImapConn {
         // is longer than announced is noticed rather than cut short.
         let end = size + 1;
         let mut next_offset = 0u64;
-        let mut in_flight: VecDeque<(RequestId, u64, u64)> = VecDeque::new();
+        // Requests sent and not yet answered: (tag, offset, length, data seen).
+        let mut in_flight: Vec<(RequestId, u64, u64, bool)> = Vec::new();
+        // Dovecot answers pipelined FETCHes out of order: chunks that arrive
+        // early wait here (at most `window - 1` of them).
+        let mut early: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
         let mut delivered = 0u64;
         let mut stopped = false;
         let mut failure: Option<UpstreamError> = None;
         let mut gone = false;
 
         loop {
-            while failure.is_none() && !stopped && in_flight.len() < window && next_offset < end {
+            while failure.is_none()
+                && !stopped
+                && !gone
+                && in_flight.len() < window
+                && next_offset < end
+            {
                 let len = chunk.min(end - next_offset);
                 let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{next_offset}.{len}>)");
                 let tag = self.send(&cmd, "UID FETCH").await?;
-                in_flight.push_back((tag, next_offset, len));
+                in_flight.push((tag, next_offset, len, false));
                 next_offset += len;
             }
-            let Some((tag, offset, len)) = in_flight.pop_front() else {
+            if in_flight.is_empty() {
                 break;
-            };
-            // Read this request's responses; hand the body to the sink.
-            let mut got_item = false;
-            loop {
-                let resp = next_response!(self, "UID FETCH")?;
-                match resp.parsed() {
-                    Response::Done {
-                        tag: t,
-                        status,
-                        outcome,
-                    } if *t == tag => {
-                        let text = outcome_text(&outcome.code, &outcome.information);
-                        if text.contains("EXPUNGEISSUED") {
-                            gone = true;
-                        }
-                        match status {
-                            Status::Ok => {}
-                            Status::No if failure.is_none() => {
-                                failure = Some(UpstreamError::No {
-                                    command: "UID FETCH",
-                                    text,
-                                })
-                            }
-                            _ if failure.is_none() => {
-                                failure = Some(UpstreamError::Bad {
-                                    command: "UID FETCH",
-                                    text,
-                                })
-                            }
-                            _ => {}
-                        }
-                        break;
-                    }
-                    Response::Done { tag: t, .. } => {
+            }
+            let resp = next_response!(self, "UID FETCH")?;
+            match resp.parsed() {
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } => {
+                    let Some(i) = in_flight.iter().position(|f| f.0 == *tag) else {
                         return Err(UpstreamError::Protocol(format!(
                             "reply to unknown tag {}",
-                            t.0
+                            tag.0
                         )));
+                    };
+                    let (_, _, _, seen) = in_flight.remove(i);
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    if text.contains("EXPUNGEISSUED") {
+                        gone = true;
                     }
-                    Response::Fetch(_, attrs)
-                        if attrs
-                            .iter()
-                            .any(|a| matches!(a, AttributeValue::Uid(u) if *u == uid)) =>
-                    {
-                        for a in attrs {
-                            let AttributeValue::BodySection { data, index, .. } = a else {
-                                continue;
-                            };
-                            got_item = true;
-                            let Some(data) = data else {
-                                // `BODY[] NIL`: Dovecot's answer for a message
-                                // expunged by another session.
-                                gone = true;
-                                continue;
-                            };
-                            if failure.is_some() || stopped || gone {
-                                continue;
-                            }
-                            if index.map(u64::from).unwrap_or(0) != offset {
-                                failure = Some(UpstreamError::Protocol(format!(
-                                    "asked for offset {offset}, got {index:?}"
-                                )));
-                                continue;
-                            }
-                            let n = data.len() as u64;
-                            if offset + n > size || (n < len && offset + n < size) {
-                                // Longer than RFC822.SIZE, or shorter.
-                                failure = Some(UpstreamError::SizeMismatch {
-                                    uid,
-                                    expected: size,
-                                    got: offset + n,
-                                });
-                                continue;
-                            }
-                            delivered += n;
-                            match sink.chunk(data).await {
-                                Ok(Flow::Continue) => {}
-                                Ok(Flow::Stop) => stopped = true,
-                                Err(e) => {
-                                    // The client is gone; finish reading so
-                                    // the connection stays in step, then fail.
-                                    failure = Some(UpstreamError::Io(e));
-                                }
+                    match status {
+                        Status::Ok if !seen => gone = true, // no item for our UID
+                        Status::Ok => {}
+                        Status::No => {
+                            failure.get_or_insert(UpstreamError::No {
+                                command: "UID FETCH",
+                                text,
+                            });
+                        }
+                        _ => {
+                            failure.get_or_insert(UpstreamError::Bad {
+                                command: "UID FETCH",
+                                text,
+                            });
+                        }
+                    }
+                }
+                Response::Fetch(_, attrs)
+                    if attrs
+                        .iter()
+                        .any(|a| matches!(a, AttributeValue::Uid(u) if *u == uid)) =>
+                {
+                    for a in attrs {
+                        let AttributeValue::BodySection { data, index, .. } = a else {
+                            continue;
+                        };
+                        let offset = index.map(u64::from).unwrap_or(0);
+                        let Some(req) = in_flight.iter_mut().find(|f| f.1 == offset && !f.3) else {
+                            failure.get_or_insert(UpstreamError::Protocol(format!(
+                                "unrequested body offset {offset}"
+                            )));
+                            continue;
+                        };
+                        req.3 = true;
+                        let len = req.2;
+                        let Some(data) = data else {
+                            // `BODY[] NIL`: Dovecot's answer for a message
+                            // expunged by another session.
+                            gone = true;
+                            continue;
+                        };
+                        let n = data.len() as u64;
+                        if offset + n > size || (n < len && offset + n < size) {
+                            // Longer than RFC822.SIZE, or shorter.
+                            failure.get_or_insert(UpstreamError::SizeMismatch {
+                                uid,
+                                expected: size,
+                                got: offset + n,
+                            });
+                            continue;
+                        }
+                        if failure.is_some() || stopped || gone {
+                            continue;
+                        }
+                        if offset != delivered {
+                            early.insert(offset, data.to_vec());
+                            continue;
+                        }
+                        let mut flow = sink.chunk(data).await;
+                        delivered += n;
+                        while let (Ok(Flow::Continue), Some(next)) =
+                            (&flow, early.remove(&delivered))
+                        {
+                            flow = sink.chunk(&next).await;
+                            delivered += next.len() as u64;
+                        }
+                        match flow {
+                            Ok(Flow::Continue) => {}
+                            Ok(Flow::Stop) => stopped = true,
+                            // The client is gone; finish reading so the
+                            // connection stays in step, then fail.
+                            Err(e) => {
+                                failure.get_or_insert(UpstreamError::Io(e));
                             }
                         }
                     }
-                    _ => {}
                 }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    debug!(text = ?outcome.information, "server said BYE");
+                }
+                _ => {}
             }
-            if !got_item && failure.is_none() {
-                // No item for our UID: the message no longer exists.
-                gone = true;
-            }
-            if gone && failure.is_none() && delivered > 0 {
-                failure = Some(UpstreamError::VanishedMidStream { uid });
-            }
-            if gone {
-                stopped = true;
-            }
+        }
+        if gone && failure.is_none() && delivered > 0 && !stopped {
+            failure = Some(UpstreamError::VanishedMidStream { uid });
         }
         if let Some(f) = failure {
             return Err(f);
         }
-        if gone {
+        if gone && !stopped {
             return Ok(FetchEnd::Gone);
         }
         if !stopped && delivered != size {
