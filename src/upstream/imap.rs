@@ -34,8 +34,8 @@ pub const RETR_CHUNK: u64 = 128 * 1024;
 /// while the current one is written to the client.
 pub const RETR_WINDOW: usize = 2;
 
-/// Octets per request for TOP, which usually needs only the header and a few
-/// lines: a 30 MB message costs one small fetch.
+/// Octets of the first request for TOP, which usually needs only the header
+/// and a few lines: `TOP n 0` of a 30 MB message costs one small fetch.
 pub const TOP_CHUNK: u64 = 32 * 1024;
 
 /// RFC 7162 §4 recommends clients keep command lines under 8192 octets; UID
@@ -450,11 +450,10 @@ impl ImapConn {
         prefix_only: bool,
         sink: &mut S,
     ) -> Result<FetchEnd, UpstreamError> {
-        let (chunk, window) = if prefix_only {
-            (TOP_CHUNK, 1)
-        } else {
-            (RETR_CHUNK, RETR_WINDOW)
-        };
+        // TOP starts small and one request at a time (the header is usually
+        // in the first chunk), then grows to RETR's pace, since clients such
+        // as fetchmail download whole messages with `TOP n 99999999`.
+        let mut chunk = if prefix_only { TOP_CHUNK } else { RETR_CHUNK };
         // Ask for one octet more than the snapshot's size, so a message that
         // is longer than announced is noticed rather than cut short.
         let end = size + 1;
@@ -470,6 +469,11 @@ impl ImapConn {
         let mut gone = false;
 
         loop {
+            let window = if prefix_only && delivered == 0 {
+                1
+            } else {
+                RETR_WINDOW
+            };
             while failure.is_none()
                 && !stopped
                 && !gone
@@ -477,6 +481,7 @@ impl ImapConn {
                 && next_offset < end
             {
                 let len = chunk.min(end - next_offset);
+                chunk = (chunk * 2).min(RETR_CHUNK);
                 let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{next_offset}.{len}>)");
                 let tag = self.send(&cmd, "UID FETCH").await?;
                 in_flight.push((tag, next_offset, len, false));
