@@ -28,6 +28,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// POP3 behaviour.
     pub pop3: Pop3Config,
+    /// Certificate for POP3S and STLS.
+    pub tls: TlsConfig,
+    /// Client authentication policy and failed-login throttling.
+    pub auth: AuthConfig,
     /// Resource limits.
     pub limits: LimitsConfig,
     /// Logging.
@@ -38,14 +42,71 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// Address and port for plain POP3 (RFC 1939 port 110).
+    /// Address and port for plain POP3 (RFC 1939 port 110). STLS is offered
+    /// here when `[tls]` has a certificate.
     pub address: String,
+    /// Address and port for POP3S, TLS from the first byte (RFC 8314; port
+    /// 995). Empty: no POP3S listener. Needs `[tls]`.
+    pub tls_address: String,
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {
             address: "0.0.0.0:110".into(),
+            tls_address: String::new(),
+        }
+    }
+}
+
+/// The certificate popbridge presents to POP3 clients. Both files are PEM;
+/// they are read again on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first. Empty: no TLS for clients.
+    pub cert_file: String,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+/// Client authentication policy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Allow USER/PASS and AUTH on unencrypted connections from
+    /// non-loopback clients (Dovecot's `disable_plaintext_auth = no`).
+    pub allow_plaintext: bool,
+    /// Count loopback clients (127.0.0.0/8, ::1) as secure, as Dovecot does:
+    /// nothing crosses a network. Turn off when a local relay forwards
+    /// remote clients without TLS.
+    pub loopback_is_secure: bool,
+    /// Milliseconds to wait before answering a failed login; doubles up to
+    /// 4x with repeated failures from the same address.
+    pub failure_delay_ms: u64,
+    /// Failed logins from one address within the window before further
+    /// logins from it are refused without asking the IMAP server.
+    pub max_failures_per_ip: u32,
+    /// Failed logins for one user name within the window before further
+    /// logins for it are refused without asking the IMAP server.
+    pub max_failures_per_user: u32,
+    /// Seconds failures are remembered.
+    pub failure_window_secs: u64,
+    /// Addresses and user names remembered at most (each table); the
+    /// memory for throttling is bounded by this.
+    pub throttle_entries: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_plaintext: false,
+            loopback_is_secure: true,
+            failure_delay_ms: 2000,
+            max_failures_per_ip: 20,
+            max_failures_per_user: 10,
+            failure_window_secs: 300,
+            throttle_entries: 100_000,
         }
     }
 }
@@ -70,7 +131,7 @@ pub struct UpstreamConfig {
     /// `host:port` of the IMAP server.
     pub address: String,
     /// `implicit`, `starttls` or `none`. The default is `starttls`: plaintext
-    /// must be chosen explicitly.
+    /// must be chosen explicitly, and is never a silent fallback.
     pub tls: UpstreamTls,
     /// The mailbox POP3 sessions see.
     pub mailbox: String,
@@ -82,6 +143,12 @@ pub struct UpstreamConfig {
     /// answer -ERR) or `expunge-if-alone` (EXPUNGE only when no other message
     /// is flagged \Deleted).
     pub no_uidplus: NoUidplus,
+    /// PEM file of CA certificates to trust for the IMAP server instead of
+    /// the system's. Empty: the system's roots.
+    pub ca_file: String,
+    /// The name the IMAP server's certificate must carry (and the SNI sent).
+    /// Empty: the host part of `address` (set this when connecting by IP).
+    pub tls_name: String,
 }
 
 impl Default for UpstreamConfig {
@@ -93,6 +160,8 @@ impl Default for UpstreamConfig {
             connect_timeout_secs: 10,
             command_timeout_secs: 60,
             no_uidplus: NoUidplus::default(),
+            ca_file: String::new(),
+            tls_name: String::new(),
         }
     }
 }
@@ -133,11 +202,16 @@ impl Default for Pop3Config {
 pub struct LimitsConfig {
     /// Concurrent POP3 sessions; more get `-ERR [SYS/TEMP]` and are closed.
     pub max_sessions: usize,
+    /// Concurrent sessions from one client address.
+    pub max_sessions_per_ip: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_sessions: 1000 }
+        Self {
+            max_sessions: 1000,
+            max_sessions_per_ip: 50,
+        }
     }
 }
 
@@ -199,11 +273,54 @@ impl Config {
                 )))
             }
         }
-        if self.upstream.tls != UpstreamTls::None {
-            return Err(ConfigError(format!(
-                "upstream.tls = {:?} is not supported yet; set upstream.tls = \"none\" (plaintext) explicitly",
-                self.upstream.tls
-            )));
+        let tls_address = match self.listen.tls_address.as_str() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|_| {
+                ConfigError(format!(
+                    "listen.tls_address {a:?} is not an address:port such as 0.0.0.0:995"
+                ))
+            })?),
+        };
+        let has_cert = !self.tls.cert_file.is_empty() || !self.tls.key_file.is_empty();
+        if has_cert && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty()) {
+            return Err(ConfigError(
+                "tls.cert_file and tls.key_file must be set together".into(),
+            ));
+        }
+        if tls_address.is_some() && !has_cert {
+            return Err(ConfigError(
+                "listen.tls_address needs tls.cert_file and tls.key_file".into(),
+            ));
+        }
+        if has_cert {
+            // Load now so a bad file is reported by --check-config too.
+            crate::tls::server_config(
+                Path::new(&self.tls.cert_file),
+                Path::new(&self.tls.key_file),
+            )?;
+        }
+        if self.upstream.tls != UpstreamTls::None && !self.upstream.ca_file.is_empty() {
+            crate::tls::client_connector(Some(Path::new(&self.upstream.ca_file)))?;
+        }
+        for (key, v) in [
+            ("auth.failure_window_secs", self.auth.failure_window_secs),
+            (
+                "auth.max_failures_per_ip",
+                u64::from(self.auth.max_failures_per_ip),
+            ),
+            (
+                "auth.max_failures_per_user",
+                u64::from(self.auth.max_failures_per_user),
+            ),
+            ("auth.throttle_entries", self.auth.throttle_entries),
+            (
+                "limits.max_sessions_per_ip",
+                self.limits.max_sessions_per_ip as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError(format!("{key} must be greater than 0")));
+            }
         }
         let mailbox = &self.upstream.mailbox;
         if mailbox.is_empty() || mailbox.contains(['\r', '\n', '\0']) {
@@ -242,6 +359,7 @@ impl Config {
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(Validated {
             listen,
+            tls_address,
             uidl,
             idle_timeout: Duration::from_secs(self.pop3.idle_timeout_secs),
             login_timeout: Duration::from_secs(self.pop3.login_timeout_secs),
@@ -254,6 +372,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub listen: SocketAddr,
+    pub tls_address: Option<SocketAddr>,
     pub uidl: UidlFormat,
     pub idle_timeout: Duration,
     pub login_timeout: Duration,
@@ -265,11 +384,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_need_an_explicit_tls_choice() {
-        let err = Config::default().validate().unwrap_err();
-        assert!(err.0.contains("upstream.tls"), "{err}");
-        let mut c = Config::default();
-        c.upstream.tls = UpstreamTls::None;
+    fn defaults_are_valid_and_use_starttls_upstream() {
+        assert_eq!(Config::default().upstream.tls, UpstreamTls::Starttls);
+        let c = Config::default();
         let v = c.validate().unwrap();
         assert_eq!(v.listen.port(), 110);
         assert_eq!(v.uidl.source(), "dovecot");
@@ -289,5 +406,12 @@ mod tests {
         assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));
         assert!(bad("[pop3]\nuidl_format = \"%v\"").contains("uidl_format"));
         assert!(bad("[listen]\naddress = \"x\"").contains("listen.address"));
+        assert!(bad("[listen]\ntls_address = \"127.0.0.1:995\"").contains("tls.cert_file"));
+        assert!(bad("[tls]\ncert_file = \"/nonexistent.pem\"").contains("together"));
+        assert!(
+            bad("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"")
+                .contains("/nonexistent.pem")
+        );
+        assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
     }
 }

@@ -35,6 +35,8 @@ pub enum UpstreamError {
     Unsupported(String),
     #[error("connection unusable after an earlier error")]
     Poisoned,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl UpstreamError {
@@ -66,6 +68,7 @@ impl UpstreamError {
             UpstreamError::VanishedMidStream { .. } => "vanished",
             UpstreamError::Unsupported(_) => "unsupported",
             UpstreamError::Poisoned => "poisoned",
+            UpstreamError::Tls(_) => "tls",
         }
     }
 }

@@ -10,6 +10,9 @@
 //!   stream a message, commit at QUIT), implemented over async-imap.
 //! - [`server`]: listener and per-connection driver, the only place where
 //!   sockets, the session and the upstream meet.
+//! - [`tls`]: certificates for POP3S/STLS (reloadable) and upstream
+//!   verification; [`limits`]: per-address session caps and failed-login
+//!   throttling.
 //! - [`config`]: the TOML file and its validation; [`error`]: error types
 //!   tagged by source.
 //!
@@ -19,6 +22,8 @@
 pub mod bridge;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod pop3;
 pub mod server;
+pub mod tls;
 pub mod upstream;

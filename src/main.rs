@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use popbridge::config::{Config, LogFormat, UpstreamTls, Validated};
+use popbridge::limits::{LoginThrottle, ThrottleConfig};
 use popbridge::pop3::session::SessionConfig;
-use popbridge::server::{serve, ServerSettings};
-use popbridge::upstream::imap::{ImapConfig, ImapConnector};
+use popbridge::server::{serve, Listener, ServerSettings, Shared};
+use popbridge::tls::ServerTls;
+use popbridge::upstream::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
+use std::path::Path;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -42,6 +46,21 @@ struct Args {
     /// UIDL template or preset (pop3.uidl_format).
     #[arg(long, env = "POPBRIDGE_UIDL_FORMAT")]
     uidl_format: Option<String>,
+    /// Address:port for POP3S, TLS from the first byte (listen.tls_address).
+    #[arg(long, env = "POPBRIDGE_TLS_LISTEN")]
+    tls_listen: Option<String>,
+    /// PEM certificate chain for POP3S and STLS (tls.cert_file).
+    #[arg(long, env = "POPBRIDGE_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// PEM private key for POP3S and STLS (tls.key_file).
+    #[arg(long, env = "POPBRIDGE_TLS_KEY")]
+    tls_key: Option<String>,
+    /// PEM CA bundle that signs the IMAP server's certificate (upstream.ca_file).
+    #[arg(long, env = "POPBRIDGE_UPSTREAM_CA_FILE")]
+    upstream_ca_file: Option<String>,
+    /// Name the IMAP server's certificate must carry (upstream.tls_name).
+    #[arg(long, env = "POPBRIDGE_UPSTREAM_TLS_NAME")]
+    upstream_tls_name: Option<String>,
     /// Log format (log.format).
     #[arg(long, env = "POPBRIDGE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -67,6 +86,21 @@ impl Args {
         }
         if let Some(v) = self.uidl_format {
             config.pop3.uidl_format = v;
+        }
+        if let Some(v) = self.tls_listen {
+            config.listen.tls_address = v;
+        }
+        if let Some(v) = self.tls_cert {
+            config.tls.cert_file = v;
+        }
+        if let Some(v) = self.tls_key {
+            config.tls.key_file = v;
+        }
+        if let Some(v) = self.upstream_ca_file {
+            config.upstream.ca_file = v;
+        }
+        if let Some(v) = self.upstream_tls_name {
+            config.upstream.tls_name = v;
         }
         if let Some(v) = self.log_format {
             config.log.format = v;
@@ -135,39 +169,122 @@ fn init_logging(config: &Config) {
 
 async fn run(valid: Validated) -> Result<(), String> {
     let cfg = &valid.config;
-    let listener = tokio::net::TcpListener::bind(valid.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", valid.listen))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    if cfg.upstream.tls == UpstreamTls::None && !is_loopback(&cfg.upstream.address) {
-        warn!(upstream = %cfg.upstream.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
+    let mut listeners = Vec::new();
+    for (addr, implicit_tls) in
+        std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
+    {
+        let socket = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let local = socket.local_addr().map_err(|e| e.to_string())?;
+        info!(listen = %local, tls = if implicit_tls { "implicit" } else { "stls" }, "listening");
+        listeners.push(Listener {
+            socket,
+            implicit_tls,
+        });
     }
+    let tls = if cfg.tls.cert_file.is_empty() {
+        None
+    } else {
+        let t = ServerTls::load(Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file))
+            .map_err(|e| e.to_string())?;
+        Some(Arc::new(t))
+    };
+    let upstream_tls = match cfg.upstream.tls {
+        UpstreamTls::None => {
+            if !is_loopback(&cfg.upstream.address) {
+                warn!(upstream = %cfg.upstream.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
+            }
+            UpstreamTlsSetup::None
+        }
+        mode => {
+            let ca = (!cfg.upstream.ca_file.is_empty()).then(|| Path::new(&cfg.upstream.ca_file));
+            let connector = popbridge::tls::client_connector(ca).map_err(|e| e.to_string())?;
+            let name = if cfg.upstream.tls_name.is_empty() {
+                host_of(&cfg.upstream.address).to_string()
+            } else {
+                cfg.upstream.tls_name.clone()
+            };
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| format!("upstream TLS name {name:?}: {e}"))?;
+            if mode == UpstreamTls::Implicit {
+                UpstreamTlsSetup::Implicit(connector, name)
+            } else {
+                UpstreamTlsSetup::StartTls(connector, name)
+            }
+        }
+    };
     let connector = Arc::new(ImapConnector::new(ImapConfig {
         address: cfg.upstream.address.clone(),
         mailbox: cfg.upstream.mailbox.clone(),
         connect_timeout: Duration::from_secs(cfg.upstream.connect_timeout_secs),
         command_timeout: Duration::from_secs(cfg.upstream.command_timeout_secs),
         no_uidplus: cfg.upstream.no_uidplus,
+        tls: upstream_tls,
     }));
     let settings = Arc::new(ServerSettings {
         session: SessionConfig {
             uidl: valid.uidl.clone(),
             mark_seen: cfg.pop3.mark_seen_on_retr,
+            stls_available: false,
+            plaintext_ok: false,
         },
         greeting: cfg.pop3.greeting.clone(),
         idle_timeout: valid.idle_timeout,
         login_timeout: valid.login_timeout,
         max_sessions: cfg.limits.max_sessions,
+        max_sessions_per_ip: cfg.limits.max_sessions_per_ip,
+        allow_plaintext_auth: cfg.auth.allow_plaintext,
+        loopback_is_secure: cfg.auth.loopback_is_secure,
     });
-    info!(listen = %local, upstream = %cfg.upstream.address, mailbox = %cfg.upstream.mailbox, "popbridge listening");
-    serve(listener, connector, settings, shutdown_signal()).await;
+    let throttle = Arc::new(LoginThrottle::new(ThrottleConfig {
+        failure_delay: Duration::from_millis(cfg.auth.failure_delay_ms),
+        max_failures_per_ip: cfg.auth.max_failures_per_ip,
+        max_failures_per_user: cfg.auth.max_failures_per_user,
+        window: Duration::from_secs(cfg.auth.failure_window_secs),
+        max_entries: cfg.auth.throttle_entries,
+    }));
+    if let Some(tls) = &tls {
+        tokio::spawn(reload_on_sighup(tls.clone()));
+    }
+    let shared = Arc::new(Shared {
+        settings,
+        connector,
+        tls,
+        throttle,
+    });
+    info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
+    serve(listeners, shared, shutdown_signal()).await;
     info!("shutting down");
     Ok(())
 }
 
-fn is_loopback(address: &str) -> bool {
+/// SIGHUP re-reads the TLS certificate and key; new connections get the new
+/// pair, running sessions keep theirs, and a bad pair keeps the old one.
+async fn reload_on_sighup(tls: Arc<ServerTls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; certificates will not be reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the TLS certificate");
+            let _ = tls.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
+}
+
+fn host_of(address: &str) -> &str {
     let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn is_loopback(address: &str) -> bool {
+    let host = host_of(address);
     host == "localhost"
         || host
             .parse::<std::net::IpAddr>()

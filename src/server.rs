@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -19,11 +21,13 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::bridge::maildrop::Maildrop;
 use crate::error::UpstreamError;
+use crate::limits::{IpLimiter, LoginThrottle, Throttled};
 use crate::pop3::command::{Line, LineDecoder};
 use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
 };
+use crate::tls::ServerTls;
 use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
 
 /// Bytes read from the client at a time. Pipelined commands arrive in one
@@ -41,44 +45,99 @@ pub struct ServerSettings {
     pub greeting: String,
     /// RFC 1939 §3 autologout timer in TRANSACTION (at least 10 minutes).
     pub idle_timeout: Duration,
-    /// Time allowed to log in.
+    /// Time allowed to log in; also bounds the TLS handshake.
     pub login_timeout: Duration,
     pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    /// Allow USER/PASS and AUTH without TLS from non-loopback clients.
+    pub allow_plaintext_auth: bool,
+    /// Loopback clients count as secure.
+    pub loopback_is_secure: bool,
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// What the listeners share: settings, the upstream, TLS and the limits.
+pub struct Shared<C: Connector> {
+    pub settings: Arc<ServerSettings>,
+    pub connector: Arc<C>,
+    /// The certificate for POP3S and STLS, when configured.
+    pub tls: Option<Arc<ServerTls>>,
+    pub throttle: Arc<LoginThrottle>,
+}
+
+/// A bound listener: plain POP3 (STLS offered when TLS is configured) or
+/// POP3S (TLS from the first byte, RFC 8314).
+pub struct Listener {
+    pub socket: TcpListener,
+    pub implicit_tls: bool,
+}
+
+/// Accepts connections on every listener until `shutdown` resolves.
 pub async fn serve<C: Connector>(
-    listener: TcpListener,
-    connector: Arc<C>,
-    settings: Arc<ServerSettings>,
+    listeners: Vec<Listener>,
+    shared: Arc<Shared<C>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let sessions = Arc::new(Semaphore::new(settings.max_sessions));
-    let ids = AtomicU64::new(1);
-    tokio::pin!(shutdown);
+    let sessions = Arc::new(Semaphore::new(shared.settings.max_sessions));
+    let per_ip = IpLimiter::new(shared.settings.max_sessions_per_ip);
+    let ids = Arc::new(AtomicU64::new(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(accept_loop(
+            l,
+            shared.clone(),
+            sessions.clone(),
+            per_ip.clone(),
+            ids.clone(),
+        ));
+    }
+    shutdown.await;
+    tasks.abort_all();
+}
+
+async fn accept_loop<C: Connector>(
+    listener: Listener,
+    shared: Arc<Shared<C>>,
+    sessions: Arc<Semaphore>,
+    per_ip: Arc<IpLimiter>,
+    ids: Arc<AtomicU64>,
+) {
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
+        let (stream, peer) = match listener.socket.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("session", id, %peer, user = tracing::field::Empty);
-        let connector = connector.clone();
-        let settings = settings.clone();
+        let tls = if listener.implicit_tls {
+            "implicit"
+        } else {
+            "none"
+        };
+        let span = info_span!("session", id, %peer, tls, user = tracing::field::Empty);
+        let shared = shared.clone();
         let permit = sessions.clone().try_acquire_owned();
+        let slot = per_ip.acquire(peer.ip());
+        let implicit = listener.implicit_tls;
+        // Everything, the TLS handshake included, runs in the connection's own
+        // task, so a slow client never stalls the accept loop.
         tokio::spawn(
             async move {
-                match permit {
-                    Ok(_permit) => handle(stream, peer, connector, settings).await,
-                    Err(_) => refuse(stream).await,
+                match (permit, slot) {
+                    (Ok(_permit), Some(_slot)) => handle(stream, peer, implicit, shared).await,
+                    (Err(_), _) => refuse(stream, implicit, &shared, "session limit reached").await,
+                    (_, None) => {
+                        refuse(
+                            stream,
+                            implicit,
+                            &shared,
+                            "per-address session limit reached",
+                        )
+                        .await
+                    }
                 }
             }
             .instrument(span),
@@ -86,40 +145,80 @@ pub async fn serve<C: Connector>(
     }
 }
 
-/// Over the session limit: say so and close, rather than leave the client hanging.
-async fn refuse(mut stream: TcpStream) {
-    warn!("session limit reached, connection refused");
+/// Over a limit: say so and close, rather than leave the client hanging.
+async fn refuse<C: Connector>(
+    stream: TcpStream,
+    implicit: bool,
+    shared: &Shared<C>,
+    why: &'static str,
+) {
+    warn!(reason = why, "connection refused");
     let mut out = Vec::new();
     err(
         &mut out,
         Some("SYS/TEMP"),
         "Too many connections, try again later.",
     );
-    let _ = timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+    let _ = timeout(Duration::from_secs(5), async {
+        let mut stream = if implicit {
+            match &shared.tls {
+                Some(tls) => ClientStream::Tls(Box::new(tls.acceptor().accept(stream).await?)),
+                None => return Ok(()),
+            }
+        } else {
+            ClientStream::Plain(stream)
+        };
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 async fn handle<C: Connector>(
     stream: TcpStream,
     peer: SocketAddr,
-    connector: Arc<C>,
-    settings: Arc<ServerSettings>,
+    implicit: bool,
+    shared: Arc<Shared<C>>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
+    let settings = shared.settings.clone();
     let started = Instant::now();
-    let (reader, writer) = stream.into_split();
+    let stream = if implicit {
+        let Some(tls) = &shared.tls else {
+            return;
+        };
+        match timeout(settings.login_timeout, tls.acceptor().accept(stream)).await {
+            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!("TLS handshake timed out");
+                return;
+            }
+        }
+    } else {
+        ClientStream::Plain(stream)
+    };
+    let mut session_config = settings.session.clone();
+    session_config.stls_available = shared.tls.is_some();
+    // Like Dovecot, loopback counts as secure: nothing crosses a network.
+    session_config.plaintext_ok =
+        settings.allow_plaintext_auth || (settings.loopback_is_secure && peer.ip().is_loopback());
     let mut conn = Connection {
-        reader,
-        writer: BufWriter::with_capacity(WRITE_BUFFER, writer),
+        stream: BufWriter::with_capacity(WRITE_BUFFER, stream),
         inbuf: vec![0; READ_BUFFER].into_boxed_slice(),
         pos: 0,
         end: 0,
         decoder: LineDecoder::default(),
-        session: Session::new(settings.session.clone()),
+        session: Session::new(session_config, implicit),
         out: Vec::with_capacity(512),
         upstream: None,
-        connector,
+        peer,
+        shared,
         settings,
         stats: Stats::default(),
     };
@@ -142,6 +241,56 @@ async fn handle<C: Connector>(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "session ended"
     );
+}
+
+/// The client connection, plain or TLS.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Only while STLS swaps the plain stream for a TLS one.
+    Upgrading,
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Upgrading => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Upgrading => Poll::Ready(Ok(())),
+        }
+    }
 }
 
 /// Counters for the end-of-session log line (as Dovecot's pop3_logout_format).
@@ -178,18 +327,20 @@ impl End {
 }
 
 struct Connection<C: Connector> {
-    reader: OwnedReadHalf,
-    writer: BufWriter<OwnedWriteHalf>,
+    /// The client connection; writes are buffered and flushed once per
+    /// response or pipelined batch, reads pass straight through.
+    stream: BufWriter<ClientStream>,
     /// Client input; `pos..end` is not yet decoded.
     inbuf: Box<[u8]>,
     pos: usize,
     end: usize,
     decoder: LineDecoder,
     session: Session,
-    /// Replies produced by the session, moved to `writer` after each command.
+    /// Replies produced by the session, moved to `stream` after each command.
     out: Vec<u8>,
     upstream: Option<C::Conn>,
-    connector: Arc<C>,
+    peer: SocketAddr,
+    shared: Arc<Shared<C>>,
     settings: Arc<ServerSettings>,
     stats: Stats,
 }
@@ -221,37 +372,14 @@ impl<C: Connector> Connection<C> {
                 }
                 Action::Login { user, pass } => {
                     Span::current().record("user", user.as_str());
-                    let outcome = match self.connector.login(&user, &pass).await {
-                        Ok((conn, snap)) => {
-                            info!(messages = snap.messages.len(), "logged in");
-                            self.upstream = Some(conn);
-                            LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
-                        }
-                        Err(UpstreamError::AuthFailed(text)) => {
-                            info!(upstream = %text, "login refused");
-                            LoginOutcome::Refused
-                        }
-                        Err(
-                            e @ UpstreamError::No {
-                                command: "SELECT", ..
-                            },
-                        ) => {
-                            warn!(error = %e, "mailbox not available");
-                            LoginOutcome::Failed {
-                                code: "SYS/PERM",
-                                text: "Mailbox not available.",
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, kind = e.kind(), "upstream login failed");
-                            LoginOutcome::Failed {
-                                code: "SYS/TEMP",
-                                text: "Mail server unavailable, try again later.",
-                            }
-                        }
-                    };
+                    let outcome = self.login(&user, &pass).await;
                     self.session.login_result(outcome, &mut self.out);
                     self.send_out().await?;
+                }
+                Action::StartTls => {
+                    self.send_out().await?;
+                    self.flush().await?;
+                    self.start_tls().await?;
                 }
                 Action::Fetch(req) => {
                     if let Some(end) = self.fetch(&req).await? {
@@ -294,20 +422,99 @@ impl<C: Connector> Connection<C> {
         }
     }
 
+    /// Logs in upstream, unless throttling says no; failures are answered
+    /// after a delay that grows with repeated failures from the address.
+    async fn login(&mut self, user: &str, pass: &crate::pop3::command::Secret) -> LoginOutcome {
+        let throttle = self.shared.throttle.clone();
+        let ip = self.peer.ip();
+        if let Err(which) = throttle.check(ip, user) {
+            // The upstream is not asked: guesses stop here.
+            warn!(throttled = ?which, "login refused: too many failures");
+            tokio::time::sleep(throttle.failed(ip, user)).await;
+            return LoginOutcome::Failed {
+                code: "SYS/TEMP",
+                text: match which {
+                    Throttled::Address => {
+                        "Too many failed logins from your address, try again later."
+                    }
+                    Throttled::User => "Too many failed logins for this user, try again later.",
+                },
+            };
+        }
+        match self.shared.connector.login(user, pass).await {
+            Ok((conn, snap)) => {
+                info!(messages = snap.messages.len(), "logged in");
+                throttle.succeeded(user);
+                self.upstream = Some(conn);
+                LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
+            }
+            Err(UpstreamError::AuthFailed(text)) => {
+                info!(upstream = %text, "login refused");
+                tokio::time::sleep(throttle.failed(ip, user)).await;
+                LoginOutcome::Refused
+            }
+            Err(
+                e @ UpstreamError::No {
+                    command: "SELECT", ..
+                },
+            ) => {
+                warn!(error = %e, "mailbox not available");
+                LoginOutcome::Failed {
+                    code: "SYS/PERM",
+                    text: "Mailbox not available.",
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, kind = e.kind(), "upstream login failed");
+                LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: "Mail server unavailable, try again later.",
+                }
+            }
+        }
+    }
+
+    /// STLS: the handshake, then a fresh start. Whatever the client sent
+    /// after STLS and before the handshake is dropped unread (RFC 2595 §4:
+    /// commands injected in plaintext must not run inside TLS).
+    async fn start_tls(&mut self) -> std::io::Result<()> {
+        let Some(tls) = self.shared.tls.clone() else {
+            unreachable!("STLS is only offered with TLS configured");
+        };
+        self.pos = 0;
+        self.end = 0;
+        self.decoder = LineDecoder::default();
+        let old = std::mem::replace(&mut self.stream, BufWriter::new(ClientStream::Upgrading));
+        let ClientStream::Plain(tcp) = old.into_inner() else {
+            return Err(std::io::Error::other(
+                "STLS on a connection that is not plain",
+            ));
+        };
+        let tls_stream = timeout(self.settings.login_timeout, tls.acceptor().accept(tcp))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        self.stream =
+            BufWriter::with_capacity(WRITE_BUFFER, ClientStream::Tls(Box::new(tls_stream)));
+        self.session.tls_started();
+        Span::current().record("tls", "stls");
+        debug!("STLS handshake done");
+        Ok(())
+    }
+
     /// Streams RETR/TOP. Returns `Some(end)` when the session must close.
     async fn fetch(&mut self, req: &FetchRequest) -> std::io::Result<Option<End>> {
         let Some(up) = self.upstream.as_mut() else {
             unreachable!("TRANSACTION always has an upstream");
         };
         // Anything already produced goes first, in order.
-        self.writer.write_all(&self.out).await?;
+        self.stream.write_all(&self.out).await?;
         self.out.clear();
         let status = match req.top_lines {
             None => format!("+OK {} octets\r\n", req.size),
             Some(_) => "+OK\r\n".to_string(),
         };
         let mut sink = ClientSink {
-            writer: &mut self.writer,
+            writer: &mut self.stream,
             encoder: match req.top_lines {
                 None => MessageEncoder::retr(),
                 Some(n) => MessageEncoder::top(n),
@@ -385,6 +592,7 @@ impl<C: Connector> Connection<C> {
     /// is used up (the end of a pipelined batch). `None` at EOF.
     async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
         loop {
+            self.decoder.set_max(self.session.max_line());
             let mut input = &self.inbuf[self.pos..self.end];
             let before = input.len();
             let line = self.decoder.decode(&mut input);
@@ -398,7 +606,7 @@ impl<C: Connector> Connection<C> {
             } else {
                 self.settings.login_timeout
             };
-            let n = match timeout(wait, self.reader.read(&mut self.inbuf)).await {
+            let n = match timeout(wait, self.stream.read(&mut self.inbuf)).await {
                 Ok(r) => r?,
                 Err(_) => {
                     info!("client idle too long");
@@ -429,13 +637,13 @@ impl<C: Connector> Connection<C> {
     }
 
     async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        timeout(self.settings.idle_timeout, self.writer.write_all(data))
+        timeout(self.settings.idle_timeout, self.stream.write_all(data))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        timeout(self.settings.idle_timeout, self.writer.flush())
+        timeout(self.settings.idle_timeout, self.stream.flush())
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
@@ -456,7 +664,7 @@ fn client_io(e: std::io::Error) -> std::io::Error {
 
 /// Writes a message to the client as it arrives from the upstream.
 struct ClientSink<'a> {
-    writer: &'a mut BufWriter<OwnedWriteHalf>,
+    writer: &'a mut BufWriter<ClientStream>,
     encoder: MessageEncoder,
     /// The `+OK` line, sent only once the first chunk arrived, so a failure
     /// before that can still be answered with `-ERR`.

@@ -12,6 +12,12 @@ use std::num::NonZeroU32;
 /// characters ... to 255 octets, including the terminating CRLF."
 pub const MAX_COMMAND_LINE: usize = 255;
 
+/// SASL lines (`AUTH` with an initial response, and the client's answers to
+/// `+` challenges) are not held to the 255-octet command limit (RFC 5034 §4);
+/// they are capped at 12288 octets, the minimum RFC 4954 §4 asks SMTP AUTH
+/// servers to accept. A PLAIN response with long credentials fits easily.
+pub const MAX_SASL_LINE: usize = 12288;
+
 /// A complete input line, or the news that one was too long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
@@ -85,6 +91,12 @@ impl LineDecoder {
             }
         }
         None
+    }
+
+    /// Changes the line limit for the lines that follow (SASL exchanges
+    /// allow longer lines than commands).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// True when no partial line is buffered (the input so far ended on a
@@ -163,6 +175,15 @@ pub enum Command {
     /// `TOP msg n`: header plus `n` body lines.
     Top(MsgNum, u64),
     Uidl(Option<MsgNum>),
+    /// `STLS` (RFC 2595 §4).
+    Stls,
+    /// `AUTH [mechanism [initial-response]]` (RFC 5034 §4). Without a
+    /// mechanism it lists the mechanisms (as Dovecot and RFC 1734 clients
+    /// expect). The initial response is still base64.
+    Auth {
+        mechanism: Option<String>,
+        initial: Option<Secret>,
+    },
 }
 
 impl Command {
@@ -181,6 +202,8 @@ impl Command {
             Command::Rset => "RSET",
             Command::Top(..) => "TOP",
             Command::Uidl(_) => "UIDL",
+            Command::Stls => "STLS",
+            Command::Auth { .. } => "AUTH",
         }
     }
 }
@@ -208,6 +231,8 @@ pub enum ParseError {
     InvalidLineCount,
     #[error("Noise after arguments")]
     Noise,
+    #[error("Invalid SASL mechanism name")]
+    InvalidMechanism,
 }
 
 impl Command {
@@ -259,6 +284,23 @@ impl Command {
             b"STAT" => none("STAT").map(|_| Command::Stat)?,
             b"NOOP" => none("NOOP").map(|_| Command::Noop)?,
             b"RSET" => none("RSET").map(|_| Command::Rset)?,
+            b"STLS" => none("STLS").map(|_| Command::Stls)?,
+            b"AUTH" => {
+                if extra {
+                    return Err(ParseError::Noise);
+                }
+                let mechanism = match first {
+                    None => None,
+                    Some(m) if m.len() <= 20 && m.iter().all(|b| b.is_ascii_graphic()) => {
+                        Some(String::from_utf8_lossy(m).to_ascii_uppercase())
+                    }
+                    Some(_) => return Err(ParseError::InvalidMechanism),
+                };
+                return Ok(Command::Auth {
+                    mechanism,
+                    initial: second.map(|s| Secret::new(s.to_vec())),
+                });
+            }
             b"LIST" => Command::List(first.map(parse_msgnum).transpose()?),
             b"UIDL" => Command::Uidl(first.map(parse_msgnum).transpose()?),
             b"RETR" => Command::Retr(parse_msgnum(

@@ -7,7 +7,11 @@
 
 use crate::bridge::maildrop::{Lookup, Maildrop};
 use crate::bridge::uidl::UidlFormat;
-use crate::pop3::command::{Command, Line, MsgNum, ParseError, Secret};
+use base64::Engine as _;
+
+use crate::pop3::command::{
+    Command, Line, MsgNum, ParseError, Secret, MAX_COMMAND_LINE, MAX_SASL_LINE,
+};
 use crate::pop3::response::{err, ok};
 
 /// Dovecot disconnects after this many bad commands in a row
@@ -15,16 +19,20 @@ use crate::pop3::response::{err, ok};
 /// garbage does not keep a session open forever.
 pub const MAX_BAD_COMMANDS: u32 = 20;
 
-/// RFC 2449 §6: the capabilities we offer, in both states.
-pub const CAPABILITIES: &[&str] = &[
-    "TOP",
-    "UIDL",
-    "RESP-CODES",
-    "PIPELINING",
-    "AUTH-RESP-CODE",
-    "USER",
-    concat!("IMPLEMENTATION popbridge-", env!("CARGO_PKG_VERSION")),
-];
+/// RFC 2449 §6: capabilities offered in every state and on every connection.
+pub const BASE_CAPABILITIES: &[&str] =
+    &["TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE"];
+
+/// RFC 2449 §6.9: who we are.
+pub const IMPLEMENTATION: &str = concat!("IMPLEMENTATION popbridge-", env!("CARGO_PKG_VERSION"));
+
+/// SASL mechanisms offered (RFC 5034), in CAPA's `SASL` line and bare `AUTH`.
+pub const SASL_MECHANISMS: &[&str] = &["PLAIN", "LOGIN"];
+
+/// The reply when credentials would cross an unencrypted connection, in the
+/// spirit of Dovecot's `disable_plaintext_auth`.
+const PLAINTEXT_REFUSED: &str =
+    "Plaintext authentication disallowed on non-secure connections: use STLS (or POP3S, port 995) first.";
 
 /// Settings that shape replies.
 #[derive(Debug, Clone)]
@@ -34,6 +42,11 @@ pub struct SessionConfig {
     /// Mark messages `\Seen` at QUIT when RETR fetched them (Dovecot does).
     /// TOP never marks.
     pub mark_seen: bool,
+    /// STLS can be offered (a certificate is configured).
+    pub stls_available: bool,
+    /// Credentials may cross this connection without TLS: the operator allows
+    /// it, or the peer is on loopback.
+    pub plaintext_ok: bool,
 }
 
 impl Default for SessionConfig {
@@ -41,6 +54,8 @@ impl Default for SessionConfig {
         Self {
             uidl: UidlFormat::default(),
             mark_seen: true,
+            stls_available: false,
+            plaintext_ok: true,
         }
     }
 }
@@ -50,7 +65,9 @@ impl Default for SessionConfig {
 enum State {
     /// Before login; `user` is set by USER.
     Authorization { user: Option<String> },
-    /// Waiting for the upstream login that PASS started.
+    /// In the middle of an AUTH exchange: the next line is a SASL response.
+    Sasl(SaslStep),
+    /// Waiting for the upstream login that PASS or AUTH started.
     LoggingIn,
     /// Logged in, with the snapshot.
     Transaction(Maildrop),
@@ -58,6 +75,17 @@ enum State {
     Update,
     /// Nothing more to do; the driver closes the connection.
     Closed,
+}
+
+/// Where an AUTH exchange is.
+#[derive(Debug)]
+enum SaslStep {
+    /// PLAIN, waiting for the response to an empty challenge.
+    Plain,
+    /// LOGIN, waiting for the user name.
+    LoginUser,
+    /// LOGIN, waiting for the password.
+    LoginPass { user: String },
 }
 
 /// What the driver must do next. Any reply text is already in the output buffer.
@@ -72,6 +100,10 @@ pub enum Action {
     Login { user: String, pass: Secret },
     /// Stream a message to the client; then call [`Session::fetch_result`].
     Fetch(FetchRequest),
+    /// Send what is buffered (the `+OK` to STLS), then run the TLS handshake
+    /// and call [`Session::tls_started`]. Input read before the handshake is
+    /// discarded (RFC 2595 §4; the STARTTLS command injection class).
+    StartTls,
     /// QUIT in TRANSACTION: apply these changes upstream; then call
     /// [`Session::commit_result`]. The only path that changes the mailbox.
     Commit(CommitRequest),
@@ -137,18 +169,67 @@ pub enum CommitOutcome {
 pub struct Session {
     state: State,
     config: SessionConfig,
+    /// TLS is active (POP3S, or after STLS).
+    secure: bool,
     /// Bad commands in a row; see [`MAX_BAD_COMMANDS`].
     bad_commands: u32,
 }
 
 impl Session {
     /// A new session in the AUTHORIZATION state. The driver sends the greeting.
-    pub fn new(config: SessionConfig) -> Self {
+    pub fn new(config: SessionConfig, secure: bool) -> Self {
         Self {
             state: State::Authorization { user: None },
             config,
+            secure,
             bad_commands: 0,
         }
+    }
+
+    /// The longest line the next input may be.
+    pub fn max_line(&self) -> usize {
+        match self.state {
+            State::Sasl(_) => MAX_SASL_LINE,
+            _ => MAX_COMMAND_LINE,
+        }
+    }
+
+    /// TLS is active.
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// The STLS handshake succeeded. RFC 2595 §4: the server forgets what
+    /// the client said before TLS (such as a USER name).
+    pub fn tls_started(&mut self) {
+        self.secure = true;
+        self.state = State::Authorization { user: None };
+    }
+
+    fn plaintext_ok(&self) -> bool {
+        self.secure || self.config.plaintext_ok
+    }
+
+    fn write_capabilities(&self, out: &mut Vec<u8>) {
+        ok(out, "");
+        let mut line = |s: &str| {
+            out.extend_from_slice(s.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        };
+        for c in BASE_CAPABILITIES {
+            line(c);
+        }
+        let authorization = matches!(self.state, State::Authorization { .. });
+        if authorization && self.config.stls_available && !self.secure {
+            line("STLS");
+        }
+        // Offer login methods only where they would be accepted.
+        if self.plaintext_ok() {
+            line("USER");
+            line(&format!("SASL {}", SASL_MECHANISMS.join(" ")));
+        }
+        line(IMPLEMENTATION);
+        out.extend_from_slice(b".\r\n");
     }
 
     /// True in TRANSACTION (logged in).
@@ -166,6 +247,10 @@ impl Session {
 
     /// Handles one input line.
     pub fn handle(&mut self, line: Line, out: &mut Vec<u8>) -> Action {
+        if let State::Sasl(_) = self.state {
+            let result = self.sasl_response(line, out);
+            return self.count(result, out);
+        }
         let parsed = match line {
             Line::Complete(bytes) => Command::parse(&bytes),
             Line::TooLong => Err(ParseError::LineTooLong),
@@ -177,6 +262,11 @@ impl Session {
                 Err(())
             }
         };
+        self.count(action, out)
+    }
+
+    /// Counts bad commands; too many in a row close the session.
+    fn count(&mut self, action: Result<Action, ()>, out: &mut Vec<u8>) -> Action {
         match action {
             Ok(a) => {
                 self.bad_commands = 0;
@@ -201,12 +291,7 @@ impl Session {
         // Commands valid in every state.
         match &cmd {
             Command::Capa => {
-                ok(out, "");
-                for c in CAPABILITIES {
-                    out.extend_from_slice(c.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-                out.extend_from_slice(b".\r\n");
+                self.write_capabilities(out);
                 return Ok(Action::Continue);
             }
             Command::Noop if self.is_authenticated() => {
@@ -215,7 +300,36 @@ impl Session {
             }
             _ => {}
         }
+        let plaintext_ok = self.plaintext_ok();
         match &mut self.state {
+            State::Authorization { .. }
+                if !plaintext_ok
+                    && matches!(
+                        cmd,
+                        Command::User(_) | Command::Pass(_) | Command::Auth { .. }
+                    ) =>
+            {
+                err(out, Some("AUTH"), PLAINTEXT_REFUSED);
+                Err(())
+            }
+            State::Authorization { .. } if matches!(cmd, Command::Stls) => {
+                if self.secure {
+                    err(out, None, "TLS is already active.");
+                    Err(())
+                } else if !self.config.stls_available {
+                    err(out, None, "STLS is not available.");
+                    Err(())
+                } else {
+                    ok(out, "Begin TLS negotiation.");
+                    Ok(Action::StartTls)
+                }
+            }
+            State::Authorization { .. } if matches!(cmd, Command::Auth { .. }) => {
+                let Command::Auth { mechanism, initial } = cmd else {
+                    unreachable!()
+                };
+                self.auth(mechanism, initial, out)
+            }
             State::Authorization { user } => match cmd {
                 Command::User(name) => match String::from_utf8(name) {
                     Ok(name) if valid_credential(name.as_bytes()) => {
@@ -234,12 +348,7 @@ impl Session {
                         err(out, None, "No username given.");
                         return Err(());
                     };
-                    if !valid_credential(pass.expose()) {
-                        err(out, Some("AUTH"), "Invalid characters in password.");
-                        return Err(());
-                    }
-                    self.state = State::LoggingIn;
-                    Ok(Action::Login { user: name, pass })
+                    self.login_with(name, pass, out)
                 }
                 Command::Quit => {
                     ok(out, "Logging out.");
@@ -256,7 +365,7 @@ impl Session {
                 }
             },
             State::Transaction(drop) => transaction(drop, cmd, out, &self.config),
-            State::LoggingIn | State::Update | State::Closed => {
+            State::Sasl(_) | State::LoggingIn | State::Update | State::Closed => {
                 // The driver never feeds input while upstream work is pending.
                 err(out, None, "Command not allowed now.");
                 Err(())
@@ -272,6 +381,128 @@ impl Session {
             }
             action
         })
+    }
+
+    /// `AUTH` (RFC 5034 §4).
+    fn auth(
+        &mut self,
+        mechanism: Option<String>,
+        initial: Option<Secret>,
+        out: &mut Vec<u8>,
+    ) -> Result<Action, ()> {
+        let Some(mechanism) = mechanism else {
+            // Bare AUTH lists the mechanisms (RFC 1734 clients ask this way).
+            ok(out, "");
+            for m in SASL_MECHANISMS {
+                out.extend_from_slice(m.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b".\r\n");
+            return Ok(Action::Continue);
+        };
+        match (mechanism.as_str(), initial) {
+            ("PLAIN", Some(initial)) => self.sasl_plain(initial.expose(), out),
+            ("PLAIN", None) => {
+                out.extend_from_slice(b"+ \r\n");
+                self.state = State::Sasl(SaslStep::Plain);
+                Ok(Action::Continue)
+            }
+            ("LOGIN", Some(initial)) => self.sasl_login_user(initial.expose(), out),
+            ("LOGIN", None) => {
+                // base64("Username:")
+                out.extend_from_slice(b"+ VXNlcm5hbWU6\r\n");
+                self.state = State::Sasl(SaslStep::LoginUser);
+                Ok(Action::Continue)
+            }
+            _ => {
+                err(out, None, "Unsupported authentication mechanism.");
+                Err(())
+            }
+        }
+    }
+
+    /// A line in the middle of an AUTH exchange.
+    fn sasl_response(&mut self, line: Line, out: &mut Vec<u8>) -> Result<Action, ()> {
+        let State::Sasl(step) =
+            std::mem::replace(&mut self.state, State::Authorization { user: None })
+        else {
+            unreachable!("only called in the SASL state")
+        };
+        let Line::Complete(line) = line else {
+            err(out, Some("AUTH"), "Authentication response too long.");
+            return Err(());
+        };
+        // RFC 5034 §4: "*" cancels the exchange, answered with -ERR.
+        if line == b"*" {
+            err(out, None, "Authentication cancelled.");
+            return Ok(Action::Continue);
+        }
+        match step {
+            SaslStep::Plain => self.sasl_plain(&line, out),
+            SaslStep::LoginUser => self.sasl_login_user(&line, out),
+            SaslStep::LoginPass { user } => {
+                let Some(pass) = decode_sasl(&line, out) else {
+                    return Err(());
+                };
+                self.login_with(user, Secret::new(pass), out)
+            }
+        }
+    }
+
+    /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
+    fn sasl_plain(&mut self, b64: &[u8], out: &mut Vec<u8>) -> Result<Action, ()> {
+        let Some(data) = decode_sasl(b64, out) else {
+            return Err(());
+        };
+        let mut parts = data.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            err(out, Some("AUTH"), "Invalid PLAIN response.");
+            return Err(());
+        };
+        // We cannot act on behalf of another user: the IMAP login is authcid's.
+        if !authzid.is_empty() && authzid != authcid {
+            err(
+                out,
+                Some("AUTH"),
+                "Authorization identity must be empty or equal the user name.",
+            );
+            return Err(());
+        }
+        let Ok(user) = String::from_utf8(authcid.to_vec()) else {
+            err(out, Some("AUTH"), "Invalid characters in user name.");
+            return Err(());
+        };
+        self.login_with(user, Secret::new(pass.to_vec()), out)
+    }
+
+    fn sasl_login_user(&mut self, b64: &[u8], out: &mut Vec<u8>) -> Result<Action, ()> {
+        let Some(user) = decode_sasl(b64, out) else {
+            return Err(());
+        };
+        let Ok(user) = String::from_utf8(user) else {
+            err(out, Some("AUTH"), "Invalid characters in user name.");
+            return Err(());
+        };
+        // base64("Password:")
+        out.extend_from_slice(b"+ UGFzc3dvcmQ6\r\n");
+        self.state = State::Sasl(SaslStep::LoginPass { user });
+        Ok(Action::Continue)
+    }
+
+    /// Checks credentials from PASS or AUTH and asks for the upstream login.
+    fn login_with(&mut self, user: String, pass: Secret, out: &mut Vec<u8>) -> Result<Action, ()> {
+        if !valid_credential(user.as_bytes()) {
+            err(out, Some("AUTH"), "Invalid characters in user name.");
+            return Err(());
+        }
+        if !valid_credential(pass.expose()) {
+            err(out, Some("AUTH"), "Invalid characters in password.");
+            return Err(());
+        }
+        self.state = State::LoggingIn;
+        Ok(Action::Login { user, pass })
     }
 
     /// Reports how the upstream login started by [`Action::Login`] ended.
@@ -348,6 +579,20 @@ impl Session {
             ),
         }
         Action::Close
+    }
+}
+
+/// Decodes a SASL response; RFC 5034 §4: "=" is an empty response.
+fn decode_sasl(b64: &[u8], out: &mut Vec<u8>) -> Option<Vec<u8>> {
+    if b64 == b"=" {
+        return Some(Vec::new());
+    }
+    match base64::engine::general_purpose::STANDARD.decode(b64) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            err(out, Some("AUTH"), "Invalid base64 data.");
+            None
+        }
     }
 }
 
@@ -444,7 +689,7 @@ fn transaction(
                 },
             }));
         }
-        Command::User(_) | Command::Pass(_) => {
+        Command::User(_) | Command::Pass(_) | Command::Auth { .. } | Command::Stls => {
             err(out, None, "Already logged in.");
             return Err(());
         }
@@ -468,7 +713,7 @@ mod tests {
     }
 
     fn logged_in() -> Session {
-        let mut s = Session::new(SessionConfig::default());
+        let mut s = Session::new(SessionConfig::default(), false);
         run(&mut s, "USER alice");
         let (a, _) = run(&mut s, "PASS secret");
         assert!(matches!(a, Action::Login { .. }));
@@ -481,7 +726,7 @@ mod tests {
 
     #[test]
     fn authorization() {
-        let mut s = Session::new(SessionConfig::default());
+        let mut s = Session::new(SessionConfig::default(), false);
         assert_eq!(
             run(&mut s, "STAT").1,
             "-ERR STAT is not allowed before login.\r\n"
@@ -519,7 +764,7 @@ mod tests {
 
     #[test]
     fn capa_lists_required_capabilities() {
-        let mut s = Session::new(SessionConfig::default());
+        let mut s = Session::new(SessionConfig::default(), false);
         let (_, out) = run(&mut s, "CAPA");
         for c in [
             "TOP",
@@ -598,9 +843,145 @@ mod tests {
         assert_eq!(out, b"+OK Logging out, messages deleted.\r\n");
     }
 
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn remote(stls: bool) -> Session {
+        Session::new(
+            SessionConfig {
+                stls_available: stls,
+                plaintext_ok: false,
+                ..SessionConfig::default()
+            },
+            false,
+        )
+    }
+
+    #[test]
+    fn auth_plain_with_initial_response_and_continuation() {
+        let mut s = Session::new(SessionConfig::default(), false);
+        let (a, out) = run(&mut s, &format!("AUTH PLAIN {}", b64(b"\0alice\0s p\"{5}")));
+        assert_eq!(out, "");
+        assert_eq!(
+            a,
+            Action::Login {
+                user: "alice".into(),
+                pass: Secret::new(b"s p\"{5}".to_vec())
+            }
+        );
+        let mut s = Session::new(SessionConfig::default(), false);
+        assert_eq!(run(&mut s, "AUTH PLAIN").1, "+ \r\n");
+        assert_eq!(s.max_line(), MAX_SASL_LINE);
+        let (a, _) = run(&mut s, &b64(b"alice\0alice\0pw"));
+        assert!(matches!(a, Action::Login { ref user, .. } if user == "alice"));
+        assert_eq!(s.max_line(), MAX_COMMAND_LINE);
+    }
+
+    #[test]
+    fn auth_login_cancel_and_bad_base64() {
+        let mut s = Session::new(SessionConfig::default(), false);
+        assert_eq!(run(&mut s, "AUTH LOGIN").1, "+ VXNlcm5hbWU6\r\n");
+        assert_eq!(run(&mut s, &b64(b"bob")).1, "+ UGFzc3dvcmQ6\r\n");
+        let (a, _) = run(&mut s, &b64(b"pw"));
+        assert_eq!(
+            a,
+            Action::Login {
+                user: "bob".into(),
+                pass: Secret::new(b"pw".to_vec())
+            }
+        );
+        let mut s = Session::new(SessionConfig::default(), false);
+        run(&mut s, "AUTH PLAIN");
+        assert_eq!(run(&mut s, "*").1, "-ERR Authentication cancelled.\r\n");
+        assert_eq!(
+            run(&mut s, "AUTH PLAIN !!!notbase64").1,
+            "-ERR [AUTH] Invalid base64 data.\r\n"
+        );
+        assert_eq!(
+            run(&mut s, &format!("AUTH PLAIN {}", b64(b"x\0alice\0pw"))).1,
+            "-ERR [AUTH] Authorization identity must be empty or equal the user name.\r\n"
+        );
+        assert_eq!(
+            run(&mut s, &format!("AUTH PLAIN {}", b64(b"alice\0pw"))).1,
+            "-ERR [AUTH] Invalid PLAIN response.\r\n"
+        );
+        assert_eq!(
+            run(&mut s, &format!("AUTH PLAIN {}", b64(b"\0alice\0p\0w"))).1,
+            "-ERR [AUTH] Invalid PLAIN response.\r\n"
+        );
+        assert_eq!(
+            run(&mut s, "AUTH CRAM-MD5").1,
+            "-ERR Unsupported authentication mechanism.\r\n"
+        );
+        assert_eq!(run(&mut s, "AUTH").1, "+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+        // A too-long SASL line ends the exchange.
+        run(&mut s, "AUTH PLAIN");
+        let mut out = Vec::new();
+        s.handle(Line::TooLong, &mut out);
+        assert_eq!(out, b"-ERR [AUTH] Authentication response too long.\r\n");
+        assert_eq!(s.max_line(), MAX_COMMAND_LINE);
+    }
+
+    #[test]
+    fn plaintext_policy_and_stls() {
+        let mut s = remote(true);
+        let (_, capa) = run(&mut s, "CAPA");
+        assert!(capa.contains("\r\nSTLS\r\n"), "{capa}");
+        assert!(!capa.contains("USER") && !capa.contains("SASL"), "{capa}");
+        for cmd in ["USER alice", "PASS x", "AUTH PLAIN", "AUTH"] {
+            let (_, out) = run(&mut s, cmd);
+            assert!(
+                out.starts_with("-ERR [AUTH] Plaintext authentication disallowed"),
+                "{cmd}: {out}"
+            );
+            assert!(out.contains("STLS"));
+        }
+        assert_eq!(
+            run(&mut s, "STLS"),
+            (Action::StartTls, "+OK Begin TLS negotiation.\r\n".into())
+        );
+        s.tls_started();
+        assert!(s.is_secure());
+        let (_, capa) = run(&mut s, "CAPA");
+        assert!(!capa.contains("STLS"), "{capa}");
+        assert!(
+            capa.contains("\r\nUSER\r\n") && capa.contains("\r\nSASL PLAIN LOGIN\r\n"),
+            "{capa}"
+        );
+        assert_eq!(run(&mut s, "STLS").1, "-ERR TLS is already active.\r\n");
+        assert_eq!(run(&mut s, "USER alice").1, "+OK\r\n");
+        // Without a certificate STLS is neither offered nor accepted.
+        let mut s = remote(false);
+        assert!(!run(&mut s, "CAPA").1.contains("STLS"));
+        assert_eq!(run(&mut s, "STLS").1, "-ERR STLS is not available.\r\n");
+    }
+
+    #[test]
+    fn stls_forgets_the_user_name() {
+        let mut s = Session::new(
+            SessionConfig {
+                stls_available: true,
+                ..SessionConfig::default()
+            },
+            false,
+        );
+        run(&mut s, "USER alice");
+        run(&mut s, "STLS");
+        s.tls_started();
+        assert_eq!(run(&mut s, "PASS secret").1, "-ERR No username given.\r\n");
+    }
+
+    #[test]
+    fn stls_not_allowed_after_login() {
+        let mut s = logged_in();
+        assert_eq!(run(&mut s, "STLS").1, "-ERR Already logged in.\r\n");
+        assert_eq!(run(&mut s, "AUTH PLAIN").1, "-ERR Already logged in.\r\n");
+    }
+
     #[test]
     fn too_many_bad_commands_close_the_session() {
-        let mut s = Session::new(SessionConfig::default());
+        let mut s = Session::new(SessionConfig::default(), false);
         for _ in 1..MAX_BAD_COMMANDS {
             assert_eq!(run(&mut s, "BOGUS").0, Action::Continue);
         }
@@ -611,7 +992,7 @@ mod tests {
 
     #[test]
     fn overlong_line_is_an_error_and_the_session_goes_on() {
-        let mut s = Session::new(SessionConfig::default());
+        let mut s = Session::new(SessionConfig::default(), false);
         let mut out = Vec::new();
         assert_eq!(s.handle(Line::TooLong, &mut out), Action::Continue);
         assert_eq!(out, b"-ERR Line too long\r\n");

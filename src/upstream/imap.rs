@@ -16,9 +16,14 @@ use async_imap::imap_proto::{
     AttributeValue, Capability, MailboxDatum, RequestId, Response, ResponseCode, Status,
 };
 use async_imap::{Authenticator, Client, Session};
-use tokio::io::BufWriter;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
@@ -69,9 +74,78 @@ pub struct ImapConfig {
     /// How long to wait for any single upstream response.
     pub command_timeout: Duration,
     pub no_uidplus: NoUidplus,
+    /// TLS to the IMAP server.
+    pub tls: UpstreamTlsSetup,
 }
 
-type Stream = BufWriter<TcpStream>;
+/// How the connection to the IMAP server is secured.
+#[derive(Clone)]
+pub enum UpstreamTlsSetup {
+    /// Plaintext, chosen explicitly.
+    None,
+    /// TLS from the first byte (IMAPS).
+    Implicit(TlsConnector, ServerName<'static>),
+    /// STARTTLS (RFC 3501 §6.2.1); refused if the server does not offer it,
+    /// never a silent fallback to plaintext.
+    StartTls(TlsConnector, ServerName<'static>),
+}
+
+impl std::fmt::Debug for UpstreamTlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamTlsSetup::None => f.write_str("None"),
+            UpstreamTlsSetup::Implicit(_, n) => write!(f, "Implicit({n:?})"),
+            UpstreamTlsSetup::StartTls(_, n) => write!(f, "StartTls({n:?})"),
+        }
+    }
+}
+
+/// The connection to the IMAP server, plain or TLS.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+type Stream = BufWriter<UpstreamStream>;
 
 /// Opens IMAP sessions from an [`ImapConfig`].
 #[derive(Debug, Clone)]
@@ -148,9 +222,23 @@ async fn open_session(
     // Without TCP_NODELAY each small command waits for the peer's delayed
     // ACK (measured: ~40 ms per command against Cyrus).
     tcp.set_nodelay(true)?;
+    let tls_handshake = |connector: &TlsConnector, name: &ServerName<'static>, tcp: TcpStream| {
+        let connect = connector.connect(name.clone(), tcp);
+        async move {
+            match timeout(cfg.command_timeout, connect).await {
+                Err(_) => Err(UpstreamError::Timeout("TLS handshake")),
+                Ok(Err(e)) => Err(UpstreamError::Tls(e.to_string())),
+                Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
+            }
+        }
+    };
+    let stream = match &cfg.tls {
+        UpstreamTlsSetup::Implicit(connector, name) => tls_handshake(connector, name, tcp).await?,
+        _ => UpstreamStream::Plain(tcp),
+    };
     // async-imap writes tag, command and CRLF separately; the buffer makes
     // them one segment, sent at its flush.
-    let mut client = Client::new(BufWriter::new(tcp));
+    let mut client = Client::new(BufWriter::new(stream));
 
     // async-imap's login skips untagged lines, so a `* BYE` greeting would go
     // unnoticed: read the greeting ourselves.
@@ -159,25 +247,14 @@ async fn open_session(
         .map_err(|_| UpstreamError::Timeout("greeting"))?
         .map_err(UpstreamError::Io)?
         .ok_or(UpstreamError::ConnectionLost)?;
-    let mut sasl_plain = false;
-    let mut login_disabled = false;
-    match greeting.parsed() {
+    let mut caps = match greeting.parsed() {
         Response::Data {
             status: Status::Ok,
             outcome,
-        } => {
-            if let Some(ResponseCode::Capabilities(caps)) = &outcome.code {
-                for c in caps {
-                    match c {
-                        Capability::Auth(m) if m.eq_ignore_ascii_case("PLAIN") => sasl_plain = true,
-                        Capability::Atom(a) if a.eq_ignore_ascii_case("LOGINDISABLED") => {
-                            login_disabled = true
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
+        } => match &outcome.code {
+            Some(ResponseCode::Capabilities(c)) => Some(Caps::from(c)),
+            _ => None,
+        },
         Response::Data { status, outcome } => {
             return Err(UpstreamError::Greeting(format!(
                 "{status:?} {}",
@@ -185,8 +262,36 @@ async fn open_session(
             )))
         }
         other => return Err(UpstreamError::Protocol(format!("greeting: {other:?}"))),
-    }
+    };
     drop(greeting);
+
+    if let UpstreamTlsSetup::StartTls(connector, name) = &cfg.tls {
+        let before = match caps {
+            Some(c) => c,
+            None => raw_command(&mut client, cfg, "CAPABILITY").await?,
+        };
+        if !before.starttls {
+            return Err(UpstreamError::Unsupported(
+                "upstream.tls = starttls but the IMAP server does not offer STARTTLS".into(),
+            ));
+        }
+        raw_command(&mut client, cfg, "STARTTLS").await?;
+        // Whatever the server sent after its OK is dropped with the old
+        // buffer (RFC 3501 §6.2.1: nothing may follow before the handshake).
+        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner() else {
+            unreachable!("STARTTLS starts on a plain connection")
+        };
+        let tls = tls_handshake(connector, name, tcp).await?;
+        client = Client::new(BufWriter::new(tls));
+        // No greeting after STARTTLS; the capabilities may have changed.
+        caps = Some(raw_command(&mut client, cfg, "CAPABILITY").await?);
+    }
+    let caps = match caps {
+        Some(c) => c,
+        None => raw_command(&mut client, cfg, "CAPABILITY").await?,
+    };
+    let sasl_plain = caps.auth_plain;
+    let login_disabled = caps.login_disabled;
 
     // Prefer AUTHENTICATE PLAIN: base64 carries any octet except NUL (which
     // the POP3 side already refused), so quotes, backslashes, braces and
@@ -239,6 +344,87 @@ fn is_temporary(text: &str) -> bool {
     ["[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]"]
         .iter()
         .any(|code| text.contains(code))
+}
+
+/// What the server announced before login.
+#[derive(Debug, Clone, Copy, Default)]
+struct Caps {
+    auth_plain: bool,
+    login_disabled: bool,
+    starttls: bool,
+}
+
+impl From<&Vec<Capability<'_>>> for Caps {
+    fn from(list: &Vec<Capability<'_>>) -> Self {
+        let mut caps = Caps::default();
+        for c in list {
+            match c {
+                Capability::Auth(m) if m.eq_ignore_ascii_case("PLAIN") => caps.auth_plain = true,
+                Capability::Atom(a) if a.eq_ignore_ascii_case("LOGINDISABLED") => {
+                    caps.login_disabled = true
+                }
+                Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS") => caps.starttls = true,
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// Runs a command before login, where async-imap offers no checked command
+/// loop: writes it with our own tag and reads to the tagged reply.
+/// Returns the capabilities seen (from a CAPABILITY response or code).
+async fn raw_command(
+    client: &mut Client<Stream>,
+    cfg: &ImapConfig,
+    cmd: &'static str,
+) -> Result<Caps, UpstreamError> {
+    use tokio::io::AsyncWriteExt as _;
+    const TAG: &str = "pb0";
+    let line = format!("{TAG} {cmd}\r\n");
+    timeout(cfg.command_timeout, async {
+        let w = client.get_mut();
+        w.write_all(line.as_bytes()).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| UpstreamError::Timeout(cmd))??;
+    let mut caps = Caps::default();
+    loop {
+        let resp = timeout(cfg.command_timeout, client.read_response())
+            .await
+            .map_err(|_| UpstreamError::Timeout(cmd))?
+            .map_err(UpstreamError::Io)?
+            .ok_or(UpstreamError::ConnectionLost)?;
+        match resp.parsed() {
+            Response::Capabilities(c) => caps = Caps::from(c),
+            Response::Done {
+                tag,
+                status,
+                outcome,
+            } if tag.0 == TAG => {
+                if let Some(ResponseCode::Capabilities(c)) = &outcome.code {
+                    caps = Caps::from(c);
+                }
+                let text = outcome_text(&outcome.code, &outcome.information);
+                return match status {
+                    Status::Ok => Ok(caps),
+                    Status::No => Err(UpstreamError::No { command: cmd, text }),
+                    _ => Err(UpstreamError::Bad { command: cmd, text }),
+                };
+            }
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => {
+                return Err(UpstreamError::Greeting(format!(
+                    "BYE {}",
+                    outcome.information.as_deref().unwrap_or("")
+                )))
+            }
+            _ => {}
+        }
+    }
 }
 
 /// An authenticated IMAP session with the POP3 mailbox selected.
