@@ -221,6 +221,7 @@ async fn handle<C: Connector>(
         shared,
         settings,
         stats: Stats::default(),
+        user_recorded: false,
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
@@ -343,6 +344,8 @@ struct Connection<C: Connector> {
     shared: Arc<Shared<C>>,
     settings: Arc<ServerSettings>,
     stats: Stats,
+    /// The session span's `user` field is set (at the first login attempt).
+    user_recorded: bool,
 }
 
 impl<C: Connector> Connection<C> {
@@ -371,7 +374,12 @@ impl<C: Connector> Connection<C> {
                     return Ok(End::Closed);
                 }
                 Action::Login { user, pass } => {
-                    Span::current().record("user", user.as_str());
+                    // A span field can be recorded once; later attempts
+                    // with other names show in their own log lines.
+                    if !self.user_recorded {
+                        Span::current().record("user", user.as_str());
+                        self.user_recorded = true;
+                    }
                     let outcome = self.login(&user, &pass).await;
                     self.session.login_result(outcome, &mut self.out);
                     self.send_out().await?;
@@ -449,7 +457,7 @@ impl<C: Connector> Connection<C> {
                 LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
             }
             Err(UpstreamError::AuthFailed(text)) => {
-                info!(upstream = %text, "login refused");
+                info!(user, upstream = %text, "login refused");
                 tokio::time::sleep(throttle.failed(ip, user)).await;
                 LoginOutcome::Refused
             }

@@ -462,11 +462,12 @@ macro_rules! next_response {
 
 /// The text of a tagged reply: code (when imap-proto knows it) and text.
 fn outcome_text(code: &Option<ResponseCode<'_>>, info: &Option<Cow<'_, str>>) -> String {
-    match (code, info) {
-        (Some(c), Some(i)) => format!("[{c:?}] {i}"),
-        (Some(c), None) => format!("[{c:?}]"),
-        (None, Some(i)) => i.to_string(),
-        (None, None) => String::new(),
+    let info = info.as_deref().unwrap_or("");
+    match code {
+        // Codes imap-proto does not know (AUTHENTICATIONFAILED, EXPUNGEISSUED,
+        // UNAVAILABLE...) stay in the text as the server wrote them.
+        Some(c) => format!("[{c:?}] {info}"),
+        None => info.to_string(),
     }
 }
 
