@@ -850,26 +850,34 @@ impl ImapConn {
         self.verify_removed(delete, None).await
     }
 
-    async fn expunge_if_alone(&mut self, delete: &[u32]) -> Result<CommitReport, UpstreamError> {
+    /// UIDs flagged `\Deleted` that are not ours. NOOP first: a server
+    /// answers SEARCH from the session's last view of the mailbox, which
+    /// lacks flags other sessions set since (measured on Dovecot: another
+    /// session's `\Deleted` was invisible to SEARCH until a NOOP).
+    async fn others_deleted(&mut self, ours: &[u32]) -> Result<Vec<u32>, UpstreamError> {
+        self.exec("NOOP", "NOOP", |_| {}).await?;
         let mut others = Vec::new();
         self.exec("UID SEARCH DELETED", "UID SEARCH", |r| {
             if let Response::MailboxData(MailboxDatum::Search(v)) = r {
-                others.extend(
-                    v.iter()
-                        .copied()
-                        .filter(|u| delete.binary_search(u).is_err()),
-                );
+                others.extend(v.iter().copied().filter(|u| ours.binary_search(u).is_err()));
             }
         })
         .await?;
-        if !others.is_empty() {
-            return Ok(CommitReport {
-                not_removed: delete.to_vec(),
-                reason: Some(
-                    "Other messages are flagged \\Deleted and the mail server lacks UIDPLUS; nothing was deleted."
-                        .into(),
-                ),
-            });
+        Ok(others)
+    }
+
+    /// Without UIDPLUS: EXPUNGE only when no other message is flagged
+    /// `\Deleted`, checked before and again after flagging ours. Between
+    /// the last check and the EXPUNGE another client could still flag one.
+    async fn expunge_if_alone(&mut self, delete: &[u32]) -> Result<CommitReport, UpstreamError> {
+        let refused = || {
+            CommitReport {
+            not_removed: delete.to_vec(),
+            reason: Some("Other messages are flagged \\Deleted and the mail server lacks UIDPLUS; nothing was deleted.".into()),
+        }
+        };
+        if !self.others_deleted(delete).await?.is_empty() {
+            return Ok(refused());
         }
         for set in uid_sets(delete) {
             self.exec(
@@ -878,6 +886,17 @@ impl ImapConn {
                 |_| {},
             )
             .await?;
+        }
+        if !self.others_deleted(delete).await?.is_empty() {
+            for set in uid_sets(delete) {
+                self.exec(
+                    &format!("UID STORE {set} -FLAGS.SILENT (\\Deleted)"),
+                    "UID STORE",
+                    |_| {},
+                )
+                .await?;
+            }
+            return Ok(refused());
         }
         self.exec("EXPUNGE", "EXPUNGE", |_| {}).await?;
         self.verify_removed(delete, None).await
