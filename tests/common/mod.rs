@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+pub mod certs;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
