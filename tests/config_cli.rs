@@ -174,12 +174,33 @@ fn check_config_refuses_bad_files_and_names_the_key() {
         "idle_timeout_secs",
     );
 
-    // Upstream TLS is not implemented yet: asking for it must be refused,
-    // never silently downgraded to plaintext.
-    let r = check(&VALID.replace("\"none\"", "\"implicit\""), &[], &[]);
-    r.assert_refused("upstream.tls = implicit", "upstream.tls");
-    let r = check(&VALID.replace("\"none\"", "\"starttls\""), &[], &[]);
-    r.assert_refused("upstream.tls = starttls", "upstream.tls");
+    // Upstream TLS modes are valid; a CA file that cannot be read is not,
+    // and "none" never hides it (the CA file is only used with TLS).
+    check(&VALID.replace("\"none\"", "\"implicit\""), &[], &[])
+        .assert_valid("upstream.tls = implicit");
+    check(&VALID.replace("\"none\"", "\"starttls\""), &[], &[])
+        .assert_valid("upstream.tls = starttls");
+    let r = check(&implicit_with_missing_ca(), &[], &[]);
+    r.assert_refused("implicit TLS with a missing CA file", "upstream CA file");
+    let r = check(&format!("{VALID}\n[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n"), &[], &[]);
+    r.assert_refused("missing certificate file", "/nonexistent/cert.pem");
+    let r = check(
+        &VALID.replace(
+            "address = \"127.0.0.1:1110\"",
+            "address = \"127.0.0.1:1110\"\ntls_address = \"127.0.0.1:1995\"",
+        ),
+        &[],
+        &[],
+    );
+    r.assert_refused("POP3S listener without a certificate", "tls.cert_file");
+}
+
+/// A file asking for implicit upstream TLS with a CA file that does not exist.
+fn implicit_with_missing_ca() -> String {
+    VALID.replace(
+        "tls = \"none\"",
+        "tls = \"implicit\"\nca_file = \"/nonexistent/ca.pem\"",
+    )
 }
 
 #[test]
@@ -197,7 +218,7 @@ fn check_config_refuses_a_missing_file() {
 
 #[test]
 fn flags_and_environment_override_the_file() {
-    let implicit = VALID.replace("\"none\"", "\"implicit\"");
+    let implicit = implicit_with_missing_ca();
 
     // Flag over file.
     check(&implicit, &["--upstream-tls", "none"], &[])
@@ -211,9 +232,15 @@ fn flags_and_environment_override_the_file() {
         &["--upstream-tls", "implicit"],
         &[("POPBRIDGE_UPSTREAM_TLS", "none")],
     )
+    .assert_valid("POPBRIDGE_UPSTREAM_TLS=none, --upstream-tls implicit");
+    check(
+        &implicit,
+        &["--upstream-tls", "implicit"],
+        &[("POPBRIDGE_UPSTREAM_TLS", "none")],
+    )
     .assert_refused(
-        "POPBRIDGE_UPSTREAM_TLS=none, --upstream-tls implicit",
-        "upstream.tls",
+        "file with a missing CA, POPBRIDGE_UPSTREAM_TLS=none, --upstream-tls implicit",
+        "upstream CA file",
     );
     check(
         &implicit,
@@ -245,8 +272,20 @@ fn flags_and_environment_override_the_file() {
         &[],
     )
     .assert_valid("no file, --upstream-tls none");
-    popbridge(dir.path(), &["--check-config"], &[])
-        .assert_refused("no file: the default tls is not usable yet", "upstream.tls");
+    popbridge(dir.path(), &["--check-config"], &[]).assert_valid("no file: the defaults are valid");
+    popbridge(
+        dir.path(),
+        &[
+            "--check-config",
+            "--upstream-ca-file",
+            "/nonexistent/ca.pem",
+        ],
+        &[],
+    )
+    .assert_refused(
+        "no file, default starttls with a missing CA file",
+        "upstream CA file",
+    );
 }
 
 /// `section.key` for every leaf of a TOML table.
