@@ -12,6 +12,7 @@ use popbridge::limits::{LoginThrottle, ThrottleConfig};
 use popbridge::pop3::session::SessionConfig;
 use popbridge::server::{serve, Listener, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
+use popbridge::upstream::cache::ListingCache;
 use popbridge::upstream::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
 use std::path::Path;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -221,6 +222,8 @@ async fn run(valid: Validated) -> Result<(), String> {
         command_timeout: Duration::from_secs(cfg.upstream.command_timeout_secs),
         no_uidplus: cfg.upstream.no_uidplus,
         tls: upstream_tls,
+        cache: (cfg.cache.listing_mb > 0)
+            .then(|| Arc::new(ListingCache::new(cfg.cache.listing_mb.saturating_mul(1024 * 1024)))),
     }));
     let settings = Arc::new(ServerSettings {
         session: SessionConfig {

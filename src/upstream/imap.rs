@@ -26,6 +26,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::cache::{self, Listing, ListingCache, ListingKey, Plan};
 use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
 use crate::error::UpstreamError;
 use crate::pop3::command::Secret;
@@ -76,6 +77,8 @@ pub struct ImapConfig {
     pub no_uidplus: NoUidplus,
     /// TLS to the IMAP server.
     pub tls: UpstreamTlsSetup,
+    /// Listings shared across sessions; `None` fetches every listing.
+    pub cache: Option<std::sync::Arc<ListingCache>>,
 }
 
 /// How the connection to the IMAP server is secured.
@@ -196,6 +199,7 @@ impl Connector for ImapConnector {
                 config: cfg,
                 uidplus: false,
                 poisoned: false,
+                account: user.to_string(),
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -435,6 +439,8 @@ pub struct ImapConn {
     uidplus: bool,
     /// Set after an error that may have left a reply unread.
     poisoned: bool,
+    /// The account that logged in: part of the listing cache's key.
+    account: String,
 }
 
 impl std::fmt::Debug for ImapConn {
@@ -576,58 +582,97 @@ impl ImapConn {
 
         let mut exists = None;
         let mut uidvalidity = None;
+        let mut uidnext = None;
         self.finish(&select_tag, "SELECT", |r| match r {
             Response::MailboxData(MailboxDatum::Exists(n)) => exists = Some(*n),
             Response::Data {
                 status: Status::Ok,
                 outcome,
-            } => {
-                if let Some(ResponseCode::UidValidity(v)) = outcome.code {
-                    uidvalidity = Some(v);
-                }
-            }
+            } => match outcome.code {
+                Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                _ => {}
+            },
             _ => {}
         })
         .await?;
         let (Some(exists), Some(uidvalidity)) = (exists, uidvalidity) else {
-            return Err(UpstreamError::Protocol(
-                "SELECT without EXISTS or UIDVALIDITY".into(),
-            ));
+            return Err(UpstreamError::Protocol("SELECT without EXISTS or UIDVALIDITY".into()));
         };
 
-        let mut messages = Vec::with_capacity(exists as usize);
-        // `FETCH 1:*` on an empty mailbox is a BAD in Dovecot: skip it.
-        if exists > 0 {
-            self.exec("UID FETCH 1:* (UID RFC822.SIZE)", "UID FETCH", |r| {
-                if let Response::Fetch(_, attrs) = r {
-                    let mut uid = None;
-                    let mut size = None;
-                    for a in attrs {
-                        match a {
-                            AttributeValue::Uid(u) => uid = Some(*u),
-                            AttributeValue::Rfc822Size(s) => size = Some(u64::from(*s)),
-                            _ => {}
-                        }
-                    }
-                    // Unsolicited FETCH (flag changes) carry no size: skip them.
-                    if let (Some(u), Some(s)) = (uid, size) {
-                        messages.push((u, s));
+        let key = self.config.cache.as_ref().map(|_| ListingKey {
+            upstream: self.config.address.as_str().into(),
+            account: self.account.clone(),
+            mailbox: self.config.mailbox.clone(),
+        });
+        let cached = match (&self.config.cache, &key) {
+            (Some(cache), Some(key)) => cache.get(key),
+            _ => None,
+        };
+        let plan = cache::plan(cached.as_deref(), uidvalidity, uidnext, exists);
+        let messages = match (&plan, &cached) {
+            (Plan::Reuse, Some(c)) => Some(c.messages.to_vec()),
+            (Plan::FetchFrom(from), Some(c)) => {
+                let new = self.list(&format!("UID FETCH {from}:* (UID RFC822.SIZE)")).await?;
+                cache::merge(c, new, exists)
+            }
+            _ => None,
+        };
+        let messages = match messages {
+            Some(m) => {
+                if let Some(cache) = &self.config.cache {
+                    cache.count(if plan == Plan::Reuse { &cache.stats.hits } else { &cache.stats.partial });
+                }
+                m
+            }
+            // `FETCH 1:*` on an empty mailbox is a BAD in Dovecot: skip it.
+            None if exists == 0 => Vec::new(),
+            None => {
+                if let Some(cache) = &self.config.cache {
+                    cache.count(&cache.stats.misses);
+                }
+                let mut m = self.list("UID FETCH 1:* (UID RFC822.SIZE)").await?;
+                m.sort_unstable_by_key(|x| x.0);
+                m.dedup_by_key(|x| x.0);
+                m
+            }
+        };
+        if let (Some(cache), Some(key)) = (&self.config.cache, key) {
+            let listing = Listing {
+                uidvalidity,
+                uidnext: cache::next_uid(uidnext, &messages),
+                messages: std::sync::Arc::new(messages.clone()),
+            };
+            if cached.as_deref() != Some(&listing) {
+                cache.insert(key, listing);
+            }
+        }
+        debug!(exists, uidvalidity, listed = messages.len(), uidplus, plan = ?plan, "snapshot taken");
+        Ok(Snapshot { uidvalidity, messages })
+    }
+
+    /// Runs a `UID FETCH ... (UID RFC822.SIZE)` and collects (UID, size).
+    async fn list(&mut self, cmd: &str) -> Result<Vec<(u32, u64)>, UpstreamError> {
+        let mut messages = Vec::new();
+        self.exec(cmd, "UID FETCH", |r| {
+            if let Response::Fetch(_, attrs) = r {
+                let mut uid = None;
+                let mut size = None;
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = Some(*u),
+                        AttributeValue::Rfc822Size(s) => size = Some(u64::from(*s)),
+                        _ => {}
                     }
                 }
-            })
-            .await?;
-        }
-        debug!(
-            exists,
-            uidvalidity,
-            listed = messages.len(),
-            uidplus,
-            "snapshot taken"
-        );
-        Ok(Snapshot {
-            uidvalidity,
-            messages,
+                // Unsolicited FETCH (flag changes) carry no size: skip them.
+                if let (Some(u), Some(s)) = (uid, size) {
+                    messages.push((u, s));
+                }
+            }
         })
+        .await?;
+        Ok(messages)
     }
 
     async fn fetch_inner<S: BodySink>(

@@ -10,6 +10,7 @@ use std::io;
 use crate::error::UpstreamError;
 use crate::pop3::command::Secret;
 
+pub mod cache;
 pub mod imap;
 
 /// The mailbox at login: what the maildrop is built from.
