@@ -222,8 +222,11 @@ async fn run(valid: Validated) -> Result<(), String> {
         command_timeout: Duration::from_secs(cfg.upstream.command_timeout_secs),
         no_uidplus: cfg.upstream.no_uidplus,
         tls: upstream_tls,
-        cache: (cfg.cache.listing_mb > 0)
-            .then(|| Arc::new(ListingCache::new(cfg.cache.listing_mb.saturating_mul(1024 * 1024)))),
+        cache: (cfg.cache.listing_mb > 0).then(|| {
+            Arc::new(ListingCache::new(
+                cfg.cache.listing_mb.saturating_mul(1024 * 1024),
+            ))
+        }),
     }));
     let settings = Arc::new(ServerSettings {
         session: SessionConfig {

@@ -169,7 +169,11 @@ mod tests {
         let c = listing(10, &[1, 5, 9]);
         assert_eq!(plan(None, 7, Some(10), 3), Plan::Full);
         assert_eq!(plan(Some(&c), 7, Some(10), 3), Plan::Reuse);
-        assert_eq!(plan(Some(&c), 8, Some(10), 3), Plan::Full, "new UIDVALIDITY");
+        assert_eq!(
+            plan(Some(&c), 8, Some(10), 3),
+            Plan::Full,
+            "new UIDVALIDITY"
+        );
         assert_eq!(plan(Some(&c), 7, Some(10), 2), Plan::Full, "expunged");
         assert_eq!(plan(Some(&c), 7, Some(12), 5), Plan::FetchFrom(10));
         assert_eq!(plan(Some(&c), 7, Some(12), 2), Plan::Full);
@@ -217,6 +221,10 @@ mod tests {
             );
         }
         cache.cache.run_pending_tasks();
-        assert!(cache.cache.weighted_size() <= 100_000, "{}", cache.cache.weighted_size());
+        assert!(
+            cache.cache.weighted_size() <= 100_000,
+            "{}",
+            cache.cache.weighted_size()
+        );
     }
 }

@@ -597,7 +597,9 @@ impl ImapConn {
         })
         .await?;
         let (Some(exists), Some(uidvalidity)) = (exists, uidvalidity) else {
-            return Err(UpstreamError::Protocol("SELECT without EXISTS or UIDVALIDITY".into()));
+            return Err(UpstreamError::Protocol(
+                "SELECT without EXISTS or UIDVALIDITY".into(),
+            ));
         };
 
         let key = self.config.cache.as_ref().map(|_| ListingKey {
@@ -613,21 +615,38 @@ impl ImapConn {
         let messages = match (&plan, &cached) {
             (Plan::Reuse, Some(c)) => Some(c.messages.to_vec()),
             (Plan::FetchFrom(from), Some(c)) => {
-                let new = self.list(&format!("UID FETCH {from}:* (UID RFC822.SIZE)")).await?;
+                let new = self
+                    .list(&format!("UID FETCH {from}:* (UID RFC822.SIZE)"))
+                    .await?;
                 cache::merge(c, new, exists)
             }
             _ => None,
         };
+        // How the listing was obtained, for the log: "cached", "new only",
+        // "full" (a FetchFrom whose count did not add up ends as "full").
+        let mut listing = if plan == Plan::Reuse {
+            "cached"
+        } else {
+            "new only"
+        };
         let messages = match messages {
             Some(m) => {
                 if let Some(cache) = &self.config.cache {
-                    cache.count(if plan == Plan::Reuse { &cache.stats.hits } else { &cache.stats.partial });
+                    cache.count(if plan == Plan::Reuse {
+                        &cache.stats.hits
+                    } else {
+                        &cache.stats.partial
+                    });
                 }
                 m
             }
             // `FETCH 1:*` on an empty mailbox is a BAD in Dovecot: skip it.
-            None if exists == 0 => Vec::new(),
+            None if exists == 0 => {
+                listing = "empty";
+                Vec::new()
+            }
             None => {
+                listing = "full";
                 if let Some(cache) = &self.config.cache {
                     cache.count(&cache.stats.misses);
                 }
@@ -647,8 +666,18 @@ impl ImapConn {
                 cache.insert(key, listing);
             }
         }
-        debug!(exists, uidvalidity, listed = messages.len(), uidplus, plan = ?plan, "snapshot taken");
-        Ok(Snapshot { uidvalidity, messages })
+        debug!(
+            exists,
+            uidvalidity,
+            listed = messages.len(),
+            uidplus,
+            listing,
+            "snapshot taken"
+        );
+        Ok(Snapshot {
+            uidvalidity,
+            messages,
+        })
     }
 
     /// Runs a `UID FETCH ... (UID RFC822.SIZE)` and collects (UID, size).
