@@ -131,6 +131,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&valid.config);
+    raise_fd_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -263,6 +264,28 @@ async fn run(valid: Validated) -> Result<(), String> {
     serve(listeners, shared, shutdown_signal()).await;
     info!("shutting down");
     Ok(())
+}
+
+/// Each session holds two sockets (client and upstream): raise the soft
+/// limit on open files to the hard limit, as daemons commonly do.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct given.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                let before = lim.rlim_cur;
+                lim.rlim_cur = lim.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    tracing::debug!(before, after = lim.rlim_cur, "raised the open-file limit");
+                }
+            }
+        }
+    }
 }
 
 /// SIGHUP re-reads the TLS certificate and key; new connections get the new

@@ -34,9 +34,10 @@ use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
 /// read; lines are limited to 255 octets, so this holds many.
 pub const READ_BUFFER: usize = 4096;
 
-/// The client writer's buffer: replies and message chunks collect here and
-/// go out in few segments.
-pub const WRITE_BUFFER: usize = 64 * 1024;
+/// The client writer's buffer: replies collect here and go out in few
+/// segments. Message chunks larger than this bypass it, so it can stay
+/// small: it is allocated for every session, idle ones included.
+pub const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Settings every session shares.
 #[derive(Debug, Clone)]

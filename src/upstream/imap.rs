@@ -44,6 +44,9 @@ pub const RETR_WINDOW: usize = 2;
 /// and a few lines: `TOP n 0` of a 30 MB message costs one small fetch.
 pub const TOP_CHUNK: u64 = 32 * 1024;
 
+/// Our commands are short; the write buffer only has to hold one.
+const UPSTREAM_WRITE_BUFFER: usize = 4 * 1024;
+
 /// RFC 7162 §4 recommends clients keep command lines under 8192 octets; UID
 /// sets longer than this are split over several commands.
 pub const MAX_UID_SET_LEN: usize = 7900;
@@ -242,7 +245,7 @@ async fn open_session(
     };
     // async-imap writes tag, command and CRLF separately; the buffer makes
     // them one segment, sent at its flush.
-    let mut client = Client::new(BufWriter::new(stream));
+    let mut client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, stream));
 
     // async-imap's login skips untagged lines, so a `* BYE` greeting would go
     // unnoticed: read the greeting ourselves.
@@ -286,7 +289,7 @@ async fn open_session(
             unreachable!("STARTTLS starts on a plain connection")
         };
         let tls = tls_handshake(connector, name, tcp).await?;
-        client = Client::new(BufWriter::new(tls));
+        client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, tls));
         // No greeting after STARTTLS; the capabilities may have changed.
         caps = Some(raw_command(&mut client, cfg, "CAPABILITY").await?);
     }
