@@ -36,6 +36,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// What is remembered across sessions.
     pub cache: CacheConfig,
+    /// The admin HTTP listener (metrics and health).
+    pub admin: AdminConfig,
+    /// Shutdown behaviour.
+    pub lifecycle: LifecycleConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -217,6 +221,46 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address and port, e.g. `127.0.0.1:9110`. Empty (the default): off.
+    /// Keep it on loopback or an internal network.
+    pub address: String,
+    /// Seconds between readiness checks of the default upstream (a TCP
+    /// connection and its IMAP greeting; no login).
+    pub check_interval_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            check_interval_secs: 10,
+        }
+    }
+}
+
+/// Shutdown behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// On SIGTERM popbridge stops accepting, lets sessions go on for up to
+    /// this many seconds, then ends the ones still open after their current
+    /// command with `-ERR [SYS/TEMP]`. Sessions that never sent QUIT delete
+    /// nothing.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
 /// Caches.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -371,11 +415,25 @@ impl Config {
         if self.pop3.greeting.contains(['\r', '\n']) {
             return Err(ConfigError("pop3.greeting must be one line".into()));
         }
+        let admin = match self.admin.address.as_str() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|_| {
+                ConfigError(format!(
+                    "admin.address {a:?} is not an address:port such as 127.0.0.1:9110"
+                ))
+            })?),
+        };
+        if self.admin.check_interval_secs == 0 {
+            return Err(ConfigError(
+                "admin.check_interval_secs must be greater than 0".into(),
+            ));
+        }
         let uidl = UidlFormat::parse(&self.pop3.uidl_format)
             .map_err(|e| ConfigError(format!("pop3.{e}")))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(Validated {
+            admin,
             listen,
             tls_address,
             uidl,
@@ -389,6 +447,7 @@ impl Config {
 /// A configuration that passed [`Config::validate`], with values parsed.
 #[derive(Debug, Clone)]
 pub struct Validated {
+    pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,
     pub uidl: UidlFormat,

@@ -19,10 +19,12 @@
 //! The data path: socket → `LineDecoder` → `Session::handle` → `Action` →
 //! `Upstream` → bytes back to the client.
 
+pub mod admin;
 pub mod bridge;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod pop3;
 pub mod server;
 pub mod tls;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use moka::sync::Cache;
 /// Counts open sessions per client address.
 #[derive(Debug)]
 pub struct IpLimiter {
-    max_per_ip: usize,
+    /// Changed by a configuration reload.
+    max_per_ip: AtomicUsize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -25,16 +27,21 @@ pub struct IpSlot {
 impl IpLimiter {
     pub fn new(max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max_per_ip,
+            max_per_ip: AtomicUsize::new(max_per_ip),
             open: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Changes the limit for sessions that start from now on.
+    pub fn set_max(&self, max: usize) {
+        self.max_per_ip.store(max, Ordering::Relaxed);
     }
 
     /// A place for a new session from `ip`, or `None` when it has too many.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;
         }
         *n += 1;
@@ -58,7 +65,7 @@ impl Drop for IpSlot {
 }
 
 /// Settings for [`LoginThrottle`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThrottleConfig {
     /// Pause before answering a failed login (Dovecot's
     /// `auth_failure_delay` is 2 s), growing with repeated failures.
@@ -107,6 +114,11 @@ impl LoginThrottle {
                 .build(),
             config,
         }
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &ThrottleConfig {
+        &self.config
     }
 
     fn user_key(user: &str) -> String {

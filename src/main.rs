@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use popbridge::admin::Readiness;
 use popbridge::config::{Config, LogFormat, UpstreamTls, Validated};
 use popbridge::limits::{LoginThrottle, ThrottleConfig};
 use popbridge::pop3::session::SessionConfig;
-use popbridge::server::{serve, Listener, ServerSettings, Shared};
+use popbridge::server::{Listener, Server, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
 use popbridge::upstream::cache::ListingCache;
 use popbridge::upstream::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -23,7 +25,7 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Settings come from the TOML file given with --config, then POPBRIDGE_*
 /// environment variables, then these flags (flags win).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Args {
     /// TOML configuration file.
@@ -112,7 +114,7 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (config, check_only) = match args.into_config() {
+    let (config, check_only) = match args.clone().into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("popbridge: {e}");
@@ -139,8 +141,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(valid)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(run(valid, args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("popbridge: {e}");
             ExitCode::FAILURE
@@ -169,22 +172,13 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn run(valid: Validated) -> Result<(), String> {
+/// Builds what sessions share from a validated configuration. `throttle`
+/// carries failed-login memory over a reload when its settings are unchanged.
+fn build_shared(
+    valid: &Validated,
+    throttle: Option<Arc<LoginThrottle>>,
+) -> Result<Shared<ImapConnector>, String> {
     let cfg = &valid.config;
-    let mut listeners = Vec::new();
-    for (addr, implicit_tls) in
-        std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
-    {
-        let socket = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let local = socket.local_addr().map_err(|e| e.to_string())?;
-        info!(listen = %local, tls = if implicit_tls { "implicit" } else { "stls" }, "listening");
-        listeners.push(Listener {
-            socket,
-            implicit_tls,
-        });
-    }
     let tls = if cfg.tls.cert_file.is_empty() {
         None
     } else {
@@ -244,26 +238,126 @@ async fn run(valid: Validated) -> Result<(), String> {
         allow_plaintext_auth: cfg.auth.allow_plaintext,
         loopback_is_secure: cfg.auth.loopback_is_secure,
     });
-    let throttle = Arc::new(LoginThrottle::new(ThrottleConfig {
+    let throttle_config = ThrottleConfig {
         failure_delay: Duration::from_millis(cfg.auth.failure_delay_ms),
         max_failures_per_ip: cfg.auth.max_failures_per_ip,
         max_failures_per_user: cfg.auth.max_failures_per_user,
         window: Duration::from_secs(cfg.auth.failure_window_secs),
         max_entries: cfg.auth.throttle_entries,
-    }));
-    if let Some(tls) = &tls {
-        tokio::spawn(reload_on_sighup(tls.clone()));
-    }
-    let shared = Arc::new(Shared {
+    };
+    let throttle = match throttle {
+        Some(t) if t.config() == &throttle_config => t,
+        _ => Arc::new(LoginThrottle::new(throttle_config)),
+    };
+    Ok(Shared {
         settings,
         connector,
         tls,
         throttle,
-    });
+    })
+}
+
+/// Serves until SIGTERM or Ctrl-C and the drain that follows. Returns true
+/// on a clean drain.
+async fn run(valid: Validated, args: Args) -> Result<bool, String> {
+    let cfg = valid.config.clone();
+    let mut listeners = Vec::new();
+    for (addr, implicit_tls) in
+        std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
+    {
+        let socket = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let local = socket.local_addr().map_err(|e| e.to_string())?;
+        info!(listen = %local, tls = if implicit_tls { "implicit" } else { "stls" }, "listening");
+        listeners.push(Listener {
+            socket,
+            implicit_tls,
+        });
+    }
+    let server = Server::new(build_shared(&valid, None)?);
+
+    let ready = Arc::new(Readiness::default());
+    ready.listeners_bound.store(true, Ordering::Relaxed);
+    if let Some(addr) = valid.admin {
+        let admin = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
+        let interval = Duration::from_secs(cfg.admin.check_interval_secs);
+        info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
+        tokio::spawn(popbridge::admin::serve(admin, ready.clone(), interval));
+        tokio::spawn(popbridge::admin::watch_upstream(
+            cfg.upstream.address.clone(),
+            interval,
+            ready.clone(),
+        ));
+    }
+    tokio::spawn(reload_on_sighup(server.clone(), args, valid));
+
     info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
-    serve(listeners, shared, shutdown_signal()).await;
-    info!("shutting down");
-    Ok(())
+    let drain = Duration::from_secs(cfg.lifecycle.drain_timeout_secs);
+    let shutdown = {
+        let ready = ready.clone();
+        async move {
+            shutdown_signal().await;
+            ready.draining.store(true, Ordering::Relaxed);
+            info!("shutdown requested");
+        }
+    };
+    let clean = server.clone().serve(listeners, shutdown, drain).await;
+    info!(clean, open = server.open_sessions(), "stopped");
+    Ok(clean)
+}
+
+/// SIGHUP reloads the configuration file (and certificates) for new
+/// sessions; running sessions keep what they started with. An invalid new
+/// configuration is logged and the old one stays. Listener addresses cannot
+/// change without a restart.
+async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut current: Validated) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; configuration will not be reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            let loaded = args
+                .clone()
+                .into_config()
+                .and_then(|(c, _)| c.validate().map_err(|e| e.to_string()));
+            let valid = match loaded {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "reload failed: invalid configuration; keeping the current one");
+                    continue;
+                }
+            };
+            if valid.listen != current.listen
+                || valid.tls_address != current.tls_address
+                || valid.admin != current.admin
+            {
+                warn!("listener addresses changed: they take effect at the next restart");
+            }
+            let old = server.current();
+            match build_shared(&valid, Some(old.throttle.clone())) {
+                Ok(shared) => {
+                    server.reload(shared);
+                    info!("configuration reloaded");
+                    current = valid;
+                }
+                Err(e) => warn!(error = %e, "reload failed; keeping the current configuration"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (server, args, current);
+}
+
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Each session holds two sockets (client and upstream): raise the soft
@@ -286,30 +380,6 @@ fn raise_fd_limit() {
             }
         }
     }
-}
-
-/// SIGHUP re-reads the TLS certificate and key; new connections get the new
-/// pair, running sessions keep theirs, and a bad pair keeps the old one.
-async fn reload_on_sighup(tls: Arc<ServerTls>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; certificates will not be reloaded");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            info!("SIGHUP: reloading the TLS certificate");
-            let _ = tls.reload();
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tls;
-}
-
-fn host_of(address: &str) -> &str {
-    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn is_loopback(address: &str) -> bool {

@@ -13,15 +13,18 @@ use std::time::{Duration, Instant};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::RwLock;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Notify};
 use tokio::time::timeout;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::bridge::maildrop::Maildrop;
 use crate::error::UpstreamError;
 use crate::limits::{IpLimiter, LoginThrottle, Throttled};
+use crate::metrics::{metrics, ListenerLabels};
 use crate::pop3::command::{Line, LineDecoder};
 use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
@@ -72,36 +75,145 @@ pub struct Listener {
     pub implicit_tls: bool,
 }
 
-/// Accepts connections on every listener until `shutdown` resolves.
-pub async fn serve<C: Connector>(
-    listeners: Vec<Listener>,
-    shared: Arc<Shared<C>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let sessions = Arc::new(Semaphore::new(shared.settings.max_sessions));
-    let per_ip = IpLimiter::new(shared.settings.max_sessions_per_ip);
-    let ids = Arc::new(AtomicU64::new(1));
-    let mut tasks = tokio::task::JoinSet::new();
-    for l in listeners {
-        tasks.spawn(accept_loop(
-            l,
-            shared.clone(),
-            sessions.clone(),
-            per_ip.clone(),
-            ids.clone(),
-        ));
-    }
-    shutdown.await;
-    tasks.abort_all();
+/// Counts open sessions against a limit that a reload may change, and
+/// lets shutdown wait for the count to reach zero.
+#[derive(Debug)]
+pub struct ActiveSessions {
+    count: AtomicUsize,
+    max: AtomicUsize,
+    idle: Notify,
 }
 
-async fn accept_loop<C: Connector>(
-    listener: Listener,
-    shared: Arc<Shared<C>>,
-    sessions: Arc<Semaphore>,
+/// One session's place in [`ActiveSessions`]; dropping it frees the place.
+pub struct SessionPermit(Arc<ActiveSessions>);
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl ActiveSessions {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            idle: Notify::new(),
+        })
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<SessionPermit> {
+        let before = self.count.fetch_add(1, Ordering::AcqRel);
+        let permit = SessionPermit(self.clone());
+        (before < self.max.load(Ordering::Relaxed)).then_some(permit)
+    }
+
+    /// Sessions open now.
+    pub fn open(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The server: what survives a configuration reload (session counts,
+/// per-address counts, the shutdown signal) plus the current configuration.
+pub struct Server<C: Connector> {
+    shared: RwLock<Arc<Shared<C>>>,
+    sessions: Arc<ActiveSessions>,
     per_ip: Arc<IpLimiter>,
-    ids: Arc<AtomicU64>,
-) {
+    ids: AtomicU64,
+    /// Set at the drain deadline: sessions end after their current command.
+    closing: watch::Sender<bool>,
+}
+
+impl<C: Connector> Server<C> {
+    pub fn new(shared: Shared<C>) -> Arc<Self> {
+        Arc::new(Self {
+            sessions: ActiveSessions::new(shared.settings.max_sessions),
+            per_ip: IpLimiter::new(shared.settings.max_sessions_per_ip),
+            shared: RwLock::new(Arc::new(shared)),
+            ids: AtomicU64::new(1),
+            closing: watch::channel(false).0,
+        })
+    }
+
+    /// The configuration new sessions get.
+    pub fn current(&self) -> Arc<Shared<C>> {
+        self.shared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs a new configuration for new sessions; running sessions keep
+    /// theirs. Limits apply from now on.
+    pub fn reload(&self, shared: Shared<C>) {
+        self.sessions
+            .max
+            .store(shared.settings.max_sessions, Ordering::Relaxed);
+        self.per_ip.set_max(shared.settings.max_sessions_per_ip);
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
+    }
+
+    /// Sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.open()
+    }
+
+    /// Accepts connections on every listener until `shutdown` resolves, then
+    /// drains: no new connections, open sessions go on for up to `drain`,
+    /// then the rest end after their current command with `-ERR [SYS/TEMP]`.
+    /// Returns true when every session ended in time.
+    pub async fn serve(
+        self: Arc<Self>,
+        listeners: Vec<Listener>,
+        shutdown: impl std::future::Future<Output = ()>,
+        drain: Duration,
+    ) -> bool {
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in listeners {
+            tasks.spawn(accept_loop(l, self.clone()));
+        }
+        shutdown.await;
+        // Ending the accept loops closes the listening sockets.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        info!(
+            open = self.open_sessions(),
+            deadline_secs = drain.as_secs(),
+            "draining"
+        );
+        if timeout(drain, self.sessions.wait_idle()).await.is_ok() {
+            return true;
+        }
+        info!(
+            open = self.open_sessions(),
+            "drain deadline: closing the remaining sessions"
+        );
+        let _ = self.closing.send(true);
+        // Sessions end after their current command; give that a bound.
+        timeout(DRAIN_GRACE, self.sessions.wait_idle())
+            .await
+            .is_ok()
+    }
+}
+
+/// After the drain deadline, how long sessions get to finish the command
+/// they are running (a large RETR, a commit) before the process exits anyway.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
     loop {
         let (stream, peer) = match listener.socket.accept().await {
             Ok(x) => x,
@@ -112,33 +224,28 @@ async fn accept_loop<C: Connector>(
                 continue;
             }
         };
-        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let id = server.ids.fetch_add(1, Ordering::Relaxed);
         let tls = if listener.implicit_tls {
             "implicit"
         } else {
             "none"
         };
         let span = info_span!("session", id, %peer, tls, user = tracing::field::Empty);
-        let shared = shared.clone();
-        let permit = sessions.clone().try_acquire_owned();
-        let slot = per_ip.acquire(peer.ip());
+        let shared = server.current();
+        let permit = server.sessions.try_acquire();
+        let slot = server.per_ip.acquire(peer.ip());
+        let closing = server.closing.subscribe();
         let implicit = listener.implicit_tls;
         // Everything, the TLS handshake included, runs in the connection's own
         // task, so a slow client never stalls the accept loop.
         tokio::spawn(
             async move {
                 match (permit, slot) {
-                    (Ok(_permit), Some(_slot)) => handle(stream, peer, implicit, shared).await,
-                    (Err(_), _) => refuse(stream, implicit, &shared, "session limit reached").await,
-                    (_, None) => {
-                        refuse(
-                            stream,
-                            implicit,
-                            &shared,
-                            "per-address session limit reached",
-                        )
-                        .await
+                    (Some(_permit), Some(_slot)) => {
+                        handle(stream, peer, implicit, shared, closing).await
                     }
+                    (None, _) => refuse(stream, implicit, &shared, "session_limit").await,
+                    (_, None) => refuse(stream, implicit, &shared, "address_limit").await,
                 }
             }
             .instrument(span),
@@ -154,6 +261,7 @@ async fn refuse<C: Connector>(
     why: &'static str,
 ) {
     warn!(reason = why, "connection refused");
+    metrics().refused(why);
     let mut out = Vec::new();
     err(
         &mut out,
@@ -180,12 +288,23 @@ async fn handle<C: Connector>(
     peer: SocketAddr,
     implicit: bool,
     shared: Arc<Shared<C>>,
+    closing: watch::Receiver<bool>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
     let settings = shared.settings.clone();
     let started = Instant::now();
+    let labels = ListenerLabels {
+        listener: if implicit { "pop3s" } else { "pop3" },
+    };
+    metrics().sessions_total.get_or_create(&labels).inc();
+    let active = metrics().sessions_active.get_or_create(&labels).clone();
+    active.inc();
+    // Decrements on every way out of this function.
+    let _active = Guard(move || {
+        active.dec();
+    });
     let stream = if implicit {
         let Some(tls) = &shared.tls else {
             return;
@@ -223,6 +342,7 @@ async fn handle<C: Connector>(
         settings,
         stats: Stats::default(),
         user_recorded: false,
+        closing,
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
@@ -243,6 +363,15 @@ async fn handle<C: Connector>(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "session ended"
     );
+}
+
+/// Runs its closure when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 /// The client connection, plain or TLS.
@@ -313,6 +442,8 @@ enum End {
     Upstream,
     /// QUIT before login, or too many bad commands.
     Closed,
+    /// Ended by the drain deadline at shutdown.
+    Shutdown,
 }
 
 impl End {
@@ -324,6 +455,7 @@ impl End {
             End::ClientError(_) => "client i/o error",
             End::Upstream => "upstream failure",
             End::Closed => "closed",
+            End::Shutdown => "shutdown",
         }
     }
 }
@@ -347,6 +479,8 @@ struct Connection<C: Connector> {
     stats: Stats,
     /// The session span's `user` field is set (at the first login attempt).
     user_recorded: bool,
+    /// Becomes true at the drain deadline: end after the current command.
+    closing: watch::Receiver<bool>,
 }
 
 impl<C: Connector> Connection<C> {
@@ -354,6 +488,7 @@ impl<C: Connector> Connection<C> {
         match self.drive().await {
             Ok(end) => end,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => End::Timeout,
+            Err(e) if e.get_ref().is_some_and(|i| i.is::<ShuttingDown>()) => End::Shutdown,
             Err(e) => End::ClientError(e),
         }
     }
@@ -367,9 +502,14 @@ impl<C: Connector> Connection<C> {
                 return Ok(End::ClientClosed);
             };
             let action = self.session.handle(line, &mut self.out);
+            let name = self.session.last_command();
             match action {
-                Action::Continue => self.send_out().await?,
+                Action::Continue => {
+                    self.count(name);
+                    self.send_out().await?
+                }
                 Action::Close => {
+                    self.count(name);
                     self.send_out().await?;
                     self.flush().await?;
                     return Ok(End::Closed);
@@ -383,15 +523,17 @@ impl<C: Connector> Connection<C> {
                     }
                     let outcome = self.login(&user, &pass).await;
                     self.session.login_result(outcome, &mut self.out);
+                    self.count(name);
                     self.send_out().await?;
                 }
                 Action::StartTls => {
+                    self.count(name);
                     self.send_out().await?;
                     self.flush().await?;
                     self.start_tls().await?;
                 }
                 Action::Fetch(req) => {
-                    if let Some(end) = self.fetch(&req).await? {
+                    if let Some(end) = self.fetch(&req, name).await? {
                         return Ok(end);
                     }
                 }
@@ -417,12 +559,15 @@ impl<C: Connector> Connection<C> {
                                 }))
                             }
                             Err(e) => {
+                                metrics().upstream_error(e.kind());
                                 error!(error = %e, kind = e.kind(), "commit failed");
                                 CommitOutcome::Failed
                             }
                         };
                     self.session
                         .commit_result(outcome, req.delete.len(), &mut self.out);
+                    self.count(name);
+                    metrics().messages_deleted.inc_by(self.stats.deleted);
                     self.send_out().await?;
                     self.flush().await?;
                     return Ok(End::Quit);
@@ -439,6 +584,7 @@ impl<C: Connector> Connection<C> {
         if let Err(which) = throttle.check(ip, user) {
             // The upstream is not asked: guesses stop here.
             warn!(throttled = ?which, "login refused: too many failures");
+            metrics().auth("throttled");
             tokio::time::sleep(throttle.failed(ip, user)).await;
             return LoginOutcome::Failed {
                 code: "SYS/TEMP",
@@ -454,11 +600,13 @@ impl<C: Connector> Connection<C> {
             Ok((conn, snap)) => {
                 info!(messages = snap.messages.len(), "logged in");
                 throttle.succeeded(user);
+                metrics().auth("ok");
                 self.upstream = Some(conn);
                 LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
             }
             Err(UpstreamError::AuthFailed(text)) => {
                 info!(user, upstream = %text, "login refused");
+                metrics().auth("refused");
                 tokio::time::sleep(throttle.failed(ip, user)).await;
                 LoginOutcome::Refused
             }
@@ -468,6 +616,7 @@ impl<C: Connector> Connection<C> {
                 },
             ) => {
                 warn!(error = %e, "mailbox not available");
+                metrics().auth("mailbox_missing");
                 LoginOutcome::Failed {
                     code: "SYS/PERM",
                     text: "Mailbox not available.",
@@ -475,6 +624,8 @@ impl<C: Connector> Connection<C> {
             }
             Err(e) => {
                 warn!(error = %e, kind = e.kind(), "upstream login failed");
+                metrics().auth("upstream_error");
+                metrics().upstream_error(e.kind());
                 LoginOutcome::Failed {
                     code: "SYS/TEMP",
                     text: "Mail server unavailable, try again later.",
@@ -505,13 +656,34 @@ impl<C: Connector> Connection<C> {
         self.stream =
             BufWriter::with_capacity(WRITE_BUFFER, ClientStream::Tls(Box::new(tls_stream)));
         self.session.tls_started();
+        metrics().stls_total.inc();
         Span::current().record("tls", "stls");
         debug!("STLS handshake done");
         Ok(())
     }
 
+    /// Counts a command in the metrics; its reply is in `out`.
+    fn count(&self, name: Option<&'static str>) {
+        if let Some(name) = name {
+            metrics().command(name, self.out.first() == Some(&b'+'));
+        }
+    }
+
     /// Streams RETR/TOP. Returns `Some(end)` when the session must close.
-    async fn fetch(&mut self, req: &FetchRequest) -> std::io::Result<Option<End>> {
+    async fn fetch(
+        &mut self,
+        req: &FetchRequest,
+        name: Option<&'static str>,
+    ) -> std::io::Result<Option<End>> {
+        let (end, ok) = self.fetch_inner(req).await?;
+        if let Some(name) = name {
+            metrics().command(name, ok);
+        }
+        Ok(end)
+    }
+
+    /// Streams RETR/TOP: whether to end the session, and whether it worked.
+    async fn fetch_inner(&mut self, req: &FetchRequest) -> std::io::Result<(Option<End>, bool)> {
         let Some(up) = self.upstream.as_mut() else {
             unreachable!("TRANSACTION always has an upstream");
         };
@@ -533,6 +705,7 @@ impl<C: Connector> Connection<C> {
             scratch: Vec::new(),
             write_timeout: self.settings.idle_timeout,
         };
+        let mut ok = false;
         let result = up
             .fetch(req.uid, req.size, req.top_lines.is_some(), &mut sink)
             .await;
@@ -552,10 +725,13 @@ impl<C: Connector> Connection<C> {
                     None => {
                         self.stats.retr += 1;
                         self.stats.retr_octets += octets;
+                        metrics().messages_retrieved.inc();
+                        metrics().octets_retrieved.inc_by(octets);
                     }
                     Some(_) => self.stats.top += 1,
                 }
                 self.session.fetch_result(req, Ok(()), &mut self.out);
+                ok = true;
             }
             Ok(FetchEnd::Gone) => {
                 info!(
@@ -572,11 +748,13 @@ impl<C: Connector> Connection<C> {
             Err(e) if started => {
                 // Part of the message is out after +OK: the only honest end is
                 // to close without the terminating "." (never a short +OK).
+                metrics().upstream_error(e.kind());
                 error!(error = %e, kind = e.kind(), uid = req.uid, "upstream failed mid-message, closing");
                 let _ = self.flush().await;
-                return Ok(Some(End::Upstream));
+                return Ok((Some(End::Upstream), false));
             }
             Err(e) if e.is_fatal() => {
+                metrics().upstream_error(e.kind());
                 error!(error = %e, kind = e.kind(), uid = req.uid, "upstream failed");
                 err(
                     &mut self.out,
@@ -585,22 +763,26 @@ impl<C: Connector> Connection<C> {
                 );
                 self.send_out().await?;
                 self.flush().await?;
-                return Ok(Some(End::Upstream));
+                return Ok((Some(End::Upstream), false));
             }
             Err(e) => {
+                metrics().upstream_error(e.kind());
                 warn!(error = %e, kind = e.kind(), uid = req.uid, "fetch refused by upstream");
                 self.session
                     .fetch_result(req, Err(FetchFailure::Upstream), &mut self.out);
             }
         }
         self.send_out().await?;
-        Ok(None)
+        Ok((None, ok))
     }
 
     /// Next input line; flushes pending replies whenever the buffered input
     /// is used up (the end of a pipelined batch). `None` at EOF.
     async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
         loop {
+            if *self.closing.borrow() {
+                return self.shutting_down().await;
+            }
             self.decoder.set_max(self.session.max_line());
             let mut input = &self.inbuf[self.pos..self.end];
             let before = input.len();
@@ -615,7 +797,11 @@ impl<C: Connector> Connection<C> {
             } else {
                 self.settings.login_timeout
             };
-            let n = match timeout(wait, self.stream.read(&mut self.inbuf)).await {
+            let read = tokio::select! {
+                r = timeout(wait, self.stream.read(&mut self.inbuf)) => r,
+                _ = self.closing.changed() => return self.shutting_down().await,
+            };
+            let n = match read {
                 Ok(r) => r?,
                 Err(_) => {
                     info!("client idle too long");
@@ -632,6 +818,20 @@ impl<C: Connector> Connection<C> {
             self.pos = 0;
             self.end = n;
         }
+    }
+
+    /// The drain deadline passed: tell the client and end the session
+    /// (nothing is committed: only QUIT commits).
+    async fn shutting_down(&mut self) -> std::io::Result<Option<Line>> {
+        self.out.clear();
+        err(
+            &mut self.out,
+            Some("SYS/TEMP"),
+            "Server shutting down, try again later.",
+        );
+        self.send_out().await?;
+        self.flush().await?;
+        Err(std::io::Error::other(ShuttingDown))
     }
 
     async fn send_out(&mut self) -> std::io::Result<()> {
@@ -666,6 +866,11 @@ fn is_client_error(e: &std::io::Error) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("client: {0}")]
 struct ClientIoError(std::io::Error);
+
+/// The session was ended by the drain deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("server shutting down")]
+struct ShuttingDown;
 
 fn client_io(e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), ClientIoError(e))

@@ -173,6 +173,9 @@ pub struct Session {
     secure: bool,
     /// Bad commands in a row; see [`MAX_BAD_COMMANDS`].
     bad_commands: u32,
+    /// The keyword of the last line handled, for metrics: `None` for a SASL
+    /// response line, `INVALID` for a line that is no command.
+    last_command: Option<&'static str>,
 }
 
 impl Session {
@@ -183,7 +186,13 @@ impl Session {
             config,
             secure,
             bad_commands: 0,
+            last_command: None,
         }
+    }
+
+    /// The keyword of the last line handled (see the field).
+    pub fn last_command(&self) -> Option<&'static str> {
+        self.last_command
     }
 
     /// The longest line the next input may be.
@@ -248,6 +257,7 @@ impl Session {
     /// Handles one input line.
     pub fn handle(&mut self, line: Line, out: &mut Vec<u8>) -> Action {
         if let State::Sasl(_) = self.state {
+            self.last_command = None;
             let result = self.sasl_response(line, out);
             return self.count(result, out);
         }
@@ -255,6 +265,7 @@ impl Session {
             Line::Complete(bytes) => Command::parse(&bytes),
             Line::TooLong => Err(ParseError::LineTooLong),
         };
+        self.last_command = Some(parsed.as_ref().map_or("INVALID", Command::name));
         let action = match parsed {
             Ok(cmd) => self.command(cmd, out),
             Err(e) => {

@@ -13,7 +13,6 @@
 //! name on two upstreams; an entry is only consulted after that account has
 //! logged in to that upstream.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moka::sync::Cache;
@@ -40,17 +39,6 @@ pub struct Listing {
     pub messages: Arc<Vec<(u32, u64)>>,
 }
 
-/// Counters for metrics and logs.
-#[derive(Debug, Default)]
-pub struct CacheStats {
-    /// Listings reused without fetching anything.
-    pub hits: AtomicU64,
-    /// Listings reused with only new messages fetched.
-    pub partial: AtomicU64,
-    /// Full listings fetched.
-    pub misses: AtomicU64,
-}
-
 /// Bytes a listing is charged for one message (UID and size).
 const BYTES_PER_MESSAGE: u64 = 16;
 /// Bytes a listing is charged besides its messages (key, bookkeeping).
@@ -60,7 +48,6 @@ const BYTES_PER_ENTRY: u64 = 256;
 #[derive(Debug)]
 pub struct ListingCache {
     cache: Cache<ListingKey, Arc<Listing>>,
-    pub stats: CacheStats,
 }
 
 impl ListingCache {
@@ -74,7 +61,6 @@ impl ListingCache {
                     u32::try_from(w).unwrap_or(u32::MAX)
                 })
                 .build(),
-            stats: CacheStats::default(),
         }
     }
 
@@ -88,10 +74,6 @@ impl ListingCache {
 
     pub fn remove(&self, key: &ListingKey) {
         self.cache.invalidate(key);
-    }
-
-    pub(crate) fn count(&self, which: &AtomicU64) {
-        which.fetch_add(1, Ordering::Relaxed);
     }
 }
 

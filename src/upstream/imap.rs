@@ -29,6 +29,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use super::cache::{self, Listing, ListingCache, ListingKey, Plan};
 use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
 use crate::error::UpstreamError;
+use crate::metrics::metrics;
 use crate::pop3::command::Secret;
 
 /// Octets asked for per `BODY.PEEK[]<offset.length>` when streaming RETR.
@@ -196,6 +197,7 @@ impl Connector for ImapConnector {
         let cfg = self.config.clone();
         let span = info_span!("upstream", op = "login", addr = %cfg.address);
         async move {
+            let started = std::time::Instant::now();
             let session = open_session(&cfg, user, pass).await?;
             let mut conn = ImapConn {
                 session,
@@ -206,6 +208,9 @@ impl Connector for ImapConnector {
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
+            metrics()
+                .upstream_login_seconds
+                .observe(started.elapsed().as_secs_f64());
             Ok((conn, snapshot))
         }
         .instrument(span)
@@ -219,6 +224,7 @@ async fn open_session(
     user: &str,
     pass: &Secret,
 ) -> Result<Session<Stream>, UpstreamError> {
+    let started = std::time::Instant::now();
     let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.address))
         .await
         .map_err(|_| UpstreamError::Timeout("connect"))?
@@ -243,6 +249,9 @@ async fn open_session(
         UpstreamTlsSetup::Implicit(connector, name) => tls_handshake(connector, name, tcp).await?,
         _ => UpstreamStream::Plain(tcp),
     };
+    metrics()
+        .upstream_connect_seconds
+        .observe(started.elapsed().as_secs_f64());
     // async-imap writes tag, command and CRLF separately; the buffer makes
     // them one segment, sent at its flush.
     let mut client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, stream));
@@ -634,12 +643,11 @@ impl ImapConn {
         };
         let messages = match messages {
             Some(m) => {
-                if let Some(cache) = &self.config.cache {
-                    cache.count(if plan == Plan::Reuse {
-                        &cache.stats.hits
-                    } else {
-                        &cache.stats.partial
-                    });
+                let counters = metrics();
+                if plan == Plan::Reuse {
+                    counters.cache_hits.inc();
+                } else {
+                    counters.cache_partial.inc();
                 }
                 m
             }
@@ -650,8 +658,8 @@ impl ImapConn {
             }
             None => {
                 listing = "full";
-                if let Some(cache) = &self.config.cache {
-                    cache.count(&cache.stats.misses);
+                if self.config.cache.is_some() {
+                    metrics().cache_misses.inc();
                 }
                 let mut m = self.list("UID FETCH 1:* (UID RFC822.SIZE)").await?;
                 m.sort_unstable_by_key(|x| x.0);

@@ -1,0 +1,229 @@
+//! Prometheus metrics, served by the admin listener at `/metrics`.
+//!
+//! One process-wide set ([`metrics()`]); counters are cheap atomics, so any
+//! layer can count without threading a handle through every call.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `pop3` or `pop3s`.
+    pub listener: &'static str,
+}
+
+/// A POP3 command and how it ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub command: &'static str,
+    /// `ok` or `err`.
+    pub result: &'static str,
+}
+
+/// How a login attempt ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `ok`, `refused` (bad credentials), `throttled`, `no_route`,
+    /// `plaintext_refused`, `upstream_error`.
+    pub outcome: &'static str,
+}
+
+/// A label with one `kind` or `reason`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// Every metric popbridge exports.
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_active: Family<ListenerLabels, Gauge>,
+    pub sessions_total: Family<ListenerLabels, Counter>,
+    /// Sessions that switched to TLS with STLS.
+    pub stls_total: Counter,
+    pub commands: Family<CommandLabels, Counter>,
+    pub auth: Family<AuthLabels, Counter>,
+    pub upstream_connect_seconds: Histogram,
+    pub upstream_login_seconds: Histogram,
+    pub upstream_errors: Family<KindLabels, Counter>,
+    pub messages_retrieved: Counter,
+    pub octets_retrieved: Counter,
+    pub messages_deleted: Counter,
+    pub cache_hits: Counter,
+    pub cache_partial: Counter,
+    pub cache_misses: Counter,
+    /// Connections refused before a session started (limits, PROXY header).
+    pub connections_refused: Family<KindLabels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("popbridge");
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Metrics {
+            sessions_active: Family::default(),
+            sessions_total: Family::default(),
+            stls_total: Counter::default(),
+            commands: Family::default(),
+            auth: Family::default(),
+            upstream_connect_seconds: latency(),
+            upstream_login_seconds: latency(),
+            upstream_errors: Family::default(),
+            messages_retrieved: Counter::default(),
+            octets_retrieved: Counter::default(),
+            messages_deleted: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_partial: Counter::default(),
+            cache_misses: Counter::default(),
+            connections_refused: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "sessions_active",
+            "POP3 sessions open now",
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "sessions",
+            "POP3 sessions started",
+            m.sessions_total.clone(),
+        );
+        r.register("stls", "Sessions upgraded with STLS", m.stls_total.clone());
+        r.register(
+            "commands",
+            "POP3 commands by name and result",
+            m.commands.clone(),
+        );
+        r.register("auth", "Login attempts by outcome", m.auth.clone());
+        r.register(
+            "upstream_connect_seconds",
+            "Time to open the TCP (and TLS) connection to the IMAP server",
+            m.upstream_connect_seconds.clone(),
+        );
+        r.register(
+            "upstream_login_seconds",
+            "Time from connecting to a selected mailbox with its listing",
+            m.upstream_login_seconds.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream errors by kind",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "messages_retrieved",
+            "Messages sent with RETR",
+            m.messages_retrieved.clone(),
+        );
+        r.register(
+            "octets_retrieved",
+            "Message octets sent with RETR",
+            m.octets_retrieved.clone(),
+        );
+        r.register(
+            "messages_deleted",
+            "Messages removed at QUIT",
+            m.messages_deleted.clone(),
+        );
+        r.register(
+            "listing_cache_hits",
+            "Logins whose listing came from the cache",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "listing_cache_partial_hits",
+            "Logins that fetched only new messages",
+            m.cache_partial.clone(),
+        );
+        r.register(
+            "listing_cache_misses",
+            "Logins that fetched the whole listing",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused by limits or a bad PROXY header",
+            m.connections_refused.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a POP3 command.
+    pub fn command(&self, command: &'static str, ok: bool) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                command,
+                result: if ok { "ok" } else { "err" },
+            })
+            .inc();
+    }
+
+    /// Counts a login outcome.
+    pub fn auth(&self, outcome: &'static str) {
+        self.auth.get_or_create(&AuthLabels { outcome }).inc();
+    }
+
+    /// Counts an upstream error.
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, kind: &'static str) {
+        self.connections_refused
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_metrics() {
+        let m = metrics();
+        m.command("RETR", true);
+        m.auth("ok");
+        m.upstream_login_seconds.observe(0.01);
+        let text = m.encode();
+        assert!(
+            text.contains("popbridge_commands_total{command=\"RETR\",result=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("popbridge_auth_total{outcome=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("popbridge_upstream_login_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("# EOF"), "{text}");
+    }
+}
