@@ -54,6 +54,12 @@ pub struct ListenConfig {
     /// Address and port for POP3S, TLS from the first byte (RFC 8314; port
     /// 995). Empty: no POP3S listener. Needs `[tls]`.
     pub tls_address: String,
+    /// Expect a PROXY protocol header (v1 or v2) from peers in
+    /// `proxy_trusted`, so logs, limits and throttling see the real client
+    /// behind a load balancer. Other peers are served as direct clients.
+    pub proxy_protocol: bool,
+    /// Networks allowed to send a PROXY header, e.g. `["10.0.0.0/8"]`.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
 }
 
 impl Default for ListenConfig {
@@ -61,6 +67,8 @@ impl Default for ListenConfig {
         Self {
             address: "0.0.0.0:110".into(),
             tls_address: String::new(),
+            proxy_protocol: false,
+            proxy_trusted: Vec::new(),
         }
     }
 }
@@ -343,6 +351,12 @@ impl Config {
                 ))
             })?),
         };
+        if self.listen.proxy_protocol && self.listen.proxy_trusted.is_empty() {
+            return Err(ConfigError(
+                "listen.proxy_protocol needs listen.proxy_trusted (the load balancers' networks)"
+                    .into(),
+            ));
+        }
         let has_cert = !self.tls.cert_file.is_empty() || !self.tls.key_file.is_empty();
         if has_cert && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty()) {
             return Err(ConfigError(

@@ -26,6 +26,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod pop3;
+pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -237,6 +237,8 @@ fn build_shared(
         max_sessions_per_ip: cfg.limits.max_sessions_per_ip,
         allow_plaintext_auth: cfg.auth.allow_plaintext,
         loopback_is_secure: cfg.auth.loopback_is_secure,
+        proxy_protocol: cfg.listen.proxy_protocol,
+        proxy_trusted: cfg.listen.proxy_trusted.clone(),
     });
     let throttle_config = ThrottleConfig {
         failure_delay: Duration::from_millis(cfg.auth.failure_delay_ms),

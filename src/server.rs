@@ -30,6 +30,7 @@ use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
 };
+use crate::proxy;
 use crate::tls::ServerTls;
 use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
 
@@ -57,6 +58,10 @@ pub struct ServerSettings {
     pub allow_plaintext_auth: bool,
     /// Loopback clients count as secure.
     pub loopback_is_secure: bool,
+    /// Expect a PROXY protocol header from peers in `proxy_trusted`.
+    pub proxy_protocol: bool,
+    /// Peers allowed to send a PROXY header (load balancers).
+    pub proxy_trusted: Vec<ipnet::IpNet>,
 }
 
 /// What the listeners share: settings, the upstream, TLS and the limits.
@@ -230,23 +235,50 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
         } else {
             "none"
         };
-        let span = info_span!("session", id, %peer, tls, user = tracing::field::Empty);
+        let span = info_span!("session", id, %peer, client = tracing::field::Empty, tls, user = tracing::field::Empty);
         let shared = server.current();
         let permit = server.sessions.try_acquire();
-        let slot = server.per_ip.acquire(peer.ip());
+        let per_ip = server.per_ip.clone();
         let closing = server.closing.subscribe();
         let implicit = listener.implicit_tls;
-        // Everything, the TLS handshake included, runs in the connection's own
-        // task, so a slow client never stalls the accept loop.
+        // Everything, PROXY header and TLS handshake included, runs in the
+        // connection's own task, so a slow client never stalls the accept loop.
         tokio::spawn(
             async move {
-                match (permit, slot) {
-                    (Some(_permit), Some(_slot)) => {
-                        handle(stream, peer, implicit, shared, closing).await
+                let Some(_permit) = permit else {
+                    return refuse(stream, implicit, &shared, "session_limit").await;
+                };
+                let mut stream = stream;
+                let settings = &shared.settings;
+                let client = if settings.proxy_protocol
+                    && settings
+                        .proxy_trusted
+                        .iter()
+                        .any(|n| n.contains(&peer.ip()))
+                {
+                    match timeout(proxy::HEADER_TIMEOUT, proxy::read_header(&mut stream)).await {
+                        Ok(Ok(proxy::Header::Proxied(addr))) => addr,
+                        Ok(Ok(proxy::Header::Local)) => peer,
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "bad PROXY header, closing");
+                            metrics().refused("proxy_header");
+                            return;
+                        }
+                        Err(_) => {
+                            warn!("no PROXY header in time, closing");
+                            metrics().refused("proxy_header");
+                            return;
+                        }
                     }
-                    (None, _) => refuse(stream, implicit, &shared, "session_limit").await,
-                    (_, None) => refuse(stream, implicit, &shared, "address_limit").await,
-                }
+                } else {
+                    peer
+                };
+                Span::current().record("client", tracing::field::display(client));
+                // Limits and throttling count the real client.
+                let Some(_slot) = per_ip.acquire(client.ip()) else {
+                    return refuse(stream, implicit, &shared, "address_limit").await;
+                };
+                handle(stream, client, implicit, shared, closing).await
             }
             .instrument(span),
         );
