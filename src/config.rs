@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bridge::uidl::UidlFormat;
 use crate::error::ConfigError;
+use crate::routing::LoginName;
 use crate::upstream::imap::NoUidplus;
 
 /// RFC 1939 §3: "Such a timer MUST be of at least 10 minutes' duration."
@@ -24,8 +25,13 @@ pub const MIN_IDLE_TIMEOUT_SECS: u64 = 600;
 pub struct Config {
     /// Where POP3 clients connect.
     pub listen: ListenConfig,
-    /// The IMAP server behind popbridge.
+    /// The IMAP server behind popbridge: the default route.
     pub upstream: UpstreamConfig,
+    /// How logins choose a route.
+    pub routing: RoutingConfig,
+    /// More upstreams, chosen by the login name's domain or an explicit
+    /// user list. Unset keys inherit from `[upstream]` and `[pop3]`.
+    pub routes: Vec<RouteConfig>,
     /// POP3 behaviour.
     pub pop3: Pop3Config,
     /// Certificate for POP3S and STLS.
@@ -163,6 +169,61 @@ pub struct UpstreamConfig {
     /// The name the IMAP server's certificate must carry (and the SNI sent).
     /// Empty: the host part of `address` (set this when connecting by IP).
     pub tls_name: String,
+    /// How the login name is passed on: `full` or `local-part` (without
+    /// `@domain`).
+    pub login: LoginName,
+}
+
+/// How logins choose a route.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Send logins that match no `[[routes]]` entry to `[upstream]`. When
+    /// false they get `-ERR [AUTH]`.
+    pub default_route: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            default_route: true,
+        }
+    }
+}
+
+/// One `[[routes]]` entry. Unset keys inherit from `[upstream]` / `[pop3]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// A name for logs.
+    pub name: String,
+    /// Login-name domains (after the last `@`), case-insensitive.
+    pub domains: Vec<String>,
+    /// Exact login names, case-insensitive; they win over domains.
+    pub users: Vec<String>,
+    pub address: Option<String>,
+    pub tls: Option<UpstreamTls>,
+    pub ca_file: Option<String>,
+    pub tls_name: Option<String>,
+    pub mailbox: Option<String>,
+    pub login: Option<LoginName>,
+    pub no_uidplus: Option<NoUidplus>,
+    pub connect_timeout_secs: Option<u64>,
+    pub command_timeout_secs: Option<u64>,
+    pub uidl_format: Option<String>,
+    pub mark_seen_on_retr: Option<bool>,
+}
+
+/// A route with everything inherited filled in and checked.
+#[derive(Debug, Clone)]
+pub struct EffectiveRoute {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub users: Vec<String>,
+    pub upstream: UpstreamConfig,
+    pub uidl: UidlFormat,
+    pub mark_seen: bool,
+    pub is_default: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -176,6 +237,7 @@ impl Default for UpstreamConfig {
             no_uidplus: NoUidplus::default(),
             ca_file: String::new(),
             tls_name: String::new(),
+            login: LoginName::Full,
         }
     }
 }
@@ -313,7 +375,124 @@ impl Default for LogConfig {
     }
 }
 
+/// Checks one upstream's settings; `at` names it in messages.
+fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+    let a = &u.address;
+    match a.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+        _ => {
+            return Err(ConfigError(format!(
+                "{at}.address {a:?} is not host:port such as imap.example.org:143"
+            )))
+        }
+    }
+    let mailbox = &u.mailbox;
+    if mailbox.is_empty() || mailbox.contains(['\r', '\n', '\0']) {
+        return Err(ConfigError(format!(
+            "{at}.mailbox {mailbox:?} is not a valid mailbox name"
+        )));
+    }
+    for (key, v) in [
+        ("connect_timeout_secs", u.connect_timeout_secs),
+        ("command_timeout_secs", u.command_timeout_secs),
+    ] {
+        if v == 0 {
+            return Err(ConfigError(format!("{at}.{key} must be greater than 0")));
+        }
+    }
+    if u.tls != UpstreamTls::None && !u.ca_file.is_empty() {
+        crate::tls::client_connector(Some(Path::new(&u.ca_file)))
+            .map_err(|e| ConfigError(format!("{at}: {}", e.0)))?;
+    }
+    Ok(())
+}
+
 impl Config {
+    /// The routing table with inherited values filled in, checked: the
+    /// `[[routes]]` in order, then the default route (`[upstream]`).
+    pub fn effective_routes(&self) -> Result<Vec<EffectiveRoute>, ConfigError> {
+        let mut out = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let mut domains = std::collections::HashSet::new();
+        let mut users = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if r.name.is_empty() {
+                return Err(ConfigError(format!("{at}.name must be set")));
+            }
+            if r.name == "default" || !names.insert(r.name.clone()) {
+                return Err(ConfigError(format!(
+                    "{at}.name {:?} is used twice (\"default\" is taken)",
+                    r.name
+                )));
+            }
+            if r.domains.is_empty() && r.users.is_empty() {
+                return Err(ConfigError(format!(
+                    "{at} ({}) has neither domains nor users",
+                    r.name
+                )));
+            }
+            for d in &r.domains {
+                if d.is_empty() || d.contains('@') || !domains.insert(d.to_lowercase()) {
+                    return Err(ConfigError(format!(
+                        "{at}.domains: {d:?} is empty, has an @, or is routed twice"
+                    )));
+                }
+            }
+            for u in &r.users {
+                if u.is_empty() || !users.insert(u.to_lowercase()) {
+                    return Err(ConfigError(format!(
+                        "{at}.users: {u:?} is empty or routed twice"
+                    )));
+                }
+            }
+            let base = &self.upstream;
+            let upstream = UpstreamConfig {
+                address: r.address.clone().unwrap_or_else(|| base.address.clone()),
+                tls: r.tls.unwrap_or(base.tls),
+                mailbox: r.mailbox.clone().unwrap_or_else(|| base.mailbox.clone()),
+                connect_timeout_secs: r.connect_timeout_secs.unwrap_or(base.connect_timeout_secs),
+                command_timeout_secs: r.command_timeout_secs.unwrap_or(base.command_timeout_secs),
+                no_uidplus: r.no_uidplus.unwrap_or(base.no_uidplus),
+                ca_file: r.ca_file.clone().unwrap_or_else(|| base.ca_file.clone()),
+                tls_name: r.tls_name.clone().unwrap_or_else(|| base.tls_name.clone()),
+                login: r.login.unwrap_or(base.login),
+            };
+            check_upstream(&at, &upstream)?;
+            let spec = r.uidl_format.as_deref().unwrap_or(&self.pop3.uidl_format);
+            let uidl = UidlFormat::parse(spec).map_err(|e| ConfigError(format!("{at}.{e}")))?;
+            out.push(EffectiveRoute {
+                name: r.name.clone(),
+                domains: r.domains.clone(),
+                users: r.users.clone(),
+                upstream,
+                uidl,
+                mark_seen: r.mark_seen_on_retr.unwrap_or(self.pop3.mark_seen_on_retr),
+                is_default: false,
+            });
+        }
+        if self.routing.default_route {
+            check_upstream("upstream", &self.upstream)?;
+            let uidl = UidlFormat::parse(&self.pop3.uidl_format)
+                .map_err(|e| ConfigError(format!("pop3.{e}")))?;
+            out.push(EffectiveRoute {
+                name: "default".into(),
+                domains: Vec::new(),
+                users: Vec::new(),
+                upstream: self.upstream.clone(),
+                uidl,
+                mark_seen: self.pop3.mark_seen_on_retr,
+                is_default: true,
+            });
+        }
+        if out.is_empty() {
+            return Err(ConfigError(
+                "no route: add [[routes]] or set routing.default_route = true".into(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Reads and parses a TOML file (not yet validated).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -334,15 +513,6 @@ impl Config {
                 self.listen.address
             ))
         })?;
-        let a = &self.upstream.address;
-        match a.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => {
-                return Err(ConfigError(format!(
-                    "upstream.address {a:?} is not host:port such as imap.example.org:143"
-                )))
-            }
-        }
         let tls_address = match self.listen.tls_address.as_str() {
             "" => None,
             a => Some(a.parse::<SocketAddr>().map_err(|_| {
@@ -375,9 +545,7 @@ impl Config {
                 Path::new(&self.tls.key_file),
             )?;
         }
-        if self.upstream.tls != UpstreamTls::None && !self.upstream.ca_file.is_empty() {
-            crate::tls::client_connector(Some(Path::new(&self.upstream.ca_file)))?;
-        }
+        let routes = self.effective_routes()?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (
@@ -398,21 +566,7 @@ impl Config {
                 return Err(ConfigError(format!("{key} must be greater than 0")));
             }
         }
-        let mailbox = &self.upstream.mailbox;
-        if mailbox.is_empty() || mailbox.contains(['\r', '\n', '\0']) {
-            return Err(ConfigError(format!(
-                "upstream.mailbox {mailbox:?} is not a valid mailbox name"
-            )));
-        }
         for (key, v) in [
-            (
-                "upstream.connect_timeout_secs",
-                self.upstream.connect_timeout_secs,
-            ),
-            (
-                "upstream.command_timeout_secs",
-                self.upstream.command_timeout_secs,
-            ),
             ("pop3.login_timeout_secs", self.pop3.login_timeout_secs),
             ("limits.max_sessions", self.limits.max_sessions as u64),
         ] {
@@ -447,6 +601,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(Validated {
+            routes,
             admin,
             listen,
             tls_address,
@@ -461,6 +616,8 @@ impl Config {
 /// A configuration that passed [`Config::validate`], with values parsed.
 #[derive(Debug, Clone)]
 pub struct Validated {
+    /// Every route, the default (if any) included, in table order.
+    pub routes: Vec<EffectiveRoute>,
     pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,
@@ -492,6 +649,17 @@ mod tests {
             c.validate().unwrap_err().0
         };
         assert!(bad("address = \"nohost\"").contains("upstream.address"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\naddress = \"bad\"")
+                .contains("routes[0].address")
+        );
+        assert!(bad("[[routes]]\nname = \"a\"").contains("neither domains nor users"));
+        assert!(bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\n[[routes]]\nname = \"b\"\ndomains = [\"X.org\"]").contains("routed twice"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_format = \"%v\"")
+                .contains("routes[0].uidl_format")
+        );
+        assert!(bad("[routing]\ndefault_route = false").contains("no route"));
         assert!(bad("address = \"h:0\"").contains("upstream.address"));
         assert!(bad("command_timeout_secs = 0").contains("command_timeout_secs"));
         assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));

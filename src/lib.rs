@@ -27,6 +27,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pop3;
 pub mod proxy;
+pub mod routing;
 pub mod server;
 pub mod tls;
 pub mod upstream;

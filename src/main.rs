@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use popbridge::admin::Readiness;
-use popbridge::config::{Config, LogFormat, UpstreamTls, Validated};
+use popbridge::config::{Config, LogFormat, UpstreamConfig, UpstreamTls, Validated};
 use popbridge::limits::{LoginThrottle, ThrottleConfig};
+use popbridge::pop3::session::Profile;
 use popbridge::pop3::session::SessionConfig;
+use popbridge::routing::{Route, Router};
 use popbridge::server::{Listener, Server, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
 use popbridge::upstream::cache::ListingCache;
@@ -34,6 +36,11 @@ struct Args {
     /// Validate the configuration and exit: 0 if valid, 2 if not.
     #[arg(long)]
     check_config: bool,
+    /// Health probe for containers without a shell: GET an http://host:port/path
+    /// URL (such as the admin listener's /healthz) and exit 0 on a 2xx
+    /// answer, 1 otherwise. No configuration is read.
+    #[arg(long, value_name = "URL")]
+    probe: Option<String>,
     /// Address:port for POP3 clients (listen.address).
     #[arg(long, env = "POPBRIDGE_LISTEN")]
     listen: Option<String>,
@@ -114,6 +121,15 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(url) = &args.probe {
+        return match probe(url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popbridge: probe {url}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let (config, check_only) = match args.clone().into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -148,6 +164,48 @@ fn main() -> ExitCode {
             eprintln!("popbridge: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--probe`: one HTTP GET with a 3-second budget (Docker's HEALTHCHECK
+/// default timeout is 5 s). Exit code 2 is avoided: Docker reserves it.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    const BUDGET: Duration = Duration::from_secs(3);
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("{hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{hostport}: no address"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, BUDGET).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(BUDGET))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(BUDGET))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    let status = line.split_whitespace().nth(1).unwrap_or("");
+    if status.len() == 3 && status.starts_with('2') {
+        Ok(())
+    } else {
+        Err(format!("answered {:?}", line.lines().next().unwrap_or("")))
     }
 }
 
@@ -186,43 +244,34 @@ fn build_shared(
             .map_err(|e| e.to_string())?;
         Some(Arc::new(t))
     };
-    let upstream_tls = match cfg.upstream.tls {
-        UpstreamTls::None => {
-            if !is_loopback(&cfg.upstream.address) {
-                warn!(upstream = %cfg.upstream.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
-            }
-            UpstreamTlsSetup::None
-        }
-        mode => {
-            let ca = (!cfg.upstream.ca_file.is_empty()).then(|| Path::new(&cfg.upstream.ca_file));
-            let connector = popbridge::tls::client_connector(ca).map_err(|e| e.to_string())?;
-            let name = if cfg.upstream.tls_name.is_empty() {
-                host_of(&cfg.upstream.address).to_string()
-            } else {
-                cfg.upstream.tls_name.clone()
-            };
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| format!("upstream TLS name {name:?}: {e}"))?;
-            if mode == UpstreamTls::Implicit {
-                UpstreamTlsSetup::Implicit(connector, name)
-            } else {
-                UpstreamTlsSetup::StartTls(connector, name)
-            }
-        }
-    };
-    let connector = Arc::new(ImapConnector::new(ImapConfig {
-        address: cfg.upstream.address.clone(),
-        mailbox: cfg.upstream.mailbox.clone(),
-        connect_timeout: Duration::from_secs(cfg.upstream.connect_timeout_secs),
-        command_timeout: Duration::from_secs(cfg.upstream.command_timeout_secs),
-        no_uidplus: cfg.upstream.no_uidplus,
-        tls: upstream_tls,
-        cache: (cfg.cache.listing_mb > 0).then(|| {
-            Arc::new(ListingCache::new(
-                cfg.cache.listing_mb.saturating_mul(1024 * 1024),
-            ))
-        }),
-    }));
+    // One listing cache for every route: its key holds the upstream.
+    let cache = (cfg.cache.listing_mb > 0).then(|| {
+        Arc::new(ListingCache::new(
+            cfg.cache.listing_mb.saturating_mul(1024 * 1024),
+        ))
+    });
+    let mut router = Router::new();
+    for route in &valid.routes {
+        let connector = Arc::new(ImapConnector::new(imap_config(
+            &route.upstream,
+            cache.clone(),
+        )?));
+        let profile = Profile {
+            uidl: route.uidl.clone(),
+            mark_seen: route.mark_seen,
+        };
+        router.add(
+            Route {
+                name: route.name.clone(),
+                connector,
+                login: route.upstream.login,
+                profile,
+            },
+            &route.users,
+            &route.domains,
+            route.is_default,
+        );
+    }
     let settings = Arc::new(ServerSettings {
         session: SessionConfig {
             uidl: valid.uidl.clone(),
@@ -253,9 +302,49 @@ fn build_shared(
     };
     Ok(Shared {
         settings,
-        connector,
+        router,
         tls,
         throttle,
+    })
+}
+
+/// The IMAP side of one route.
+fn imap_config(
+    up: &UpstreamConfig,
+    cache: Option<Arc<ListingCache>>,
+) -> Result<ImapConfig, String> {
+    let tls = match up.tls {
+        UpstreamTls::None => {
+            if !is_loopback(&up.address) {
+                warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
+            }
+            UpstreamTlsSetup::None
+        }
+        mode => {
+            let ca = (!up.ca_file.is_empty()).then(|| Path::new(&up.ca_file));
+            let connector = popbridge::tls::client_connector(ca).map_err(|e| e.to_string())?;
+            let name = if up.tls_name.is_empty() {
+                host_of(&up.address).to_string()
+            } else {
+                up.tls_name.clone()
+            };
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| format!("upstream TLS name {name:?}: {e}"))?;
+            if mode == UpstreamTls::Implicit {
+                UpstreamTlsSetup::Implicit(connector, name)
+            } else {
+                UpstreamTlsSetup::StartTls(connector, name)
+            }
+        }
+    };
+    Ok(ImapConfig {
+        address: up.address.clone(),
+        mailbox: up.mailbox.clone(),
+        connect_timeout: Duration::from_secs(up.connect_timeout_secs),
+        command_timeout: Duration::from_secs(up.command_timeout_secs),
+        no_uidplus: up.no_uidplus,
+        tls,
+        cache,
     })
 }
 
@@ -288,11 +377,20 @@ async fn run(valid: Validated, args: Args) -> Result<bool, String> {
         let interval = Duration::from_secs(cfg.admin.check_interval_secs);
         info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
         tokio::spawn(popbridge::admin::serve(admin, ready.clone(), interval));
-        tokio::spawn(popbridge::admin::watch_upstream(
-            cfg.upstream.address.clone(),
-            interval,
-            ready.clone(),
-        ));
+        // Readiness follows the default route, or the first route.
+        let route = valid
+            .routes
+            .iter()
+            .find(|r| r.is_default)
+            .or(valid.routes.first());
+        if let Some(r) = route {
+            let address = r.upstream.address.clone();
+            tokio::spawn(popbridge::admin::watch_upstream(
+                address,
+                interval,
+                ready.clone(),
+            ));
+        }
     }
     tokio::spawn(reload_on_sighup(server.clone(), args, valid));
 

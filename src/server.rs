@@ -31,6 +31,7 @@ use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
 };
 use crate::proxy;
+use crate::routing::Router;
 use crate::tls::ServerTls;
 use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
 
@@ -67,7 +68,8 @@ pub struct ServerSettings {
 /// What the listeners share: settings, the upstream, TLS and the limits.
 pub struct Shared<C: Connector> {
     pub settings: Arc<ServerSettings>,
-    pub connector: Arc<C>,
+    /// Which upstream serves which login.
+    pub router: Router<C>,
     /// The certificate for POP3S and STLS, when configured.
     pub tls: Option<Arc<ServerTls>>,
     pub throttle: Arc<LoginThrottle>,
@@ -628,13 +630,25 @@ impl<C: Connector> Connection<C> {
                 },
             };
         }
-        match self.shared.connector.login(user, pass).await {
+        let Some(route) = self.shared.router.route(user) else {
+            // No route for this name's domain and no default: as good as a
+            // wrong password, and counted as one.
+            info!(user, "no route for this login");
+            metrics().auth("no_route");
+            tokio::time::sleep(throttle.failed(ip, user)).await;
+            return LoginOutcome::Refused;
+        };
+        let upstream_user = route.login.apply(user);
+        match route.connector.login(upstream_user, pass).await {
             Ok((conn, snap)) => {
-                info!(messages = snap.messages.len(), "logged in");
+                info!(route = %route.name, messages = snap.messages.len(), "logged in");
                 throttle.succeeded(user);
                 metrics().auth("ok");
                 self.upstream = Some(conn);
-                LoginOutcome::Ok(Maildrop::new(snap.uidvalidity, snap.messages))
+                LoginOutcome::Ok(
+                    Maildrop::new(snap.uidvalidity, snap.messages),
+                    route.profile.clone(),
+                )
             }
             Err(UpstreamError::AuthFailed(text)) => {
                 info!(user, upstream = %text, "login refused");

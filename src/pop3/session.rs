@@ -129,10 +129,27 @@ pub struct CommitRequest {
     pub seen: Vec<u32>,
 }
 
+/// POP3 behaviour that depends on the route a login took.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub uidl: UidlFormat,
+    pub mark_seen: bool,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            uidl: UidlFormat::default(),
+            mark_seen: true,
+        }
+    }
+}
+
 /// How a login attempt ended.
 #[derive(Debug)]
 pub enum LoginOutcome {
-    Ok(Maildrop),
+    /// Logged in: the snapshot, and the route's POP3 behaviour.
+    Ok(Maildrop, Profile),
     /// The upstream refused the credentials.
     Refused,
     /// The upstream could not be used. `code` is an RFC 3206 response code;
@@ -519,7 +536,9 @@ impl Session {
     /// Reports how the upstream login started by [`Action::Login`] ended.
     pub fn login_result(&mut self, outcome: LoginOutcome, out: &mut Vec<u8>) -> Action {
         match outcome {
-            LoginOutcome::Ok(maildrop) => {
+            LoginOutcome::Ok(maildrop, profile) => {
+                self.config.uidl = profile.uidl;
+                self.config.mark_seen = profile.mark_seen;
                 self.state = State::Transaction(maildrop);
                 ok(out, "Logged in.");
                 Action::Continue
@@ -730,7 +749,7 @@ mod tests {
         assert!(matches!(a, Action::Login { .. }));
         let mut out = Vec::new();
         let drop = Maildrop::new(0x5f5e100, vec![(4, 100), (7, 250), (9, 30)]);
-        s.login_result(LoginOutcome::Ok(drop), &mut out);
+        s.login_result(LoginOutcome::Ok(drop, Profile::default()), &mut out);
         assert_eq!(out, b"+OK Logged in.\r\n");
         s
     }
