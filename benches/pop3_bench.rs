@@ -826,13 +826,16 @@ fn proc_stat(pid: u32) -> Option<(u32, String, u64)> {
     Some((f.get(1)?.parse().ok()?, comm, ticks))
 }
 
-/// Children of `parent` whose executable is `comm`.
-fn children(parent: u32, comm: &str) -> Vec<u32> {
+/// Children of `parent` (whose executable is `comm`, if given).
+fn children(parent: u32, comm: Option<&str>) -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| matches!(proc_stat(pid), Some((pp, c, _)) if pp == parent && c == comm))
+        .filter(|&pid| {
+            matches!(proc_stat(pid), Some((pp, c, _))
+                if pp == parent && comm.is_none_or(|comm| c == comm))
+        })
         .collect()
 }
 
@@ -845,7 +848,7 @@ fn cpu_secs(pid: u32) -> f64 {
 /// The Dovecot master's pid: our child process named `dovecot`.
 fn dovecot_master() -> u32 {
     for _ in 0..100 {
-        if let Some(&pid) = children(std::process::id(), "dovecot").first() {
+        if let Some(&pid) = children(std::process::id(), Some("dovecot")).first() {
             return pid;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -853,11 +856,42 @@ fn dovecot_master() -> u32 {
     panic!("cannot find the Dovecot master process");
 }
 
-/// Total CPU seconds and PSS (kB) of Dovecot's `comm` processes.
-fn dovecot_usage(master: u32, comm: &str) -> (f64, u64) {
-    children(master, comm)
-        .into_iter()
-        .fold((0.0, 0), |(c, p), pid| (c + cpu_secs(pid), p + pss_kb(pid)))
+/// Total PSS (kB) of Dovecot's `comm` processes.
+fn dovecot_pss(master: u32, comm: &str) -> u64 {
+    children(master, Some(comm)).into_iter().map(pss_kb).sum()
+}
+
+/// CPU seconds used so far by Dovecot (the master and every process it
+/// started that is still running: with `service_count = 0` they all live
+/// through the run), popbridge and this benchmark client.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    dovecot: f64,
+    popbridge: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn now(master: u32, popbridge: u32) -> Cpu {
+        let dovecot = cpu_secs(master)
+            + children(master, None)
+                .into_iter()
+                .map(cpu_secs)
+                .sum::<f64>();
+        Cpu {
+            dovecot,
+            popbridge: cpu_secs(popbridge),
+            client: cpu_secs(std::process::id()),
+        }
+    }
+
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            dovecot: self.dovecot - earlier.dovecot,
+            popbridge: self.popbridge - earlier.popbridge,
+            client: self.client - earlier.client,
+        }
+    }
 }
 
 /// The kernel's TCP counters ListenOverflows and SyncookiesSent (for the
@@ -1264,24 +1298,14 @@ impl Bench {
             for pipelined in [false, true] {
                 for side in [Side::Native, Side::Proxy] {
                     let port = self.port(side, &pb);
-                    let comm = if side == Side::Native { "pop3" } else { "imap" };
-                    let me = std::process::id();
-                    let before = (
-                        dovecot_usage(self.master, comm).0,
-                        cpu_secs(pb.pid()),
-                        cpu_secs(me),
-                    );
+                    let before = Cpu::now(self.master, pb.pid());
                     let (t, r) = self.rt.block_on(timed(bulk_session(
                         port,
                         "bulk".into(),
                         expected,
                         pipelined,
                     )));
-                    let after = (
-                        dovecot_usage(self.master, comm).0,
-                        cpu_secs(pb.pid()),
-                        cpu_secs(me),
-                    );
+                    let cpu = Cpu::now(self.master, pb.pid()).since(before);
                     eprintln!(
                         "bulk rep {}/{}{}: {} {:.2} s",
                         rep + 1,
@@ -1299,10 +1323,10 @@ impl Bench {
                         continue;
                     }
                     times.push(side, t.as_secs_f64());
-                    cpu_dovecot.push(side, after.0 - before.0);
-                    cpu_client.push(side, after.2 - before.2);
+                    cpu_dovecot.push(side, cpu.dovecot);
+                    cpu_client.push(side, cpu.client);
                     if side == Side::Proxy {
-                        cpu_pb.push(side, after.1 - before.1);
+                        cpu_pb.push(side, cpu.popbridge);
                     }
                 }
             }
@@ -1320,7 +1344,7 @@ impl Bench {
                 .popbridge(rate(times.median(Side::Proxy))),
         );
         self.rows
-            .push(cpu_dovecot.row(&name, "CPU: Dovecot pop3 / imap processes", Unit::Secs));
+            .push(cpu_dovecot.row(&name, "CPU: Dovecot (all processes)", Unit::Secs));
         self.rows
             .push(cpu_pb.row(&name, "CPU: popbridge", Unit::Secs));
         self.rows
@@ -1440,12 +1464,25 @@ impl Bench {
         let mut p99 = Samples::default();
         let mut errors = Samples::default();
         let mut overflows = Samples::default();
+        let mut clean_rate = Samples::default();
+        let mut cpu_dovecot = Samples::default();
+        let mut cpu_pb = Samples::default();
         let mut rss = Vec::new();
         for rep in 0..p.reps {
             for side in [Side::Native, Side::Proxy] {
                 let before = listen_counters();
+                let cpu0 = Cpu::now(self.master, pb.pid());
                 let b = self.many_batch(self.port(side, &pb));
+                let cpu = Cpu::now(self.master, pb.pid()).since(cpu0);
                 let after = listen_counters();
+                let sessions = p.many_sessions as f64;
+                cpu_dovecot.push(side, cpu.dovecot * 1000.0 / sessions);
+                if side == Side::Proxy {
+                    cpu_pb.push(side, cpu.popbridge * 1000.0 / sessions);
+                }
+                if b.errors.is_empty() {
+                    clean_rate.push(side, b.rate());
+                }
                 eprintln!(
                     "many rep {}/{}: {} {:.0} sessions/s, {} errors",
                     rep + 1,
@@ -1483,11 +1520,23 @@ impl Bench {
             rate.row(&name, "sessions per second (median)", Unit::PerSec)
                 .target(Target::RatioAtLeast(0.8)),
         );
+        self.rows.push(clean_rate.row(
+            &name,
+            "sessions per second, reps without errors (median)",
+            Unit::PerSec,
+        ));
         self.rows
             .push(p50.row(&name, "p50 session time (median)", Unit::Millis));
         self.rows
             .push(p99.row(&name, "p99 session time (median)", Unit::Millis));
         self.rows.push(errors.errors_row(&name));
+        self.rows.push(cpu_dovecot.row(
+            &name,
+            "CPU per session: Dovecot (all processes)",
+            Unit::Millis,
+        ));
+        self.rows
+            .push(cpu_pb.row(&name, "CPU per session: popbridge", Unit::Millis));
         self.rows.push(
             Row::new(&name, "kernel ListenOverflows (all reps)", Unit::Count)
                 .native(Some(overflows.total(Side::Native)))
@@ -1618,14 +1667,14 @@ impl Bench {
             let rss0 = rss_kb(pb.pid());
             for side in [Side::Native, Side::Proxy] {
                 let comm = if side == Side::Native { "pop3" } else { "imap" };
-                let (_, pss0) = dovecot_usage(self.master, comm);
+                let pss0 = dovecot_pss(self.master, comm);
                 let start = Instant::now();
                 let (clients, errs) =
                     self.rt
                         .block_on(open_idle(self.port(side, &pb), n, p.many_users));
                 let opened = start.elapsed();
                 std::thread::sleep(SETTLE);
-                let (_, pss1) = dovecot_usage(self.master, comm);
+                let pss1 = dovecot_pss(self.master, comm);
                 let held = clients.len();
                 if held > 0 {
                     if side == Side::Proxy {
