@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bridge::policy::{is_safe_atom, DeletePolicy, Policy, DEFAULT_DELETED_KEYWORD};
 use crate::bridge::uidl::UidlFormat;
 use crate::error::ConfigError;
 use crate::routing::LoginName;
@@ -212,6 +213,13 @@ pub struct RouteConfig {
     pub command_timeout_secs: Option<u64>,
     pub uidl_format: Option<String>,
     pub mark_seen_on_retr: Option<bool>,
+    pub mark_seen_on_top: Option<bool>,
+    pub delete_policy: Option<DeletePolicy>,
+    pub deleted_keyword: Option<String>,
+    pub move_to: Option<String>,
+    pub create_move_target: Option<bool>,
+    pub device_separator: Option<String>,
+    pub lock: Option<bool>,
 }
 
 /// A route with everything inherited filled in and checked.
@@ -223,6 +231,8 @@ pub struct EffectiveRoute {
     pub upstream: UpstreamConfig,
     pub uidl: UidlFormat,
     pub mark_seen: bool,
+    pub mark_seen_on_top: bool,
+    pub policy: Policy,
     pub is_default: bool,
 }
 
@@ -252,6 +262,25 @@ pub struct Pop3Config {
     pub uidl_format: String,
     /// Mark messages fetched with RETR as \Seen at QUIT.
     pub mark_seen_on_retr: bool,
+    /// Mark messages read with TOP as \Seen at QUIT too.
+    pub mark_seen_on_top: bool,
+    /// What DELE + QUIT does: `expunge`, `flag` (a keyword hides the
+    /// message from POP3), `move` (to `move_to`), `keep` (nothing), or
+    /// `per-device` (a keyword per device hides it from that device only).
+    pub delete_policy: DeletePolicy,
+    /// The keyword of the `flag` policy (Dovecot's `pop3_deleted_flag`).
+    pub deleted_keyword: String,
+    /// The mailbox the `move` policy moves to.
+    pub move_to: String,
+    /// Create `move_to` at QUIT if it does not exist (otherwise QUIT answers
+    /// -ERR and nothing moves).
+    pub create_move_target: bool,
+    /// Separates account and device in a login for `per-device`
+    /// (`alice+scanner` logs in as `alice`, device `scanner`).
+    pub device_separator: String,
+    /// Allow one POP3 session per account and mailbox at a time (in this
+    /// process); a second gets `-ERR [IN-USE]`.
+    pub lock: bool,
     /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
     pub idle_timeout_secs: u64,
     /// Seconds a client has to log in.
@@ -265,6 +294,13 @@ impl Default for Pop3Config {
         Self {
             uidl_format: "dovecot".into(),
             mark_seen_on_retr: true,
+            mark_seen_on_top: false,
+            delete_policy: DeletePolicy::Expunge,
+            deleted_keyword: DEFAULT_DELETED_KEYWORD.into(),
+            move_to: "Trash".into(),
+            create_move_target: false,
+            device_separator: "+".into(),
+            lock: false,
             idle_timeout_secs: 600,
             login_timeout_secs: 60,
             greeting: "popbridge ready.".into(),
@@ -468,6 +504,8 @@ impl Config {
                 upstream,
                 uidl,
                 mark_seen: r.mark_seen_on_retr.unwrap_or(self.pop3.mark_seen_on_retr),
+                mark_seen_on_top: r.mark_seen_on_top.unwrap_or(self.pop3.mark_seen_on_top),
+                policy: self.policy(&at, r)?,
                 is_default: false,
             });
         }
@@ -482,6 +520,8 @@ impl Config {
                 upstream: self.upstream.clone(),
                 uidl,
                 mark_seen: self.pop3.mark_seen_on_retr,
+                mark_seen_on_top: self.pop3.mark_seen_on_top,
+                policy: self.policy("pop3", &RouteConfig::default())?,
                 is_default: true,
             });
         }
@@ -491,6 +531,47 @@ impl Config {
             ));
         }
         Ok(out)
+    }
+
+    /// A route's shared-mailbox policy: its own keys, else `[pop3]`'s.
+    fn policy(&self, at: &str, r: &RouteConfig) -> Result<Policy, ConfigError> {
+        let p = &self.pop3;
+        let policy = Policy {
+            delete: r.delete_policy.unwrap_or(p.delete_policy),
+            keyword: r
+                .deleted_keyword
+                .clone()
+                .unwrap_or_else(|| p.deleted_keyword.clone()),
+            move_to: r.move_to.clone().unwrap_or_else(|| p.move_to.clone()),
+            create_move_target: r.create_move_target.unwrap_or(p.create_move_target),
+            device_separator: r
+                .device_separator
+                .clone()
+                .unwrap_or_else(|| p.device_separator.clone()),
+            lock: r.lock.unwrap_or(p.lock),
+        };
+        // Keywords travel unquoted: only safe atoms (never \Flags or syntax).
+        if !is_safe_atom(&policy.keyword) {
+            return Err(ConfigError(format!(
+                "{at}.deleted_keyword {:?} must be letters, digits, '$', '-', '_' or '.'",
+                policy.keyword
+            )));
+        }
+        if policy.move_to.is_empty() || policy.move_to.contains(['\r', '\n', '\0']) {
+            return Err(ConfigError(format!(
+                "{at}.move_to {:?} is not a valid mailbox name",
+                policy.move_to
+            )));
+        }
+        if policy.delete == DeletePolicy::PerDevice
+            && (policy.device_separator.is_empty() || policy.device_separator.contains(['@', ' ']))
+        {
+            return Err(ConfigError(format!(
+                "{at}.device_separator {:?} must be non-empty, without '@' or spaces",
+                policy.device_separator
+            )));
+        }
+        Ok(policy)
     }
 
     /// Reads and parses a TOML file (not yet validated).

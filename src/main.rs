@@ -259,6 +259,7 @@ fn build_shared(
         let profile = Profile {
             uidl: route.uidl.clone(),
             mark_seen: route.mark_seen,
+            mark_seen_on_top: route.mark_seen_on_top,
         };
         router.add(
             Route {
@@ -266,6 +267,8 @@ fn build_shared(
                 connector,
                 login: route.upstream.login,
                 profile,
+                policy: route.policy.clone(),
+                lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
             },
             &route.users,
             &route.domains,
@@ -276,6 +279,7 @@ fn build_shared(
         session: SessionConfig {
             uidl: valid.uidl.clone(),
             mark_seen: cfg.pop3.mark_seen_on_retr,
+            mark_seen_on_top: cfg.pop3.mark_seen_on_top,
             stls_available: false,
             plaintext_ok: false,
         },

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bridge::policy::Policy;
 use crate::pop3::session::Profile;
 
 /// How the POP3 login name is passed to the IMAP server.
@@ -37,6 +38,10 @@ pub struct Route<C> {
     pub login: LoginName,
     /// Per-route POP3 behaviour (UIDL format, `\Seen` policy).
     pub profile: Profile,
+    /// Delete policy, per-device views and the session lock.
+    pub policy: Policy,
+    /// The upstream and mailbox, for session-lock keys.
+    pub lock_scope: String,
 }
 
 /// The routing table.
@@ -117,6 +122,8 @@ mod tests {
             connector: Arc::new(()),
             login: LoginName::Full,
             profile: Profile::default(),
+            policy: Policy::default(),
+            lock_scope: String::new(),
         }
     }
 

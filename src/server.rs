@@ -21,7 +21,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::timeout;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
+use crate::bridge::lock::MailboxLock;
 use crate::bridge::maildrop::Maildrop;
+use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::limits::{IpLimiter, LoginThrottle, Throttled};
 use crate::metrics::{metrics, ListenerLabels};
@@ -377,6 +379,8 @@ async fn handle<C: Connector>(
         stats: Stats::default(),
         user_recorded: false,
         closing,
+        delete_action: DeleteAction::Expunge,
+        lock: None,
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
@@ -515,6 +519,10 @@ struct Connection<C: Connector> {
     user_recorded: bool,
     /// Becomes true at the drain deadline: end after the current command.
     closing: watch::Receiver<bool>,
+    /// What QUIT does with DELE'd messages (the route's delete policy).
+    delete_action: DeleteAction,
+    /// The session lock, when the route asks for one; released on drop.
+    lock: Option<MailboxLock>,
 }
 
 impl<C: Connector> Connection<C> {
@@ -576,10 +584,16 @@ impl<C: Connector> Connection<C> {
                         unreachable!("TRANSACTION always has an upstream");
                     };
                     let outcome =
-                        match up.commit(&req.delete, &req.seen).await {
+                        match up.commit(&req.delete, &req.seen, &self.delete_action).await {
                             Ok(report) if report.not_removed.is_empty() => {
-                                self.stats.deleted = req.delete.len() as u64;
-                                CommitOutcome::Done
+                                // Removed from the mailbox: expunged or moved.
+                                if matches!(
+                                    self.delete_action,
+                                    DeleteAction::Expunge | DeleteAction::Move { .. }
+                                ) {
+                                    self.stats.deleted = req.delete.len() as u64;
+                                }
+                                CommitOutcome::Done(report.summary)
                             }
                             Ok(report) => {
                                 let n = report.not_removed.len();
@@ -638,13 +652,45 @@ impl<C: Connector> Connection<C> {
             tokio::time::sleep(throttle.failed(ip, user)).await;
             return LoginOutcome::Refused;
         };
-        let upstream_user = route.login.apply(user);
-        match route.connector.login(upstream_user, pass).await {
+        let view = match route.policy.view(user) {
+            Ok(v) => v,
+            Err(why) => {
+                info!(user, why, "login refused by the route's device policy");
+                metrics().auth("refused");
+                return LoginOutcome::Failed {
+                    code: "AUTH",
+                    text: why,
+                };
+            }
+        };
+        let upstream_user = route.login.apply(&view.account);
+        match route
+            .connector
+            .login(upstream_user, pass, view.hide.as_deref())
+            .await
+        {
             Ok((conn, snap)) => {
+                if route.policy.lock {
+                    let key = format!("{}/{}", route.lock_scope, upstream_user.to_lowercase());
+                    match MailboxLock::try_acquire(key) {
+                        Some(lock) => self.lock = Some(lock),
+                        None => {
+                            info!(route = %route.name, "mailbox locked by another POP3 session");
+                            metrics().auth("in_use");
+                            tokio::spawn(conn.logout());
+                            // RFC 2449 §8.1.2: IN-USE, the maildrop is locked.
+                            return LoginOutcome::Failed {
+                                code: "IN-USE",
+                                text: "Mailbox is in use by another POP3 session.",
+                            };
+                        }
+                    }
+                }
                 info!(route = %route.name, messages = snap.messages.len(), "logged in");
                 throttle.succeeded(user);
                 metrics().auth("ok");
                 self.upstream = Some(conn);
+                self.delete_action = view.action;
                 LoginOutcome::Ok(
                     Maildrop::new(snap.uidvalidity, snap.messages),
                     route.profile.clone(),

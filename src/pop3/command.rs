@@ -72,15 +72,15 @@ impl LineDecoder {
                 continue;
             }
             // The limit counts CRLF (2 octets): content may be `max - 2` long.
-            if self.line.len() + chunk.len() > self.max.saturating_sub(2) {
-                // Tolerate a CR that is the last content byte (it is part of CRLF).
-                let content_len = self.line.len() + chunk.len();
-                let ends_cr = has_lf && chunk.last() == Some(&b'\r');
-                if !(ends_cr && content_len - 1 <= self.max.saturating_sub(2)) {
-                    self.line.clear();
-                    self.discarding = !has_lf;
-                    return Some(Line::TooLong);
-                }
+            // A CR at the end may be the first half of a CRLF whose LF is in
+            // the next read, so it gets its octet too.
+            let content_len = self.line.len() + chunk.len();
+            let ends_cr = chunk.last().or(self.line.last()) == Some(&b'\r');
+            let limit = self.max.saturating_sub(2);
+            if content_len > limit && !(ends_cr && content_len - 1 <= limit) {
+                self.line.clear();
+                self.discarding = !has_lf;
+                return Some(Line::TooLong);
             }
             self.line.extend_from_slice(chunk);
             if has_lf {
@@ -417,6 +417,23 @@ mod tests {
         // limit is on content plus CRLF as RFC 2449 counts it.
         let lf = [vec![b'a'; 253], b"\n".to_vec()].concat();
         assert_eq!(lines(&lf, 3), vec![Line::Complete(vec![b'a'; 253])]);
+    }
+
+    #[test]
+    fn crlf_split_across_reads_at_the_limit() {
+        // Found by fuzzing: 253 octets, CR in one read, LF in the next.
+        let mut dec = LineDecoder::default();
+        let first = [vec![b'a'; 253], b"\r".to_vec()].concat();
+        let mut s = &first[..];
+        assert_eq!(dec.decode(&mut s), None);
+        let mut s = &b"\n"[..];
+        assert_eq!(dec.decode(&mut s), Some(Line::Complete(vec![b'a'; 253])));
+        // A bare CR that is not followed by LF still makes the line too long.
+        let mut dec = LineDecoder::default();
+        let mut s = &first[..];
+        assert_eq!(dec.decode(&mut s), None);
+        let mut s = &b"x\r\n"[..];
+        assert_eq!(dec.decode(&mut s), Some(Line::TooLong));
     }
 
     #[test]

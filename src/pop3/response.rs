@@ -35,7 +35,8 @@ pub const TERMINATOR: &[u8] = b".\r\n";
 /// - an LF without a CR before it gets one (bare LF → CRLF);
 /// - a "." at the start of a line is doubled (RFC 1939 §3, byte-stuffing);
 /// - a message that does not end in LF gets a final CRLF before the ".";
-/// - for TOP, the header ends at the first empty line (CRLF or LF alone), and
+/// - for TOP, the header ends at the first line that starts with CR or LF
+///   (an empty line; also a line starting with a bare CR, as in Dovecot), and
 ///   output stops after that line plus `n` more body lines (RFC 1939 §7).
 ///
 /// One deliberate difference: Dovecot does not stuff a "." that is the very

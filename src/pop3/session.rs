@@ -40,8 +40,10 @@ pub struct SessionConfig {
     /// How UIDLs are formed.
     pub uidl: UidlFormat,
     /// Mark messages `\Seen` at QUIT when RETR fetched them (Dovecot does).
-    /// TOP never marks.
+    /// TOP never marks, unless `mark_seen_on_top`.
     pub mark_seen: bool,
+    /// TOP marks `\Seen` at QUIT too.
+    pub mark_seen_on_top: bool,
     /// STLS can be offered (a certificate is configured).
     pub stls_available: bool,
     /// Credentials may cross this connection without TLS: the operator allows
@@ -54,6 +56,7 @@ impl Default for SessionConfig {
         Self {
             uidl: UidlFormat::default(),
             mark_seen: true,
+            mark_seen_on_top: false,
             stls_available: false,
             plaintext_ok: true,
         }
@@ -134,6 +137,8 @@ pub struct CommitRequest {
 pub struct Profile {
     pub uidl: UidlFormat,
     pub mark_seen: bool,
+    /// TOP marks `\Seen` too.
+    pub mark_seen_on_top: bool,
 }
 
 impl Default for Profile {
@@ -141,6 +146,7 @@ impl Default for Profile {
         Self {
             uidl: UidlFormat::default(),
             mark_seen: true,
+            mark_seen_on_top: false,
         }
     }
 }
@@ -173,8 +179,9 @@ pub enum FetchFailure {
 /// How a commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// All marked messages were removed (and `\Seen` set).
-    Done,
+    /// All marked messages were handled (and `\Seen` set); the text says
+    /// what happened when it was not a deletion (hidden, moved, kept).
+    Done(Option<String>),
     /// Some marked messages could not be removed; the text says why.
     NotRemoved(String),
     /// The upstream failed; nothing can be said about what happened.
@@ -539,6 +546,7 @@ impl Session {
             LoginOutcome::Ok(maildrop, profile) => {
                 self.config.uidl = profile.uidl;
                 self.config.mark_seen = profile.mark_seen;
+                self.config.mark_seen_on_top = profile.mark_seen_on_top;
                 self.state = State::Transaction(maildrop);
                 ok(out, "Logged in.");
                 Action::Continue
@@ -569,7 +577,11 @@ impl Session {
     ) {
         match result {
             Ok(()) => {
-                if req.top_lines.is_none() {
+                let seen = match req.top_lines {
+                    None => self.config.mark_seen,
+                    Some(_) => self.config.mark_seen_on_top,
+                };
+                if seen {
                     if let State::Transaction(m) = &mut self.state {
                         m.mark_retrieved(req.msg);
                     }
@@ -597,8 +609,10 @@ impl Session {
     ) -> Action {
         self.state = State::Closed;
         match outcome {
-            CommitOutcome::Done if deleted == 0 => ok(out, "Logging out."),
-            CommitOutcome::Done => ok(out, "Logging out, messages deleted."),
+            CommitOutcome::Done(_) if deleted == 0 => ok(out, "Logging out."),
+            // The delete policy did something else than delete: say what.
+            CommitOutcome::Done(Some(summary)) => ok(out, &format!("Logging out. {summary}")),
+            CommitOutcome::Done(None) => ok(out, "Logging out, messages deleted."),
             // RFC 1939 §6: if the server cannot remove marked messages, QUIT
             // must answer -ERR.
             CommitOutcome::NotRemoved(why) => err(out, Some("SYS/PERM"), &why),
@@ -712,11 +726,8 @@ fn transaction(
         Command::Quit => {
             return Ok(Action::Commit(CommitRequest {
                 delete: drop.deleted_uids(),
-                seen: if config.mark_seen {
-                    drop.retrieved_uids()
-                } else {
-                    Vec::new()
-                },
+                // Only messages the \Seen policy marked are here.
+                seen: drop.retrieved_uids(),
             }));
         }
         Command::User(_) | Command::Pass(_) | Command::Auth { .. } | Command::Stls => {
@@ -867,7 +878,7 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            s.commit_result(CommitOutcome::Done, 1, &mut out),
+            s.commit_result(CommitOutcome::Done(None), 1, &mut out),
             Action::Close
         );
         assert_eq!(out, b"+OK Logging out, messages deleted.\r\n");

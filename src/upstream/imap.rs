@@ -28,6 +28,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::cache::{self, Listing, ListingCache, ListingKey, Plan};
 use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
+use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::metrics::metrics;
 use crate::pop3::command::Secret;
@@ -193,6 +194,7 @@ impl Connector for ImapConnector {
         &self,
         user: &str,
         pass: &Secret,
+        hide_keyword: Option<&str>,
     ) -> Result<(ImapConn, Snapshot), UpstreamError> {
         let cfg = self.config.clone();
         let span = info_span!("upstream", op = "login", addr = %cfg.address);
@@ -205,6 +207,8 @@ impl Connector for ImapConnector {
                 uidplus: false,
                 poisoned: false,
                 account: user.to_string(),
+                has_move: false,
+                hide_keyword: hide_keyword.map(str::to_string),
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -453,6 +457,11 @@ pub struct ImapConn {
     poisoned: bool,
     /// The account that logged in: part of the listing cache's key.
     account: String,
+    /// The server offers MOVE (RFC 6851).
+    has_move: bool,
+    /// Messages carrying this keyword are left out of the snapshot (the
+    /// `flag` and `per-device` delete policies).
+    hide_keyword: Option<String>,
 }
 
 impl std::fmt::Debug for ImapConn {
@@ -582,8 +591,12 @@ impl ImapConn {
         let cap_tag = self.send("CAPABILITY", "CAPABILITY").await?;
         let select_tag = self.send(&format!("SELECT {mailbox}"), "SELECT").await?;
         let mut uidplus = false;
+        let mut has_move = false;
         self.finish(&cap_tag, "CAPABILITY", |r| {
             if let Response::Capabilities(caps) = r {
+                has_move = caps
+                    .iter()
+                    .any(|c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("MOVE")));
                 uidplus = caps
                     .iter()
                     .any(|c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("UIDPLUS")));
@@ -591,6 +604,7 @@ impl ImapConn {
         })
         .await?;
         self.uidplus = uidplus;
+        self.has_move = has_move;
 
         let mut exists = None;
         let mut uidvalidity = None;
@@ -675,6 +689,26 @@ impl ImapConn {
             };
             if cached.as_deref() != Some(&listing) {
                 cache.insert(key, listing);
+            }
+        }
+        // Hidden messages stay in the cached listing (it describes the
+        // mailbox); flags change, so they are asked for at every login.
+        let mut messages = messages;
+        if let Some(keyword) = self.hide_keyword.clone() {
+            if !messages.is_empty() {
+                let mut hidden = Vec::new();
+                self.exec(
+                    &format!("UID SEARCH KEYWORD {keyword}"),
+                    "UID SEARCH",
+                    |r| {
+                        if let Response::MailboxData(MailboxDatum::Search(v)) = r {
+                            hidden.extend_from_slice(v);
+                        }
+                    },
+                )
+                .await?;
+                hidden.sort_unstable();
+                messages.retain(|m| hidden.binary_search(&m.0).is_err());
             }
         }
         debug!(
@@ -889,6 +923,7 @@ impl ImapConn {
         &mut self,
         delete: &[u32],
         seen: &[u32],
+        action: &DeleteAction,
     ) -> Result<CommitReport, UpstreamError> {
         for set in uid_sets(seen) {
             self.exec(
@@ -899,10 +934,39 @@ impl ImapConn {
             .await?;
         }
         if delete.is_empty() {
-            return Ok(CommitReport {
-                not_removed: vec![],
-                reason: None,
-            });
+            return Ok(CommitReport::default());
+        }
+        match action {
+            DeleteAction::Expunge => {}
+            DeleteAction::Keep => {
+                return Ok(CommitReport {
+                    summary: Some(format!(
+                        "{} messages kept on the server as configured.",
+                        delete.len()
+                    )),
+                    ..CommitReport::default()
+                })
+            }
+            DeleteAction::Keyword(keyword) => {
+                for set in uid_sets(delete) {
+                    self.exec(
+                        &format!("UID STORE {set} +FLAGS.SILENT ({keyword})"),
+                        "UID STORE",
+                        |_| {},
+                    )
+                    .await?;
+                }
+                return Ok(CommitReport {
+                    summary: Some(format!(
+                        "{} messages hidden from POP3, kept on the server.",
+                        delete.len()
+                    )),
+                    ..CommitReport::default()
+                });
+            }
+            DeleteAction::Move { mailbox, create } => {
+                return self.move_to(delete, mailbox, *create).await
+            }
         }
         if !self.uidplus {
             match self.config.no_uidplus {
@@ -913,6 +977,7 @@ impl ImapConn {
                             "Mail server lacks UIDPLUS; nothing was deleted (see no_uidplus)."
                                 .into(),
                         ),
+                        summary: None,
                     });
                 }
                 NoUidplus::ExpungeIfAlone => return self.expunge_if_alone(delete).await,
@@ -933,6 +998,77 @@ impl ImapConn {
                 .await?;
         }
         self.verify_removed(delete, None).await
+    }
+
+    /// The `move` policy: `UID MOVE` (RFC 6851) where offered, otherwise
+    /// `UID COPY`, `\Deleted` and `UID EXPUNGE` of exactly these UIDs (which
+    /// needs UIDPLUS; never a plain EXPUNGE). A missing target is created
+    /// when allowed, otherwise nothing is moved and QUIT answers -ERR.
+    async fn move_to(
+        &mut self,
+        uids: &[u32],
+        mailbox: &str,
+        create: bool,
+    ) -> Result<CommitReport, UpstreamError> {
+        let target = quote_mailbox(mailbox)?;
+        let refuse = |why: String| CommitReport {
+            not_removed: uids.to_vec(),
+            reason: Some(why),
+            summary: None,
+        };
+        if !self.has_move && !self.uidplus {
+            return Ok(refuse(
+                "Mail server offers neither MOVE nor UIDPLUS; nothing was moved.".into(),
+            ));
+        }
+        let verb = if self.has_move {
+            "UID MOVE"
+        } else {
+            "UID COPY"
+        };
+        let sets = uid_sets(uids);
+        let mut created = false;
+        let mut i = 0;
+        while i < sets.len() {
+            match self
+                .exec(&format!("{verb} {} {target}", sets[i]), verb, |_| {})
+                .await
+            {
+                Ok(_) => i += 1,
+                Err(UpstreamError::No { text, .. })
+                    if text.to_ascii_uppercase().contains("TRYCREATE") =>
+                {
+                    if !create || created {
+                        return Ok(refuse(format!(
+                            "Mailbox {mailbox:?} does not exist; nothing was moved."
+                        )));
+                    }
+                    self.exec(&format!("CREATE {target}"), "CREATE", |_| {})
+                        .await?;
+                    created = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.has_move {
+            for set in &sets {
+                self.exec(
+                    &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+                    "UID STORE",
+                    |_| {},
+                )
+                .await?;
+            }
+            for set in &sets {
+                self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
+                    .await?;
+            }
+        }
+        let mut report = self.verify_removed(uids, None).await?;
+        if report.not_removed.is_empty() {
+            report.summary = Some(format!("{} messages moved to {mailbox}.", uids.len()));
+        }
+        Ok(report)
     }
 
     /// UIDs flagged `\Deleted` that are not ours. NOOP first: a server
@@ -957,6 +1093,7 @@ impl ImapConn {
     async fn expunge_if_alone(&mut self, delete: &[u32]) -> Result<CommitReport, UpstreamError> {
         let refused = || {
             CommitReport {
+            summary: None,
             not_removed: delete.to_vec(),
             reason: Some("Other messages are flagged \\Deleted and the mail server lacks UIDPLUS; nothing was deleted.".into()),
         }
@@ -1020,6 +1157,7 @@ impl ImapConn {
         Ok(CommitReport {
             not_removed: left,
             reason,
+            summary: None,
         })
     }
 }
@@ -1050,6 +1188,7 @@ impl Upstream for ImapConn {
         &mut self,
         delete: &[u32],
         seen: &[u32],
+        action: &DeleteAction,
     ) -> Result<CommitReport, UpstreamError> {
         let span = info_span!(
             "upstream",
@@ -1061,7 +1200,7 @@ impl Upstream for ImapConn {
         delete.sort_unstable();
         async move {
             self.ensure_usable()?;
-            let r = self.commit_inner(&delete, seen).await;
+            let r = self.commit_inner(&delete, seen, action).await;
             self.note(r)
         }
         .instrument(span)

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::io;
 
+use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::pop3::command::Secret;
 
@@ -48,22 +49,27 @@ pub enum FetchEnd {
 }
 
 /// What a commit achieved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommitReport {
     /// UIDs that were asked to be removed and still exist afterwards.
     pub not_removed: Vec<u32>,
     /// Why, when `not_removed` is not empty.
     pub reason: Option<String>,
+    /// What happened, for QUIT's `+OK` when it was not a plain deletion
+    /// (hidden, moved, kept).
+    pub summary: Option<String>,
 }
 
 /// Opens authenticated upstream sessions.
 pub trait Connector: Send + Sync + 'static {
     type Conn: Upstream;
     /// Connects, logs in as `user`, selects the mailbox and takes the snapshot.
+    /// Messages with `hide_keyword` are left out of the snapshot.
     fn login(
         &self,
         user: &str,
         pass: &Secret,
+        hide_keyword: Option<&str>,
     ) -> impl Future<Output = Result<(Self::Conn, Snapshot), UpstreamError>> + Send;
 }
 
@@ -82,10 +88,12 @@ pub trait Upstream: Send + 'static {
     ) -> impl Future<Output = Result<FetchEnd, UpstreamError>> + Send;
 
     /// Marks `seen` as `\Seen`, then removes exactly the messages `delete`.
+    /// `action` says what "remove" means (the delete policy).
     fn commit(
         &mut self,
         delete: &[u32],
         seen: &[u32],
+        action: &DeleteAction,
     ) -> impl Future<Output = Result<CommitReport, UpstreamError>> + Send;
 
     /// Ends the session politely; errors are ignored.
