@@ -316,6 +316,9 @@ pub struct LimitsConfig {
     pub max_sessions: usize,
     /// Concurrent sessions from one client address.
     pub max_sessions_per_ip: usize,
+    /// Connections the kernel may queue before popbridge accepts them
+    /// (listen(2) backlog; the kernel caps it at net.core.somaxconn).
+    pub listen_backlog: u32,
 }
 
 impl Default for LimitsConfig {
@@ -323,6 +326,7 @@ impl Default for LimitsConfig {
         Self {
             max_sessions: 1000,
             max_sessions_per_ip: 50,
+            listen_backlog: 1024,
         }
     }
 }
@@ -641,6 +645,10 @@ impl Config {
             (
                 "limits.max_sessions_per_ip",
                 self.limits.max_sessions_per_ip as u64,
+            ),
+            (
+                "limits.listen_backlog",
+                u64::from(self.limits.listen_backlog),
             ),
         ] {
             if v == 0 {

@@ -100,39 +100,46 @@ impl MessageEncoder {
         }
         out.reserve(input.len() + input.len() / 32 + 8);
         let mut start = 0; // first byte not yet copied to `out`
+        let mut pos = 0; // next byte to look at; `self.prev` is the byte before it
         let mut used = input.len();
-        for (i, &b) in input.iter().enumerate() {
-            let line_start = self.prev == b'\n';
-            if !self.in_body && (b == b'\r' || b == b'\n') && line_start {
-                self.in_body = true;
-            }
-            match b {
-                b'\n' => {
-                    if self.prev != b'\r' {
-                        out.extend_from_slice(&input[start..i]);
-                        out.push(b'\r');
-                        start = i;
-                    }
-                    if self.in_body {
-                        if let Some(left) = self.lines_left.as_mut() {
-                            *left -= 1;
-                            if *left == 0 {
-                                self.done = true;
-                                used = i + 1;
-                                self.prev = b;
-                                break;
-                            }
-                        }
-                    }
+        // Line by line: memchr finds each LF, so the bytes in between are
+        // copied in bulk rather than inspected one at a time.
+        while pos < input.len() {
+            if self.prev == b'\n' {
+                // At the start of a line.
+                let b = input[pos];
+                if !self.in_body && (b == b'\r' || b == b'\n') {
+                    self.in_body = true;
                 }
-                b'.' if line_start => {
-                    out.extend_from_slice(&input[start..i]);
+                if b == b'.' {
+                    out.extend_from_slice(&input[start..pos]);
                     out.push(b'.');
-                    start = i;
+                    start = pos;
                 }
-                _ => {}
             }
-            self.prev = b;
+            let Some(off) = memchr::memchr(b'\n', &input[pos..]) else {
+                self.prev = input[input.len() - 1];
+                break;
+            };
+            let lf = pos + off;
+            let before = if lf > pos { input[lf - 1] } else { self.prev };
+            if before != b'\r' {
+                out.extend_from_slice(&input[start..lf]);
+                out.push(b'\r');
+                start = lf;
+            }
+            self.prev = b'\n';
+            pos = lf + 1;
+            if self.in_body {
+                if let Some(left) = self.lines_left.as_mut() {
+                    *left -= 1;
+                    if *left == 0 {
+                        self.done = true;
+                        used = pos;
+                        break;
+                    }
+                }
+            }
         }
         out.extend_from_slice(&input[start..used]);
         self.consumed += used as u64;

@@ -36,7 +36,7 @@ use crate::pop3::command::Secret;
 /// Octets asked for per `BODY.PEEK[]<offset.length>` when streaming RETR.
 /// async-imap buffers each response whole, so this bounds per-session memory
 /// (with [`RETR_WINDOW`] chunks in flight) however large the message.
-pub const RETR_CHUNK: u64 = 128 * 1024;
+pub const RETR_CHUNK: u64 = 256 * 1024;
 
 /// Chunk requests kept in flight during RETR, so the next chunk is on its way
 /// while the current one is written to the client.
