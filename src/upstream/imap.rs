@@ -925,14 +925,7 @@ impl ImapConn {
         seen: &[u32],
         action: &DeleteAction,
     ) -> Result<CommitReport, UpstreamError> {
-        for set in uid_sets(seen) {
-            self.exec(
-                &format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"),
-                "UID STORE",
-                |_| {},
-            )
-            .await?;
-        }
+        self.store(seen, "+FLAGS.SILENT", "\\Seen").await?;
         if delete.is_empty() {
             return Ok(CommitReport::default());
         }
@@ -948,14 +941,7 @@ impl ImapConn {
                 })
             }
             DeleteAction::Keyword(keyword) => {
-                for set in uid_sets(delete) {
-                    self.exec(
-                        &format!("UID STORE {set} +FLAGS.SILENT ({keyword})"),
-                        "UID STORE",
-                        |_| {},
-                    )
-                    .await?;
-                }
+                self.store(delete, "+FLAGS.SILENT", &keyword).await?;
                 return Ok(CommitReport {
                     summary: Some(format!(
                         "{} messages hidden from POP3, kept on the server.",
@@ -983,14 +969,7 @@ impl ImapConn {
                 NoUidplus::ExpungeIfAlone => return self.expunge_if_alone(delete).await,
             }
         }
-        for set in uid_sets(delete) {
-            self.exec(
-                &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-                "UID STORE",
-                |_| {},
-            )
-            .await?;
-        }
+        self.store(delete, "+FLAGS.SILENT", "\\Deleted").await?;
         // RFC 4315 §2.1: UID EXPUNGE removes only the listed messages, even
         // if others are flagged \Deleted.
         for set in uid_sets(delete) {
@@ -998,6 +977,19 @@ impl ImapConn {
                 .await?;
         }
         self.verify_removed(delete, None).await
+    }
+
+    /// `UID STORE <uids> <op> (<flags>)`, split into sets of bounded length.
+    async fn store(&mut self, uids: &[u32], op: &str, flags: &str) -> Result<(), UpstreamError> {
+        for set in uid_sets(uids) {
+            self.exec(
+                &format!("UID STORE {set} {op} ({flags})"),
+                "UID STORE",
+                |_| {},
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// The `move` policy: `UID MOVE` (RFC 6851) where offered, otherwise
@@ -1051,14 +1043,7 @@ impl ImapConn {
             }
         }
         if !self.has_move {
-            for set in &sets {
-                self.exec(
-                    &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-                    "UID STORE",
-                    |_| {},
-                )
-                .await?;
-            }
+            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
             for set in &sets {
                 self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
                     .await?;
@@ -1101,23 +1086,9 @@ impl ImapConn {
         if !self.others_deleted(delete).await?.is_empty() {
             return Ok(refused());
         }
-        for set in uid_sets(delete) {
-            self.exec(
-                &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-                "UID STORE",
-                |_| {},
-            )
-            .await?;
-        }
+        self.store(delete, "+FLAGS.SILENT", "\\Deleted").await?;
         if !self.others_deleted(delete).await?.is_empty() {
-            for set in uid_sets(delete) {
-                self.exec(
-                    &format!("UID STORE {set} -FLAGS.SILENT (\\Deleted)"),
-                    "UID STORE",
-                    |_| {},
-                )
-                .await?;
-            }
+            self.store(delete, "-FLAGS.SILENT", "\\Deleted").await?;
             return Ok(refused());
         }
         self.exec("EXPUNGE", "EXPUNGE", |_| {}).await?;
