@@ -384,6 +384,9 @@ async fn handle<C: Connector>(
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
+    // Free the mailbox before the (up to 5 s) upstream logout, so a client
+    // that reconnects at once is not refused [IN-USE].
+    drop(conn.lock.take());
     if let Some(up) = conn.upstream.take() {
         // RFC 1939 §6: without QUIT nothing is removed; just log out.
         up.logout().await;

@@ -934,18 +934,18 @@ impl ImapConn {
             DeleteAction::Keep => {
                 return Ok(CommitReport {
                     summary: Some(format!(
-                        "{} messages kept on the server as configured.",
-                        delete.len()
+                        "{} kept on the server as configured.",
+                        messages(delete.len())
                     )),
                     ..CommitReport::default()
                 })
             }
             DeleteAction::Keyword(keyword) => {
-                self.store(delete, "+FLAGS.SILENT", &keyword).await?;
+                self.store(delete, "+FLAGS.SILENT", keyword).await?;
                 return Ok(CommitReport {
                     summary: Some(format!(
-                        "{} messages hidden from POP3, kept on the server.",
-                        delete.len()
+                        "{} hidden from POP3, kept on the server.",
+                        messages(delete.len())
                     )),
                     ..CommitReport::default()
                 });
@@ -1051,7 +1051,7 @@ impl ImapConn {
         }
         let mut report = self.verify_removed(uids, None).await?;
         if report.not_removed.is_empty() {
-            report.summary = Some(format!("{} messages moved to {mailbox}.", uids.len()));
+            report.summary = Some(format!("{} moved to {mailbox}.", messages(uids.len())));
         }
         Ok(report)
     }
@@ -1252,6 +1252,15 @@ pub fn modified_utf7(name: &str) -> String {
     }
     flush(&mut pending, &mut out);
     out
+}
+
+/// "1 message", "2 messages".
+fn messages(n: usize) -> String {
+    if n == 1 {
+        "1 message".into()
+    } else {
+        format!("{n} messages")
+    }
 }
 
 /// Compresses ascending UIDs into IMAP sequence sets ("1:3,7,9:10"), split so
