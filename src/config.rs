@@ -173,6 +173,10 @@ pub struct UpstreamConfig {
     /// How the login name is passed on: `full` or `local-part` (without
     /// `@domain`).
     pub login: LoginName,
+    /// Send the POP3 client's address with IMAP ID (`x-originating-ip`,
+    /// `x-originating-port`) before login, for servers that trust popbridge
+    /// (Dovecot's login_trusted_networks).
+    pub send_client_id: bool,
 }
 
 /// How logins choose a route.
@@ -208,6 +212,7 @@ pub struct RouteConfig {
     pub tls_name: Option<String>,
     pub mailbox: Option<String>,
     pub login: Option<LoginName>,
+    pub send_client_id: Option<bool>,
     pub no_uidplus: Option<NoUidplus>,
     pub connect_timeout_secs: Option<u64>,
     pub command_timeout_secs: Option<u64>,
@@ -248,6 +253,7 @@ impl Default for UpstreamConfig {
             ca_file: String::new(),
             tls_name: String::new(),
             login: LoginName::Full,
+            send_client_id: false,
         }
     }
 }
@@ -497,6 +503,7 @@ impl Config {
                 ca_file: r.ca_file.clone().unwrap_or_else(|| base.ca_file.clone()),
                 tls_name: r.tls_name.clone().unwrap_or_else(|| base.tls_name.clone()),
                 login: r.login.unwrap_or(base.login),
+                send_client_id: r.send_client_id.unwrap_or(base.send_client_id),
             };
             check_upstream(&at, &upstream)?;
             let spec = r.uidl_format.as_deref().unwrap_or(&self.pop3.uidl_format);

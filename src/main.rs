@@ -349,6 +349,7 @@ fn imap_config(
         no_uidplus: up.no_uidplus,
         tls,
         cache,
+        send_client_id: up.send_client_id,
     })
 }
 

@@ -669,7 +669,7 @@ impl<C: Connector> Connection<C> {
         let upstream_user = route.login.apply(&view.account);
         match route
             .connector
-            .login(upstream_user, pass, view.hide.as_deref())
+            .login(upstream_user, pass, view.hide.as_deref(), Some(self.peer))
             .await
         {
             Ok((conn, snap)) => {

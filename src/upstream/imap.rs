@@ -84,6 +84,8 @@ pub struct ImapConfig {
     pub tls: UpstreamTlsSetup,
     /// Listings shared across sessions; `None` fetches every listing.
     pub cache: Option<std::sync::Arc<ListingCache>>,
+    /// Send the client's address with IMAP ID before login.
+    pub send_client_id: bool,
 }
 
 /// How the connection to the IMAP server is secured.
@@ -195,12 +197,13 @@ impl Connector for ImapConnector {
         user: &str,
         pass: &Secret,
         hide_keyword: Option<&str>,
+        client: Option<std::net::SocketAddr>,
     ) -> Result<(ImapConn, Snapshot), UpstreamError> {
         let cfg = self.config.clone();
         let span = info_span!("upstream", op = "login", addr = %cfg.address);
         async move {
             let started = std::time::Instant::now();
-            let session = open_session(&cfg, user, pass).await?;
+            let session = open_session(&cfg, user, pass, client).await?;
             let mut conn = ImapConn {
                 session,
                 config: cfg,
@@ -227,6 +230,7 @@ async fn open_session(
     cfg: &ImapConfig,
     user: &str,
     pass: &Secret,
+    client_addr: Option<std::net::SocketAddr>,
 ) -> Result<Session<Stream>, UpstreamError> {
     let started = std::time::Instant::now();
     let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.address))
@@ -288,14 +292,14 @@ async fn open_session(
     if let UpstreamTlsSetup::StartTls(connector, name) = &cfg.tls {
         let before = match caps {
             Some(c) => c,
-            None => raw_command(&mut client, cfg, "CAPABILITY").await?,
+            None => raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?,
         };
         if !before.starttls {
             return Err(UpstreamError::Unsupported(
                 "upstream.tls = starttls but the IMAP server does not offer STARTTLS".into(),
             ));
         }
-        raw_command(&mut client, cfg, "STARTTLS").await?;
+        raw_command(&mut client, cfg, "STARTTLS", "STARTTLS").await?;
         // Whatever the server sent after its OK is dropped with the old
         // buffer (RFC 3501 §6.2.1: nothing may follow before the handshake).
         let UpstreamStream::Plain(tcp) = client.into_inner().into_inner() else {
@@ -304,14 +308,32 @@ async fn open_session(
         let tls = tls_handshake(connector, name, tcp).await?;
         client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, tls));
         // No greeting after STARTTLS; the capabilities may have changed.
-        caps = Some(raw_command(&mut client, cfg, "CAPABILITY").await?);
+        caps = Some(raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?);
     }
     let caps = match caps {
         Some(c) => c,
-        None => raw_command(&mut client, cfg, "CAPABILITY").await?,
+        None => raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?,
     };
     let sasl_plain = caps.auth_plain;
     let login_disabled = caps.login_disabled;
+
+    // RFC 2971 ID with the client's address, before login, so the IMAP
+    // server's own logs and per-address limits see the real client (Dovecot
+    // honours it from login_trusted_networks). Not supported is fine.
+    if let (true, Some(client_addr)) = (cfg.send_client_id, client_addr) {
+        let id = format!(
+            "ID (\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\")",
+            client_addr.ip(),
+            client_addr.port()
+        );
+        match raw_command(&mut client, cfg, &id, "ID").await {
+            Ok(_) => {}
+            Err(e @ (UpstreamError::No { .. } | UpstreamError::Bad { .. })) => {
+                debug!(error = %e, "upstream did not take ID")
+            }
+            Err(e) => return Err(e),
+        }
+    }
 
     // Prefer AUTHENTICATE PLAIN: base64 carries any octet except NUL (which
     // the POP3 side already refused), so quotes, backslashes, braces and
@@ -397,7 +419,8 @@ impl From<&Vec<Capability<'_>>> for Caps {
 async fn raw_command(
     client: &mut Client<Stream>,
     cfg: &ImapConfig,
-    cmd: &'static str,
+    cmd: &str,
+    what: &'static str,
 ) -> Result<Caps, UpstreamError> {
     use tokio::io::AsyncWriteExt as _;
     const TAG: &str = "pb0";
@@ -408,12 +431,12 @@ async fn raw_command(
         w.flush().await
     })
     .await
-    .map_err(|_| UpstreamError::Timeout(cmd))??;
+    .map_err(|_| UpstreamError::Timeout(what))??;
     let mut caps = Caps::default();
     loop {
         let resp = timeout(cfg.command_timeout, client.read_response())
             .await
-            .map_err(|_| UpstreamError::Timeout(cmd))?
+            .map_err(|_| UpstreamError::Timeout(what))?
             .map_err(UpstreamError::Io)?
             .ok_or(UpstreamError::ConnectionLost)?;
         match resp.parsed() {
@@ -429,8 +452,14 @@ async fn raw_command(
                 let text = outcome_text(&outcome.code, &outcome.information);
                 return match status {
                     Status::Ok => Ok(caps),
-                    Status::No => Err(UpstreamError::No { command: cmd, text }),
-                    _ => Err(UpstreamError::Bad { command: cmd, text }),
+                    Status::No => Err(UpstreamError::No {
+                        command: what,
+                        text,
+                    }),
+                    _ => Err(UpstreamError::Bad {
+                        command: what,
+                        text,
+                    }),
                 };
             }
             Response::Data {

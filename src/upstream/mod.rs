@@ -64,12 +64,14 @@ pub struct CommitReport {
 pub trait Connector: Send + Sync + 'static {
     type Conn: Upstream;
     /// Connects, logs in as `user`, selects the mailbox and takes the snapshot.
-    /// Messages with `hide_keyword` are left out of the snapshot.
+    /// Messages with `hide_keyword` are left out of the snapshot; `client`
+    /// is the POP3 client's address, which the upstream may be told.
     fn login(
         &self,
         user: &str,
         pass: &Secret,
         hide_keyword: Option<&str>,
+        client: Option<std::net::SocketAddr>,
     ) -> impl Future<Output = Result<(Self::Conn, Snapshot), UpstreamError>> + Send;
 }
 
