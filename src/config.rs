@@ -219,6 +219,7 @@ pub struct RouteConfig {
     pub uidl_format: Option<String>,
     pub mark_seen_on_retr: Option<bool>,
     pub mark_seen_on_top: Option<bool>,
+    pub reuse_xuidl: Option<bool>,
     pub delete_policy: Option<DeletePolicy>,
     pub deleted_keyword: Option<String>,
     pub move_to: Option<String>,
@@ -237,6 +238,7 @@ pub struct EffectiveRoute {
     pub uidl: UidlFormat,
     pub mark_seen: bool,
     pub mark_seen_on_top: bool,
+    pub reuse_xuidl: bool,
     pub policy: Policy,
     pub is_default: bool,
 }
@@ -270,6 +272,10 @@ pub struct Pop3Config {
     pub mark_seen_on_retr: bool,
     /// Mark messages read with TOP as \Seen at QUIT too.
     pub mark_seen_on_top: bool,
+    /// Use a message's `X-UIDL:` header as its UIDL when it is a valid one
+    /// (Dovecot's `pop3_reuse_xuidl`), for mail migrated from a POP3 server
+    /// that wrote it. Costs one header field per message, once (cached).
+    pub reuse_xuidl: bool,
     /// What DELE + QUIT does: `expunge`, `flag` (a keyword hides the
     /// message from POP3), `move` (to `move_to`), `keep` (nothing), or
     /// `per-device` (a keyword per device hides it from that device only).
@@ -301,6 +307,7 @@ impl Default for Pop3Config {
             uidl_format: "dovecot".into(),
             mark_seen_on_retr: true,
             mark_seen_on_top: false,
+            reuse_xuidl: false,
             delete_policy: DeletePolicy::Expunge,
             deleted_keyword: DEFAULT_DELETED_KEYWORD.into(),
             move_to: "Trash".into(),
@@ -516,6 +523,7 @@ impl Config {
                 uidl,
                 mark_seen: r.mark_seen_on_retr.unwrap_or(self.pop3.mark_seen_on_retr),
                 mark_seen_on_top: r.mark_seen_on_top.unwrap_or(self.pop3.mark_seen_on_top),
+                reuse_xuidl: r.reuse_xuidl.unwrap_or(self.pop3.reuse_xuidl),
                 policy: self.policy(&at, r)?,
                 is_default: false,
             });
@@ -532,6 +540,7 @@ impl Config {
                 uidl,
                 mark_seen: self.pop3.mark_seen_on_retr,
                 mark_seen_on_top: self.pop3.mark_seen_on_top,
+                reuse_xuidl: self.pop3.reuse_xuidl,
                 policy: self.policy("pop3", &RouteConfig::default())?,
                 is_default: true,
             });

@@ -254,6 +254,7 @@ fn build_shared(
     for route in &valid.routes {
         let connector = Arc::new(ImapConnector::new(imap_config(
             &route.upstream,
+            route.reuse_xuidl,
             cache.clone(),
         )?));
         let profile = Profile {
@@ -315,6 +316,7 @@ fn build_shared(
 /// The IMAP side of one route.
 fn imap_config(
     up: &UpstreamConfig,
+    reuse_xuidl: bool,
     cache: Option<Arc<ListingCache>>,
 ) -> Result<ImapConfig, String> {
     let tls = match up.tls {
@@ -350,6 +352,7 @@ fn imap_config(
         tls,
         cache,
         send_client_id: up.send_client_id,
+        reuse_xuidl,
     })
 }
 

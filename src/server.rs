@@ -694,10 +694,9 @@ impl<C: Connector> Connection<C> {
                 metrics().auth("ok");
                 self.upstream = Some(conn);
                 self.delete_action = view.action;
-                LoginOutcome::Ok(
-                    Maildrop::new(snap.uidvalidity, snap.messages),
-                    route.profile.clone(),
-                )
+                let mut maildrop = Maildrop::new(snap.uidvalidity, snap.messages);
+                maildrop.set_uidls(snap.xuidl, &route.profile.uidl);
+                LoginOutcome::Ok(maildrop, route.profile.clone())
             }
             Err(UpstreamError::AuthFailed(text)) => {
                 info!(user, upstream = %text, "login refused");

@@ -4,6 +4,9 @@
 //! The maildrop is a snapshot taken at login, ordered by UID; mail that
 //! arrives later is not in it, and DELE only sets a mark here.
 
+use std::collections::HashMap;
+
+use crate::bridge::uidl::UidlFormat;
 use crate::pop3::command::MsgNum;
 
 /// One message as POP3 sees it.
@@ -30,6 +33,9 @@ pub struct Maildrop {
     deleted_count: usize,
     deleted_octets: u64,
     total_octets: u64,
+    /// UIDLs that are not the template's: reused `X-UIDL:` values, and
+    /// renamed duplicates. Usually empty.
+    uidl_overrides: HashMap<u32, String>,
 }
 
 /// Why a message number cannot be used.
@@ -63,6 +69,44 @@ impl Maildrop {
             deleted_count: 0,
             deleted_octets: 0,
             total_octets,
+            uidl_overrides: HashMap::new(),
+        }
+    }
+
+    /// Sets the UIDLs: `x_uidl` values where given, `format` for the rest.
+    /// No UIDL is served twice in one listing: a later duplicate (in UID
+    /// order) gets `-2`, `-3`... appended, as Dovecot's
+    /// `pop3_uidl_duplicates = rename` does, and is logged.
+    pub fn set_uidls(&mut self, x_uidl: HashMap<u32, String>, format: &UidlFormat) {
+        self.uidl_overrides = x_uidl;
+        if self.uidl_overrides.is_empty() {
+            // Template UIDLs all contain the UID: unique by construction.
+            return;
+        }
+        let mut seen: HashMap<String, u32> = HashMap::with_capacity(self.entries.len());
+        for e in &self.entries {
+            let mut uidl = self.uidl(e, format);
+            if seen.contains_key(&uidl) {
+                let base = uidl.clone();
+                while let Some(count) = seen.get_mut(&base) {
+                    *count += 1;
+                    uidl = format!("{base}-{count}");
+                    if !seen.contains_key(&uidl) {
+                        break;
+                    }
+                }
+                tracing::warn!(uid = e.uid, uidl = %uidl, "duplicate UIDL renamed");
+                self.uidl_overrides.insert(e.uid, uidl.clone());
+            }
+            seen.insert(uidl, 1);
+        }
+    }
+
+    /// The UIDL of a message.
+    pub fn uidl(&self, e: &Entry, format: &UidlFormat) -> String {
+        match self.uidl_overrides.get(&e.uid) {
+            Some(u) => u.clone(),
+            None => format.render(e.uid, self.uidvalidity),
         }
     }
 
@@ -171,6 +215,21 @@ mod tests {
         m.reset();
         assert_eq!(m.stat(), (3, 600));
         assert!(m.deleted_uids().is_empty());
+    }
+
+    #[test]
+    fn x_uidl_reuse_and_duplicates_renamed() {
+        let f = UidlFormat::parse("%u").unwrap();
+        let mut m = Maildrop::new(1, vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+        // 2 reuses "abc", 3 repeats it, 4's X-UIDL collides with 1's template UIDL.
+        let x = HashMap::from([
+            (2, "abc".to_string()),
+            (3, "abc".to_string()),
+            (4, "1".to_string()),
+        ]);
+        m.set_uidls(x, &f);
+        let all: Vec<String> = m.visible().map(|(_, e)| m.uidl(e, &f)).collect();
+        assert_eq!(all, ["1", "abc", "abc-2", "1-2"]);
     }
 
     #[test]

@@ -684,18 +684,13 @@ fn transaction(
         Command::Uidl(None) => {
             ok(out, "");
             for (n, e) in drop.visible() {
-                out.extend_from_slice(
-                    format!("{n} {}\r\n", config.uidl.render(e.uid, drop.uidvalidity)).as_bytes(),
-                );
+                out.extend_from_slice(format!("{n} {}\r\n", drop.uidl(e, &config.uidl)).as_bytes());
             }
             out.extend_from_slice(b".\r\n");
         }
         Command::Uidl(Some(n)) => {
             let e = lookup(drop, n, out)?;
-            ok(
-                out,
-                &format!("{n} {}", config.uidl.render(e.uid, drop.uidvalidity)),
-            );
+            ok(out, &format!("{n} {}", drop.uidl(&e, &config.uidl)));
         }
         Command::Retr(n) => {
             let e = lookup(drop, n, out)?;

@@ -37,6 +37,9 @@ pub struct Listing {
     pub uidnext: u32,
     /// (UID, RFC822.SIZE), ascending by UID, no duplicates.
     pub messages: Arc<Vec<(u32, u64)>>,
+    /// `X-UIDL:` values by UID, when they were fetched (headers never
+    /// change either); `None` when the listing was taken without them.
+    pub xuidl: Option<Arc<std::collections::HashMap<u32, String>>>,
 }
 
 /// Bytes a listing is charged for one message (UID and size).
@@ -143,6 +146,7 @@ mod tests {
             uidvalidity: 7,
             uidnext,
             messages: Arc::new(uids.iter().map(|&u| (u, u64::from(u) * 10)).collect()),
+            xuidl: None,
         }
     }
 

@@ -86,6 +86,9 @@ pub struct ImapConfig {
     pub cache: Option<std::sync::Arc<ListingCache>>,
     /// Send the client's address with IMAP ID before login.
     pub send_client_id: bool,
+    /// Use a message's `X-UIDL:` header as its UIDL (Dovecot's
+    /// `pop3_reuse_xuidl`).
+    pub reuse_xuidl: bool,
 }
 
 /// How the connection to the IMAP server is secured.
@@ -666,14 +669,33 @@ impl ImapConn {
             (Some(cache), Some(key)) => cache.get(key),
             _ => None,
         };
+        let want_xuidl = self.config.reuse_xuidl;
+        // A listing cached without X-UIDLs cannot serve a route that wants them.
+        let cached = cached.filter(|c| !want_xuidl || c.xuidl.is_some());
         let plan = cache::plan(cached.as_deref(), uidvalidity, uidnext, exists);
+        let items = if want_xuidl {
+            "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (X-UIDL)])"
+        } else {
+            "(UID RFC822.SIZE)"
+        };
+        let mut xuidl = std::collections::HashMap::new();
         let messages = match (&plan, &cached) {
-            (Plan::Reuse, Some(c)) => Some(c.messages.to_vec()),
+            (Plan::Reuse, Some(c)) => {
+                if let Some(x) = &c.xuidl {
+                    xuidl = (**x).clone();
+                }
+                Some(c.messages.to_vec())
+            }
             (Plan::FetchFrom(from), Some(c)) => {
-                let new = self
-                    .list(&format!("UID FETCH {from}:* (UID RFC822.SIZE)"))
-                    .await?;
-                cache::merge(c, new, exists)
+                let (new, new_x) = self.list(&format!("UID FETCH {from}:* {items}")).await?;
+                let merged = cache::merge(c, new, exists);
+                if merged.is_some() {
+                    if let Some(x) = &c.xuidl {
+                        xuidl = (**x).clone();
+                    }
+                    xuidl.extend(new_x);
+                }
+                merged
             }
             _ => None,
         };
@@ -704,7 +726,8 @@ impl ImapConn {
                 if self.config.cache.is_some() {
                     metrics().cache_misses.inc();
                 }
-                let mut m = self.list("UID FETCH 1:* (UID RFC822.SIZE)").await?;
+                let (mut m, x) = self.list(&format!("UID FETCH 1:* {items}")).await?;
+                xuidl = x;
                 m.sort_unstable_by_key(|x| x.0);
                 m.dedup_by_key(|x| x.0);
                 m
@@ -715,6 +738,7 @@ impl ImapConn {
                 uidvalidity,
                 uidnext: cache::next_uid(uidnext, &messages),
                 messages: std::sync::Arc::new(messages.clone()),
+                xuidl: want_xuidl.then(|| std::sync::Arc::new(xuidl.clone())),
             };
             if cached.as_deref() != Some(&listing) {
                 cache.insert(key, listing);
@@ -751,31 +775,42 @@ impl ImapConn {
         Ok(Snapshot {
             uidvalidity,
             messages,
+            xuidl,
         })
     }
 
-    /// Runs a `UID FETCH ... (UID RFC822.SIZE)` and collects (UID, size).
-    async fn list(&mut self, cmd: &str) -> Result<Vec<(u32, u64)>, UpstreamError> {
+    /// Runs a `UID FETCH ... (UID RFC822.SIZE [X-UIDL header])` and
+    /// collects (UID, size) and any valid X-UIDL values.
+    async fn list(
+        &mut self,
+        cmd: &str,
+    ) -> Result<(Vec<(u32, u64)>, std::collections::HashMap<u32, String>), UpstreamError> {
         let mut messages = Vec::new();
+        let mut xuidl = std::collections::HashMap::new();
         self.exec(cmd, "UID FETCH", |r| {
             if let Response::Fetch(_, attrs) = r {
                 let mut uid = None;
                 let mut size = None;
+                let mut header = None;
                 for a in attrs {
                     match a {
                         AttributeValue::Uid(u) => uid = Some(*u),
                         AttributeValue::Rfc822Size(s) => size = Some(u64::from(*s)),
+                        AttributeValue::BodySection { data: Some(d), .. } => header = x_uidl(d),
                         _ => {}
                     }
                 }
                 // Unsolicited FETCH (flag changes) carry no size: skip them.
                 if let (Some(u), Some(s)) = (uid, size) {
                     messages.push((u, s));
+                    if let Some(h) = header {
+                        xuidl.insert(u, h);
+                    }
                 }
             }
         })
         .await?;
-        Ok(messages)
+        Ok((messages, xuidl))
     }
 
     async fn fetch_inner<S: BodySink>(
@@ -1281,6 +1316,21 @@ pub fn modified_utf7(name: &str) -> String {
     }
     flush(&mut pending, &mut out);
     out
+}
+
+/// The value of the first `X-UIDL:` field in `header`, if it is a usable
+/// UIDL (RFC 1939 §7: 1 to 70 characters in 0x21-0x7E); otherwise the
+/// message gets the template UIDL.
+pub fn x_uidl(header: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(header).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.len() > 7 && l[..7].eq_ignore_ascii_case("x-uidl:"))?;
+    let value = line[7..].trim();
+    let ok = !value.is_empty()
+        && value.len() <= crate::bridge::uidl::MAX_UIDL_LEN
+        && value.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    ok.then(|| value.to_string())
 }
 
 /// "1 message", "2 messages".

@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub uidvalidity: u32,
     /// (UID, RFC822.SIZE) of every message.
     pub messages: Vec<(u32, u64)>,
+    /// Valid `X-UIDL:` header values by UID, when the route reuses them.
+    pub xuidl: std::collections::HashMap<u32, String>,
 }
 
 /// Whether the consumer of a message wants more of it.
