@@ -29,5 +29,6 @@ pub mod pop3;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -10,12 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use std::sync::atomic::AtomicUsize;
 use std::sync::RwLock;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::time::timeout;
@@ -34,6 +31,7 @@ use crate::pop3::session::{
 };
 use crate::proxy;
 use crate::routing::Router;
+use crate::stream::MaybeTls;
 use crate::tls::ServerTls;
 use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
 
@@ -416,54 +414,7 @@ impl<F: FnMut()> Drop for Guard<F> {
 }
 
 /// The client connection, plain or TLS.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// Only while STLS swaps the plain stream for a TLS one.
-    Upgrading,
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Upgrading => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Upgrading => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Upgrading => Poll::Ready(Ok(())),
-        }
-    }
-}
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// Counters for the end-of-session log line (as Dovecot's pop3_logout_format).
 #[derive(Debug, Default)]

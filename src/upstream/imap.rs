@@ -16,10 +16,8 @@ use async_imap::imap_proto::{
     AttributeValue, Capability, MailboxDatum, RequestId, Response, ResponseCode, Status,
 };
 use async_imap::{Authenticator, Client, Session};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+use tokio::io::BufWriter;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -32,6 +30,7 @@ use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::metrics::metrics;
 use crate::pop3::command::Secret;
+use crate::stream::MaybeTls;
 
 /// Octets asked for per `BODY.PEEK[]<offset.length>` when streaming RETR.
 /// async-imap buffers each response whole, so this bounds per-session memory
@@ -114,49 +113,7 @@ impl std::fmt::Debug for UpstreamTlsSetup {
 }
 
 /// The connection to the IMAP server, plain or TLS.
-#[derive(Debug)]
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 type Stream = BufWriter<UpstreamStream>;
 
