@@ -2,17 +2,22 @@
 //!
 //! # Layout
 //! - [`pop3`]: the protocol core with no I/O: command parsing
-//!   ([`pop3::command`]), the RFC 1939 state machine ([`pop3::session`]) and
-//!   response encoding with dot-stuffing ([`pop3::response`]).
+//!   ([`pop3::command`]), the RFC 1939 state machine with STLS and SASL
+//!   ([`pop3::session`]) and response encoding with dot-stuffing
+//!   ([`pop3::response`]).
 //! - [`bridge`]: POP3 meaning on top of IMAP: the maildrop snapshot taken at
-//!   login and UIDLs built from UID and UIDVALIDITY.
+//!   login, UIDLs built from UID and UIDVALIDITY (or reused `X-UIDL:`), the
+//!   delete policies for shared mailboxes and the optional session lock.
 //! - [`upstream`]: the IMAP side behind a narrow trait (log in and snapshot,
-//!   stream a message, commit at QUIT), implemented over async-imap.
-//! - [`server`]: listener and per-connection driver, the only place where
-//!   sockets, the session and the upstream meet.
-//! - [`tls`]: certificates for POP3S/STLS (reloadable) and upstream
-//!   verification; [`limits`]: per-address session caps and failed-login
-//!   throttling.
+//!   stream a message, commit at QUIT), implemented over async-imap, with the
+//!   listing cache shared across sessions.
+//! - [`server`]: listeners and the per-connection driver, the only place
+//!   where sockets, the session and the upstream meet; drain on shutdown.
+//! - [`routing`]: which upstream serves a login. [`proxy`]: PROXY protocol
+//!   headers. [`tls`]: certificates (reloadable) and upstream verification.
+//!   [`stream`]: plain-or-TLS connections. [`limits`]: per-address caps and
+//!   failed-login throttling.
+//! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`]: the TOML file and its validation; [`error`]: error types
 //!   tagged by source.
 //!
