@@ -9,14 +9,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{dot_unstuff, to_crlf, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
-
-/// Upper bound for one run of an external client (curl, python3, mpop).
-const CLIENT_RUN_TIMEOUT: Duration = Duration::from_secs(120);
+use common::{
+    dot_unstuff, run_program as run, to_crlf, Dovecot, DovecotOptions, Imap, Pop3, Popbridge, Run,
+};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -113,49 +112,6 @@ fn body_of(reply: &[u8]) -> Vec<u8> {
 /// One line read from the connection, as text (CRLF kept).
 fn line(pop: &mut Pop3) -> String {
     lossy(&pop.read_line())
-}
-
-/// Output of an external program.
-struct Run {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-/// Runs `cmd` with stdout and stderr going to files in `dir` (no pipe can
-/// fill up), killing it after [`CLIENT_RUN_TIMEOUT`].
-fn run(cmd: &mut Command, dir: &Path, name: &str) -> Run {
-    let out_path = dir.join(format!("{name}.stdout"));
-    let err_path = dir.join(format!("{name}.stderr"));
-    let out = fs::File::create(&out_path).expect("create stdout file");
-    let err = fs::File::create(&err_path).expect("create stderr file");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{name}: cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + CLIENT_RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{name}: {cmd:?} still running after {CLIENT_RUN_TIMEOUT:?}\nstdout: {}\nstderr: {}",
-                lossy(&fs::read(&out_path).unwrap_or_default()),
-                lossy(&fs::read(&err_path).unwrap_or_default())
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        status,
-        stdout: fs::read(&out_path).expect("read stdout file"),
-        stderr: lossy(&fs::read(&err_path).expect("read stderr file")),
-    }
 }
 
 /// Runs `cmd` and panics with its output unless it exits with status 0.

@@ -9,14 +9,9 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{Dovecot, DovecotOptions, Popbridge};
-
-/// Upper bound for one run of an external client.
-const CLIENT_RUN_TIMEOUT: Duration = Duration::from_secs(120);
+use common::{run_program as run, Dovecot, DovecotOptions, Popbridge};
 
 /// Number of messages delivered before the first poll.
 const INITIAL: usize = 30;
@@ -39,45 +34,6 @@ fn message(i: usize, x_uidl: Option<&str>) -> Vec<u8> {
         i % 60
     )
     .into_bytes()
-}
-
-/// Output of an external program.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` with output to files in `dir`, killing it after
-/// [`CLIENT_RUN_TIMEOUT`].
-fn run(cmd: &mut Command, dir: &Path, name: &str) -> Run {
-    let out_path = dir.join(format!("{name}.stdout"));
-    let err_path = dir.join(format!("{name}.stderr"));
-    let out = fs::File::create(&out_path).expect("create stdout file");
-    let err = fs::File::create(&err_path).expect("create stderr file");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{name}: cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + CLIENT_RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name}: {cmd:?} still running after {CLIENT_RUN_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        status,
-        stdout: lossy(&fs::read(&out_path).unwrap_or_default()),
-        stderr: lossy(&fs::read(&err_path).unwrap_or_default()),
-    }
 }
 
 /// A POP3 client whose configuration can be re-pointed at another port while
@@ -163,7 +119,7 @@ impl Client for Mpop {
             r.status.success(),
             "mpop ({label}) failed ({}):\n{}\n{}",
             r.status,
-            r.stdout,
+            lossy(&r.stdout),
             r.stderr
         );
         let now = self.count();
@@ -241,7 +197,7 @@ impl Client for Fetchmail {
             matches!(r.status.code(), Some(0) | Some(1)),
             "fetchmail ({label}) failed ({}):\n{}\n{}",
             r.status,
-            r.stdout,
+            lossy(&r.stdout),
             r.stderr
         );
         let now = self.count();

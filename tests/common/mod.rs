@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -1337,4 +1337,55 @@ pub fn subject_of(message: &[u8]) -> Option<String> {
         }
     }
     None
+}
+
+// ---------------------------------------------------------------------------
+// External programs (POP3 clients)
+// ---------------------------------------------------------------------------
+
+/// How long a real client (curl, mpop, fetchmail) may run.
+pub const CLIENT_RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Output of an external program.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Runs `cmd` with stdout and stderr going to files in `dir` (no pipe can
+/// fill up), killing it after [`CLIENT_RUN_TIMEOUT`].
+pub fn run_program(cmd: &mut Command, dir: &Path, name: &str) -> Run {
+    let out_path = dir.join(format!("{name}.stdout"));
+    let err_path = dir.join(format!("{name}.stderr"));
+    let out = fs::File::create(&out_path).expect("create stdout file");
+    let err = fs::File::create(&err_path).expect("create stderr file");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name}: cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + CLIENT_RUN_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{name}: {cmd:?} still running after {CLIENT_RUN_TIMEOUT:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&fs::read(&out_path).unwrap_or_default()),
+                String::from_utf8_lossy(&fs::read(&err_path).unwrap_or_default())
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        stdout: fs::read(&out_path).expect("read stdout file"),
+        stderr: String::from_utf8_lossy(&fs::read(&err_path).expect("read stderr file"))
+            .into_owned(),
+    }
 }
