@@ -49,6 +49,9 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Where popbridge keeps state of its own (imported UIDL maps, OAuth2
+    /// tokens and device credentials).
+    pub data: DataConfig,
 }
 
 /// The POP3 listener.
@@ -398,6 +401,16 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self { listing_mb: 64 }
     }
+}
+
+/// State popbridge keeps on disk.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory for popbridge's own files: imported UIDL maps
+    /// (`uidl-maps/`) and the OAuth2 token and device stores. Empty: none;
+    /// the features that need it say so at `--check-config`.
+    pub dir: String,
 }
 
 /// Log output.

@@ -17,6 +17,9 @@
 //!   headers. [`tls`]: certificates (reloadable) and upstream verification.
 //!   [`stream`]: plain-or-TLS connections. [`limits`]: per-address caps and
 //!   failed-login throttling.
+//! - [`migrate`]: UIDLs carried over from an old POP3 server (the imported
+//!   map and `popbridge migrate`). [`oauth`]: OAuth2 upstreams, the token
+//!   store and device logins.
 //! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`]: the TOML file and its validation; [`error`]: error types
 //!   tagged by source.
@@ -30,6 +33,8 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod migrate;
+pub mod oauth;
 pub mod pop3;
 pub mod proxy;
 pub mod routing;

@@ -74,6 +74,20 @@ struct Args {
     /// Log format (log.format).
     #[arg(long, env = "POPBRIDGE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// A maintenance command instead of serving.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Maintenance commands; without one, popbridge serves.
+#[derive(Debug, Clone, clap::Subcommand)]
+enum Command {
+    /// Carry POP3 UIDLs over from an old POP3 server.
+    Migrate(popbridge::migrate::MigrateArgs),
+    /// Enrol, list, test and remove OAuth2 accounts.
+    Oauth(popbridge::oauth::OauthArgs),
+    /// Add, list and remove device logins for OAuth2 routes.
+    Device(popbridge::oauth::DeviceArgs),
 }
 
 impl Args {
@@ -128,6 +142,23 @@ fn main() -> ExitCode {
                 eprintln!("popbridge: probe {url}: {e}");
                 ExitCode::from(1)
             }
+        };
+    }
+    if let Some(command) = args.command.clone() {
+        let config = match &args.config {
+            Some(path) => match Config::from_file(path) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("popbridge: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => None,
+        };
+        return match command {
+            Command::Migrate(a) => popbridge::migrate::run(a, config),
+            Command::Oauth(a) => popbridge::oauth::run_oauth(a, config),
+            Command::Device(a) => popbridge::oauth::run_device(a, config),
         };
     }
     let (config, check_only) = match args.clone().into_config() {
