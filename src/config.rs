@@ -223,6 +223,7 @@ pub struct RouteConfig {
     pub mark_seen_on_retr: Option<bool>,
     pub mark_seen_on_top: Option<bool>,
     pub reuse_xuidl: Option<bool>,
+    pub uidl_map: Option<bool>,
     pub delete_policy: Option<DeletePolicy>,
     pub deleted_keyword: Option<String>,
     pub move_to: Option<String>,
@@ -242,6 +243,8 @@ pub struct EffectiveRoute {
     pub mark_seen: bool,
     pub mark_seen_on_top: bool,
     pub reuse_xuidl: bool,
+    /// Serve old UIDLs from the imported map (`<data.dir>/uidl-maps/`).
+    pub uidl_map: bool,
     pub policy: Policy,
     pub is_default: bool,
 }
@@ -279,6 +282,12 @@ pub struct Pop3Config {
     /// (Dovecot's `pop3_reuse_xuidl`), for mail migrated from a POP3 server
     /// that wrote it. Costs one header field per message, once (cached).
     pub reuse_xuidl: bool,
+    /// Give messages the UIDLs of the old POP3 server they were migrated
+    /// from, from the map `popbridge migrate` wrote under
+    /// `<data.dir>/uidl-maps/` (needs `data.dir`). An X-UIDL header (with
+    /// `reuse_xuidl`) wins over the map; messages not in the map get the
+    /// template. Accounts without a map are served as usual.
+    pub uidl_map: bool,
     /// What DELE + QUIT does: `expunge`, `flag` (a keyword hides the
     /// message from POP3), `move` (to `move_to`), `keep` (nothing), or
     /// `per-device` (a keyword per device hides it from that device only).
@@ -311,6 +320,7 @@ impl Default for Pop3Config {
             mark_seen_on_retr: true,
             mark_seen_on_top: false,
             reuse_xuidl: false,
+            uidl_map: false,
             delete_policy: DeletePolicy::Expunge,
             deleted_keyword: DEFAULT_DELETED_KEYWORD.into(),
             move_to: "Trash".into(),
@@ -537,6 +547,7 @@ impl Config {
                 mark_seen: r.mark_seen_on_retr.unwrap_or(self.pop3.mark_seen_on_retr),
                 mark_seen_on_top: r.mark_seen_on_top.unwrap_or(self.pop3.mark_seen_on_top),
                 reuse_xuidl: r.reuse_xuidl.unwrap_or(self.pop3.reuse_xuidl),
+                uidl_map: r.uidl_map.unwrap_or(self.pop3.uidl_map),
                 policy: self.policy(&at, r)?,
                 is_default: false,
             });
@@ -554,6 +565,7 @@ impl Config {
                 mark_seen: self.pop3.mark_seen_on_retr,
                 mark_seen_on_top: self.pop3.mark_seen_on_top,
                 reuse_xuidl: self.pop3.reuse_xuidl,
+                uidl_map: self.pop3.uidl_map,
                 policy: self.policy("pop3", &RouteConfig::default())?,
                 is_default: true,
             });
@@ -660,6 +672,18 @@ impl Config {
             )?;
         }
         let routes = self.effective_routes()?;
+        if let Some(r) = routes.iter().find(|r| r.uidl_map) {
+            if self.data.dir.is_empty() {
+                let key = if r.is_default {
+                    "pop3.uidl_map".to_string()
+                } else {
+                    format!("routes ({}).uidl_map", r.name)
+                };
+                return Err(ConfigError(format!(
+                    "{key} needs data.dir (the directory that holds uidl-maps/)"
+                )));
+            }
+        }
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (
@@ -790,5 +814,10 @@ mod tests {
                 .contains("/nonexistent.pem")
         );
         assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
+        assert!(bad("[pop3]\nuidl_map = true").contains("data.dir"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
+                .contains("routes (a).uidl_map needs data.dir")
+        );
     }
 }

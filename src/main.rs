@@ -10,9 +10,10 @@ use clap::Parser;
 use popbridge::admin::Readiness;
 use popbridge::config::{Config, LogFormat, UpstreamConfig, UpstreamTls, Validated};
 use popbridge::limits::{LoginThrottle, ThrottleConfig};
+use popbridge::migrate::runtime::MapStore;
 use popbridge::pop3::session::Profile;
 use popbridge::pop3::session::SessionConfig;
-use popbridge::routing::{Route, Router};
+use popbridge::routing::{Route, Router, UidlMapSource};
 use popbridge::server::{Listener, Server, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
 use popbridge::upstream::cache::ListingCache;
@@ -281,6 +282,12 @@ fn build_shared(
             cfg.cache.listing_mb.saturating_mul(1024 * 1024),
         ))
     });
+    // One map store (and cache) for every route: its key holds the upstream.
+    let map_store = valid
+        .routes
+        .iter()
+        .any(|r| r.uidl_map)
+        .then(|| Arc::new(MapStore::new(Path::new(&cfg.data.dir))));
     let mut router = Router::new();
     for route in &valid.routes {
         let connector = Arc::new(ImapConnector::new(imap_config(
@@ -301,6 +308,14 @@ fn build_shared(
                 profile,
                 policy: route.policy.clone(),
                 lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
+                uidl_map: match (&map_store, route.uidl_map) {
+                    (Some(store), true) => Some(UidlMapSource {
+                        store: store.clone(),
+                        upstream: route.upstream.address.clone(),
+                        mailbox: route.upstream.mailbox.clone(),
+                    }),
+                    _ => None,
+                },
             },
             &route.users,
             &route.domains,

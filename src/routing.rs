@@ -42,6 +42,18 @@ pub struct Route<C> {
     pub policy: Policy,
     /// The upstream and mailbox, for session-lock keys.
     pub lock_scope: String,
+    /// Where imported UIDL maps are looked up (`uidl_map = true`).
+    pub uidl_map: Option<UidlMapSource>,
+}
+
+/// A route's imported UIDL maps: the store and the part of the key that
+/// the route fixes (the login name completes it).
+#[derive(Debug, Clone)]
+pub struct UidlMapSource {
+    pub store: Arc<crate::migrate::runtime::MapStore>,
+    /// The route's `host:port`, as configured.
+    pub upstream: String,
+    pub mailbox: String,
 }
 
 /// The routing table.
@@ -124,6 +136,7 @@ mod tests {
             profile: Profile::default(),
             policy: Policy::default(),
             lock_scope: String::new(),
+            uidl_map: None,
         }
     }
 

@@ -24,13 +24,15 @@ use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::limits::{IpLimiter, LoginThrottle, Throttled};
 use crate::metrics::{metrics, ListenerLabels};
+use crate::migrate::runtime::Lookup as MapLookup;
+use crate::migrate::store::MapKey;
 use crate::pop3::command::{Line, LineDecoder};
 use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
 };
 use crate::proxy;
-use crate::routing::Router;
+use crate::routing::{Router, UidlMapSource};
 use crate::stream::MaybeTls;
 use crate::tls::ServerTls;
 use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
@@ -646,7 +648,13 @@ impl<C: Connector> Connection<C> {
                 self.upstream = Some(conn);
                 self.delete_action = view.action;
                 let mut maildrop = Maildrop::new(snap.uidvalidity, snap.messages);
-                maildrop.set_uidls(snap.xuidl, &route.profile.uidl);
+                // Precedence as in Dovecot: X-UIDL > imported map > template.
+                let mut overrides = match &route.uidl_map {
+                    Some(source) => imported_uidls(source, upstream_user, &maildrop).await,
+                    None => std::collections::HashMap::new(),
+                };
+                overrides.extend(snap.xuidl);
+                maildrop.set_uidls(overrides, &route.profile.uidl);
                 LoginOutcome::Ok(maildrop, route.profile.clone())
             }
             Err(UpstreamError::AuthFailed(text)) => {
@@ -900,6 +908,47 @@ impl<C: Connector> Connection<C> {
         timeout(self.settings.idle_timeout, self.stream.flush())
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+}
+
+/// The imported map's UIDLs for this login's snapshot. Never fails the
+/// login: a missing map is normal, and a map that cannot be used (corrupt,
+/// unreadable, another UIDVALIDITY) is logged and the template serves.
+async fn imported_uidls(
+    source: &UidlMapSource,
+    account: &str,
+    maildrop: &Maildrop,
+) -> std::collections::HashMap<u32, String> {
+    let key = MapKey::new(&source.upstream, account, &source.mailbox);
+    let store = source.store.clone();
+    let uidvalidity = maildrop.uidvalidity;
+    let uids: Vec<u32> = maildrop.visible().map(|(_, e)| e.uid).collect();
+    // File I/O (a stat, and a read when the file changed) off the runtime.
+    let found =
+        tokio::task::spawn_blocking(move || store.lookup(&key, uidvalidity, uids.into_iter()))
+            .await;
+    match found {
+        Ok(Ok(MapLookup::Overrides(o))) => {
+            debug!(entries = o.len(), "imported UIDL map applied");
+            o
+        }
+        Ok(Ok(MapLookup::None)) => Default::default(),
+        Ok(Ok(MapLookup::StaleUidvalidity { map, mailbox })) => {
+            warn!(
+                map_uidvalidity = map,
+                mailbox_uidvalidity = mailbox,
+                "imported UIDL map ignored: the mailbox's UIDVALIDITY changed since it was made"
+            );
+            Default::default()
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, "imported UIDL map unusable; serving template UIDLs");
+            Default::default()
+        }
+        Err(e) => {
+            error!(error = %e, "imported UIDL map lookup failed; serving template UIDLs");
+            Default::default()
+        }
     }
 }
 
