@@ -1210,6 +1210,87 @@ impl Upstream for ImapConn {
     }
 }
 
+// ---------------------------------------------------------------------------
+// For `popbridge migrate` (src/migrate): headers of many messages, APPEND.
+// ---------------------------------------------------------------------------
+
+impl ImapConn {
+    /// `UID FETCH <uids> (UID RFC822.SIZE BODY.PEEK[HEADER])`, in sets of
+    /// bounded length, calling `each(uid, size, header)` per message as it
+    /// arrives (nothing is collected here).
+    pub async fn for_each_header(
+        &mut self,
+        uids: &[u32],
+        mut each: impl FnMut(u32, u64, &[u8]) + Send,
+    ) -> Result<(), UpstreamError> {
+        self.ensure_usable()?;
+        for set in uid_sets(uids) {
+            let cmd = format!("UID FETCH {set} (UID RFC822.SIZE BODY.PEEK[HEADER])");
+            let r = self
+                .exec(&cmd, "UID FETCH", |r| {
+                    if let Response::Fetch(_, attrs) = r {
+                        let (mut uid, mut size, mut header) = (None, None, None);
+                        for a in attrs {
+                            match a {
+                                AttributeValue::Uid(u) => uid = Some(*u),
+                                AttributeValue::Rfc822Size(n) => size = Some(u64::from(*n)),
+                                AttributeValue::BodySection { data: Some(d), .. } => {
+                                    header = Some(d.as_ref())
+                                }
+                                _ => {}
+                            }
+                        }
+                        if let (Some(u), Some(n), Some(h)) = (uid, size, header) {
+                            each(u, n, h);
+                        }
+                    }
+                })
+                .await;
+            self.note(r)?;
+        }
+        Ok(())
+    }
+
+    /// APPENDs `message` to the mailbox this connection serves (RFC 3501
+    /// §6.3.11), with optional flags (`(\Seen)`) and internal date
+    /// (`"01-Jan-2024 12:00:00 +0000"`). The time allowed grows with the
+    /// size (the command timeout plus a second per MiB).
+    pub async fn append(
+        &mut self,
+        message: &[u8],
+        flags: Option<&str>,
+        internal_date: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        self.ensure_usable()?;
+        let mailbox = modified_utf7(&self.config.mailbox);
+        let budget =
+            self.config.command_timeout + Duration::from_secs(message.len() as u64 / (1024 * 1024));
+        let r = match timeout(
+            budget,
+            self.session.append(&mailbox, flags, internal_date, message),
+        )
+        .await
+        {
+            Err(_) => Err(UpstreamError::Timeout("APPEND")),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ImapError::No(text))) => Err(UpstreamError::No {
+                command: "APPEND",
+                text,
+            }),
+            Ok(Err(ImapError::Bad(text))) => Err(UpstreamError::Bad {
+                command: "APPEND",
+                text,
+            }),
+            Ok(Err(ImapError::Io(e))) => Err(UpstreamError::Io(e)),
+            Ok(Err(ImapError::ConnectionLost)) => Err(UpstreamError::ConnectionLost),
+            Ok(Err(e)) => Err(UpstreamError::Protocol(format!("APPEND: {e}"))),
+        };
+        // A refused continuation (Error::Append) may leave a reply unread:
+        // Protocol is fatal, so the connection is not used again.
+        self.note(r)
+    }
+}
+
 /// Quotes a mailbox name as an IMAP quoted string (RFC 3501 §4.3), encoding
 /// non-ASCII names in modified UTF-7 (RFC 3501 §5.1.3).
 fn quote_mailbox(name: &str) -> Result<String, UpstreamError> {

@@ -1,0 +1,676 @@
+//! `popbridge migrate capture | copy | import`: the driver. Talks to the old
+//! POP3 server ([`super::pop3client`]) and the IMAP server (the proxy's own
+//! [`ImapConnector`]), matches ([`super::matching`]) and writes the store
+//! ([`super::store`]). Nothing is written until everything it depends on
+//! was read without error: a map is complete or absent.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use super::hash::{header_hash, MAX_HEADER_BYTES};
+use super::matching::{self, NewMessage, OldMessage, Outcome};
+use super::pop3client::{OldTls, Pop3Client, Pop3Error};
+use super::progress::Progress;
+use super::store::{
+    is_valid_uidl, now_unix, parse_old_line, write_atomic, MapKey, OldList, StoreError, UidlMap,
+    MAX_OLD_FILE_BYTES,
+};
+use super::{MigrateArgs, Mode, NewServerArgs, OldServerArgs, NEW_PASSWORD_ENV, OLD_PASSWORD_ENV};
+use crate::config::{Config, EffectiveRoute, UpstreamTls};
+use crate::error::UpstreamError;
+use crate::pop3::command::Secret;
+use crate::upstream::imap::{ImapConfig, ImapConn, ImapConnector, UpstreamTlsSetup};
+use crate::upstream::{Connector, Snapshot, Upstream};
+
+/// A password file is read up to this many octets (its first line is the
+/// password).
+pub const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// Why `popbridge migrate` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Bad flags, configuration or input files (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error("old server: {0}")]
+    Old(#[from] Pop3Error),
+    #[error("IMAP server: {0}")]
+    New(#[from] UpstreamError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Failed after some messages were copied (they stay; a re-run resumes).
+    #[error(
+        "{error}; {copied} messages were copied before that: run the same command again to resume"
+    )]
+    CopyInterrupted {
+        error: Box<MigrateError>,
+        copied: usize,
+    },
+}
+
+impl MigrateError {
+    /// 2 for usage errors (as `--check-config`), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MigrateError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn usage(s: impl Into<String>) -> MigrateError {
+    MigrateError::Usage(s.into())
+}
+
+/// Runs one `popbridge migrate` command and prints its summary.
+pub async fn run(args: MigrateArgs, config: Config) -> Result<(), MigrateError> {
+    match args.mode {
+        Mode::Capture { old, new } => {
+            let target = Target::resolve(&config, &new, true)?;
+            let old_side = OldSide::resolve(&old, &new, &target)?;
+            capture(&old_side, &target).await
+        }
+        Mode::Copy {
+            old,
+            new,
+            seen,
+            max_messages,
+        } => {
+            let target = Target::resolve(&config, &new, false)?;
+            let old_side = OldSide::resolve(&old, &new, &target)?;
+            copy(&old_side, &target, seen, max_messages).await
+        }
+        Mode::Import { uidl_file, new } => {
+            let target = Target::resolve(&config, &new, true)?;
+            import(uidl_file.as_deref(), &target).await
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Where things are
+// ---------------------------------------------------------------------------
+
+/// The IMAP side, resolved from the configuration and the flags.
+struct Target {
+    route: EffectiveRoute,
+    /// The IMAP login name (the route's `login` rule applied).
+    account: String,
+    pass: Secret,
+    /// Where maps go (capture and import only).
+    data_dir: Option<PathBuf>,
+}
+
+impl Target {
+    fn resolve(config: &Config, a: &NewServerArgs, needs_dir: bool) -> Result<Self, MigrateError> {
+        let routes = config.effective_routes().map_err(|e| usage(e.0))?;
+        let lower = a.user.to_lowercase();
+        let route = match &a.route {
+            Some(name) => routes.iter().find(|r| &r.name == name).ok_or_else(|| {
+                usage(format!(
+                    "no route named {name:?} (routes: {})",
+                    routes
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+            // The proxy's rule (routing::Router): user entry, domain, default.
+            None => routes
+                .iter()
+                .find(|r| r.users.iter().any(|u| u.to_lowercase() == lower))
+                .or_else(|| {
+                    let (_, domain) = lower.rsplit_once('@')?;
+                    routes
+                        .iter()
+                        .find(|r| r.domains.iter().any(|d| d.to_lowercase() == domain))
+                })
+                .or_else(|| routes.iter().find(|r| r.is_default))
+                .ok_or_else(|| usage(format!("no route for {:?} and no default route", a.user)))?,
+        };
+        let mut route = route.clone();
+        let up = &mut route.upstream;
+        if let Some(v) = &a.upstream {
+            up.address = v.clone();
+        }
+        if let Some(v) = a.upstream_tls {
+            up.tls = v;
+        }
+        if let Some(v) = &a.upstream_ca_file {
+            up.ca_file = v.clone();
+        }
+        if let Some(v) = &a.mailbox {
+            up.mailbox = v.clone();
+        }
+        let account = route.upstream.login.apply(&a.user).to_string();
+        let pass =
+            read_password(a.password_file.as_deref(), NEW_PASSWORD_ENV)?.ok_or_else(|| {
+                usage(format!(
+                    "no IMAP password: give --password-file or set {NEW_PASSWORD_ENV}"
+                ))
+            })?;
+        let data_dir = a
+            .data_dir
+            .clone()
+            .or_else(|| (!config.data.dir.is_empty()).then(|| PathBuf::from(&config.data.dir)));
+        if needs_dir && data_dir.is_none() {
+            return Err(usage(
+                "no data directory: set data.dir in the configuration or give --data-dir",
+            ));
+        }
+        Ok(Self {
+            route,
+            account,
+            pass,
+            data_dir,
+        })
+    }
+
+    fn key(&self) -> MapKey {
+        MapKey::new(
+            &self.route.upstream.address,
+            &self.account,
+            &self.route.upstream.mailbox,
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({} on {}, route {})",
+            self.account, self.route.upstream.mailbox, self.route.upstream.address, self.route.name
+        )
+    }
+
+    /// Logs in and selects the mailbox; with `xuidl`, the snapshot carries
+    /// every valid X-UIDL header.
+    async fn open(&self, xuidl: bool) -> Result<(ImapConn, Snapshot), MigrateError> {
+        let connector = ImapConnector::new(imap_config(&self.route, xuidl)?);
+        Ok(connector
+            .login(&self.account, &self.pass, None, None)
+            .await?)
+    }
+}
+
+/// The IMAP connection settings of a route (as the proxy builds them).
+fn imap_config(route: &EffectiveRoute, reuse_xuidl: bool) -> Result<ImapConfig, MigrateError> {
+    let up = &route.upstream;
+    let tls = match up.tls {
+        UpstreamTls::None => UpstreamTlsSetup::None,
+        mode => {
+            let ca = (!up.ca_file.is_empty()).then(|| Path::new(&up.ca_file));
+            let connector = crate::tls::client_connector(ca).map_err(|e| usage(e.0))?;
+            let name = if up.tls_name.is_empty() {
+                host_of(&up.address).to_string()
+            } else {
+                up.tls_name.clone()
+            };
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| usage(format!("IMAP TLS name {name:?}: {e}")))?;
+            if mode == UpstreamTls::Implicit {
+                UpstreamTlsSetup::Implicit(connector, name)
+            } else {
+                UpstreamTlsSetup::StartTls(connector, name)
+            }
+        }
+    };
+    Ok(ImapConfig {
+        address: up.address.clone(),
+        mailbox: up.mailbox.clone(),
+        connect_timeout: std::time::Duration::from_secs(up.connect_timeout_secs),
+        command_timeout: std::time::Duration::from_secs(up.command_timeout_secs),
+        no_uidplus: up.no_uidplus,
+        tls,
+        cache: None,
+        send_client_id: false,
+        reuse_xuidl,
+    })
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` → `host:port`.
+fn parse_host_port(s: &str, default_port: u16) -> Option<String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0)?,
+        None => default_port,
+    };
+    (!host.is_empty() && host != "[]").then(|| format!("{host}:{port}"))
+}
+
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The old POP3 server, resolved.
+struct OldSide {
+    address: String,
+    tls: OldTls,
+    user: String,
+    pass: Secret,
+    /// For the saved list and the summary (no password).
+    source: String,
+}
+
+impl OldSide {
+    fn resolve(
+        a: &OldServerArgs,
+        new: &NewServerArgs,
+        target: &Target,
+    ) -> Result<Self, MigrateError> {
+        let (implicit, rest) = if let Some(r) = a.old.strip_prefix("pop3s://") {
+            (true, r)
+        } else if let Some(r) = a.old.strip_prefix("pop3://") {
+            (false, r)
+        } else {
+            return Err(usage(format!(
+                "--old {:?}: expected pop3://host[:port] or pop3s://host[:port]",
+                a.old
+            )));
+        };
+        let hostport = rest.trim_end_matches('/');
+        if hostport.is_empty() || hostport.contains(['/', '@', '?']) {
+            return Err(usage(format!(
+                "--old {:?}: only pop3[s]://host[:port] (user and password go in their own flags)",
+                a.old
+            )));
+        }
+        let default_port = if implicit { 995 } else { 110 };
+        let address = parse_host_port(hostport, default_port)
+            .ok_or_else(|| usage(format!("--old {:?}: bad host or port", a.old)))?;
+        if implicit && a.old_starttls {
+            return Err(usage(
+                "--old-starttls is for pop3:// (pop3s:// is TLS already)",
+            ));
+        }
+        let tls = if implicit || a.old_starttls {
+            let connector =
+                crate::tls::client_connector(a.old_ca_file.as_deref()).map_err(|e| usage(e.0))?;
+            let name = a
+                .old_tls_name
+                .clone()
+                .unwrap_or_else(|| host_of(&address).to_string());
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| usage(format!("old server TLS name {name:?}: {e}")))?;
+            if implicit {
+                OldTls::Implicit(connector, name)
+            } else {
+                OldTls::Stls(connector, name)
+            }
+        } else {
+            let host = host_of(&address);
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                eprintln!(
+                    "popbridge migrate: warning: {} without TLS: the old password crosses the network in clear (use pop3s:// or --old-starttls)",
+                    a.old
+                );
+            }
+            OldTls::None
+        };
+        let user = a.old_user.clone().unwrap_or_else(|| new.user.clone());
+        let pass = match read_password(a.old_password_file.as_deref(), OLD_PASSWORD_ENV)? {
+            Some(p) => p,
+            None => Secret::new(target.pass.expose().to_vec()),
+        };
+        Ok(Self {
+            source: format!("{} user {user}", a.old),
+            address,
+            tls,
+            user,
+            pass,
+        })
+    }
+
+    async fn open(&self) -> Result<Pop3Client, MigrateError> {
+        let mut c = Pop3Client::connect(&self.address, &self.tls).await?;
+        c.login(&self.user, &self.pass).await?;
+        Ok(c)
+    }
+}
+
+/// The first line of `file`, else the environment variable; `None` if
+/// neither is given. Never echoed anywhere.
+fn read_password(file: Option<&Path>, env: &str) -> Result<Option<Secret>, MigrateError> {
+    if let Some(path) = file {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PASSWORD_FILE).read_to_end(&mut bytes))
+            .map_err(|e| usage(format!("password file {}: {e}", path.display())))?;
+        let line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Err(usage(format!("password file {} is empty", path.display())));
+        }
+        return Ok(Some(Secret::new(line.to_vec())));
+    }
+    match std::env::var_os(env) {
+        Some(v) if !v.is_empty() => {
+            use std::os::unix::ffi::OsStrExt;
+            Ok(Some(Secret::new(v.as_bytes().to_vec())))
+        }
+        _ => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The modes
+// ---------------------------------------------------------------------------
+
+/// The old server's listing: (message number, UIDL, size) in POP3 order,
+/// checked (RFC 1939 §7: valid and unique UIDLs).
+async fn old_listing(c: &mut Pop3Client) -> Result<Vec<(u32, String, u64)>, MigrateError> {
+    let uidls = c.uidl().await?;
+    let sizes: std::collections::HashMap<u32, u64> = c.list().await?.into_iter().collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(uidls.len());
+    for (n, uidl) in uidls {
+        if !is_valid_uidl(&uidl) {
+            return Err(MigrateError::Old(Pop3Error::Protocol {
+                command: "UIDL",
+                text: format!("message {n}: {uidl:?} is not a valid UIDL (RFC 1939 §7)"),
+            }));
+        }
+        if !seen.insert(uidl.clone()) {
+            return Err(MigrateError::Old(Pop3Error::Protocol {
+                command: "UIDL",
+                text: format!("message {n}: UIDL {uidl:?} listed twice"),
+            }));
+        }
+        let size = *sizes.get(&n).ok_or_else(|| {
+            MigrateError::Old(Pop3Error::Protocol {
+                command: "LIST",
+                text: format!("message {n} is in UIDL but not in LIST"),
+            })
+        })?;
+        out.push((n, uidl, size));
+    }
+    Ok(out)
+}
+
+/// `capture`: old list and header hashes, matched against the mailbox.
+async fn capture(old: &OldSide, target: &Target) -> Result<(), MigrateError> {
+    println!("popbridge migrate capture: {}", target.describe());
+    let mut pop = old.open().await?;
+    let listing = old_listing(&mut pop).await?;
+    // Header hashes of every old message, kept in the saved list so the map
+    // can be rebuilt later without the old server (`import`).
+    let mut messages = Vec::with_capacity(listing.len());
+    let mut progress = Progress::new("old server headers", listing.len());
+    for (n, uidl, size) in &listing {
+        let header = pop.top_header(*n, MAX_HEADER_BYTES).await?;
+        messages.push(OldMessage {
+            uidl: uidl.clone(),
+            size: *size,
+            hash: Some(header_hash(&header)),
+        });
+        progress.inc();
+    }
+    progress.finish();
+    pop.quit().await;
+    let list = OldList {
+        key: target.key(),
+        source: old.source.clone(),
+        created: now_unix(),
+        messages,
+    };
+    build_map(list, target, true).await
+}
+
+/// `import`: the old list from a file or from an earlier capture.
+async fn import(file: Option<&Path>, target: &Target) -> Result<(), MigrateError> {
+    println!("popbridge migrate import: {}", target.describe());
+    let dir = target.data_dir.as_deref().unwrap_or(Path::new("."));
+    let (list, save) = match file {
+        Some(path) => (read_uidl_file(path, target)?, true),
+        None => {
+            let path = target.key().old_path(dir);
+            let list = OldList::load(&path)?.ok_or_else(|| {
+                usage(format!(
+                    "no saved list for this account ({}): give --uidl-file or run capture",
+                    path.display()
+                ))
+            })?;
+            (list, false)
+        }
+    };
+    build_map(list, target, save).await
+}
+
+/// A UIDL list file: `uidl size [hash]` per line, `#` comments.
+fn read_uidl_file(path: &Path, target: &Target) -> Result<OldList, MigrateError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_OLD_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX_OLD_FILE_BYTES {
+        return Err(usage(format!(
+            "{}: larger than {MAX_OLD_FILE_BYTES} octets",
+            path.display()
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| usage(format!("{}: not UTF-8 text", path.display())))?;
+    let mut messages = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let m = parse_old_line(line)
+            .map_err(|e| usage(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        if !seen.insert(m.uidl.clone()) {
+            return Err(usage(format!(
+                "{}:{}: UIDL {:?} listed twice",
+                path.display(),
+                i + 1,
+                m.uidl
+            )));
+        }
+        messages.push(m);
+    }
+    Ok(OldList {
+        key: target.key(),
+        source: format!("file {}", path.display()),
+        created: now_unix(),
+        messages,
+    })
+}
+
+/// Matches `list` against the IMAP mailbox and writes the map (and the
+/// list, when `save_list`), then prints the summary.
+async fn build_map(list: OldList, target: &Target, save_list: bool) -> Result<(), MigrateError> {
+    let (mut conn, snap) = target.open(false).await?;
+    let mut new: Vec<NewMessage> = snap
+        .messages
+        .iter()
+        .map(|&(uid, size)| NewMessage {
+            uid,
+            size,
+            hash: None,
+        })
+        .collect();
+    let outcome = match matching::by_size(&list.messages, &new) {
+        Some(o) => o,
+        None => {
+            // Sizes do not line up: header hashes of the IMAP side too.
+            let uids: Vec<u32> = new.iter().map(|m| m.uid).collect();
+            let mut hashes = std::collections::HashMap::with_capacity(uids.len());
+            let mut progress = Progress::new("IMAP headers", uids.len());
+            conn.for_each_header(&uids, |uid, _, header| {
+                hashes.insert(uid, header_hash(header));
+                progress.inc();
+            })
+            .await?;
+            progress.finish();
+            for m in &mut new {
+                m.hash = hashes.remove(&m.uid);
+            }
+            matching::by_hash(&list.messages, &new)
+        }
+    };
+    conn.logout().await;
+    let dir = target.data_dir.as_deref().unwrap_or(Path::new("."));
+    let key = target.key();
+    if save_list {
+        write_atomic(&key.old_path(dir), &list.to_bytes())?;
+    }
+    let map = UidlMap {
+        key: key.clone(),
+        uidvalidity: snap.uidvalidity,
+        created: now_unix(),
+        entries: outcome.map.clone(),
+    };
+    let path = key.map_path(dir);
+    write_atomic(&path, &map.to_bytes())?;
+    print_match_summary(list.messages.len(), new.len(), &outcome);
+    println!(
+        "  map written: {} ({} entries, UIDVALIDITY {})",
+        path.display(),
+        map.entries.len(),
+        map.uidvalidity
+    );
+    Ok(())
+}
+
+fn print_match_summary(old: usize, new: usize, o: &Outcome) {
+    println!("  old server messages: {old}");
+    println!("  IMAP mailbox messages: {new}");
+    println!("  matched by size: {}", o.by_size);
+    println!("  matched by header hash: {}", o.by_hash);
+    println!(
+        "  ambiguous (template UIDLs): {}{}",
+        o.ambiguous_old.len(),
+        list_suffix(&o.ambiguous_old)
+    );
+    println!(
+        "  only on the old server: {}{}",
+        o.missing_in_new.len(),
+        list_suffix(&o.missing_in_new)
+    );
+    let uids: Vec<String> = o.missing_in_old.iter().map(u32::to_string).collect();
+    println!(
+        "  only in the IMAP mailbox: {}{}",
+        uids.len(),
+        list_suffix(&uids).replace("UIDLs", "UIDs")
+    );
+}
+
+/// " (UIDLs: a b c)" for a short list, the first 20 of a long one.
+fn list_suffix(items: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if items.is_empty() {
+        return String::new();
+    }
+    let more = items.len().saturating_sub(SHOWN);
+    let shown = items[..items.len().min(SHOWN)].join(" ");
+    if more > 0 {
+        format!(" (UIDLs: {shown} and {more} more)")
+    } else {
+        format!(" (UIDLs: {shown})")
+    }
+}
+
+/// `copy`: APPEND what the mailbox lacks, each with its old UIDL.
+async fn copy(
+    old: &OldSide,
+    target: &Target,
+    seen: bool,
+    max: Option<usize>,
+) -> Result<(), MigrateError> {
+    println!("popbridge migrate copy: {}", target.describe());
+    let mut pop = old.open().await?;
+    let listing = old_listing(&mut pop).await?;
+    // Every valid X-UIDL already in the mailbox: what an earlier (maybe
+    // interrupted) run copied. Read once, so each message costs one RETR
+    // and one APPEND.
+    let (mut conn, snap) = target.open(true).await?;
+    let mut present: HashSet<String> = snap.xuidl.into_values().collect();
+    let already = listing
+        .iter()
+        .filter(|(_, u, _)| present.contains(u))
+        .count();
+    let todo = listing.len() - already;
+    let limit = max.unwrap_or(usize::MAX);
+    let mut copied = 0usize;
+    let mut progress = Progress::new("copying", todo.min(limit));
+    let flags = seen.then_some("(\\Seen)");
+    for (n, uidl, _) in &listing {
+        if present.contains(uidl) || copied >= limit {
+            continue;
+        }
+        let step = async {
+            let message = pop.retr(*n).await?;
+            let mut data = Vec::with_capacity(message.len() + uidl.len() + 10);
+            // RFC 1939 §7 UIDLs are 0x21-0x7E: safe as a header value.
+            data.extend_from_slice(format!("X-UIDL: {uidl}\r\n").as_bytes());
+            data.extend_from_slice(&message);
+            let header_end = message.len().min(MAX_HEADER_BYTES);
+            let date = super::date::internal_date(&message[..header_end]);
+            conn.append(&data, flags, date.as_deref()).await?;
+            Ok::<(), MigrateError>(())
+        };
+        if let Err(e) = step.await {
+            progress.finish();
+            return Err(MigrateError::CopyInterrupted {
+                error: Box::new(e),
+                copied,
+            });
+        }
+        present.insert(uidl.clone());
+        copied += 1;
+        progress.inc();
+    }
+    progress.finish();
+    pop.quit().await;
+    conn.logout().await;
+    println!("  old server messages: {}", listing.len());
+    println!("  already in the mailbox (skipped): {already}");
+    println!("  copied: {copied}");
+    println!("  left for the next run: {}", todo - copied);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_server_addresses() {
+        assert_eq!(
+            parse_host_port("old.example", 110).unwrap(),
+            "old.example:110"
+        );
+        assert_eq!(
+            parse_host_port("old.example:1110", 110).unwrap(),
+            "old.example:1110"
+        );
+        assert_eq!(parse_host_port("[::1]", 995).unwrap(), "[::1]:995");
+        assert_eq!(parse_host_port("[::1]:2", 995).unwrap(), "[::1]:2");
+        for bad in ["", "h:", "h:0", "h:x", "[::1", "[]:1", "a:1:2"] {
+            assert!(parse_host_port(bad, 110).is_none(), "{bad}");
+        }
+        assert_eq!(host_of("[::1]:2"), "::1");
+    }
+}
