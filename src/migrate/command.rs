@@ -66,7 +66,7 @@ fn usage(s: impl Into<String>) -> MigrateError {
 
 /// Runs one `popbridge migrate` command and prints its summary.
 pub async fn run(args: MigrateArgs, config: Config) -> Result<(), MigrateError> {
-    match args.mode {
+    match *args.mode {
         Mode::Capture { old, new } => {
             let target = Target::resolve(&config, &new, true)?;
             let old_side = OldSide::resolve(&old, &new, &target)?;

@@ -37,7 +37,7 @@ pub const NEW_PASSWORD_ENV: &str = "POPBRIDGE_NEW_PASSWORD";
 #[derive(Debug, Clone, clap::Args)]
 pub struct MigrateArgs {
     #[command(subcommand)]
-    pub mode: Mode,
+    pub mode: Box<Mode>,
 }
 
 /// What to do.
