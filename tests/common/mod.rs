@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
+pub mod keepers;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,0 +1,350 @@
+//! Real POP3 clients that keep mail on the server, each with its own UIDL
+//! memory: mpop (`keep on`), fetchmail (`keep` + `uidl`) and getmail6
+//! (`read_all = false`, `delete = false`). A client's configuration can be
+//! pointed at another port between polls while its memory stays, which is
+//! what a cut-over looks like to it.
+//!
+//! Counting: every test message carries a unique `Message-ID:`; a poll's
+//! result is how many more messages the client has delivered.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::run_program as run;
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A POP3 client with its own UIDL memory.
+pub trait Keeper {
+    fn name(&self) -> &'static str;
+    /// Polls 127.0.0.1:`port` once; returns how many messages it delivered.
+    fn poll(&mut self, port: u16, label: &str) -> usize;
+}
+
+/// mpop, fetchmail and getmail6 for `user`/`pass`, under `dir`.
+pub fn all(dir: &Path, user: &str, pass: &str) -> Vec<Box<dyn Keeper>> {
+    vec![
+        Box::new(Mpop::new(dir, user, pass)),
+        Box::new(Fetchmail::new(dir, user, pass)),
+        Box::new(Getmail::new(dir, user, pass)),
+    ]
+}
+
+fn maildir_count(maildir: &Path) -> usize {
+    ["new", "cur"]
+        .iter()
+        .map(|sub| {
+            fs::read_dir(maildir.join(sub))
+                .expect("read maildir")
+                .count()
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// mpop
+// ---------------------------------------------------------------------------
+
+pub struct Mpop {
+    dir: PathBuf,
+    maildir: PathBuf,
+    user: String,
+    pass: String,
+    delivered: usize,
+}
+
+impl Mpop {
+    pub fn new(dir: &Path, user: &str, pass: &str) -> Mpop {
+        let dir = dir.join("mpop");
+        let maildir = dir.join("maildir");
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(maildir.join(sub)).expect("create maildir");
+        }
+        Mpop {
+            dir,
+            maildir,
+            user: user.into(),
+            pass: pass.into(),
+            delivered: 0,
+        }
+    }
+}
+
+impl Keeper for Mpop {
+    fn name(&self) -> &'static str {
+        "mpop"
+    }
+
+    fn poll(&mut self, port: u16, label: &str) -> usize {
+        let conf = format!(
+            "defaults\n\
+             timeout 60\n\
+             \n\
+             account acct\n\
+             host 127.0.0.1\n\
+             port {port}\n\
+             user {user}\n\
+             password {pass}\n\
+             auth user\n\
+             tls off\n\
+             tls_starttls off\n\
+             pipelining auto\n\
+             keep on\n\
+             only_new on\n\
+             received_header off\n\
+             uidls_file {d}/uidls\n\
+             delivery maildir {m}\n",
+            user = self.user,
+            pass = self.pass,
+            d = self.dir.display(),
+            m = self.maildir.display(),
+        );
+        let path = self.dir.join("mpoprc");
+        fs::write(&path, conf).expect("write mpoprc");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod mpoprc");
+        let r = run(
+            Command::new("mpop").arg("-C").arg(&path).arg("acct"),
+            &self.dir,
+            &format!("mpop-{label}"),
+        );
+        assert!(
+            r.status.success(),
+            "mpop ({label}) failed ({}):\n{}\n{}",
+            r.status,
+            lossy(&r.stdout),
+            r.stderr
+        );
+        let now = maildir_count(&self.maildir);
+        let new = now - self.delivered;
+        self.delivered = now;
+        new
+    }
+}
+
+// ---------------------------------------------------------------------------
+// fetchmail
+// ---------------------------------------------------------------------------
+
+pub struct Fetchmail {
+    dir: PathBuf,
+    mbox: PathBuf,
+    user: String,
+    pass: String,
+    delivered: usize,
+}
+
+impl Fetchmail {
+    pub fn new(dir: &Path, user: &str, pass: &str) -> Fetchmail {
+        let dir = dir.join("fetchmail");
+        fs::create_dir_all(&dir).expect("create fetchmail dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let mbox = dir.join("delivered.mbox");
+        fs::write(&mbox, b"").expect("create mbox");
+        Fetchmail {
+            dir,
+            mbox,
+            user: user.into(),
+            pass: pass.into(),
+            delivered: 0,
+        }
+    }
+
+    /// Messages in the delivery file, counted by their Message-ID lines.
+    fn count(&self) -> usize {
+        lossy(&fs::read(&self.mbox).expect("read fetchmail delivery file"))
+            .lines()
+            .filter(|l| l.starts_with("Message-ID: <"))
+            .count()
+    }
+}
+
+impl Keeper for Fetchmail {
+    fn name(&self) -> &'static str {
+        "fetchmail"
+    }
+
+    fn poll(&mut self, port: u16, label: &str) -> usize {
+        let rc = format!(
+            "poll 127.0.0.1 protocol pop3 port {port} auth password uidl\n  \
+             user \"{}\" there with password \"{}\"\n  \
+             keep sslproto '' mda \"cat >> {}\"\n",
+            self.user,
+            self.pass,
+            self.mbox.display()
+        );
+        let rcfile = self.dir.join("fetchmailrc");
+        fs::write(&rcfile, rc).expect("write fetchmailrc");
+        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        let r = run(
+            Command::new("fetchmail")
+                .arg("--nosyslog")
+                .arg("--nodetach")
+                .arg("-v")
+                .arg("-f")
+                .arg(&rcfile)
+                .arg("-i")
+                .arg(self.dir.join("fetchids"))
+                .arg("--pidfile")
+                .arg(self.dir.join("fetchmail.pid"))
+                .env("HOME", &self.dir)
+                .env("FETCHMAILHOME", &self.dir),
+            &self.dir,
+            &format!("fetchmail-{label}"),
+        );
+        // 0: mail delivered, 1: no new mail.
+        assert!(
+            matches!(r.status.code(), Some(0) | Some(1)),
+            "fetchmail ({label}) failed ({}):\n{}\n{}",
+            r.status,
+            lossy(&r.stdout),
+            r.stderr
+        );
+        let now = self.count();
+        let new = now - self.delivered;
+        self.delivered = now;
+        new
+    }
+}
+
+// ---------------------------------------------------------------------------
+// getmail6
+// ---------------------------------------------------------------------------
+
+/// getmail6 names its UIDL memory `oldmail-<host>-<port>-<user>`. A real
+/// cut-over keeps the server's name and port (the name is pointed at
+/// popbridge); a test cannot give two servers one port, so when the port
+/// changes the memory file is carried over to the new name first, exactly
+/// as getmail would find it after a DNS switch.
+pub struct Getmail {
+    dir: PathBuf,
+    maildir: PathBuf,
+    user: String,
+    pass: String,
+    last_port: Option<u16>,
+    delivered: usize,
+}
+
+/// The uid and gid of `nobody`: getmail refuses to deliver as root
+/// unless the destination names an unprivileged user.
+fn nobody() -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .arg(flag)
+            .arg("nobody")
+            .output()
+            .expect("run `id nobody`");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id of nobody")
+    };
+    (id("-u"), id("-g"))
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+    if path.is_dir() {
+        for e in fs::read_dir(path).expect("read dir") {
+            chown_tree(&e.expect("dir entry").path(), uid, gid);
+        }
+    }
+}
+
+impl Getmail {
+    pub fn new(dir: &Path, user: &str, pass: &str) -> Getmail {
+        let dir = dir.join("getmail");
+        let maildir = dir.join("maildir");
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(maildir.join(sub)).expect("create maildir");
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Getmail {
+            dir,
+            maildir,
+            user: user.into(),
+            pass: pass.into(),
+            last_port: None,
+            delivered: 0,
+        }
+    }
+
+    fn memory(&self, port: u16) -> PathBuf {
+        self.dir
+            .join(format!("oldmail-127.0.0.1-{port}-{}", self.user))
+    }
+}
+
+impl Keeper for Getmail {
+    fn name(&self) -> &'static str {
+        "getmail6"
+    }
+
+    fn poll(&mut self, port: u16, label: &str) -> usize {
+        if let Some(last) = self.last_port.filter(|&p| p != port) {
+            let from = self.memory(last);
+            assert!(from.is_file(), "getmail left no UIDL memory at {from:?}");
+            fs::copy(&from, self.memory(port)).expect("carry getmail's memory over");
+        }
+        self.last_port = Some(port);
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let user_line = if is_root {
+            let (uid, gid) = nobody();
+            chown_tree(&self.maildir, uid, gid);
+            "user = nobody\n"
+        } else {
+            ""
+        };
+        let rc = format!(
+            "[retriever]\n\
+             type = SimplePOP3Retriever\n\
+             server = 127.0.0.1\n\
+             port = {port}\n\
+             username = {}\n\
+             password = {}\n\
+             \n\
+             [destination]\n\
+             type = Maildir\n\
+             path = {}/\n\
+             {user_line}\
+             \n\
+             [options]\n\
+             read_all = false\n\
+             delete = false\n\
+             verbose = 1\n",
+            self.user,
+            self.pass,
+            self.maildir.display()
+        );
+        let rcfile = self.dir.join("getmailrc");
+        fs::write(&rcfile, rc).expect("write getmailrc");
+        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        let r = run(
+            Command::new("getmail")
+                .arg("--getmaildir")
+                .arg(&self.dir)
+                .arg("--rcfile")
+                .arg(&rcfile),
+            &self.dir,
+            &format!("getmail-{label}"),
+        );
+        assert!(
+            r.status.success(),
+            "getmail ({label}) failed ({}):\n{}\n{}",
+            r.status,
+            lossy(&r.stdout),
+            r.stderr
+        );
+        let now = maildir_count(&self.maildir);
+        let new = now - self.delivered;
+        self.delivered = now;
+        new
+    }
+}
