@@ -919,6 +919,34 @@ impl Imap {
         }
     }
 
+    /// APPEND `message` (exact bytes) to `mailbox` with a non-synchronising
+    /// literal (RFC 7888 LITERAL+, which Dovecot offers); panics on failure.
+    pub fn append(&mut self, mailbox: &str, message: &[u8]) {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        let mut cmd = format!(
+            "{tag} APPEND {} {{{}+}}\r\n",
+            imap_quote(mailbox),
+            message.len()
+        )
+        .into_bytes();
+        cmd.extend_from_slice(message);
+        cmd.extend_from_slice(b"\r\n");
+        self.stream.write_all(&cmd).expect("IMAP write");
+        let prefix = format!("{tag} ");
+        loop {
+            let line = self.read_response_line();
+            if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
+                assert!(
+                    rest.starts_with(b"OK"),
+                    "APPEND: {}",
+                    String::from_utf8_lossy(rest)
+                );
+                return;
+            }
+        }
+    }
+
     /// All UIDs in the selected mailbox, sorted.
     pub fn uids(&mut self) -> Vec<u32> {
         let lines = self

@@ -1,0 +1,426 @@
+//! Migrating from another POP3 server without re-downloads (issue 7), end to
+//! end with real clients that keep mail on the server (mpop, fetchmail,
+//! getmail6, each with its own UIDL memory).
+//!
+//! The "old ISP" is a Dovecot whose POP3 server uses another UIDL format
+//! (`%v.%u`); the new mailbox is a second Dovecot behind popbridge. Clients
+//! poll the old server first, the mail moves (by "another tool" plus
+//! `popbridge migrate capture`, or by `popbridge migrate copy`), the clients
+//! switch to popbridge, and their next poll must download nothing.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::keepers::{self, Keeper};
+use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+
+/// Messages on the old server before the cut-over.
+const N: usize = 20;
+
+/// The old ISP's POP3 server: another UIDL format than popbridge's default.
+fn old_isp() -> Dovecot {
+    Dovecot::start_with(DovecotOptions {
+        extra_conf: "pop3_uidl_format = %v.%u\n".into(),
+        ..DovecotOptions::default()
+    })
+}
+
+/// A test message with a unique Message-ID. Every third carries the
+/// bookkeeping fields mbox-era servers write (volatile for the hash).
+fn message(i: usize) -> Vec<u8> {
+    let volatile = if i % 3 == 0 {
+        format!("Status: RO\r\nX-Status: A\r\nX-UID: {i}\r\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "From: Sender <sender@example.org>\r\n\
+         To: Alice <alice@example.net>\r\n\
+         Subject: migrated message {i}\r\n\
+         Date: Mon, 1 Jan 2024 12:{:02}:00 +0000\r\n\
+         Message-ID: <migration-{i}@popbridge.test>\r\n\
+         {volatile}\
+         \r\n\
+         Body of message {i}.\r\n{}",
+        i % 60,
+        "padding line\r\n".repeat(i % 4)
+    )
+    .into_bytes()
+}
+
+/// What another migration tool does: copies every message from the old
+/// server into the new mailbox, adding its own Received field and dropping
+/// the mbox bookkeeping fields (so sizes differ and popbridge must match by
+/// header hash), and not in the old order.
+fn move_with_other_tool(old: &Dovecot, new: &Dovecot, which: impl Fn(usize) -> bool) {
+    let mut pop = Pop3::connect(old.pop3_port);
+    pop.login("alice", "secret");
+    let count = pop.list().len();
+    let mut messages: Vec<Vec<u8>> = (1..=count)
+        .filter(|n| which(n - 1))
+        .map(|n| pop.retr(n))
+        .collect();
+    pop.quit();
+    // The first five go in last.
+    let k = messages.len().min(5);
+    messages.rotate_left(k);
+    let mut imap = Imap::connect(new.imap_port, "alice", "secret");
+    for m in messages {
+        let text = String::from_utf8(m).expect("test messages are UTF-8");
+        let kept: String = text
+            .split_inclusive("\r\n")
+            .filter(|l| {
+                !["Status:", "X-Status:", "X-UID:"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        let moved = format!(
+            "Received: from old-isp.example by migrator.example (other tool);\r\n\
+             \tTue, 2 Jan 2024 00:00:00 +0000\r\n{kept}"
+        );
+        imap.append("INBOX", moved.as_bytes());
+    }
+    imap.logout();
+}
+
+/// Runs `popbridge migrate ARGS` with the IMAP password in the environment.
+/// Returns (success, stdout, stderr).
+fn migrate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+        .arg("migrate")
+        .args(args)
+        .env("POPBRIDGE_NEW_PASSWORD", "secret")
+        .env_remove("POPBRIDGE_OLD_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run popbridge migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("$ popbridge migrate {}\n{stdout}{stderr}", args.join(" "));
+    (out.status.success(), stdout, stderr)
+}
+
+/// The flags every migrate run here shares: old server, account, new IMAP.
+fn side_args(old: &Dovecot, new: &Dovecot) -> Vec<String> {
+    vec![
+        "--old".into(),
+        format!("pop3://127.0.0.1:{}", old.pop3_port),
+        "--user".into(),
+        "alice".into(),
+        "--upstream".into(),
+        format!("127.0.0.1:{}", new.imap_port),
+        "--upstream-tls".into(),
+        "none".into(),
+    ]
+}
+
+fn run_migrate(mode: &str, old: &Dovecot, new: &Dovecot, extra: &[&str]) -> String {
+    let mut args: Vec<String> = vec![mode.into()];
+    args.extend(side_args(old, new));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, stdout, stderr) = migrate(&refs);
+    assert!(ok, "popbridge migrate {mode} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+/// popbridge in front of `new` with `toml` as its configuration file.
+fn bridge(new: &Dovecot, dir: &Path, toml: &str) -> Popbridge {
+    let cfg = dir.join("popbridge.toml");
+    fs::write(&cfg, toml).expect("write popbridge.toml");
+    Popbridge::start(new.imap_port, &["--config", cfg.to_str().unwrap()])
+}
+
+/// The UIDL listing of a POP3 server, sorted.
+fn uidls(port: u16) -> Vec<String> {
+    let mut p = Pop3::connect(port);
+    p.login("alice", "secret");
+    let mut v: Vec<String> = p.uidl().into_iter().map(|(_, u)| u).collect();
+    p.quit();
+    v.sort();
+    v
+}
+
+/// (client, first poll (old server), after cut-over, new mail, again)
+type Row = (&'static str, usize, usize, usize, usize);
+
+/// Clients poll the old server; `cut_over` moves the mail and returns the
+/// popbridge to switch to; then the polls that must download 0, 1, 0.
+fn scenario(
+    title: &str,
+    old: &Dovecot,
+    new: &Dovecot,
+    cut_over: impl FnOnce() -> Popbridge,
+) -> Vec<Row> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut clients: Vec<Box<dyn Keeper>> = keepers::all(dir.path(), "alice", "secret");
+    let first: Vec<usize> = clients
+        .iter_mut()
+        .map(|c| c.poll(old.pop3_port, "old"))
+        .collect();
+    let bridge = cut_over();
+    let after: Vec<usize> = clients
+        .iter_mut()
+        .map(|c| c.poll(bridge.port, "cutover"))
+        .collect();
+    new.deliver("alice", &message(N));
+    let new_mail: Vec<usize> = clients
+        .iter_mut()
+        .map(|c| c.poll(bridge.port, "new"))
+        .collect();
+    let again: Vec<usize> = clients
+        .iter_mut()
+        .map(|c| c.poll(bridge.port, "again"))
+        .collect();
+    let rows: Vec<Row> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name(), first[i], after[i], new_mail[i], again[i]))
+        .collect();
+    println!("{title} ({N} messages on the old server):");
+    println!(
+        "{:<10} {:>10} {:>15} {:>9} {:>6}",
+        "client", "old server", "after cut-over", "new mail", "again"
+    );
+    for (name, a, b, c, d) in &rows {
+        println!("{name:<10} {a:>10} {b:>15} {c:>9} {d:>6}");
+    }
+    rows
+}
+
+fn assert_rows(rows: &[Row]) {
+    assert_eq!(rows.len(), 3, "mpop, fetchmail and getmail6");
+    for &(name, first, after, new, again) in rows {
+        assert_eq!(
+            (first, after, new, again),
+            (N, 0, 1, 0),
+            "{name}: (old server, after cut-over (re-downloads), new mail, again)"
+        );
+    }
+}
+
+#[test]
+fn capture_then_cut_over_downloads_nothing_again() {
+    let old = old_isp();
+    let new = Dovecot::start();
+    for i in 0..N {
+        old.deliver("alice", &message(i));
+    }
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().unwrap().to_string();
+    let rows = scenario("migrate capture + uidl_map", &old, &new, || {
+        move_with_other_tool(&old, &new, |_| true);
+        let out = run_migrate("capture", &old, &new, &["--data-dir", &data_dir]);
+        for line in [
+            &format!("old server messages: {N}"),
+            &format!("IMAP mailbox messages: {N}"),
+            &format!("matched by header hash: {N}"),
+            "ambiguous (template UIDLs): 0",
+            "only on the old server: 0",
+            "only in the IMAP mailbox: 0",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in:\n{out}");
+        }
+        let b = bridge(
+            &new,
+            data.path(),
+            &format!("[pop3]\nuidl_map = true\n[data]\ndir = {data_dir:?}\n"),
+        );
+        // popbridge now lists exactly the old server's UIDLs.
+        assert_eq!(uidls(b.port), uidls(old.pop3_port));
+        b
+    });
+    assert_rows(&rows);
+}
+
+#[test]
+fn copy_twice_and_resumed_then_cut_over_downloads_nothing_again() {
+    let old = old_isp();
+    let new = Dovecot::start();
+    for i in 0..N {
+        old.deliver("alice", &message(i));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rows = scenario("migrate copy + reuse_xuidl", &old, &new, || {
+        // An operator spreading the copy over two runs (or a run that was
+        // interrupted): the second run copies only the rest.
+        let out = run_migrate("copy", &old, &new, &["--max-messages", "7"]);
+        assert!(out.contains("copied: 7\n"), "{out}");
+        assert!(
+            out.contains(&format!("left for the next run: {}", N - 7)),
+            "{out}"
+        );
+        let out = run_migrate("copy", &old, &new, &[]);
+        assert!(
+            out.contains("already in the mailbox (skipped): 7\n"),
+            "{out}"
+        );
+        assert!(out.contains(&format!("copied: {}\n", N - 7)), "{out}");
+        // Idempotent: a third run copies nothing and the mailbox is unchanged.
+        let out = run_migrate("copy", &old, &new, &[]);
+        assert!(out.contains("copied: 0\n"), "{out}");
+        assert!(
+            out.contains(&format!("already in the mailbox (skipped): {N}")),
+            "{out}"
+        );
+        let mut imap = Imap::connect(new.imap_port, "alice", "secret");
+        assert_eq!(imap.uids().len(), N, "each message exactly once");
+        // The internal date is the message's date, not the time of the copy.
+        let lines = imap.command("UID FETCH 1 (INTERNALDATE)").unwrap();
+        let text = String::from_utf8_lossy(&lines[0]).into_owned();
+        assert!(text.contains("\"01-Jan-2024 12:00:00 +0000\""), "{text}");
+        let body = imap.fetch_message(1);
+        assert!(body.starts_with(b"X-UIDL: "), "X-UIDL on top");
+        imap.logout();
+        let b = bridge(&new, dir.path(), "[pop3]\nreuse_xuidl = true\n");
+        assert_eq!(uidls(b.port), uidls(old.pop3_port));
+        b
+    });
+    assert_rows(&rows);
+}
+
+#[test]
+fn identical_headers_and_missing_messages_are_reported_not_guessed() {
+    let old = old_isp();
+    let new = Dovecot::start();
+    // 0 and 1: identical header sections, different bodies. 2: mbox
+    // bookkeeping fields the other tool drops. 3: never moved.
+    let twin = |body: &str| {
+        format!(
+            "From: a@example.org\r\nTo: alice@example.net\r\nSubject: twin\r\n\
+             Message-ID: <twin@popbridge.test>\r\n\r\n{body}\r\n"
+        )
+        .into_bytes()
+    };
+    old.deliver("alice", &twin("first"));
+    old.deliver("alice", &twin("second, a longer body"));
+    old.deliver("alice", &message(3));
+    old.deliver("alice", &message(4));
+    let old_list = {
+        let mut p = Pop3::connect(old.pop3_port);
+        p.login("alice", "secret");
+        let u: Vec<String> = p.uidl().into_iter().map(|(_, u)| u).collect();
+        p.quit();
+        u
+    };
+    move_with_other_tool(&old, &new, |i| i < 3);
+    // Mail that reached the new server only.
+    new.deliver("alice", &message(99));
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().unwrap().to_string();
+    let out = run_migrate("capture", &old, &new, &["--data-dir", &data_dir]);
+    for line in [
+        "matched by header hash: 1\n".to_string(),
+        format!(
+            "ambiguous (template UIDLs): 2 (UIDLs: {} {})",
+            old_list[0], old_list[1]
+        ),
+        format!("only on the old server: 1 (UIDLs: {})", old_list[3]),
+        "only in the IMAP mailbox: 1 (UIDs: 4)".to_string(),
+    ] {
+        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
+    }
+    let b = bridge(
+        &new,
+        data.path(),
+        &format!("[pop3]\nuidl_map = true\n[data]\ndir = {data_dir:?}\n"),
+    );
+    let served = uidls(b.port);
+    // Message 2 keeps its old UIDL; the twins and the new-only message get
+    // template UIDLs: never each other's.
+    assert!(served.contains(&old_list[2]), "{served:?}");
+    let reused: Vec<&String> = served.iter().filter(|u| old_list.contains(u)).collect();
+    assert_eq!(
+        reused,
+        [&old_list[2]],
+        "only the matched message has an old UIDL"
+    );
+
+    // Re-matching later without the old server gives the same map.
+    let map_files: Vec<_> = fs::read_dir(data.path().join("uidl-maps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "map"))
+        .collect();
+    assert_eq!(map_files.len(), 1);
+    let entries = |p: &Path| -> Vec<String> {
+        fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(String::from)
+            .collect()
+    };
+    let before = entries(&map_files[0]);
+    let mut args = vec!["import".to_string()];
+    args.extend(side_args(&old, &new).into_iter().skip(2));
+    args.extend(["--data-dir".to_string(), data_dir.clone()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = migrate(&refs);
+    assert!(ok, "import from the saved list: {out}\n{err}");
+    assert!(out.contains("matched by header hash: 1\n"), "{out}");
+    assert_eq!(entries(&map_files[0]), before);
+
+    // A bad UIDL list file is a usage error (exit code 2) naming the line.
+    let list = data.path().join("list.txt");
+    fs::write(&list, "# uidl size\nok-1 100\nbad uidl here\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+        .args(["migrate", "import", "--uidl-file"])
+        .arg(&list)
+        .args(&refs[1..])
+        .env("POPBRIDGE_NEW_PASSWORD", "secret")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("list.txt:3"), "{err}");
+
+    // A corrupt map never fails a login: logged, template UIDLs served.
+    fs::write(&map_files[0], "popbridge-uidl-map\t1\tgarbage\n").unwrap();
+    let served = uidls(b.port);
+    assert_eq!(served.len(), 4);
+    assert!(served.iter().all(|u| !old_list.contains(u)), "{served:?}");
+    assert!(
+        b.log().contains("imported UIDL map unusable"),
+        "{}",
+        b.log()
+    );
+}
+
+#[test]
+fn bad_invocations_fail_with_clear_errors() {
+    let (ok, _, err) = migrate(&["copy", "--old", "imap://x", "--user", "a"]);
+    assert!(!ok);
+    assert!(err.contains("pop3://host[:port]"), "{err}");
+    let (ok, _, err) = migrate(&["capture", "--old", "pop3://127.0.0.1:1", "--user", "a"]);
+    assert!(!ok);
+    assert!(err.contains("data directory"), "{err}");
+    // Nothing listens on port 1: a connection error, exit code 1.
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+        .args([
+            "migrate",
+            "copy",
+            "--old",
+            "pop3://127.0.0.1:1",
+            "--user",
+            "a",
+        ])
+        .args(["--upstream", "127.0.0.1:1", "--upstream-tls", "none"])
+        .arg("--data-dir")
+        .arg(d.path())
+        .env("POPBRIDGE_NEW_PASSWORD", "secret")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("old server: cannot connect to 127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"));
+}
