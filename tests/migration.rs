@@ -31,7 +31,7 @@ fn old_isp() -> Dovecot {
 /// A test message with a unique Message-ID. Every third carries the
 /// bookkeeping fields mbox-era servers write (volatile for the hash).
 fn message(i: usize) -> Vec<u8> {
-    let volatile = if i % 3 == 0 {
+    let volatile = if i.is_multiple_of(3) {
         format!("Status: RO\r\nX-Status: A\r\nX-UID: {i}\r\n")
     } else {
         String::new()
