@@ -320,6 +320,7 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
             old_list[0], old_list[1]
         ),
         format!("only on the old server: 1 (UIDLs: {})", old_list[3]),
+        "ambiguous IMAP messages: 2 (UIDs: 1 2)".to_string(),
         "only in the IMAP mailbox: 1 (UIDs: 4)".to_string(),
     ] {
         assert!(out.contains(&line), "missing {line:?} in:\n{out}");
@@ -378,6 +379,18 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("list.txt:3"), "{err}");
+
+    // A map made for another UIDVALIDITY (the mailbox was recreated since)
+    // is ignored with a warning: its UIDs would name other messages.
+    let text = fs::read_to_string(&map_files[0]).unwrap();
+    let start = text.find("uidvalidity=").unwrap() + "uidvalidity=".len();
+    let end = start + text[start..].find('\t').unwrap();
+    let stale: u32 = text[start..end].parse::<u32>().unwrap() + 1;
+    let stale_text = format!("{}{stale}{}", &text[..start], &text[end..]);
+    fs::write(&map_files[0], stale_text).unwrap();
+    let served = uidls(b.port);
+    assert!(served.iter().all(|u| !old_list.contains(u)), "{served:?}");
+    assert!(b.log().contains("imported UIDL map ignored"), "{}", b.log());
 
     // A corrupt map never fails a login: logged, template UIDLs served.
     fs::write(&map_files[0], "popbridge-uidl-map\t1\tgarbage\n").unwrap();

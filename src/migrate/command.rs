@@ -564,6 +564,12 @@ fn print_match_summary(old: usize, new: usize, o: &Outcome) {
         o.ambiguous_old.len(),
         list_suffix(&o.ambiguous_old)
     );
+    let ambiguous: Vec<String> = o.ambiguous_new.iter().map(u32::to_string).collect();
+    println!(
+        "  ambiguous IMAP messages: {}{}",
+        ambiguous.len(),
+        list_suffix(&ambiguous).replace("UIDLs", "UIDs")
+    );
     println!(
         "  only on the old server: {}{}",
         o.missing_in_new.len(),

@@ -6,8 +6,8 @@
 //! then renamed by [`crate::bridge::maildrop::Maildrop::set_uidls`].
 //!
 //! Maps are read-mostly files; each is parsed once and kept in memory,
-//! keyed by path and re-read only when its modification time or length
-//! changes (a new `popbridge migrate` run, a new volume shipped).
+//! keyed by path and re-read only when the file changes (a new `popbridge
+//! migrate` run, a new volume shipped): one `stat` per login.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,11 +21,28 @@ use super::store::{MapKey, StoreError, UidlMap};
 /// recently used maps are dropped first and re-read at their next login.
 pub const CACHE_MAX_ENTRIES: u64 = 2_000_000;
 
+/// What identifies one version of a file: modification time, length,
+/// inode and change time. A replacement by rename (as `popbridge migrate`
+/// and volume syncs do) always has a new inode, so even a rewrite within
+/// one timestamp tick and of the same length is noticed.
+type Stamp = (SystemTime, u64, u64, i64, i64);
+
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        meta.len(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
 /// A cached parse, valid while the file's stamp is unchanged. Failures are
 /// cached too, so a corrupt file is not re-read at every poll.
 #[derive(Debug, Clone)]
 struct Cached {
-    stamp: (SystemTime, u64),
+    stamp: Stamp,
     map: Result<Arc<UidlMap>, Arc<str>>,
 }
 
@@ -75,10 +92,7 @@ impl MapStore {
             }
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let stamp = (
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            meta.len(),
-        );
+        let stamp = stamp(&meta);
         let cached = self.cache.get(&path).filter(|c| c.stamp == stamp);
         let cached = match cached {
             Some(c) => c,
