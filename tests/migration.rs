@@ -437,3 +437,66 @@ fn bad_invocations_fail_with_clear_errors() {
     );
     assert!(!err.contains("secret"));
 }
+
+#[test]
+fn old_server_over_pop3s_and_stls_is_verified() {
+    let pki = common::certs::Pki::new("old ISP test CA");
+    let other = common::certs::Pki::new("unrelated CA");
+    let pop3s = common::free_port();
+    let old = Dovecot::start_with(DovecotOptions {
+        extra_conf: format!(
+            "pop3_uidl_format = %v.%u\nssl = yes\nssl_cert = <{}\nssl_key = <{}\n\
+             ssl_min_protocol = TLSv1.2\n\
+             service pop3-login {{\n  inet_listener pop3s {{\n    port = {pop3s}\n  }}\n}}\n",
+            pki.cert_path().display(),
+            pki.key_path().display()
+        ),
+        ..DovecotOptions::default()
+    });
+    common::wait_for_port(pop3s, std::time::Duration::from_secs(20));
+    let new = Dovecot::start();
+    for i in 0..3 {
+        old.deliver("alice", &message(i));
+    }
+    move_with_other_tool(&old, &new, |_| true);
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().unwrap();
+    let ca = pki.ca_path();
+    let ca = ca.to_str().unwrap();
+    let new_side = [
+        "--user",
+        "alice",
+        "--upstream",
+        &format!("127.0.0.1:{}", new.imap_port),
+        "--upstream-tls",
+        "none",
+        "--data-dir",
+        data_dir,
+    ];
+    let implicit = format!("pop3s://127.0.0.1:{pop3s}");
+    let plain = format!("pop3://127.0.0.1:{}", old.pop3_port);
+    for old_args in [
+        vec!["--old", &implicit, "--old-ca-file", ca],
+        vec!["--old", &plain, "--old-starttls", "--old-ca-file", ca],
+    ] {
+        let mut args = vec!["capture"];
+        args.extend(&old_args);
+        args.extend(&new_side);
+        let (ok, out, err) = migrate(&args);
+        assert!(ok, "{out}\n{err}");
+        assert!(out.contains("matched by header hash: 3\n"), "{out}");
+    }
+    // A certificate from another CA is refused before any password is sent.
+    let other_ca = other.ca_path();
+    let mut args = vec![
+        "capture",
+        "--old",
+        &implicit,
+        "--old-ca-file",
+        other_ca.to_str().unwrap(),
+    ];
+    args.extend(&new_side);
+    let (ok, out, err) = migrate(&args);
+    assert!(!ok, "{out}");
+    assert!(err.contains("old server: TLS"), "{err}");
+}
