@@ -6,8 +6,9 @@
 //! IMAP `BODY.PEEK[HEADER]` on the new side), with the fields that a
 //! migration or a mail store changes left out, so the same message hashes
 //! the same on both servers:
-//! - [`VOLATILE_FIELDS`]: flags and bookkeeping that mbox-era servers write
-//!   into the header (Status, X-UID, X-Keywords...), the old UIDL itself,
+//! - [`VOLATILE_FIELDS`]: flags and bookkeeping that mbox-era servers and
+//!   clients write into the header (Status, X-UID, X-Keywords,
+//!   X-Message-Flag...), the old UIDL itself,
 //!   Content-Length, and Return-Path (rewritten at delivery);
 //! - **every** `Received:` field. Dovecot drops only the Received fields the
 //!   migration added; we cannot tell which ones those are when the other tool
@@ -33,6 +34,7 @@ pub const VOLATILE_FIELDS: &[&str] = &[
     "x-imap",
     "x-imapbase",
     "x-keywords",
+    "x-message-flag",
     "content-length",
 ];
 
