@@ -500,3 +500,71 @@ fn old_server_over_pop3s_and_stls_is_verified() {
     assert!(!ok, "{out}");
     assert!(err.contains("old server: TLS"), "{err}");
 }
+
+#[test]
+fn copy_interrupted_by_a_full_mailbox_resumes_after_the_fix() {
+    let old = old_isp();
+    let quota = |n: usize| {
+        format!(
+            "mail_plugins = $mail_plugins quota\n\
+             plugin {{\n  quota = count:User quota\n  quota_rule = *:messages={n}\n  quota_vsizes = yes\n}}\n"
+        )
+    };
+    let new = Dovecot::start_with(DovecotOptions {
+        extra_conf: quota(7),
+        ..DovecotOptions::default()
+    });
+    for i in 0..N {
+        old.deliver("alice", &message(i));
+    }
+    // The mailbox fills up after 7 messages: the run fails clearly and says
+    // what it did.
+    let mut args: Vec<String> = vec!["copy".into()];
+    args.extend(side_args(&old, &new));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = migrate(&refs);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("NO to APPEND") && err.contains("OVERQUOTA"),
+        "{err}"
+    );
+    assert!(
+        err.contains("7 messages were copied before that: run the same command again to resume"),
+        "{err}"
+    );
+    // The operator raises the quota and runs the same command again.
+    let conf = fs::read_to_string(new.conf_path()).unwrap();
+    fs::write(new.conf_path(), conf.replace(&quota(7), &quota(1000))).unwrap();
+    new.doveadm(&["reload"]);
+    // The reload reaches new IMAP sessions a moment later: until then a run
+    // still meets the old quota at its first APPEND and copies nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let (ok, out, err) = migrate(&refs);
+        if ok {
+            break out;
+        }
+        assert!(
+            err.contains("OVERQUOTA") && err.contains("; 0 messages were copied"),
+            "{err}"
+        );
+        assert!(std::time::Instant::now() < deadline, "quota never raised");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        out.contains("already in the mailbox (skipped): 7\n"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("copied: {}\n", N - 7)), "{out}");
+    let mut imap = Imap::connect(new.imap_port, "alice", "secret");
+    assert_eq!(imap.uids().len(), N, "each message exactly once");
+    imap.logout();
+    assert_eq!(uidls_via_xuidl(&new), uidls(old.pop3_port));
+}
+
+/// The UIDLs popbridge serves from `new` with `reuse_xuidl = true`.
+fn uidls_via_xuidl(new: &Dovecot) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let b = bridge(new, dir.path(), "[pop3]\nreuse_xuidl = true\n");
+    uidls(b.port)
+}

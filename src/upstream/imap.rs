@@ -1252,9 +1252,11 @@ impl ImapConn {
     }
 
     /// APPENDs `message` to the mailbox this connection serves (RFC 3501
-    /// §6.3.11), with optional flags (`(\Seen)`) and internal date
-    /// (`"01-Jan-2024 12:00:00 +0000"`). The time allowed grows with the
-    /// size (the command timeout plus a second per MiB).
+    /// §6.3.11), with optional flags (`(\\Seen)`) and internal date
+    /// (`"01-Jan-2024 12:00:00 +0000"`), through the checked loop so a
+    /// refusal keeps the server's words (`[OVERQUOTA] ...`). The literal is
+    /// sent after the server's continuation; the time allowed for it grows
+    /// with the size (the command timeout plus a second per MiB).
     pub async fn append(
         &mut self,
         message: &[u8],
@@ -1262,32 +1264,64 @@ impl ImapConn {
         internal_date: Option<&str>,
     ) -> Result<(), UpstreamError> {
         self.ensure_usable()?;
-        let mailbox = modified_utf7(&self.config.mailbox);
+        let r = self.append_inner(message, flags, internal_date).await;
+        self.note(r)
+    }
+
+    async fn append_inner(
+        &mut self,
+        message: &[u8],
+        flags: Option<&str>,
+        internal_date: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut cmd = format!("APPEND {}", quote_mailbox(&self.config.mailbox)?);
+        for extra in [flags, internal_date].into_iter().flatten() {
+            cmd.push(' ');
+            cmd.push_str(extra);
+        }
+        cmd.push_str(&format!(" {{{}}}", message.len()));
+        let tag = self.send(&cmd, "APPEND").await?;
+        loop {
+            let resp = next_response!(self, "APPEND")?;
+            match resp.parsed() {
+                Response::Continue { .. } => break,
+                // Refused before the literal (quota, no such mailbox): the
+                // tagged reply is read, the connection stays in step.
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    return Err(match status {
+                        Status::Ok => UpstreamError::Protocol(
+                            "APPEND answered OK before the message was sent".into(),
+                        ),
+                        Status::No => UpstreamError::No {
+                            command: "APPEND",
+                            text,
+                        },
+                        _ => UpstreamError::Bad {
+                            command: "APPEND",
+                            text,
+                        },
+                    });
+                }
+                _ => {}
+            }
+        }
         let budget =
             self.config.command_timeout + Duration::from_secs(message.len() as u64 / (1024 * 1024));
-        let r = match timeout(
-            budget,
-            self.session.append(&mailbox, flags, internal_date, message),
-        )
+        timeout(budget, async {
+            let w = self.session.get_mut();
+            w.write_all(message).await?;
+            w.write_all(b"\r\n").await?;
+            w.flush().await
+        })
         .await
-        {
-            Err(_) => Err(UpstreamError::Timeout("APPEND")),
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(ImapError::No(text))) => Err(UpstreamError::No {
-                command: "APPEND",
-                text,
-            }),
-            Ok(Err(ImapError::Bad(text))) => Err(UpstreamError::Bad {
-                command: "APPEND",
-                text,
-            }),
-            Ok(Err(ImapError::Io(e))) => Err(UpstreamError::Io(e)),
-            Ok(Err(ImapError::ConnectionLost)) => Err(UpstreamError::ConnectionLost),
-            Ok(Err(e)) => Err(UpstreamError::Protocol(format!("APPEND: {e}"))),
-        };
-        // A refused continuation (Error::Append) may leave a reply unread:
-        // Protocol is fatal, so the connection is not used again.
-        self.note(r)
+        .map_err(|_| UpstreamError::Timeout("APPEND"))??;
+        self.finish(&tag, "APPEND", |_| {}).await.map(|_| ())
     }
 }
 
