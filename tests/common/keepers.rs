@@ -219,52 +219,49 @@ impl Keeper for Fetchmail {
 /// popbridge); a test cannot give two servers one port, so when the port
 /// changes the memory file is carried over to the new name first, exactly
 /// as getmail would find it after a DNS switch.
+///
+/// Delivery goes through a small script (`MDA_external`) rather than
+/// getmail's Maildir writer, to work around a race in getmail 6.18: it
+/// forks the delivery child *before* installing its SIGCHLD handler, and
+/// wakes up on a condition variable that is only notified if it is already
+/// waiting; a child that exits too early leaves getmail waiting for its
+/// socket timeout (measured: 1 poll in 7 stuck for minutes on this 2-core
+/// machine). The script waits until its parent catches SIGCHLD
+/// (`SigCgt` in /proc) and lingers briefly after delivering, so the parent
+/// is waiting when the child exits.
 pub struct Getmail {
     dir: PathBuf,
-    maildir: PathBuf,
+    mbox: PathBuf,
     user: String,
     pass: String,
     last_port: Option<u16>,
     delivered: usize,
 }
 
-/// The uid and gid of `nobody`: getmail refuses to deliver as root
-/// unless the destination names an unprivileged user.
-fn nobody() -> (u32, u32) {
-    let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .arg(flag)
-            .arg("nobody")
-            .output()
-            .expect("run `id nobody`");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("numeric id of nobody")
-    };
-    (id("-u"), id("-g"))
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
-    if path.is_dir() {
-        for e in fs::read_dir(path).expect("read dir") {
-            chown_tree(&e.expect("dir entry").path(), uid, gid);
-        }
-    }
-}
-
 impl Getmail {
     pub fn new(dir: &Path, user: &str, pass: &str) -> Getmail {
         let dir = dir.join("getmail");
-        let maildir = dir.join("maildir");
-        for sub in ["cur", "new", "tmp"] {
-            fs::create_dir_all(maildir.join(sub)).expect("create maildir");
-        }
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::create_dir_all(&dir).expect("create getmail dir");
+        let mbox = dir.join("delivered.mbox");
+        fs::write(&mbox, b"").expect("create getmail delivery file");
+        let script = format!(
+            "#!/bin/sh\n\
+             # Wait until getmail (the parent) catches SIGCHLD (signal 17, bit 16).\n\
+             while :; do\n\
+             \x20 m=$(sed -n 's/^SigCgt:[[:space:]]*//p' /proc/$PPID/status)\n\
+             \x20 [ $(( (0x$m >> 16) & 1 )) = 1 ] && break\n\
+             \x20 sleep 0.01\n\
+             done\n\
+             cat >> {}\n\
+             sleep 0.1\n",
+            mbox.display()
+        );
+        let script_path = dir.join("deliver.sh");
+        fs::write(&script_path, script).expect("write delivery script");
+        fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755)).expect("chmod");
         Getmail {
             dir,
-            maildir,
+            mbox,
             user: user.into(),
             pass: pass.into(),
             last_port: None,
@@ -275,6 +272,14 @@ impl Getmail {
     fn memory(&self, port: u16) -> PathBuf {
         self.dir
             .join(format!("oldmail-127.0.0.1-{port}-{}", self.user))
+    }
+
+    /// Messages in the delivery file, counted by their Message-ID lines.
+    fn count(&self) -> usize {
+        lossy(&fs::read(&self.mbox).expect("read getmail delivery file"))
+            .lines()
+            .filter(|l| l.starts_with("Message-ID: <"))
+            .count()
     }
 }
 
@@ -290,18 +295,6 @@ impl Keeper for Getmail {
             fs::copy(&from, self.memory(port)).expect("carry getmail's memory over");
         }
         self.last_port = Some(port);
-        let is_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let user_line = if is_root {
-            let (uid, gid) = nobody();
-            chown_tree(&self.maildir, uid, gid);
-            "user = nobody\n"
-        } else {
-            ""
-        };
         let rc = format!(
             "[retriever]\n\
              type = SimplePOP3Retriever\n\
@@ -311,9 +304,10 @@ impl Keeper for Getmail {
              password = {}\n\
              \n\
              [destination]\n\
-             type = Maildir\n\
-             path = {}/\n\
-             {user_line}\
+             type = MDA_external\n\
+             path = /bin/sh\n\
+             arguments = (\"{}\",)\n\
+             allow_root_commands = true\n\
              \n\
              [options]\n\
              read_all = false\n\
@@ -321,7 +315,7 @@ impl Keeper for Getmail {
              verbose = 1\n",
             self.user,
             self.pass,
-            self.maildir.display()
+            self.dir.join("deliver.sh").display()
         );
         let rcfile = self.dir.join("getmailrc");
         fs::write(&rcfile, rc).expect("write getmailrc");
@@ -342,7 +336,7 @@ impl Keeper for Getmail {
             lossy(&r.stdout),
             r.stderr
         );
-        let now = maildir_count(&self.maildir);
+        let now = self.count();
         let new = now - self.delivered;
         self.delivered = now;
         new
