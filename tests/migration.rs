@@ -366,6 +366,24 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
     assert!(out.contains("matched by header hash: 1\n"), "{out}");
     assert_eq!(entries(&map_files[0]), before);
 
+    // The same list exported by another tool (`uidl size hash` per line).
+    let old_file = map_files[0].with_extension("old");
+    let exported: String = fs::read_to_string(&old_file)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("end\t"))
+        .map(|l| format!("{}\n", l.replace('\t', " ")))
+        .collect();
+    let list = data.path().join("exported.txt");
+    fs::write(&list, format!("# from the other tool\n{exported}")).unwrap();
+    let mut with_file = vec!["import", "--uidl-file", list.to_str().unwrap()];
+    with_file.extend(&refs[1..]);
+    let (ok, out, err) = migrate(&with_file);
+    assert!(ok, "import --uidl-file: {out}\n{err}");
+    assert!(out.contains("matched by header hash: 1\n"), "{out}");
+    assert_eq!(entries(&map_files[0]), before);
+
     // A bad UIDL list file is a usage error (exit code 2) naming the line.
     let list = data.path().join("list.txt");
     fs::write(&list, "# uidl size\nok-1 100\nbad uidl here\n").unwrap();
