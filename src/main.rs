@@ -145,6 +145,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Migrate(a)) = args.command.clone() {
+        // As when serving: the file, then POPBRIDGE_* variables and flags, so
+        // the command reaches the upstream the proxy reaches and writes maps
+        // under the key the proxy will look up.
+        return match args.clone().into_config() {
+            Ok((config, _)) => popbridge::migrate::run(a, Some(config)),
+            Err(e) => {
+                eprintln!("popbridge: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(command) = args.command.clone() {
         let config = match &args.config {
             Some(path) => match Config::from_file(path) {

@@ -564,6 +564,13 @@ fn print_match_summary(old: usize, new: usize, o: &Outcome) {
         o.ambiguous_old.len(),
         list_suffix(&o.ambiguous_old)
     );
+    if !o.no_hash.is_empty() {
+        println!(
+            "  without a header hash (not matched): {}{}",
+            o.no_hash.len(),
+            list_suffix(&o.no_hash)
+        );
+    }
     let ambiguous: Vec<String> = o.ambiguous_new.iter().map(u32::to_string).collect();
     println!(
         "  ambiguous IMAP messages: {}{}",

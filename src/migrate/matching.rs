@@ -51,6 +51,9 @@ pub struct Outcome {
     pub ambiguous_new: Vec<u32>,
     /// Old UIDLs with no counterpart in the IMAP mailbox.
     pub missing_in_new: Vec<String>,
+    /// Old UIDLs without a header hash (a UIDL list file without hashes),
+    /// which only the size fast path could have matched.
+    pub no_hash: Vec<String>,
     /// IMAP UIDs with no counterpart on the old server (they keep the
     /// template UIDL, like new mail).
     pub missing_in_old: Vec<u32>,
@@ -75,8 +78,9 @@ pub fn by_size(old: &[OldMessage], new: &[NewMessage]) -> Option<Outcome> {
     })
 }
 
-/// Matches by header hash. Every message should carry a hash; one without
-/// is treated as unmatchable (missing on its side). A hash that occurs once
+/// Matches by header hash. Every message should carry a hash; an old one
+/// without is reported in `no_hash`, a new one without as missing on the
+/// old side. A hash that occurs once
 /// on each side pairs those two. A hash that occurs more than once on either
 /// side is split by size, and pairs only where (hash, size) is unique on
 /// both sides; the rest is ambiguous and stays unmatched.
@@ -88,7 +92,7 @@ pub fn by_hash(old: &[OldMessage], new: &[NewMessage]) -> Outcome {
     for (i, o) in old.iter().enumerate() {
         match &o.hash {
             Some(h) => olds.entry(h).or_default().push(i),
-            None => out.missing_in_new.push(o.uidl.clone()),
+            None => out.no_hash.push(o.uidl.clone()),
         }
     }
     for (i, n) in new.iter().enumerate() {
@@ -260,7 +264,8 @@ mod tests {
         let out = by_hash(&o, &n);
         assert_eq!(out.map.len(), 1);
         assert_eq!(out.map[&1], "a");
-        assert_eq!(out.missing_in_new, ["nohash", "gone"]);
+        assert_eq!(out.missing_in_new, ["gone"]);
+        assert_eq!(out.no_hash, ["nohash"]);
         assert_eq!(out.missing_in_old, [2, 3]);
         // A size fast path cannot hide a missing message: counts differ.
         assert!(by_size(&o, &n[..2]).is_none());
