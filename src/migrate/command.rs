@@ -11,7 +11,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::hash::{header_hash, MAX_HEADER_BYTES};
 use super::matching::{self, NewMessage, OldMessage, Outcome};
-use super::pop3client::{OldTls, Pop3Client, Pop3Error};
+use super::pop3client::{OldTls, Pop3Client, Pop3Error, TOP_BATCH};
 use super::progress::Progress;
 use super::store::{
     is_valid_uidl, now_unix, parse_old_line, write_atomic, MapKey, OldList, StoreError, UidlMap,
@@ -414,16 +414,25 @@ async fn capture(old: &OldSide, target: &Target) -> Result<(), MigrateError> {
     let listing = old_listing(&mut pop).await?;
     // Header hashes of every old message, kept in the saved list so the map
     // can be rebuilt later without the old server (`import`).
+    let pipelining = pop
+        .capabilities()
+        .await?
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case("PIPELINING"));
+    let batch = if pipelining { TOP_BATCH } else { 1 };
     let mut messages = Vec::with_capacity(listing.len());
     let mut progress = Progress::new("old server headers", listing.len());
-    for (n, uidl, size) in &listing {
-        let header = pop.top_header(*n, MAX_HEADER_BYTES).await?;
-        messages.push(OldMessage {
-            uidl: uidl.clone(),
-            size: *size,
-            hash: Some(header_hash(&header)),
-        });
-        progress.inc();
+    for chunk in listing.chunks(batch) {
+        let ns: Vec<u32> = chunk.iter().map(|(n, _, _)| *n).collect();
+        let headers = pop.top_headers(&ns, MAX_HEADER_BYTES).await?;
+        for ((_, uidl, size), header) in chunk.iter().zip(headers) {
+            messages.push(OldMessage {
+                uidl: uidl.clone(),
+                size: *size,
+                hash: Some(header_hash(&header)),
+            });
+            progress.inc();
+        }
     }
     progress.finish();
     pop.quit().await;
@@ -450,6 +459,15 @@ async fn import(file: Option<&Path>, target: &Target) -> Result<(), MigrateError
                     path.display()
                 ))
             })?;
+            if list.key != target.key() {
+                return Err(usage(format!(
+                    "{} was saved for {}/{}/{}, not this account",
+                    path.display(),
+                    list.key.upstream,
+                    list.key.account,
+                    list.key.mailbox
+                )));
+            }
             (list, false)
         }
     };

@@ -27,6 +27,12 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// Messages in one listing at most (bounds the UIDL and LIST memory).
 pub const MAX_MESSAGES: usize = 10_000_000;
 
+/// `TOP n 0` commands sent ahead of their answers when the server offers
+/// PIPELINING (RFC 2449 §6.6): one round trip per batch instead of per
+/// message, which is what makes capturing a large account over a WAN
+/// practical. Commands are short, so a batch never fills a send buffer.
+pub const TOP_BATCH: usize = 32;
+
 /// Waiting for the TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -168,11 +174,41 @@ impl Pop3Client {
         Ok(out)
     }
 
+    /// CAPA (RFC 2449 §5): the capability lines; empty when the server
+    /// does not know CAPA (RFC 1939 servers).
+    pub async fn capabilities(&mut self) -> Result<Vec<String>, Pop3Error> {
+        match self.command("CAPA", "CAPA").await {
+            Ok(_) => self.listing("CAPA").await,
+            Err(Pop3Error::Err { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `TOP n 0`: the header section, cut at `limit` octets (the rest is
     /// read and dropped, so the session stays in step).
     pub async fn top_header(&mut self, n: u32, limit: usize) -> Result<Vec<u8>, Pop3Error> {
         self.command(&format!("TOP {n} 0"), "TOP").await?;
         self.multiline(limit, false).await
+    }
+
+    /// `TOP n 0` for each of `ns`, all sent before the first answer is read.
+    /// Only for servers that announced PIPELINING (RFC 2449 §6.6).
+    pub async fn top_headers(
+        &mut self,
+        ns: &[u32],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, Pop3Error> {
+        let mut batch = String::with_capacity(ns.len() * 16);
+        for n in ns {
+            batch.push_str(&format!("TOP {n} 0\r\n"));
+        }
+        self.send(batch.as_bytes()).await?;
+        let mut out = Vec::with_capacity(ns.len());
+        for _ in ns {
+            self.status("TOP").await?;
+            out.push(self.multiline(limit, false).await?);
+        }
+        Ok(out)
     }
 
     /// RETR: the message, dot-unstuffed, with CRLF line ends as sent.
@@ -390,6 +426,9 @@ mod tests {
                 "TOP 2 0",
                 format!("+OK\r\nX: {}\r\nY: z\r\n\r\n.\r\n", "h".repeat(5000)).into_bytes(),
             ),
+            ("CAPA", b"+OK\r\nTOP\r\nPIPELINING\r\n.\r\n".to_vec()),
+            ("TOP 1 0", b"+OK\r\nA: 1\r\n\r\n.\r\n".to_vec()),
+            ("TOP 2 0", b"+OK\r\nB: 2\r\n\r\n.\r\n".to_vec()),
             ("QUIT", b"+OK bye\r\n".to_vec()),
         ])
         .await;
@@ -409,10 +448,15 @@ mod tests {
         assert_eq!(c.retr(2).await.unwrap(), b"A: b\r\n\r\n.leading dot\r\n");
         // Over the limit: the long line is dropped, the session stays in step.
         assert_eq!(c.top_header(2, 1000).await.unwrap(), b"Y: z\r\n\r\n");
+        assert_eq!(c.capabilities().await.unwrap(), ["TOP", "PIPELINING"]);
+        assert_eq!(
+            c.top_headers(&[1, 2], 1000).await.unwrap(),
+            [b"A: 1\r\n\r\n".to_vec(), b"B: 2\r\n\r\n".to_vec()]
+        );
         c.quit().await;
         let got = task.await.unwrap();
         assert!(got.iter().all(|l| !l.starts_with("DELE")), "{got:?}");
-        assert_eq!(got.len(), 8);
+        assert_eq!(got.len(), 11);
     }
 
     #[tokio::test]
