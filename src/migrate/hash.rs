@@ -54,7 +54,14 @@ pub type HeaderHash = String;
 /// collapsed), in order, stopping at the first empty line. Lines that are
 /// neither a field nor a continuation (an mbox `From ` line) are skipped.
 pub fn fields(message: &[u8]) -> Vec<(String, String)> {
-    let head = &message[..message.len().min(MAX_HEADER_BYTES)];
+    // Past the bound, whole lines only: the same prefix the POP3 side keeps
+    // of a `TOP n 0` that is too long.
+    let head = match message.get(..MAX_HEADER_BYTES) {
+        Some(h) if message.len() > MAX_HEADER_BYTES => {
+            &h[..h.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]
+        }
+        _ => message,
+    };
     let mut out: Vec<(String, String)> = Vec::new();
     for raw in head.split(|&b| b == b'\n') {
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
@@ -169,6 +176,26 @@ mod tests {
         let header_only = &BASE[..BASE.find("\r\n\r\n").unwrap() + 4];
         assert_eq!(header_hash(header_only.as_bytes()), h);
         assert!(is_hash(&h));
+    }
+
+    #[test]
+    fn over_the_bound_only_whole_lines_count() {
+        // What the IMAP side sees (the whole header) and what the POP3 side
+        // keeps of it (whole lines up to the bound) hash the same.
+        let line = format!("X-Big: {}\r\n", "b".repeat(1000));
+        let mut whole = String::from("Subject: big\r\n");
+        while whole.len() <= MAX_HEADER_BYTES + 5000 {
+            whole.push_str(&line);
+        }
+        whole.push_str("\r\nbody\r\n");
+        let mut kept = String::new();
+        for l in whole.split_inclusive("\r\n") {
+            if kept.len() + l.len() > MAX_HEADER_BYTES {
+                break;
+            }
+            kept.push_str(l);
+        }
+        assert_eq!(header_hash(whole.as_bytes()), header_hash(kept.as_bytes()));
     }
 
     #[test]

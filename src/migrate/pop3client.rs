@@ -276,10 +276,12 @@ impl Pop3Client {
 
     /// A multi-line body (RFC 1939 §3): lines up to ".", each leading "."
     /// removed (dot-unstuffing). More than `limit` octets is an error when
-    /// `strict`, otherwise the rest is dropped.
+    /// `strict`, otherwise everything from the first line that does not fit
+    /// is read and dropped (what is kept is a prefix of whole lines).
     async fn multiline(&mut self, limit: usize, strict: bool) -> Result<Vec<u8>, Pop3Error> {
         let mut out = Vec::new();
         let mut line = Vec::new();
+        let mut full = false;
         loop {
             line.clear();
             // A line longer than what is left is an error (strict) or
@@ -290,7 +292,8 @@ impl Pop3Client {
                 return Ok(out);
             }
             let data = line.strip_prefix(b".").unwrap_or(&line);
-            if out.len() + data.len() > limit || !complete {
+            if full || out.len() + data.len() > limit || !complete {
+                full = true;
                 if strict {
                     return Err(Pop3Error::Protocol {
                         command: "RETR",
@@ -424,7 +427,11 @@ mod tests {
             ),
             (
                 "TOP 2 0",
-                format!("+OK\r\nX: {}\r\nY: z\r\n\r\n.\r\n", "h".repeat(5000)).into_bytes(),
+                format!(
+                    "+OK\r\nA: 1\r\nX: {}\r\nY: z\r\n\r\n.\r\n",
+                    "h".repeat(5000)
+                )
+                .into_bytes(),
             ),
             ("CAPA", b"+OK\r\nTOP\r\nPIPELINING\r\n.\r\n".to_vec()),
             ("TOP 1 0", b"+OK\r\nA: 1\r\n\r\n.\r\n".to_vec()),
@@ -446,8 +453,8 @@ mod tests {
             b"Subject: x\r\n.dotted: y\r\n\r\n"
         );
         assert_eq!(c.retr(2).await.unwrap(), b"A: b\r\n\r\n.leading dot\r\n");
-        // Over the limit: the long line is dropped, the session stays in step.
-        assert_eq!(c.top_header(2, 1000).await.unwrap(), b"Y: z\r\n\r\n");
+        // Over the limit: the rest is dropped, the session stays in step.
+        assert_eq!(c.top_header(2, 1000).await.unwrap(), b"A: 1\r\n");
         assert_eq!(c.capabilities().await.unwrap(), ["TOP", "PIPELINING"]);
         assert_eq!(
             c.top_headers(&[1, 2], 1000).await.unwrap(),
