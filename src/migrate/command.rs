@@ -637,6 +637,14 @@ async fn copy(
     // interrupted) run copied. Read once, so each message costs one RETR
     // and one APPEND.
     let (mut conn, snap) = target.open(true).await?;
+    let without = snap.messages.len().saturating_sub(snap.xuidl.len());
+    if without > 0 {
+        eprintln!(
+            "popbridge migrate: warning: {without} messages in the mailbox have no X-UIDL header; \
+             if another tool copied them from the old server, they will be copied again \
+             (use capture for mail moved by another tool)"
+        );
+    }
     let mut present: HashSet<String> = snap.xuidl.into_values().collect();
     let already = listing
         .iter()
