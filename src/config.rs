@@ -52,6 +52,9 @@ pub struct Config {
     /// Where popbridge keeps state of its own (imported UIDL maps, OAuth2
     /// tokens and device credentials).
     pub data: DataConfig,
+    /// OAuth2 providers and the token store, for routes with
+    /// `auth = "oauth2"`.
+    pub oauth: crate::oauth::config::OauthConfig,
 }
 
 /// The POP3 listener.
@@ -180,6 +183,24 @@ pub struct UpstreamConfig {
     /// `x-originating-port`) before login, for servers that trust popbridge
     /// (Dovecot's login_trusted_networks).
     pub send_client_id: bool,
+    /// How popbridge logs in upstream: `passthrough` (the POP3 user name
+    /// and password go to the IMAP server) or `oauth2` (POP3 clients log in
+    /// with a device password; popbridge logs in with an OAuth2 access token
+    /// for the account the device belongs to).
+    pub auth: UpstreamAuth,
+    /// For `auth = "oauth2"`: the name of an `[[oauth.providers]]` entry.
+    pub oauth_provider: String,
+}
+
+/// How popbridge authenticates to the IMAP server.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuth {
+    /// The POP3 credentials are passed on.
+    #[default]
+    Passthrough,
+    /// Device passwords locally, OAuth2 bearer tokens upstream.
+    Oauth2,
 }
 
 /// How logins choose a route.
@@ -216,6 +237,8 @@ pub struct RouteConfig {
     pub mailbox: Option<String>,
     pub login: Option<LoginName>,
     pub send_client_id: Option<bool>,
+    pub auth: Option<UpstreamAuth>,
+    pub oauth_provider: Option<String>,
     pub no_uidplus: Option<NoUidplus>,
     pub connect_timeout_secs: Option<u64>,
     pub command_timeout_secs: Option<u64>,
@@ -259,6 +282,8 @@ impl Default for UpstreamConfig {
             tls_name: String::new(),
             login: LoginName::Full,
             send_client_id: false,
+            auth: UpstreamAuth::Passthrough,
+            oauth_provider: String::new(),
         }
     }
 }
@@ -524,6 +549,11 @@ impl Config {
                 tls_name: r.tls_name.clone().unwrap_or_else(|| base.tls_name.clone()),
                 login: r.login.unwrap_or(base.login),
                 send_client_id: r.send_client_id.unwrap_or(base.send_client_id),
+                auth: r.auth.unwrap_or(base.auth),
+                oauth_provider: r
+                    .oauth_provider
+                    .clone()
+                    .unwrap_or_else(|| base.oauth_provider.clone()),
             };
             check_upstream(&at, &upstream)?;
             let spec = r.uidl_format.as_deref().unwrap_or(&self.pop3.uidl_format);
