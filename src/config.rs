@@ -491,6 +491,22 @@ fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
             return Err(ConfigError(format!("{at}.{key} must be greater than 0")));
         }
     }
+    if u.auth == UpstreamAuth::Oauth2 {
+        // Whether the provider exists is the OAuth2 runtime's check (at
+        // start-up and reload); here only that one is named.
+        if u.oauth_provider.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "{at}.oauth_provider must name an [[oauth.providers]] entry when auth = \"oauth2\""
+            )));
+        }
+        // The IMAP user is the enrolled account the token was issued for,
+        // not a form of the POP3 login name.
+        if u.login == LoginName::LocalPart {
+            return Err(ConfigError(format!(
+                "{at}.login = \"local-part\" does not apply with auth = \"oauth2\" (the IMAP user is the device's enrolled account); remove it or set login = \"full\""
+            )));
+        }
+    }
     if u.tls != UpstreamTls::None && !u.ca_file.is_empty() {
         crate::tls::client_connector(Some(Path::new(&u.ca_file)))
             .map_err(|e| ConfigError(format!("{at}: {}", e.0)))?;
@@ -820,5 +836,49 @@ mod tests {
                 .contains("/nonexistent.pem")
         );
         assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
+    }
+
+    #[test]
+    fn oauth2_routes_need_a_provider_and_full_logins() {
+        let check = |toml: &str| {
+            Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}"))
+                .unwrap()
+                .validate()
+                .map(|_| ())
+                .map_err(|e| e.0)
+        };
+        assert!(check("auth = \"oauth2\"")
+            .unwrap_err()
+            .contains("upstream.oauth_provider"));
+        assert!(check("auth = \"oauth2\"\noauth_provider = \" \"")
+            .unwrap_err()
+            .contains("upstream.oauth_provider"));
+        assert!(
+            check("auth = \"oauth2\"\noauth_provider = \"google\"\nlogin = \"local-part\"")
+                .unwrap_err()
+                .contains("upstream.login")
+        );
+        check("auth = \"oauth2\"\noauth_provider = \"google\"").unwrap();
+        // A route inherits auth and provider, and may override them.
+        let route = "[[routes]]\nname = \"g\"\ndomains = [\"g.example\"]\n";
+        assert!(check(&format!("{route}auth = \"oauth2\""))
+            .unwrap_err()
+            .contains("routes[0].oauth_provider"));
+        check(&format!(
+            "{route}auth = \"oauth2\"\noauth_provider = \"google\""
+        ))
+        .unwrap();
+        assert!(check(&format!(
+            "login = \"local-part\"\n{route}auth = \"oauth2\"\noauth_provider = \"g\""
+        ))
+        .unwrap_err()
+        .contains("routes[0].login"));
+        let c = Config::from_toml(&format!(
+            "[upstream]\ntls = \"none\"\nauth = \"oauth2\"\noauth_provider = \"ms\"\n{route}"
+        ))
+        .unwrap();
+        let routes = c.effective_routes().unwrap();
+        assert_eq!(routes[0].upstream.auth, UpstreamAuth::Oauth2);
+        assert_eq!(routes[0].upstream.oauth_provider, "ms");
     }
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use popbridge::admin::Readiness;
-use popbridge::config::{Config, LogFormat, UpstreamConfig, UpstreamTls, Validated};
+use popbridge::config::{Config, LogFormat, UpstreamAuth, UpstreamConfig, UpstreamTls, Validated};
 use popbridge::limits::{LoginThrottle, ThrottleConfig};
+use popbridge::oauth::OauthRuntime;
 use popbridge::pop3::session::Profile;
 use popbridge::pop3::session::SessionConfig;
-use popbridge::routing::{Route, Router};
+use popbridge::routing::{Route, RouteAuth, Router};
 use popbridge::server::{Listener, Server, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
 use popbridge::upstream::cache::ListingCache;
@@ -261,13 +262,31 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Builds what sessions share from a validated configuration. `throttle`
-/// carries failed-login memory over a reload when its settings are unchanged.
+/// What a reload may carry over from the running configuration.
+struct Previous<'a> {
+    /// Failed-login memory, kept when the throttle settings are unchanged.
+    throttle: Arc<LoginThrottle>,
+    /// The OAuth2 runtime and the configuration it was built from, kept
+    /// (with its cached access tokens and refreshes in flight) when
+    /// `[oauth]` and `[data]` are unchanged.
+    oauth: Option<(&'a Config, Arc<OauthRuntime>)>,
+}
+
+/// Builds what sessions share from a validated configuration; on a reload,
+/// `previous` carries state over where the settings allow.
 fn build_shared(
     valid: &Validated,
-    throttle: Option<Arc<LoginThrottle>>,
+    previous: Option<Previous<'_>>,
 ) -> Result<Shared<ImapConnector>, String> {
     let cfg = &valid.config;
+    let (throttle, old_oauth) = match previous {
+        Some(p) => (Some(p.throttle), p.oauth),
+        None => (None, None),
+    };
+    let oauth = match old_oauth {
+        Some((old, runtime)) if old.oauth == cfg.oauth && old.data == cfg.data => Some(runtime),
+        _ => OauthRuntime::from_config(cfg).map_err(|e| format!("oauth: {e}"))?,
+    };
     let tls = if cfg.tls.cert_file.is_empty() {
         None
     } else {
@@ -283,6 +302,25 @@ fn build_shared(
     });
     let mut router = Router::new();
     for route in &valid.routes {
+        let auth = match route.upstream.auth {
+            UpstreamAuth::Passthrough => RouteAuth::Passthrough,
+            UpstreamAuth::Oauth2 => {
+                let provider = route.upstream.oauth_provider.clone();
+                let Some(runtime) = &oauth else {
+                    return Err(format!(
+                        "route {:?} uses auth = \"oauth2\" but no OAuth2 runtime was configured",
+                        route.name
+                    ));
+                };
+                if runtime.sasl(&provider).is_none() {
+                    return Err(format!(
+                        "route {:?}: oauth_provider {provider:?} is not an [[oauth.providers]] entry",
+                        route.name
+                    ));
+                }
+                RouteAuth::Oauth2 { provider }
+            }
+        };
         let connector = Arc::new(ImapConnector::new(imap_config(
             &route.upstream,
             route.reuse_xuidl,
@@ -298,6 +336,7 @@ fn build_shared(
                 name: route.name.clone(),
                 connector,
                 login: route.upstream.login,
+                auth,
                 profile,
                 policy: route.policy.clone(),
                 lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
@@ -341,6 +380,7 @@ fn build_shared(
         router,
         tls,
         throttle,
+        oauth,
     })
 }
 
@@ -495,7 +535,11 @@ async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut cu
                 warn!("listener addresses changed: they take effect at the next restart");
             }
             let old = server.current();
-            match build_shared(&valid, Some(old.throttle.clone())) {
+            let previous = Previous {
+                throttle: old.throttle.clone(),
+                oauth: old.oauth.clone().map(|o| (&current.config, o)),
+            };
+            match build_shared(&valid, Some(previous)) {
                 Ok(shared) => {
                     server.reload(shared);
                     info!("configuration reloaded");
