@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
+pub mod oauth;
+pub mod redis;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -189,9 +191,25 @@ impl Dovecot {
     /// Start a private instance; panics (with Dovecot's log) if it does not
     /// come up. Retries with new ports if a port was taken meanwhile.
     pub fn start_with(opts: DovecotOptions) -> Dovecot {
+        Dovecot::start_inner(opts, None)
+    }
+
+    /// Start a private instance that also accepts SASL XOAUTH2 and
+    /// OAUTHBEARER (RFC 7628), validating the bearer token with Dovecot's
+    /// `oauth2` passdb against `introspection_url` (RFC 7662,
+    /// `introspection_mode = post`, e.g. [`oauth::OauthServer::introspect_url`]).
+    /// PLAIN and LOGIN still use the passwd-file, so every OAuth2 account
+    /// must also be in `opts.users` (the userdb; its password is unused by
+    /// the OAuth2 mechanisms). A separate constructor rather than a field of
+    /// [`DovecotOptions`] because some tests build that struct exhaustively.
+    pub fn start_with_oauth2(opts: DovecotOptions, introspection_url: &str) -> Dovecot {
+        Dovecot::start_inner(opts, Some(introspection_url))
+    }
+
+    fn start_inner(opts: DovecotOptions, oauth2_introspection_url: Option<&str>) -> Dovecot {
         let mut last_failure = String::new();
         for _attempt in 0..5 {
-            match Dovecot::try_start(&opts) {
+            match Dovecot::try_start(&opts, oauth2_introspection_url) {
                 Ok(d) => return d,
                 Err((msg, retry)) => {
                     if !retry {
@@ -205,7 +223,10 @@ impl Dovecot {
     }
 
     /// Err((message, worth retrying with other ports)).
-    fn try_start(opts: &DovecotOptions) -> Result<Dovecot, (String, bool)> {
+    fn try_start(
+        opts: &DovecotOptions,
+        oauth2_introspection_url: Option<&str>,
+    ) -> Result<Dovecot, (String, bool)> {
         let dir = tempfile::Builder::new()
             .prefix("pbdc-")
             .tempdir()
@@ -304,6 +325,9 @@ service auth {{
                  first_valid_uid = 1\nfirst_valid_gid = 1\n\
                  service anvil {{\n  chroot =\n}}\nservice imap-login {{\n  chroot =\n}}\nservice pop3-login {{\n  chroot =\n}}\n"
             ));
+        }
+        if let Some(url) = oauth2_introspection_url {
+            conf.push_str(&oauth2_conf(&root, url));
         }
         if let Some(cap) = &opts.imap_capability {
             conf.push_str(&format!("imap_capability = {cap}\n"));
@@ -459,6 +483,35 @@ service auth {{
         }
         corpus
     }
+}
+
+/// The Dovecot settings for [`Dovecot::start_with_oauth2`]; writes
+/// `root/dovecot-oauth2.conf.ext`. Later settings override earlier ones in
+/// dovecot.conf, and passdbs are tried in order: the oauth2 one only for
+/// the OAuth2 mechanisms (`mechanisms =` filter), then the passwd-file one
+/// (for PLAIN/LOGIN; an OAuth2 attempt that the oauth2 passdb refused also
+/// falls through to it and fails there, as no token equals a password).
+fn oauth2_conf(root: &Path, introspection_url: &str) -> String {
+    let ext = root.join("dovecot-oauth2.conf.ext");
+    // No tokeninfo_url: Dovecot then goes straight to introspection.
+    // `post` sends `token=<token>` as application/x-www-form-urlencoded.
+    fs::write(
+        &ext,
+        format!(
+            "introspection_mode = post\n\
+             introspection_url = {introspection_url}\n\
+             username_attribute = username\n\
+             active_attribute = active\n\
+             active_value = true\n"
+        ),
+    )
+    .expect("write dovecot-oauth2.conf.ext");
+    fs::set_permissions(&ext, fs::Permissions::from_mode(0o644)).expect("chmod oauth2 conf");
+    format!(
+        "auth_mechanisms = plain login xoauth2 oauthbearer\n\
+         passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}\n}}\n",
+        ext.display()
+    )
 }
 
 impl Drop for Dovecot {
