@@ -501,6 +501,18 @@ fn dovecot_validates_bearer_tokens() {
     );
     assert!(!wrong_kind.ok, "{}", show(&wrong_kind));
 
+    // The account's passwd-file password is no bearer token: only the
+    // oauth2 passdb serves the OAuth2 mechanisms.
+    let before = oauth.stats().introspections;
+    let password_as_token = imap_sasl(
+        port,
+        "XOAUTH2",
+        &xoauth2_initial_response(ACCOUNT, "local-password"),
+        false,
+    );
+    assert!(!password_as_token.ok, "{}", show(&password_as_token));
+    assert_eq!(oauth.stats().introspections, before + 1);
+
     // Password logins still go to the passwd-file.
     let mut imap = Imap::connect(port, ACCOUNT, "local-password");
     assert_eq!(imap.uids().len(), 1);

@@ -143,8 +143,17 @@ class Handler(BaseHTTPRequestHandler):
     def log_line(self, status, note=""):
         path = urllib.parse.urlsplit(self.path).path
         sys.stderr.write(
-            "%s %s %s %d %s\n"
-            % (time.strftime("%H:%M:%S"), self.command, path, status, note)
+            "%s %s %s %d %s (content-type %s, auth %s)\n"
+            % (
+                time.strftime("%H:%M:%S"),
+                self.command,
+                path,
+                status,
+                note,
+                self.headers.get("Content-Type", "-"),
+                # The scheme only, never the credentials.
+                (self.headers.get("Authorization") or "-").split(" ")[0],
+            )
         )
         sys.stderr.flush()
 
