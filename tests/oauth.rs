@@ -18,6 +18,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::oauth::*;
@@ -393,4 +394,585 @@ fn upstream_password_login_lines() {
     let r = login(port, "alice", b"pw");
     h.join().unwrap();
     assert!(matches!(r, Err(UpstreamError::Unsupported(_))), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The popbridge binary: enrolment, devices, POP3 logins
+// ---------------------------------------------------------------------------
+
+/// The OAUTHBEARER provider (generic preset) and its devices' domain.
+const CORP: &str = "corp";
+const CORP_DEVICES: &str = "corp.example";
+/// The XOAUTH2 provider with Microsoft's two-step exchange, and its
+/// devices' domain.
+const XO: &str = "xo";
+const XO_DEVICES: &str = "xo.example";
+/// A client secret and store key: they must never be printed.
+const CLIENT_SECRET: &str = "client-secret-5f2a9c";
+const STORE_KEY_B64: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+/// Failed logins for one user name before further ones are refused.
+const MAX_FAILURES_PER_USER: u32 = 2;
+
+/// An OAuth2 server, a Dovecot that trusts it, and a popbridge
+/// configuration with two providers pointing at that server: `corp`
+/// (OAUTHBEARER, SASL-IR) for devices `*@corp.example`, `xo` (XOAUTH2, two
+/// steps) for devices `*@xo.example`.
+struct Setup {
+    oauth: OauthServer,
+    dovecot: Dovecot,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let oauth = OauthServer::start_with(OauthServerOptions {
+            client_secret: Some(CLIENT_SECRET.to_string()),
+            ..OauthServerOptions::default()
+        });
+        let dovecot = oauth_dovecot(&oauth);
+        let dir = tempfile::Builder::new()
+            .prefix("pboauth-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let key = dir.path().join("store.key");
+        std::fs::write(&key, format!("{STORE_KEY_B64}\n")).unwrap();
+        let secret = dir.path().join("client.secret");
+        std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+        let provider = |name: &str, mechanism: &str, two_step: bool| {
+            format!(
+                "[[oauth.providers]]\n\
+                 name = \"{name}\"\n\
+                 preset = \"generic\"\n\
+                 client_id = \"{}\"\n\
+                 client_secret_file = \"{}\"\n\
+                 device_authorization_url = \"{}\"\n\
+                 token_url = \"{}\"\n\
+                 revocation_url = \"{}\"\n\
+                 scopes = [\"mail\"]\n\
+                 mechanism = \"{mechanism}\"\n\
+                 two_step = {two_step}\n",
+                oauth.options.client_id,
+                secret.display(),
+                oauth.device_url(),
+                oauth.token_url(),
+                oauth.revoke_url(),
+            )
+        };
+        let config = dir.path().join("popbridge.toml");
+        let text = format!(
+            "[upstream]\n\
+             tls = \"none\"\n\
+             [routing]\n\
+             default_route = false\n\
+             [[routes]]\n\
+             name = \"corp\"\n\
+             domains = [\"{CORP_DEVICES}\"]\n\
+             auth = \"oauth2\"\n\
+             oauth_provider = \"{CORP}\"\n\
+             [[routes]]\n\
+             name = \"xo\"\n\
+             domains = [\"{XO_DEVICES}\"]\n\
+             auth = \"oauth2\"\n\
+             oauth_provider = \"{XO}\"\n\
+             [auth]\n\
+             failure_delay_ms = 100\n\
+             max_failures_per_user = {MAX_FAILURES_PER_USER}\n\
+             [data]\n\
+             dir = \"{}\"\n\
+             [oauth]\n\
+             key_file = \"{}\"\n\
+             {}{}",
+            data.display(),
+            key.display(),
+            provider(CORP, "oauthbearer", false),
+            provider(XO, "xoauth2", true),
+        );
+        std::fs::write(&config, text).unwrap();
+        Setup {
+            oauth,
+            dovecot,
+            dir,
+            config,
+        }
+    }
+
+    /// `popbridge --config C ARGS...`, run to completion.
+    fn run(&self, name: &str, args: &[&str]) -> Run {
+        run_program(
+            Command::new(env!("CARGO_BIN_EXE_popbridge"))
+                .arg("--config")
+                .arg(&self.config)
+                .args(args),
+            self.dir.path(),
+            name,
+        )
+    }
+
+    /// `popbridge oauth add ACCOUNT --provider P`: the device flow. The
+    /// test plays the user: it reads the code popbridge prints and approves
+    /// it at the server's control endpoint.
+    fn enrol(&self, account: &str, provider: &str) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["oauth", "add", account, "--provider", provider])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn popbridge oauth add");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        let code = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    // RFC 8628 §6.1 codes as the server makes them: XXXX-XXXX.
+                    let t = line.trim();
+                    printed.push(line.clone());
+                    if t.len() == 9 && t.as_bytes()[4] == b'-' {
+                        break t.to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().unwrap();
+                    panic!(
+                        "oauth add printed no user code: {printed:?}\nstderr: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        };
+        // The printed text names the account and the verification URL.
+        let all = printed.join("\n");
+        assert!(all.contains(account), "{all}");
+        assert!(all.contains(&self.oauth.base_url()), "{all}");
+        self.oauth.approve(&code, account);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "oauth add did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(status.success(), "oauth add {account}: {status}\n{err}");
+        // Nothing secret on the terminal.
+        assert!(!err.contains(CLIENT_SECRET) && !all.contains(CLIENT_SECRET));
+    }
+
+    /// `popbridge device add LOGIN --account A --password-file F`.
+    fn add_device(&self, login: &str, account: &str, password: &str) {
+        let file = self.dir.path().join(format!("pw-{login}"));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        let r = self.run(
+            &format!("device-add-{login}"),
+            &[
+                "device",
+                "add",
+                login,
+                "--account",
+                account,
+                "--password-file",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            r.status.success(),
+            "device add {login}: {}\n{}",
+            r.status,
+            r.stderr
+        );
+        assert!(!String::from_utf8_lossy(&r.stdout).contains(password));
+    }
+
+    /// popbridge serving this configuration, logging at trace level (so a
+    /// token that reached any log statement would show).
+    fn popbridge(&self) -> Popbridge {
+        Popbridge::start_with_log(
+            self.dovecot.imap_port,
+            &["--config", self.config.to_str().unwrap()],
+            "trace",
+        )
+    }
+
+    fn refreshes(&self) -> u64 {
+        self.oauth.stats().grant("refresh_token")
+    }
+}
+
+/// Logs in and returns the answer to PASS.
+fn pop3_pass(port: u16, user: &str, pass: &str) -> String {
+    let mut p = Pop3::connect(port);
+    let r = p.cmd(&format!("USER {user}"));
+    assert!(r.starts_with("+OK"), "USER {user}: {r}");
+    let r = p.cmd(&format!("PASS {pass}"));
+    let _ = p.cmd("QUIT");
+    r
+}
+
+/// Logs in, checks the mailbox holds `want` messages and that message 1 is
+/// `first`, quits without deleting.
+fn pop3_fetch(port: u16, user: &str, pass: &str, want: usize, first: &[u8]) {
+    let mut p = Pop3::connect(port);
+    p.login(user, pass);
+    assert_eq!(p.stat().0, want, "{user}");
+    let body = p.retr(1);
+    assert_eq!(
+        normalize_newlines(&body),
+        normalize_newlines(first),
+        "{user}: message 1"
+    );
+    assert!(p.cmd("QUIT").starts_with("+OK"));
+}
+
+fn normalize_newlines(b: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(b)
+        .replace("\r\n", "\n")
+        .into_bytes()
+}
+
+/// No bearer token, SASL response or password in popbridge's log: the
+/// base64 of the XOAUTH2 (`user=`) and OAUTHBEARER (`n,a=`) responses, the
+/// `auth=Bearer` field, and the given secrets.
+fn assert_log_has_no_secrets(log: &str, secrets: &[&str]) {
+    for needle in [
+        "dXNlcj0",
+        "bixhPS",
+        "Bearer ",
+        "auth=Bearer",
+        CLIENT_SECRET,
+        STORE_KEY_B64,
+    ]
+    .iter()
+    .chain(secrets)
+    {
+        assert!(!log.contains(needle), "popbridge's log holds {needle:?}");
+    }
+}
+
+fn message(subject: &str) -> Vec<u8> {
+    format!(
+        "From: a@example.org\r\nTo: b@example.org\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn pop3_enrol_two_devices_expire_rotate_revoke() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    assert_eq!(s.oauth.stats().grant("device_code"), 1);
+    let phone = format!("phone@{CORP_DEVICES}");
+    let laptop = format!("laptop@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    s.add_device(&laptop, ACCOUNT, "laptop-pass-2");
+    let first = message("first");
+    s.dovecot.deliver(ACCOUNT, &first);
+    s.dovecot.deliver(ACCOUNT, &message("second"));
+    let pb = s.popbridge();
+
+    // Each device password reads the account's mailbox.
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 2, &first);
+    pop3_fetch(pb.port, &laptop, "laptop-pass-2", 2, &first);
+    // A real client too: python's poplib.
+    let script = format!(
+        "import poplib\n\
+         p = poplib.POP3('127.0.0.1', {})\n\
+         p.user('{laptop}')\n\
+         p.pass_('laptop-pass-2')\n\
+         print(p.stat()[0])\n\
+         print(b'\\n'.join(p.retr(1)[1]).decode())\n\
+         p.quit()\n",
+        pb.port
+    );
+    let r = run_program(
+        Command::new("python3").arg("-c").arg(&script),
+        s.dir.path(),
+        "poplib",
+    );
+    assert!(r.status.success(), "poplib: {}", r.stderr);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.starts_with("2\n"), "{out}");
+    assert!(out.contains("Subject: first"), "{out}");
+    let warm = s.refreshes();
+
+    // The access token expires at the server: the next fetch works, with
+    // exactly one refresh, and the other device uses the new token.
+    assert!(s.oauth.expire_access_tokens() >= 1);
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 2, &first);
+    assert_eq!(s.refreshes(), warm + 1, "{}", s.oauth.stats().raw);
+    pop3_fetch(pb.port, &laptop, "laptop-pass-2", 2, &first);
+    assert_eq!(s.refreshes(), warm + 1, "{}", s.oauth.stats().raw);
+
+    // The refresh rotated the refresh token: the old one is dead, one is
+    // valid, and it is the one popbridge kept (the next refresh works).
+    let stats = s.oauth.stats();
+    assert!(stats.rotated_refresh_tokens >= 1, "{}", stats.raw);
+    assert_eq!(stats.active_refresh(ACCOUNT), 1, "{}", stats.raw);
+    assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
+    s.oauth.expire_access_tokens();
+    pop3_fetch(pb.port, &laptop, "laptop-pass-2", 2, &first);
+    assert_eq!(s.refreshes(), warm + 2, "{}", s.oauth.stats().raw);
+    assert_eq!(s.oauth.stats().refresh_reuse, 0);
+
+    // The user revokes popbridge's access: devices get a clear -ERR [AUTH]
+    // and the log names the account and the command that fixes it.
+    assert_eq!(s.oauth.revoke_refresh_tokens(Some(ACCOUNT)), 1);
+    s.oauth.expire_access_tokens();
+    let r = pop3_pass(pb.port, &phone, "phone-pass-1");
+    assert_eq!(
+        r,
+        format!("-ERR [AUTH] {}", popbridge::server::NEEDS_ENROLMENT_TEXT)
+    );
+    assert!(s.oauth.stats().token_error("invalid_grant") >= 1);
+    let log = pb.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("needs re-enrolment"))
+        .unwrap_or_else(|| panic!("no re-enrolment log line:\n{log}"));
+    assert!(line.contains(ACCOUNT), "{line}");
+    assert!(line.contains("popbridge oauth add"), "{line}");
+    // The answer stays the same for the other device, without asking the
+    // provider again for a grant it knows is gone.
+    let errors = s.oauth.stats().token_error("invalid_grant");
+    let r = pop3_pass(pb.port, &laptop, "laptop-pass-2");
+    assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    assert_eq!(s.oauth.stats().token_error("invalid_grant"), errors);
+
+    // Re-enrolment brings the devices back.
+    s.enrol(ACCOUNT, CORP);
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 2, &first);
+
+    assert_log_has_no_secrets(&pb.log(), &["phone-pass-1", "laptop-pass-2"]);
+}
+
+#[test]
+fn pop3_wrong_device_password_is_throttled_and_never_reaches_the_provider() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "right-password");
+    let pb = s.popbridge();
+    let before = s.oauth.stats();
+    let dovecot_log = s.dovecot.log();
+
+    // A wrong password and an unknown device: -ERR [AUTH], like any
+    // refused password.
+    let r = pop3_pass(pb.port, &phone, "wrong-password");
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
+    let r = pop3_pass(pb.port, &format!("nobody@{CORP_DEVICES}"), "x");
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
+    // MAX_FAILURES_PER_USER = 2: after the second failure for the name,
+    // even the right password is refused without being checked.
+    let r = pop3_pass(pb.port, &phone, "wrong-again");
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
+    let r = pop3_pass(pb.port, &phone, "right-password");
+    assert_eq!(
+        r,
+        "-ERR [SYS/TEMP] Too many failed logins for this user, try again later."
+    );
+
+    // Neither the OAuth2 server nor Dovecot heard of any of it.
+    let after = s.oauth.stats();
+    assert_eq!(after.grants, before.grants, "{}", after.raw);
+    assert_eq!(after.token_errors, before.token_errors, "{}", after.raw);
+    assert_eq!(after.introspections, before.introspections, "{}", after.raw);
+    assert_eq!(after.throttled, before.throttled);
+    let new_log = &s.dovecot.log()[dovecot_log.len()..];
+    assert!(
+        !new_log.contains("imap-login") && !new_log.contains("oauth2"),
+        "Dovecot saw a login attempt:\n{new_log}"
+    );
+    let log = pb.log();
+    assert!(log.contains("device login refused"), "{log}");
+    assert_log_has_no_secrets(&log, &["wrong-password", "wrong-again", "right-password"]);
+}
+
+#[test]
+fn pop3_xoauth2_two_step_route() {
+    let s = Setup::new();
+    s.enrol(OTHER, XO);
+    let scanner = format!("scanner@{XO_DEVICES}");
+    s.add_device(&scanner, OTHER, "scan-pass");
+    let first = message("for-bob");
+    s.dovecot.deliver(OTHER, &first);
+    let pb = s.popbridge();
+    pop3_fetch(pb.port, &scanner, "scan-pass", 1, &first);
+    // And with curl, a second real client (AUTH PLAIN with SASL-IR).
+    let r = run_program(
+        Command::new("curl")
+            .arg("-sS")
+            .arg("--user")
+            .arg(format!("{scanner}:scan-pass"))
+            .arg(format!("pop3://127.0.0.1:{}/1", pb.port)),
+        s.dir.path(),
+        "curl",
+    );
+    assert!(r.status.success(), "curl: {}", r.stderr);
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("Subject: for-bob"),
+        "{}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    // Expired token: refused (XOAUTH2 error challenge), one refresh, retry.
+    let warm = s.refreshes();
+    s.oauth.expire_access_tokens();
+    pop3_fetch(pb.port, &scanner, "scan-pass", 1, &first);
+    assert_eq!(s.refreshes(), warm + 1);
+    assert_log_has_no_secrets(&pb.log(), &["scan-pass"]);
+}
+
+#[test]
+fn pop3_many_devices_after_expiry_share_one_refresh() {
+    const DEVICES: usize = 8;
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    let logins: Vec<String> = (0..DEVICES)
+        .map(|i| format!("dev{i}@{CORP_DEVICES}"))
+        .collect();
+    for (i, l) in logins.iter().enumerate() {
+        s.add_device(l, ACCOUNT, &format!("pass-{i}"));
+    }
+    let first = message("shared");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    pop3_fetch(pb.port, &logins[0], "pass-0", 1, &first);
+    let warm = s.refreshes();
+    s.oauth.expire_access_tokens();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(DEVICES));
+    let port = pb.port;
+    let threads: Vec<_> = logins
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let barrier = barrier.clone();
+            let l = l.clone();
+            let first = first.clone();
+            std::thread::spawn(move || {
+                let mut p = Pop3::connect(port);
+                assert!(p.cmd(&format!("USER {l}")).starts_with("+OK"));
+                barrier.wait();
+                let r = p.cmd(&format!("PASS pass-{i}"));
+                assert!(r.starts_with("+OK"), "{l}: {r}");
+                assert_eq!(p.stat().0, 1);
+                assert_eq!(normalize_newlines(&p.retr(1)), normalize_newlines(&first));
+                p.cmd("QUIT");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a device failed");
+    }
+    assert_eq!(s.refreshes(), warm + 1, "{}", s.oauth.stats().raw);
+}
+
+#[test]
+fn pop3_provider_and_mail_server_throttling_answer_sys_temp() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "pw");
+    let first = message("t");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+
+    // The mail server cannot check tokens now ([UNAVAILABLE]): a temporary
+    // answer, and the token is not thrown away (no refresh).
+    let refreshes = s.refreshes();
+    s.oauth.fail_introspection(1);
+    let r = pop3_pass(pb.port, &phone, "pw");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert_eq!(s.refreshes(), refreshes);
+
+    // The provider throttles the refresh (HTTP 429): -ERR [SYS/TEMP], not
+    // [AUTH], and the account is not marked for re-enrolment.
+    s.oauth.expire_access_tokens();
+    s.oauth.throttle(1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let r = loop {
+        let r = pop3_pass(pb.port, &phone, "pw");
+        if !r.starts_with("-ERR [SYS/TEMP]") || Instant::now() > deadline {
+            break r;
+        }
+        // Backing off: popbridge asks the provider again only later.
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(r.starts_with("+OK"), "after the throttling: {r}");
+    let stats = s.oauth.stats();
+    assert_eq!(stats.throttled, 1, "{}", stats.raw);
+    assert!(!pb.log().contains("needs re-enrolment"));
+}
+
+#[test]
+fn pop3_sighup_keeps_the_cached_token() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "pw");
+    let first = message("r");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+    let before = s.oauth.stats();
+    let reloaded = pb.log().matches("configuration reloaded").count();
+    let r = run_program(
+        Command::new("kill").args(["-HUP", &pb.pid().to_string()]),
+        s.dir.path(),
+        "kill-hup",
+    );
+    assert!(r.status.success(), "kill -HUP: {}", r.stderr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pb.log().matches("configuration reloaded").count() == reloaded {
+        assert!(Instant::now() < deadline, "no reload:\n{}", pb.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+    // [oauth] did not change: same runtime, same cached access token.
+    let after = s.oauth.stats();
+    assert_eq!(after.grants, before.grants, "{}", after.raw);
+}
+
+#[test]
+fn check_config_prints_no_secrets() {
+    let s = Setup::new();
+    let r = s.run("check", &["--check-config"]);
+    let out = format!("{}{}", String::from_utf8_lossy(&r.stdout), r.stderr);
+    assert!(r.status.success(), "{out}");
+    assert!(
+        !out.contains(CLIENT_SECRET) && !out.contains(STORE_KEY_B64),
+        "{out}"
+    );
+    // A route naming no provider is refused, still without secrets.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replacen(&format!("oauth_provider = \"{XO}\""), "", 1),
+    )
+    .unwrap();
+    let r = s.run("check-bad", &["--check-config"]);
+    let out = format!("{}{}", String::from_utf8_lossy(&r.stdout), r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{out}");
+    assert!(out.contains("routes[1].oauth_provider"), "{out}");
+    assert!(
+        !out.contains(CLIENT_SECRET) && !out.contains(STORE_KEY_B64),
+        "{out}"
+    );
 }
