@@ -177,7 +177,8 @@ pub struct UpstreamConfig {
     /// Empty: the host part of `address` (set this when connecting by IP).
     pub tls_name: String,
     /// How the login name is passed on: `full` or `local-part` (without
-    /// `@domain`).
+    /// `@domain`). With `auth = "oauth2"` only `full` is accepted: the IMAP
+    /// user is the device's enrolled account.
     pub login: LoginName,
     /// Send the POP3 client's address with IMAP ID (`x-originating-ip`,
     /// `x-originating-port`) before login, for servers that trust popbridge
@@ -186,7 +187,8 @@ pub struct UpstreamConfig {
     /// How popbridge logs in upstream: `passthrough` (the POP3 user name
     /// and password go to the IMAP server) or `oauth2` (POP3 clients log in
     /// with a device password; popbridge logs in with an OAuth2 access token
-    /// for the account the device belongs to).
+    /// for the account the device belongs to). Routes are chosen by the
+    /// device login's name, as for passwords.
     pub auth: UpstreamAuth,
     /// For `auth = "oauth2"`: the name of an `[[oauth.providers]]` entry.
     pub oauth_provider: String,
