@@ -457,6 +457,28 @@ fn dovecot_validates_bearer_tokens() {
         "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
     );
 
+    // Dovecot takes either dummy answer (empty or ^A) for either mechanism.
+    let swapped = imap_sasl(
+        port,
+        "XOAUTH2",
+        &xoauth2_initial_response(ACCOUNT, "bogus"),
+        true,
+    );
+    assert_eq!(
+        swapped.tagged,
+        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    );
+    let swapped = imap_sasl(
+        port,
+        "OAUTHBEARER",
+        &oauthbearer_initial_response(ACCOUNT, "127.0.0.1", port, "bogus"),
+        false,
+    );
+    assert_eq!(
+        swapped.tagged,
+        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    );
+
     // A valid token of another account does not log in as this one.
     let (bobs, _) = oauth.device_flow_token(OTHER);
     let wrong_user = imap_sasl(
@@ -580,4 +602,44 @@ fn redis_starts_and_answers() {
         matches!(&reply, Resp::Error(e) if e.starts_with("NOAUTH")),
         "{reply:?}"
     );
+}
+
+#[test]
+fn throttling_proxy_answers_like_gmail() {
+    let oauth = OauthServer::start();
+    let dovecot = oauth_dovecot(&oauth);
+    let proxy = ThrottlingImapProxy::start(dovecot.imap_port);
+    let (access, _) = oauth.device_flow_token(ACCOUNT);
+    let ir = xoauth2_initial_response(ACCOUNT, &access);
+
+    proxy.throttle_logins(1);
+    let throttled = imap_sasl(proxy.port, "XOAUTH2", &ir, false);
+    assert_eq!(
+        throttled.tagged,
+        format!("a1 {GMAIL_THROTTLED}"),
+        "{}",
+        show(&throttled)
+    );
+    assert!(throttled.challenges.is_empty());
+    assert_eq!(oauth.stats().introspections, 0, "Dovecot never saw it");
+    let ok = imap_sasl(proxy.port, "XOAUTH2", &ir, false);
+    assert!(ok.ok, "{}", show(&ok));
+    assert_eq!((proxy.auth_commands(), proxy.throttled()), (2, 1));
+
+    // Literal data is passed through, never taken for a command.
+    let mut imap = Imap::connect(proxy.port, ACCOUNT, "local-password");
+    proxy.throttle_logins(1);
+    let message = "Subject: literal\r\n\r\na9 LOGIN x y\r\nb9 AUTHENTICATE PLAIN\r\n";
+    imap.command(&format!("APPEND INBOX {{{}+}}\r\n{message}", message.len()))
+        .expect("APPEND through the proxy");
+    assert_eq!(proxy.throttled(), 1);
+    assert_eq!(imap.uids().len(), 1);
+    imap.logout();
+    // The pending throttle hits the next LOGIN.
+    let mut imap = Imap::connect_only(proxy.port);
+    let refused = imap
+        .command(&format!("LOGIN {ACCOUNT} local-password"))
+        .expect_err("throttled LOGIN");
+    assert!(refused.starts_with("NO [THROTTLED]"), "{refused}");
+    assert_eq!((proxy.auth_commands(), proxy.throttled()), (4, 2));
 }
