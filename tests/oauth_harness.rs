@@ -254,6 +254,36 @@ fn refresh_rotation_keeps_newest() {
 }
 
 #[test]
+fn concurrent_refresh_has_one_winner() {
+    // Two clients refresh with the same token at once (two popbridge
+    // processes): rotation lets exactly one win; the loser's answer is
+    // invalid_grant and the winner's refresh token stays valid.
+    let oauth = std::sync::Arc::new(OauthServer::start());
+    for round in 0..5 {
+        let (_a, r) = oauth.device_flow_token(ACCOUNT);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (oauth, barrier, r) = (oauth.clone(), barrier.clone(), r.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    oauth.refresh(&r)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let winners: Vec<&Tokens> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        let loser = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(loser.error, "invalid_grant");
+        oauth
+            .refresh(&winners[0].refresh_token)
+            .expect("winner's token is valid");
+    }
+    assert_eq!(oauth.stats().refresh_reuse, 5);
+}
+
+#[test]
 fn refresh_reuse_revokes_family_when_asked() {
     let oauth = OauthServer::start_with(OauthServerOptions {
         reuse_revokes_family: true,
