@@ -29,9 +29,12 @@
 //! So a client that waits for the tagged NO without answering the `+`
 //! continuation hangs: popbridge's upstream login must answer it (an empty
 //! line or `AQ==`; Dovecot accepts either) and then read the tagged NO.
-//! When the introspection endpoint itself fails (HTTP 503), Dovecot sends
-//! the same continuation and then `a1 NO [UNAVAILABLE] Temporary
-//! authentication failure.` — see `dovecot_introspection_failure_is_temporary`.
+//! When the introspection endpoint itself fails (HTTP 503), there is NO
+//! continuation: the tagged answer comes at once,
+//! `a1 NO [UNAVAILABLE] Temporary authentication failure. [host:YYYY-MM-DD HH:MM:SS]`
+//! (RFC 5530 UNAVAILABLE: a temporary failure, not a bad token) — see
+//! `dovecot_introspection_failure_is_temporary`. So the client must accept
+//! either a `+` challenge or the tagged answer after its initial response.
 
 mod common;
 
@@ -592,10 +595,15 @@ fn dovecot_introspection_failure_is_temporary() {
     eprintln!("introspection failure:\n{}", show(&failed));
     assert!(!failed.ok);
     assert!(
-        failed.tagged.starts_with("a1 NO [UNAVAILABLE]"),
+        failed
+            .tagged
+            .starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure."),
         "{}",
         show(&failed)
     );
+    // No error challenge on an internal failure: the tagged NO comes at once.
+    assert!(failed.challenges.is_empty(), "{}", show(&failed));
+    assert_eq!(failed.transcript.len(), 3, "{}", show(&failed));
     let ok = imap_sasl(
         dovecot.imap_port,
         "XOAUTH2",
