@@ -29,9 +29,12 @@
 //! So a client that waits for the tagged NO without answering the `+`
 //! continuation hangs: popbridge's upstream login must answer it (an empty
 //! line or `AQ==`; Dovecot accepts either) and then read the tagged NO.
-//! When the introspection endpoint itself fails (HTTP 503), Dovecot sends
-//! the same continuation and then `a1 NO [UNAVAILABLE] Temporary
-//! authentication failure.` — see `dovecot_introspection_failure_is_temporary`.
+//! When the introspection endpoint itself fails (HTTP 503), there is NO
+//! continuation: the tagged answer comes at once,
+//! `a1 NO [UNAVAILABLE] Temporary authentication failure. [host:YYYY-MM-DD HH:MM:SS]`
+//! (RFC 5530 UNAVAILABLE: a temporary failure, not a bad token) — see
+//! `dovecot_introspection_failure_is_temporary`. So the client must accept
+//! either a `+` challenge or the tagged answer after its initial response.
 
 mod common;
 
@@ -254,6 +257,36 @@ fn refresh_rotation_keeps_newest() {
 }
 
 #[test]
+fn concurrent_refresh_has_one_winner() {
+    // Two clients refresh with the same token at once (two popbridge
+    // processes): rotation lets exactly one win; the loser's answer is
+    // invalid_grant and the winner's refresh token stays valid.
+    let oauth = std::sync::Arc::new(OauthServer::start());
+    for round in 0..5 {
+        let (_a, r) = oauth.device_flow_token(ACCOUNT);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (oauth, barrier, r) = (oauth.clone(), barrier.clone(), r.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    oauth.refresh(&r)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let winners: Vec<&Tokens> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        let loser = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(loser.error, "invalid_grant");
+        oauth
+            .refresh(&winners[0].refresh_token)
+            .expect("winner's token is valid");
+    }
+    assert_eq!(oauth.stats().refresh_reuse, 5);
+}
+
+#[test]
 fn refresh_reuse_revokes_family_when_asked() {
     let oauth = OauthServer::start_with(OauthServerOptions {
         reuse_revokes_family: true,
@@ -457,6 +490,28 @@ fn dovecot_validates_bearer_tokens() {
         "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
     );
 
+    // Dovecot takes either dummy answer (empty or ^A) for either mechanism.
+    let swapped = imap_sasl(
+        port,
+        "XOAUTH2",
+        &xoauth2_initial_response(ACCOUNT, "bogus"),
+        true,
+    );
+    assert_eq!(
+        swapped.tagged,
+        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    );
+    let swapped = imap_sasl(
+        port,
+        "OAUTHBEARER",
+        &oauthbearer_initial_response(ACCOUNT, "127.0.0.1", port, "bogus"),
+        false,
+    );
+    assert_eq!(
+        swapped.tagged,
+        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    );
+
     // A valid token of another account does not log in as this one.
     let (bobs, _) = oauth.device_flow_token(OTHER);
     let wrong_user = imap_sasl(
@@ -540,10 +595,15 @@ fn dovecot_introspection_failure_is_temporary() {
     eprintln!("introspection failure:\n{}", show(&failed));
     assert!(!failed.ok);
     assert!(
-        failed.tagged.starts_with("a1 NO [UNAVAILABLE]"),
+        failed
+            .tagged
+            .starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure."),
         "{}",
         show(&failed)
     );
+    // No error challenge on an internal failure: the tagged NO comes at once.
+    assert!(failed.challenges.is_empty(), "{}", show(&failed));
+    assert_eq!(failed.transcript.len(), 3, "{}", show(&failed));
     let ok = imap_sasl(
         dovecot.imap_port,
         "XOAUTH2",
@@ -580,4 +640,44 @@ fn redis_starts_and_answers() {
         matches!(&reply, Resp::Error(e) if e.starts_with("NOAUTH")),
         "{reply:?}"
     );
+}
+
+#[test]
+fn throttling_proxy_answers_like_gmail() {
+    let oauth = OauthServer::start();
+    let dovecot = oauth_dovecot(&oauth);
+    let proxy = ThrottlingImapProxy::start(dovecot.imap_port);
+    let (access, _) = oauth.device_flow_token(ACCOUNT);
+    let ir = xoauth2_initial_response(ACCOUNT, &access);
+
+    proxy.throttle_logins(1);
+    let throttled = imap_sasl(proxy.port, "XOAUTH2", &ir, false);
+    assert_eq!(
+        throttled.tagged,
+        format!("a1 {GMAIL_THROTTLED}"),
+        "{}",
+        show(&throttled)
+    );
+    assert!(throttled.challenges.is_empty());
+    assert_eq!(oauth.stats().introspections, 0, "Dovecot never saw it");
+    let ok = imap_sasl(proxy.port, "XOAUTH2", &ir, false);
+    assert!(ok.ok, "{}", show(&ok));
+    assert_eq!((proxy.auth_commands(), proxy.throttled()), (2, 1));
+
+    // Literal data is passed through, never taken for a command.
+    let mut imap = Imap::connect(proxy.port, ACCOUNT, "local-password");
+    proxy.throttle_logins(1);
+    let message = "Subject: literal\r\n\r\na9 LOGIN x y\r\nb9 AUTHENTICATE PLAIN\r\n";
+    imap.command(&format!("APPEND INBOX {{{}+}}\r\n{message}", message.len()))
+        .expect("APPEND through the proxy");
+    assert_eq!(proxy.throttled(), 1);
+    assert_eq!(imap.uids().len(), 1);
+    imap.logout();
+    // The pending throttle hits the next LOGIN.
+    let mut imap = Imap::connect_only(proxy.port);
+    let refused = imap
+        .command(&format!("LOGIN {ACCOUNT} local-password"))
+        .expect_err("throttled LOGIN");
+    assert!(refused.starts_with("NO [THROTTLED]"), "{refused}");
+    assert_eq!((proxy.auth_commands(), proxy.throttled()), (4, 2));
 }

@@ -214,6 +214,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise OAuthError("invalid_request", "bad Content-Length")
         if n < 0 or n > MAX_BODY:
+            # The body stays unread, so this connection cannot go on.
+            self.close_connection = True
             raise OAuthError("invalid_request", "request body too large")
         return self.rfile.read(n)
 
@@ -228,6 +230,7 @@ class Handler(BaseHTTPRequestHandler):
                     pass
                 return out
             if len(out) + size > MAX_BODY:
+                self.close_connection = True
                 raise OAuthError("invalid_request", "request body too large")
             out += self.rfile.read(size)
             self.rfile.readline(1024)

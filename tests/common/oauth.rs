@@ -2,7 +2,8 @@
 //! (`tests/oauth_server.py`, Python standard library only), plus a plain
 //! `std::net` HTTP/1.1 client for its endpoints and test controls, a
 //! minimal JSON reader, base64, and a raw IMAP SASL exchange that records
-//! what Dovecot sends (for XOAUTH2 / OAUTHBEARER, RFC 7628).
+//! what Dovecot sends (for XOAUTH2 / OAUTHBEARER, RFC 7628), and an IMAP
+//! proxy that answers logins with Gmail's `[THROTTLED]`.
 //!
 //! Typical use:
 //! ```ignore
@@ -13,11 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -1092,4 +1094,221 @@ impl JsonParser<'_> {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Provider throttling in front of Dovecot (Gmail's `[THROTTLED]`)
+// ---------------------------------------------------------------------------
+
+/// Gmail's answer when it throttles an account (the `THROTTLED` response
+/// code is Gmail's, not registered in RFC 5530; Dovecot never sends it).
+pub const GMAIL_THROTTLED: &str =
+    "NO [THROTTLED] Account exceeded command or bandwidth limits. (Failure)";
+
+/// How often the proxy's accept loop looks at its stop flag.
+const PROXY_POLL: Duration = Duration::from_millis(10);
+/// Longest client line the proxy inspects (RFC 7162 §4: 8192 octets is
+/// the recommended minimum a server accepts; this is generous).
+const PROXY_MAX_LINE: u64 = 64 * 1024;
+
+struct ProxyState {
+    /// How many of the next AUTHENTICATE/LOGIN commands to refuse.
+    throttle: AtomicU32,
+    /// AUTHENTICATE/LOGIN commands seen (refused or passed on).
+    auth_commands: AtomicU64,
+    /// AUTHENTICATE/LOGIN commands refused with the throttling reply.
+    throttled: AtomicU64,
+    connections: AtomicU64,
+    /// Reply after the tag, e.g. [`GMAIL_THROTTLED`].
+    reply: Mutex<String>,
+    /// Client sockets, shut down on drop.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of an IMAP server (e.g. Dovecot)
+/// that passes everything through byte for byte, except that while
+/// [`ThrottlingImapProxy::throttle_logins`] has a count left it answers an
+/// `AUTHENTICATE` or `LOGIN` command itself with `<tag> NO [THROTTLED] ...`
+/// (the upstream never sees it). It follows IMAP literals (`{n}`/`{n+}`)
+/// so message data is never mistaken for a command. Point popbridge's
+/// upstream at `proxy.port`. Stopped on drop.
+pub struct ThrottlingImapProxy {
+    pub port: u16,
+    pub upstream_port: u16,
+    state: Arc<ProxyState>,
+    stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl ThrottlingImapProxy {
+    /// Listen on a free loopback port, forwarding to 127.0.0.1:`upstream_port`.
+    pub fn start(upstream_port: u16) -> ThrottlingImapProxy {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind proxy");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let state = Arc::new(ProxyState {
+            throttle: AtomicU32::new(0),
+            auth_commands: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            reply: Mutex::new(GMAIL_THROTTLED.to_string()),
+            open: Mutex::new(Vec::new()),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let state = Arc::clone(&state);
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let state = Arc::clone(&state);
+                            thread::spawn(move || proxy_connection(client, upstream_port, state));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(PROXY_POLL),
+                        Err(_) => thread::sleep(PROXY_POLL),
+                    }
+                }
+            })
+        };
+        ThrottlingImapProxy {
+            port,
+            upstream_port,
+            state,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// Refuse the next `n` AUTHENTICATE/LOGIN commands (across all
+    /// connections) with the throttling reply.
+    pub fn throttle_logins(&self, n: u32) {
+        self.state.throttle.store(n, Ordering::SeqCst);
+    }
+
+    /// Use `reply` (the text after the tag) instead of [`GMAIL_THROTTLED`].
+    pub fn set_reply(&self, reply: &str) {
+        *self.state.reply.lock().unwrap() = reply.to_string();
+    }
+
+    /// AUTHENTICATE/LOGIN commands seen so far (refused or passed on).
+    pub fn auth_commands(&self) -> u64 {
+        self.state.auth_commands.load(Ordering::SeqCst)
+    }
+
+    /// AUTHENTICATE/LOGIN commands refused so far.
+    pub fn throttled(&self) -> u64 {
+        self.state.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Client connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ThrottlingImapProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.accept.take() {
+            let _ = handle.join();
+        }
+        for s in self.state.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The literal length announced at the end of an IMAP command line
+/// (`{n}` or `{n+}` before CRLF, RFC 3501 §4.3, RFC 7888).
+fn trailing_literal(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = line.strip_suffix(b"}")?;
+    let open = line.iter().rposition(|&b| b == b'{')?;
+    let digits = &line[open + 1..];
+    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn proxy_connection(client: TcpStream, upstream_port: u16, state: Arc<ProxyState>) {
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    let Ok(upstream) = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream_port)) else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    if let Ok(c) = client.try_clone() {
+        state.open.lock().unwrap().push(c);
+    }
+    // Writes to the client come from two threads (upstream data and our
+    // own throttling replies): one lock keeps them whole.
+    let client_writer = Arc::new(Mutex::new(client.try_clone().expect("clone client")));
+    let down = {
+        let mut upstream = upstream.try_clone().expect("clone upstream");
+        let client_writer = Arc::clone(&client_writer);
+        thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match upstream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if client_writer.lock().unwrap().write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = client_writer.lock().unwrap().shutdown(Shutdown::Write);
+        })
+    };
+    let mut reader = BufReader::new(client);
+    let mut to_upstream = upstream;
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(PROXY_MAX_LINE)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let mut words = text.split_whitespace();
+        let tag = words.next().unwrap_or("").to_string();
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        if verb == "AUTHENTICATE" || verb == "LOGIN" {
+            state.auth_commands.fetch_add(1, Ordering::SeqCst);
+            let refuse = state
+                .throttle
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if refuse {
+                state.throttled.fetch_add(1, Ordering::SeqCst);
+                let reply = format!("{tag} {}\r\n", state.reply.lock().unwrap());
+                if client_writer
+                    .lock()
+                    .unwrap()
+                    .write_all(reply.as_bytes())
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+        }
+        if to_upstream.write_all(&line).is_err() {
+            break;
+        }
+        if let Some(n) = trailing_literal(&line) {
+            // Literal data passes through uninspected.
+            if std::io::copy(&mut (&mut reader).take(n), &mut to_upstream).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = to_upstream.shutdown(Shutdown::Write);
+    let _ = down.join();
 }
