@@ -708,6 +708,8 @@ impl Config {
             )?;
         }
         let routes = self.effective_routes()?;
+        // OAuth2 routes: providers defined, store key loadable (issue 8).
+        self.oauth.validate(&routes, &self.data.dir)?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (

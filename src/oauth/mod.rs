@@ -7,7 +7,17 @@
 //!
 //! INTERFACE CONTRACT (kept stable for the integration work on another
 //! branch): the items in this file, `config::OauthConfig` and the
-//! `SaslMechanism`/`ProviderSasl` types. Bodies are stubs until filled in.
+//! `SaslMechanism`/`ProviderSasl` types.
+//!
+//! # Layout
+//! - [`config`]: `[oauth]`, provider presets, key loading, validation.
+//! - [`crypto`]: sealing secrets at rest (XChaCha20-Poly1305, key id).
+//! - [`store`]: account and device records, the file backend;
+//!   [`redis_store`]: the Redis backend for several replicas.
+//! - [`provider`]: HTTP calls to token, device, revocation endpoints.
+//! - [`service`]: access-token cache, single-flight refresh, rotation,
+//!   re-enrolment state, throttling backoff, device checks.
+//! - [`device`]: argon2id device passwords. [`cli`]: the commands.
 
 use std::net::IpAddr;
 use std::process::ExitCode;
@@ -17,26 +27,56 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::pop3::command::Secret;
 
+pub mod cli;
 pub mod config;
+pub mod crypto;
+pub mod device;
+pub mod provider;
+pub mod redis_store;
+pub mod service;
+pub mod store;
 
-/// `popbridge oauth ...`
-#[derive(Debug, Clone, clap::Args)]
-pub struct OauthArgs {}
+pub use cli::{DeviceArgs, OauthArgs};
 
-/// `popbridge device ...`
-#[derive(Debug, Clone, clap::Args)]
-pub struct DeviceArgs {}
+use crate::config::UpstreamAuth;
+use config::{OauthConfig, StoreKind};
+use crypto::StoreKey;
+use service::TokenService;
+use store::TokenStore;
 
 /// Run `popbridge oauth`; `config` is the loaded configuration file, if any.
-pub fn run_oauth(_args: OauthArgs, _config: Option<Config>) -> ExitCode {
-    eprintln!("popbridge oauth: not implemented yet");
-    ExitCode::from(2)
+/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
+pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
+    cli::run_oauth(args, config)
 }
 
 /// Run `popbridge device`; `config` is the loaded configuration file, if any.
-pub fn run_device(_args: DeviceArgs, _config: Option<Config>) -> ExitCode {
-    eprintln!("popbridge device: not implemented yet");
-    ExitCode::from(2)
+/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
+pub fn run_device(args: DeviceArgs, config: Option<Config>) -> ExitCode {
+    cli::run_device(args, config)
+}
+
+/// Opens the configured store (file or Redis) with the configured key.
+/// Errors are startup errors and name files and keys, never secrets.
+pub fn open_store(config: &Config) -> Result<TokenStore, String> {
+    let oauth: &OauthConfig = &config.oauth;
+    let key = StoreKey::new(&oauth.load_key()?);
+    match oauth.store {
+        StoreKind::File => {
+            let dir = OauthConfig::store_dir(&config.data.dir).ok_or(
+                "oauth.store = \"file\" needs data.dir (tokens are kept under <data.dir>/oauth/)",
+            )?;
+            TokenStore::open_file(dir, key).map_err(|e| e.to_string())
+        }
+        StoreKind::Redis => {
+            config::check_redis_url(&oauth.redis_url)?;
+            let password = oauth
+                .redis_password_source()
+                .read()
+                .map_err(|e| format!("oauth.redis_password_file: {e}"))?;
+            TokenStore::open_redis(&oauth.redis_url, password, key).map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// The SASL mechanism a provider expects for IMAP.
@@ -125,7 +165,9 @@ pub enum TokenError {
 
 /// What the server needs from the OAuth2 machinery, built from the
 /// configuration at start-up and on reload.
-pub struct OauthRuntime {}
+pub struct OauthRuntime {
+    service: TokenService,
+}
 
 impl std::fmt::Debug for OauthRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,26 +177,48 @@ impl std::fmt::Debug for OauthRuntime {
 
 impl OauthRuntime {
     /// `None` when no route uses `auth = "oauth2"`. Errors are startup
-    /// errors (missing key, unreadable store, unknown provider).
-    pub fn from_config(_config: &Config) -> Result<Option<Arc<OauthRuntime>>, String> {
-        Ok(None)
+    /// errors (missing key, unreadable store, unknown provider). The file
+    /// store is read at once (wrong key, corrupt file); a Redis store is
+    /// contacted at first use.
+    pub fn from_config(config: &Config) -> Result<Option<Arc<OauthRuntime>>, String> {
+        let routes = config.effective_routes().map_err(|e| e.to_string())?;
+        if !routes
+            .iter()
+            .any(|r| r.upstream.auth == UpstreamAuth::Oauth2)
+        {
+            return Ok(None);
+        }
+        config
+            .oauth
+            .validate(&routes, &config.data.dir)
+            .map_err(|e| e.to_string())?;
+        let providers = config
+            .oauth
+            .resolved_providers()
+            .map_err(|e| e.to_string())?;
+        let store = Arc::new(open_store(config)?);
+        let margin = std::time::Duration::from_secs(config.oauth.refresh_margin_secs);
+        let service = TokenService::new(store, providers, margin)?;
+        Ok(Some(Arc::new(OauthRuntime { service })))
     }
 
     /// How the provider of `provider` (an `[[oauth.providers]]` name) wants
     /// tokens presented over IMAP.
-    pub fn sasl(&self, _provider: &str) -> Option<ProviderSasl> {
-        None
+    pub fn sasl(&self, provider: &str) -> Option<ProviderSasl> {
+        self.service.provider(provider).map(|p| p.sasl)
     }
 
     /// Checks a device login against the local device store. Never contacts
     /// the provider.
     pub async fn authenticate_device(
         &self,
-        _login: &str,
-        _password: &Secret,
-        _peer: IpAddr,
+        login: &str,
+        password: &Secret,
+        peer: IpAddr,
     ) -> Result<DeviceGrant, DeviceAuthError> {
-        Err(DeviceAuthError::Store("not implemented".into()))
+        self.service
+            .authenticate_device(login, password, peer)
+            .await
     }
 
     /// An access token for `account` at `provider`: from the cache, or
@@ -162,17 +226,21 @@ impl OauthRuntime {
     /// ask at once).
     pub async fn access_token(
         &self,
-        _provider: &str,
-        _account: &str,
+        provider: &str,
+        account: &str,
     ) -> Result<AccessToken, TokenError> {
-        Err(TokenError::Unavailable("not implemented".into()))
+        self.service.access_token(provider, account).await
     }
 
     /// The IMAP server refused `token`: forget it so the next
     /// [`OauthRuntime::access_token`] refreshes.
-    pub fn token_rejected(&self, _provider: &str, _account: &str, _token: &AccessToken) {}
+    pub fn token_rejected(&self, provider: &str, account: &str, token: &AccessToken) {
+        self.service.reject(provider, account, token);
+    }
 
     /// The IMAP server said it throttles this account (e.g. Gmail's
     /// `[THROTTLED]`): back off before the next attempt.
-    pub fn upstream_throttled(&self, _provider: &str, _account: &str) {}
+    pub fn upstream_throttled(&self, provider: &str, account: &str) {
+        self.service.throttle(provider, account, None);
+    }
 }
