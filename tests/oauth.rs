@@ -810,17 +810,17 @@ fn pop3_xoauth2_two_step_route() {
     let s = Setup::new();
     s.enrol(OTHER, XO);
     let scanner = format!("scanner@{XO_DEVICES}");
-    s.add_device(&scanner, OTHER, "scan-pass");
+    s.add_device(&scanner, OTHER, "scanner-pass-99");
     let first = message("for-bob");
     s.dovecot.deliver(OTHER, &first);
     let pb = s.popbridge();
-    pop3_fetch(pb.port, &scanner, "scan-pass", 1, &first);
+    pop3_fetch(pb.port, &scanner, "scanner-pass-99", 1, &first);
     // And with curl, a second real client (AUTH PLAIN with SASL-IR).
     let r = run_program(
         Command::new("curl")
             .arg("-sS")
             .arg("--user")
-            .arg(format!("{scanner}:scan-pass"))
+            .arg(format!("{scanner}:scanner-pass-99"))
             .arg(format!("pop3://127.0.0.1:{}/1", pb.port)),
         s.dir.path(),
         "curl",
@@ -834,9 +834,9 @@ fn pop3_xoauth2_two_step_route() {
     // Expired token: refused (XOAUTH2 error challenge), one refresh, retry.
     let warm = s.refreshes();
     s.oauth.expire_access_tokens();
-    pop3_fetch(pb.port, &scanner, "scan-pass", 1, &first);
+    pop3_fetch(pb.port, &scanner, "scanner-pass-99", 1, &first);
     assert_eq!(s.refreshes(), warm + 1);
-    assert_log_has_no_secrets(&pb.log(), &["scan-pass"]);
+    assert_log_has_no_secrets(&pb.log(), &["scanner-pass-99"]);
 }
 
 #[test]
@@ -848,12 +848,12 @@ fn pop3_many_devices_after_expiry_share_one_refresh() {
         .map(|i| format!("dev{i}@{CORP_DEVICES}"))
         .collect();
     for (i, l) in logins.iter().enumerate() {
-        s.add_device(l, ACCOUNT, &format!("pass-{i}"));
+        s.add_device(l, ACCOUNT, &format!("device-pass-{i:04}"));
     }
     let first = message("shared");
     s.dovecot.deliver(ACCOUNT, &first);
     let pb = s.popbridge();
-    pop3_fetch(pb.port, &logins[0], "pass-0", 1, &first);
+    pop3_fetch(pb.port, &logins[0], "device-pass-0000", 1, &first);
     let warm = s.refreshes();
     s.oauth.expire_access_tokens();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(DEVICES));
@@ -869,7 +869,7 @@ fn pop3_many_devices_after_expiry_share_one_refresh() {
                 let mut p = Pop3::connect(port);
                 assert!(p.cmd(&format!("USER {l}")).starts_with("+OK"));
                 barrier.wait();
-                let r = p.cmd(&format!("PASS pass-{i}"));
+                let r = p.cmd(&format!("PASS device-pass-{i:04}"));
                 assert!(r.starts_with("+OK"), "{l}: {r}");
                 assert_eq!(p.stat().0, 1);
                 assert_eq!(normalize_newlines(&p.retr(1)), normalize_newlines(&first));
@@ -888,17 +888,17 @@ fn pop3_provider_and_mail_server_throttling_answer_sys_temp() {
     let s = Setup::new();
     s.enrol(ACCOUNT, CORP);
     let phone = format!("phone@{CORP_DEVICES}");
-    s.add_device(&phone, ACCOUNT, "pw");
+    s.add_device(&phone, ACCOUNT, "device-pass-1234");
     let first = message("t");
     s.dovecot.deliver(ACCOUNT, &first);
     let pb = s.popbridge();
-    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+    pop3_fetch(pb.port, &phone, "device-pass-1234", 1, &first);
 
     // The mail server cannot check tokens now ([UNAVAILABLE]): a temporary
     // answer, and the token is not thrown away (no refresh).
     let refreshes = s.refreshes();
     s.oauth.fail_introspection(1);
-    let r = pop3_pass(pb.port, &phone, "pw");
+    let r = pop3_pass(pb.port, &phone, "device-pass-1234");
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     assert_eq!(s.refreshes(), refreshes);
 
@@ -906,9 +906,11 @@ fn pop3_provider_and_mail_server_throttling_answer_sys_temp() {
     // [AUTH], and the account is not marked for re-enrolment.
     s.oauth.expire_access_tokens();
     s.oauth.throttle(1);
+    let r = pop3_pass(pb.port, &phone, "device-pass-1234");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     let deadline = Instant::now() + Duration::from_secs(120);
     let r = loop {
-        let r = pop3_pass(pb.port, &phone, "pw");
+        let r = pop3_pass(pb.port, &phone, "device-pass-1234");
         if !r.starts_with("-ERR [SYS/TEMP]") || Instant::now() > deadline {
             break r;
         }
@@ -926,11 +928,11 @@ fn pop3_sighup_keeps_the_cached_token() {
     let s = Setup::new();
     s.enrol(ACCOUNT, CORP);
     let phone = format!("phone@{CORP_DEVICES}");
-    s.add_device(&phone, ACCOUNT, "pw");
+    s.add_device(&phone, ACCOUNT, "device-pass-1234");
     let first = message("r");
     s.dovecot.deliver(ACCOUNT, &first);
     let pb = s.popbridge();
-    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+    pop3_fetch(pb.port, &phone, "device-pass-1234", 1, &first);
     let before = s.oauth.stats();
     let reloaded = pb.log().matches("configuration reloaded").count();
     let r = run_program(
@@ -944,7 +946,7 @@ fn pop3_sighup_keeps_the_cached_token() {
         assert!(Instant::now() < deadline, "no reload:\n{}", pb.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    pop3_fetch(pb.port, &phone, "pw", 1, &first);
+    pop3_fetch(pb.port, &phone, "device-pass-1234", 1, &first);
     // [oauth] did not change: same runtime, same cached access token.
     let after = s.oauth.stats();
     assert_eq!(after.grants, before.grants, "{}", after.raw);
