@@ -785,7 +785,7 @@ impl<C: Connector> Connection<C> {
                         account,
                         provider,
                         reason = %reason,
-                        "OAuth2 account needs re-enrolment: run `popbridge oauth add {account}`"
+                        "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
                     );
                     metrics().auth("oauth_needs_enrolment");
                     return LoginOutcome::Failed {

@@ -652,17 +652,22 @@ fn normalize_newlines(b: &[u8]) -> Vec<u8> {
 /// base64 of the XOAUTH2 (`user=`) and OAUTHBEARER (`n,a=`) responses, the
 /// `auth=Bearer` field, and the given secrets.
 fn assert_log_has_no_secrets(log: &str, secrets: &[&str]) {
-    for needle in [
+    // HTTP Basic client authentication (RFC 6749 §2.3.1), a token request
+    // body, a token response body.
+    let basic = base64_encode(format!("popbridge-test:{CLIENT_SECRET}").as_bytes());
+    let fixed = [
         "dXNlcj0",
         "bixhPS",
         "Bearer ",
         "auth=Bearer",
         CLIENT_SECRET,
         STORE_KEY_B64,
-    ]
-    .iter()
-    .chain(secrets)
-    {
+        basic.as_str(),
+        "refresh_token=",
+        "\"access_token\"",
+        "\"refresh_token\"",
+    ];
+    for needle in fixed.iter().chain(secrets) {
         assert!(!log.contains(needle), "popbridge's log holds {needle:?}");
     }
 }
@@ -748,7 +753,10 @@ fn pop3_enrol_two_devices_expire_rotate_revoke() {
         .find(|l| l.contains("needs re-enrolment"))
         .unwrap_or_else(|| panic!("no re-enrolment log line:\n{log}"));
     assert!(line.contains(ACCOUNT), "{line}");
-    assert!(line.contains("popbridge oauth add"), "{line}");
+    assert!(
+        line.contains(&format!("popbridge oauth add {ACCOUNT} --provider {CORP}")),
+        "{line}"
+    );
     // The answer stays the same for the other device, without asking the
     // provider again for a grant it knows is gone.
     let errors = s.oauth.stats().token_error("invalid_grant");
