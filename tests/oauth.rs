@@ -426,6 +426,11 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with_corp_route("")
+    }
+
+    /// With more keys for the `corp` route (e.g. its delete policy).
+    fn with_corp_route(corp_extra: &str) -> Setup {
         let oauth = OauthServer::start_with(OauthServerOptions {
             client_secret: Some(CLIENT_SECRET.to_string()),
             ..OauthServerOptions::default()
@@ -472,6 +477,7 @@ impl Setup {
              domains = [\"{CORP_DEVICES}\"]\n\
              auth = \"oauth2\"\n\
              oauth_provider = \"{CORP}\"\n\
+             {corp_extra}\
              [[routes]]\n\
              name = \"xo\"\n\
              domains = [\"{XO_DEVICES}\"]\n\
@@ -985,4 +991,42 @@ fn check_config_prints_no_secrets() {
         !out.contains(CLIENT_SECRET) && !out.contains(STORE_KEY_B64),
         "{out}"
     );
+}
+
+#[test]
+fn pop3_per_device_policy_and_lock_use_the_enrolled_account() {
+    let s = Setup::with_corp_route("delete_policy = \"per-device\"\nlock = true\n");
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    let laptop = format!("laptop@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    s.add_device(&laptop, ACCOUNT, "laptop-pass-2");
+    let first = message("one");
+    s.dovecot.deliver(ACCOUNT, &first);
+    s.dovecot.deliver(ACCOUNT, &message("two"));
+    let pb = s.popbridge();
+
+    // The lock is per account: the laptop cannot log in while the phone's
+    // session is open, although their logins differ.
+    let mut p = Pop3::connect(pb.port);
+    p.login(&phone, "phone-pass-1");
+    let r = pop3_pass(pb.port, &laptop, "laptop-pass-2");
+    assert_eq!(
+        r,
+        "-ERR [IN-USE] Mailbox is in use by another POP3 session."
+    );
+    // The phone deletes message 1: hidden from the phone only (its own
+    // keyword, named after the device login's local part).
+    assert!(p.cmd("DELE 1").starts_with("+OK"));
+    assert!(p.cmd("QUIT").starts_with("+OK"));
+    let mut p = Pop3::connect(pb.port);
+    p.login(&phone, "phone-pass-1");
+    assert_eq!(p.stat().0, 1);
+    assert!(p.cmd("QUIT").starts_with("+OK"));
+    pop3_fetch(pb.port, &laptop, "laptop-pass-2", 2, &first);
+    // On the server, message 1 is still there, flagged for the phone.
+    let flags = s.dovecot.doveadm(&[
+        "fetch", "-u", ACCOUNT, "flags", "mailbox", "INBOX", "uid", "1",
+    ]);
+    assert!(flags.contains("$POP3Del-phone"), "{flags}");
 }
