@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::config::Provider;
 use super::device;
 use super::provider::{ProviderClient, ProviderError, DEFAULT_EXPIRES_IN};
-use super::store::{now_unix, AccountRecord, AccountStatus, StoreError, TokenStore};
+use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
 use super::{AccessToken, DeviceAuthError, DeviceGrant, TokenError};
 use crate::pop3::command::Secret;
 
@@ -94,6 +94,9 @@ pub struct TokenService {
     backoff: Mutex<HashMap<String, Backoff>>,
     /// SHA-256 of tokens the IMAP server refused.
     rejected: moka::sync::Cache<[u8; 32], ()>,
+    /// Ignore stored access tokens obtained before this (Unix ms):
+    /// `oauth test --force-refresh`.
+    fresh_since_ms: Option<u64>,
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -120,7 +123,15 @@ impl TokenService {
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(REJECTED_TTL)
                 .build(),
+            fresh_since_ms: None,
         })
+    }
+
+    /// Stored access tokens obtained before `ms` (Unix milliseconds) are
+    /// not used: a refresh happens unless another process refreshed since.
+    pub fn with_fresh_since(mut self, ms: u64) -> Self {
+        self.fresh_since_ms = Some(ms);
+        self
     }
 
     pub fn provider(&self, name: &str) -> Option<&Provider> {
@@ -278,6 +289,7 @@ impl TokenService {
                 }
                 rec.secrets.access_token = Some(t.access_token.clone());
                 rec.secrets.access_expires_at = Some(now_unix() + lifetime);
+                rec.secrets.access_issued_at_ms = Some(now_unix_ms());
                 // Store first (a rotated refresh token is the only copy),
                 // then hand out the access token.
                 let stored = self
@@ -334,6 +346,7 @@ impl TokenService {
                 };
                 rec.secrets.access_token = None;
                 rec.secrets.access_expires_at = None;
+                rec.secrets.access_issued_at_ms = None;
                 if let Err(e) = self.store.compare_and_set(&mut rec, expected).await {
                     warn!(account, error = %e, "could not record the re-enrolment state");
                 }
@@ -370,6 +383,11 @@ impl TokenService {
         let exp = rec.secrets.access_expires_at?;
         if self.is_rejected(token) {
             return None;
+        }
+        if let Some(since) = self.fresh_since_ms {
+            if rec.secrets.access_issued_at_ms.unwrap_or(0) < since {
+                return None;
+            }
         }
         // The original lifetime is unknown here; assume the provider's
         // usual hour unless less is left, which keeps the margin rule.

@@ -47,6 +47,13 @@ pub const REFRESH_LOCK_WAIT: Duration = Duration::from_secs(50);
 /// Poll interval while waiting for a refresh lock.
 pub const LOCK_POLL: Duration = Duration::from_millis(100);
 
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -92,6 +99,9 @@ pub struct TokenSecrets {
     /// The provider's expiry of `access_token`, Unix seconds.
     #[serde(default)]
     pub access_expires_at: Option<u64>,
+    /// When `access_token` was obtained, Unix milliseconds.
+    #[serde(default)]
+    pub access_issued_at_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenSecrets {
@@ -745,6 +755,7 @@ mod tests {
                 refresh_token: refresh.into(),
                 access_token: None,
                 access_expires_at: None,
+                access_issued_at_ms: None,
             },
         }
     }
