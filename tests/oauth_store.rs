@@ -203,8 +203,21 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
     let r = s.run(&["oauth", "list"]);
     r.assert_code(1, "wrong key on Redis");
     assert!(r.stderr.contains("another key"), "{}", r.describe());
+    // The server's start-up refuses it too (called inside a runtime, as
+    // the server does).
+    let config = Config::from_file(&s.config).unwrap();
+    let e = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { OauthRuntime::from_config(&config).map(|_| ()) })
+        .unwrap_err();
+    assert!(
+        e.contains("another key") && !e.contains(other.trim()),
+        "{e}"
+    );
     std::fs::write(&s.key_file, &s.key).unwrap();
     s.run(&["oauth", "list"]).assert_ok("right key");
+    let config = Config::from_file(&s.config).unwrap();
+    assert!(OauthRuntime::from_config(&config).unwrap().is_some());
 
     // A wrong Redis password: a clear failure, the password not printed.
     std::fs::write(s.dir.path().join("redis-password"), "wrong-pw").unwrap();

@@ -199,6 +199,7 @@ impl TokenStore {
         };
         if let Backend::File(fs) = &store.backend {
             fs.read_tokens(&store.key)?;
+            fs.read_devices()?;
         }
         Ok(store)
     }
@@ -216,6 +217,20 @@ impl TokenStore {
             backend: Backend::Redis(Box::new(r)),
             key,
         })
+    }
+
+    /// A blocking start-up check: `Err` for a wrong key or a corrupt
+    /// store; `Ok(Some(reason))` when a Redis server cannot be reached now
+    /// (popbridge starts and retries at first use).
+    pub fn check_blocking(&self) -> Result<Option<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => {
+                f.read_tokens(&self.key)?;
+                f.read_devices()?;
+                Ok(None)
+            }
+            Backend::Redis(r) => r.check_blocking(),
+        }
     }
 
     /// Reaches the backend now and checks the key.
