@@ -159,12 +159,19 @@ impl TokenService {
     ) -> Duration {
         let key = cache_key(provider, account);
         let mut map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-        let failures = map.get(&key).map_or(0, |b| b.failures).saturating_add(1);
+        // A signal long after the last backoff ended starts over: the
+        // doubling is for bursts, not for a whole day's worth of signals.
+        let now = Instant::now();
+        let failures = map
+            .get(&key)
+            .filter(|b| now < b.until + BACKOFF_CAP)
+            .map_or(0, |b| b.failures)
+            .saturating_add(1);
         let delay = backoff_delay(failures, retry_after);
         map.insert(
             key,
             Backoff {
-                until: Instant::now() + delay,
+                until: now + delay,
                 failures,
             },
         );
@@ -464,6 +471,29 @@ mod tests {
         assert!(usable_until(now, 5000, 4600, h, m).is_none(), "expired");
         let short = usable_until(now, 1000, 1060, Duration::from_secs(60), m).unwrap();
         assert_eq!(short - now, Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn upstream_throttling_backs_off_without_touching_the_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = super::super::crypto::StoreKey::new(&super::super::config::KeyMaterial([1; 32]));
+        let store = Arc::new(TokenStore::open_file(dir.path().into(), key).unwrap());
+        // No provider is configured: any attempt to refresh would fail
+        // with Unavailable, so Throttled proves nothing was attempted.
+        let svc = TokenService::new(store, Vec::new(), Duration::from_secs(300)).unwrap();
+        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE);
+        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE * 2);
+        match svc.access_token("p", "a").await {
+            Err(TokenError::Throttled { retry_after_secs }) => {
+                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other accounts are not affected.
+        assert!(matches!(
+            svc.access_token("p", "b").await,
+            Err(TokenError::Unavailable(_))
+        ));
     }
 
     #[test]
