@@ -21,7 +21,8 @@ use super::device;
 use super::provider::{self, ProviderClient, ProviderError, TokenResponse, DEFAULT_EXPIRES_IN};
 use super::service::TokenService;
 use super::store::{
-    now_unix, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets, TokenStore,
+    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
+    TokenStore,
 };
 use crate::config::Config;
 
@@ -76,7 +77,8 @@ pub enum OauthCommand {
     /// report whether that worked.
     Test {
         account: String,
-        /// Refresh even if the stored access token is still valid.
+        /// Refresh even if the stored access token is still valid, unless
+        /// another process refreshed it after this command started.
         #[arg(long)]
         force_refresh: bool,
     },
@@ -331,30 +333,24 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
             account,
             force_refresh,
         } => {
+            let started_ms = now_unix_ms();
             let store = Arc::new(store(&config).await?);
             let rec = store
                 .get(&account)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            let Some(mut rec) = rec else {
+            let Some(rec) = rec else {
                 return Err(failed(format!(
                     "no account {account:?} is enrolled: run popbridge oauth add {account}"
                 )));
             };
-            if force_refresh {
-                // Drop the shared access token so a refresh happens; the
-                // compare-and-set keeps a concurrent rotation.
-                let expected = rec.meta.version;
-                rec.secrets.access_token = None;
-                rec.secrets.access_expires_at = None;
-                store
-                    .compare_and_set(&mut rec, expected)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-            }
             let providers = config.oauth.resolved_providers().map_err(|e| usage(e.0))?;
             let margin = Duration::from_secs(config.oauth.refresh_margin_secs);
-            let service = TokenService::new(store.clone(), providers, margin).map_err(failed)?;
+            let mut service =
+                TokenService::new(store.clone(), providers, margin).map_err(failed)?;
+            if force_refresh {
+                service = service.with_fresh_since(started_ms);
+            }
             let before = rec.meta.version;
             match service.access_token(&rec.meta.provider, &account).await {
                 Ok(t) => {
@@ -447,6 +443,7 @@ async fn enrol(
             refresh_token: refresh,
             access_token: Some(t.access_token),
             access_expires_at: Some(now + lifetime),
+            access_issued_at_ms: Some(now_unix_ms()),
         },
     };
     store

@@ -175,11 +175,12 @@ pub enum SecretSource {
 
 impl SecretSource {
     /// Reads the secret, trimmed; `Ok(None)` when an environment variable
-    /// is unset. Errors name the source, never the contents.
+    /// is unset or the file is empty. Errors name the source, never the
+    /// contents.
     pub fn read(&self) -> Result<Option<String>, String> {
         match self {
             SecretSource::File(p) => std::fs::read_to_string(p)
-                .map(|s| Some(s.trim().to_string()))
+                .map(|s| Some(s.trim().to_string()).filter(|s| !s.is_empty()))
                 .map_err(|e| format!("cannot read {}: {e}", p.display())),
             SecretSource::Env(var) => Ok(std::env::var(var)
                 .ok()

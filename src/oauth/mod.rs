@@ -177,9 +177,10 @@ impl std::fmt::Debug for OauthRuntime {
 
 impl OauthRuntime {
     /// `None` when no route uses `auth = "oauth2"`. Errors are startup
-    /// errors (missing key, unreadable store, unknown provider). The file
-    /// store is read at once (wrong key, corrupt file); a Redis store is
-    /// contacted at first use.
+    /// errors (missing key, unreadable store, unknown provider, a store
+    /// written with another key). Does a little blocking I/O (reading the
+    /// store files, or one Redis round trip with a 5 s timeout); an
+    /// unreachable Redis is logged and retried at first use.
     pub fn from_config(config: &Config) -> Result<Option<Arc<OauthRuntime>>, String> {
         let routes = config.effective_routes().map_err(|e| e.to_string())?;
         if !routes
@@ -196,7 +197,13 @@ impl OauthRuntime {
             .oauth
             .resolved_providers()
             .map_err(|e| e.to_string())?;
-        let store = Arc::new(open_store(config)?);
+        let store = open_store(config)?;
+        // A wrong key is a start-up error for Redis too; an unreachable
+        // Redis is retried at first use.
+        if let Some(unreachable) = store.check_blocking().map_err(|e| e.to_string())? {
+            tracing::warn!(error = %unreachable, "token store not reachable at start-up; retrying at first use");
+        }
+        let store = Arc::new(store);
         let margin = std::time::Duration::from_secs(config.oauth.refresh_margin_secs);
         let service = TokenService::new(store, providers, margin)?;
         Ok(Some(Arc::new(OauthRuntime { service })))

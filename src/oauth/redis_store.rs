@@ -90,6 +90,63 @@ impl RedisStore {
         })
     }
 
+    /// A blocking check for start-up (no async runtime needed): a store
+    /// written with another key is an error; an unreachable server is
+    /// reported as `Ok(Some(reason))` so popbridge can start and retry at
+    /// first use.
+    pub fn check_blocking(&self) -> Result<Option<String>, StoreError> {
+        let mut c = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() => {
+                return Ok(Some(self.err(e).to_string()))
+            }
+            Err(e) => return Err(self.err(e)),
+        };
+        c.set_read_timeout(Some(COMMAND_TIMEOUT))
+            .and_then(|()| c.set_write_timeout(Some(COMMAND_TIMEOUT)))
+            .map_err(|e| self.err(e))?;
+        let _: Option<String> = redis::cmd("SET")
+            .arg(key("meta"))
+            .arg(self.meta_json())
+            .arg("NX")
+            .query(&mut c)
+            .map_err(|e| self.err(e))?;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(key("meta"))
+            .query(&mut c)
+            .map_err(|e| self.err(e))?;
+        self.compare_meta(stored).map(|()| None)
+    }
+
+    fn meta_json(&self) -> String {
+        serde_json::json!({
+            "format": "popbridge-oauth-redis",
+            "version": FILE_VERSION,
+            "key_id": self.key_id,
+        })
+        .to_string()
+    }
+
+    fn compare_meta(&self, stored: Option<String>) -> Result<(), StoreError> {
+        let key_id = self.key_id.as_str();
+        let stored = stored.ok_or_else(|| self.err("meta key vanished"))?;
+        let v: serde_json::Value = serde_json::from_str(&stored).map_err(|_| {
+            StoreError::Corrupt(format!("redis {}: {PREFIX}meta is corrupt", self.url))
+        })?;
+        match v.get("key_id").and_then(|k| k.as_str()) {
+            Some(found) if found == key_id => Ok(()),
+            Some(found) => Err(super::crypto::OpenError::WrongKey {
+                found: found.to_string(),
+                expected: key_id.to_string(),
+            }
+            .into()),
+            None => Err(StoreError::Corrupt(format!(
+                "redis {}: {PREFIX}meta has no key_id",
+                self.url
+            ))),
+        }
+    }
+
     /// Connects now (and checks the key id), for commands that should fail
     /// early.
     pub async fn check(&self) -> Result<(), StoreError> {
@@ -175,16 +232,9 @@ impl RedisStore {
 
     /// Records the key id on first use; refuses another key afterwards.
     async fn check_key_id(&self, c: &mut MultiplexedConnection) -> Result<(), StoreError> {
-        let key_id = self.key_id.as_str();
-        let meta = serde_json::json!({
-            "format": "popbridge-oauth-redis",
-            "version": FILE_VERSION,
-            "key_id": key_id,
-        })
-        .to_string();
         let _: Option<String> = redis::cmd("SET")
             .arg(key("meta"))
-            .arg(&meta)
+            .arg(self.meta_json())
             .arg("NX")
             .query_async(c)
             .await
@@ -194,22 +244,7 @@ impl RedisStore {
             .query_async(c)
             .await
             .map_err(|e| self.err(e))?;
-        let stored = stored.ok_or_else(|| self.err("meta key vanished"))?;
-        let v: serde_json::Value = serde_json::from_str(&stored).map_err(|_| {
-            StoreError::Corrupt(format!("redis {}: {PREFIX}meta is corrupt", self.url))
-        })?;
-        match v.get("key_id").and_then(|k| k.as_str()) {
-            Some(found) if found == key_id => Ok(()),
-            Some(found) => Err(super::crypto::OpenError::WrongKey {
-                found: found.to_string(),
-                expected: key_id.to_string(),
-            }
-            .into()),
-            None => Err(StoreError::Corrupt(format!(
-                "redis {}: {PREFIX}meta has no key_id",
-                self.url
-            ))),
-        }
+        self.compare_meta(stored)
     }
 
     fn decode<T: serde::de::DeserializeOwned>(

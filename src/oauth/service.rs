@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::config::Provider;
 use super::device;
 use super::provider::{ProviderClient, ProviderError, DEFAULT_EXPIRES_IN};
-use super::store::{now_unix, AccountRecord, AccountStatus, StoreError, TokenStore};
+use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
 use super::{AccessToken, DeviceAuthError, DeviceGrant, TokenError};
 use crate::pop3::command::Secret;
 
@@ -94,6 +94,9 @@ pub struct TokenService {
     backoff: Mutex<HashMap<String, Backoff>>,
     /// SHA-256 of tokens the IMAP server refused.
     rejected: moka::sync::Cache<[u8; 32], ()>,
+    /// Ignore stored access tokens obtained before this (Unix ms):
+    /// `oauth test --force-refresh`.
+    fresh_since_ms: Option<u64>,
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -120,7 +123,15 @@ impl TokenService {
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(REJECTED_TTL)
                 .build(),
+            fresh_since_ms: None,
         })
+    }
+
+    /// Stored access tokens obtained before `ms` (Unix milliseconds) are
+    /// not used: a refresh happens unless another process refreshed since.
+    pub fn with_fresh_since(mut self, ms: u64) -> Self {
+        self.fresh_since_ms = Some(ms);
+        self
     }
 
     pub fn provider(&self, name: &str) -> Option<&Provider> {
@@ -148,12 +159,19 @@ impl TokenService {
     ) -> Duration {
         let key = cache_key(provider, account);
         let mut map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-        let failures = map.get(&key).map_or(0, |b| b.failures).saturating_add(1);
+        // A signal long after the last backoff ended starts over: the
+        // doubling is for bursts, not for a whole day's worth of signals.
+        let now = Instant::now();
+        let failures = map
+            .get(&key)
+            .filter(|b| now < b.until + BACKOFF_CAP)
+            .map_or(0, |b| b.failures)
+            .saturating_add(1);
         let delay = backoff_delay(failures, retry_after);
         map.insert(
             key,
             Backoff {
-                until: Instant::now() + delay,
+                until: now + delay,
                 failures,
             },
         );
@@ -278,6 +296,7 @@ impl TokenService {
                 }
                 rec.secrets.access_token = Some(t.access_token.clone());
                 rec.secrets.access_expires_at = Some(now_unix() + lifetime);
+                rec.secrets.access_issued_at_ms = Some(now_unix_ms());
                 // Store first (a rotated refresh token is the only copy),
                 // then hand out the access token.
                 let stored = self
@@ -334,6 +353,7 @@ impl TokenService {
                 };
                 rec.secrets.access_token = None;
                 rec.secrets.access_expires_at = None;
+                rec.secrets.access_issued_at_ms = None;
                 if let Err(e) = self.store.compare_and_set(&mut rec, expected).await {
                     warn!(account, error = %e, "could not record the re-enrolment state");
                 }
@@ -370,6 +390,11 @@ impl TokenService {
         let exp = rec.secrets.access_expires_at?;
         if self.is_rejected(token) {
             return None;
+        }
+        if let Some(since) = self.fresh_since_ms {
+            if rec.secrets.access_issued_at_ms.unwrap_or(0) < since {
+                return None;
+            }
         }
         // The original lifetime is unknown here; assume the provider's
         // usual hour unless less is left, which keeps the margin rule.
@@ -446,6 +471,29 @@ mod tests {
         assert!(usable_until(now, 5000, 4600, h, m).is_none(), "expired");
         let short = usable_until(now, 1000, 1060, Duration::from_secs(60), m).unwrap();
         assert_eq!(short - now, Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn upstream_throttling_backs_off_without_touching_the_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = super::super::crypto::StoreKey::new(&super::super::config::KeyMaterial([1; 32]));
+        let store = Arc::new(TokenStore::open_file(dir.path().into(), key).unwrap());
+        // No provider is configured: any attempt to refresh would fail
+        // with Unavailable, so Throttled proves nothing was attempted.
+        let svc = TokenService::new(store, Vec::new(), Duration::from_secs(300)).unwrap();
+        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE);
+        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE * 2);
+        match svc.access_token("p", "a").await {
+            Err(TokenError::Throttled { retry_after_secs }) => {
+                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other accounts are not affected.
+        assert!(matches!(
+            svc.access_token("p", "b").await,
+            Err(TokenError::Unavailable(_))
+        ));
     }
 
     #[test]

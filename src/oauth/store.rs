@@ -47,6 +47,13 @@ pub const REFRESH_LOCK_WAIT: Duration = Duration::from_secs(50);
 /// Poll interval while waiting for a refresh lock.
 pub const LOCK_POLL: Duration = Duration::from_millis(100);
 
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -92,6 +99,9 @@ pub struct TokenSecrets {
     /// The provider's expiry of `access_token`, Unix seconds.
     #[serde(default)]
     pub access_expires_at: Option<u64>,
+    /// When `access_token` was obtained, Unix milliseconds.
+    #[serde(default)]
+    pub access_issued_at_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenSecrets {
@@ -189,6 +199,7 @@ impl TokenStore {
         };
         if let Backend::File(fs) = &store.backend {
             fs.read_tokens(&store.key)?;
+            fs.read_devices()?;
         }
         Ok(store)
     }
@@ -206,6 +217,20 @@ impl TokenStore {
             backend: Backend::Redis(Box::new(r)),
             key,
         })
+    }
+
+    /// A blocking start-up check: `Err` for a wrong key or a corrupt
+    /// store; `Ok(Some(reason))` when a Redis server cannot be reached now
+    /// (popbridge starts and retries at first use).
+    pub fn check_blocking(&self) -> Result<Option<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => {
+                f.read_tokens(&self.key)?;
+                f.read_devices()?;
+                Ok(None)
+            }
+            Backend::Redis(r) => r.check_blocking(),
+        }
     }
 
     /// Reaches the backend now and checks the key.
@@ -745,6 +770,7 @@ mod tests {
                 refresh_token: refresh.into(),
                 access_token: None,
                 access_expires_at: None,
+                access_issued_at_ms: None,
             },
         }
     }
