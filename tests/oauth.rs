@@ -611,8 +611,13 @@ impl Setup {
     /// popbridge serving this configuration, logging at trace level (so a
     /// token that reached any log statement would show).
     fn popbridge(&self) -> Popbridge {
+        self.popbridge_to(self.dovecot.imap_port)
+    }
+
+    /// popbridge with its upstream at 127.0.0.1:`imap_port` (a proxy).
+    fn popbridge_to(&self, imap_port: u16) -> Popbridge {
         Popbridge::start_with_log(
-            self.dovecot.imap_port,
+            imap_port,
             &["--config", self.config.to_str().unwrap()],
             "trace",
         )
@@ -1029,4 +1034,56 @@ fn pop3_per_device_policy_and_lock_use_the_enrolled_account() {
         "fetch", "-u", ACCOUNT, "flags", "mailbox", "INBOX", "uid", "1",
     ]);
     assert!(flags.contains("$POP3Del-phone"), "{flags}");
+}
+
+#[test]
+fn pop3_gmail_throttled_backs_off_and_keeps_the_token() {
+    let s = Setup::new();
+    s.enrol(OTHER, XO);
+    let scanner = format!("scanner@{XO_DEVICES}");
+    s.add_device(&scanner, OTHER, "scanner-pass-99");
+    let first = message("g");
+    s.dovecot.deliver(OTHER, &first);
+    let proxy = ThrottlingImapProxy::start(s.dovecot.imap_port);
+    let pb = s.popbridge_to(proxy.port);
+    pop3_fetch(pb.port, &scanner, "scanner-pass-99", 1, &first);
+    let refreshes = s.refreshes();
+    let auths = proxy.auth_commands();
+
+    // Gmail's NO [THROTTLED] to AUTHENTICATE: a temporary answer, no retry.
+    proxy.throttle_logins(1);
+    let r = pop3_pass(pb.port, &scanner, "scanner-pass-99");
+    let throttled_at = Instant::now();
+    assert_eq!(
+        r,
+        format!("-ERR [SYS/TEMP] {}", popbridge::server::THROTTLED_TEXT)
+    );
+    assert_eq!(proxy.throttled(), 1);
+    assert_eq!(
+        proxy.auth_commands(),
+        auths + 1,
+        "retried after [THROTTLED]"
+    );
+    // Backing off: a login right after is answered without asking the
+    // mail server (unless the machine was so slow that the backoff, at
+    // least popbridge::oauth::service::BACKOFF_BASE, already ended).
+    let r = pop3_pass(pb.port, &scanner, "scanner-pass-99");
+    if throttled_at.elapsed() < popbridge::oauth::service::BACKOFF_BASE {
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        assert_eq!(proxy.auth_commands(), auths + 1, "hammered the mail server");
+    }
+    // After the backoff the same token works: no refresh was needed.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = pop3_pass(pb.port, &scanner, "scanner-pass-99");
+        if r.starts_with("+OK") {
+            break;
+        }
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        assert!(Instant::now() < deadline, "still refused: {r}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(s.refreshes(), refreshes);
+    let log = pb.log();
+    assert!(log.contains("throttles the account"), "{log}");
 }
