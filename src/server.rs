@@ -78,7 +78,7 @@ pub enum BearerStep {
     Proceed,
     /// The token was refused: forget it, get a fresh one, try once more.
     RetryWithFreshToken,
-    /// A fresh token was refused too: stop.
+    /// A fresh token was refused too: stop, and back the account off.
     GiveUp,
     /// The server throttles the account: back off, no retry now.
     Throttled,
@@ -836,8 +836,12 @@ impl<C: Connector> Connection<C> {
                 }
                 BearerStep::GiveUp => {
                     oauth.token_rejected(provider, account, &token);
+                    // Back off the account as for throttling: without it
+                    // every poll of every device would cost a refresh while
+                    // the mail server refuses the account's tokens.
+                    oauth.upstream_throttled(provider, account);
                     if let Err(e) = &result {
-                        warn!(account, provider, error = %e, "mail server refused a freshly issued access token; check the account and the provider's scopes");
+                        warn!(account, provider, error = %e, "mail server refused a freshly issued access token too; backing off (check the account name and the provider's scopes)");
                     }
                     metrics().auth("oauth_token_rejected");
                     return LoginOutcome::Failed {

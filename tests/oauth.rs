@@ -521,6 +521,12 @@ impl Setup {
     /// test plays the user: it reads the code popbridge prints and approves
     /// it at the server's control endpoint.
     fn enrol(&self, account: &str, provider: &str) {
+        self.enrol_approved_by(account, provider, account)
+    }
+
+    /// Enrols `account`, but the user who signs in at the provider is
+    /// `approver` (so the tokens are `approver`'s).
+    fn enrol_approved_by(&self, account: &str, provider: &str, approver: &str) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_popbridge"))
             .arg("--config")
             .arg(&self.config)
@@ -565,7 +571,7 @@ impl Setup {
         let all = printed.join("\n");
         assert!(all.contains(account), "{all}");
         assert!(all.contains(&self.oauth.base_url()), "{all}");
-        self.oauth.approve(&code, account);
+        self.oauth.approve(&code, approver);
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -1086,4 +1092,37 @@ fn pop3_gmail_throttled_backs_off_and_keeps_the_token() {
     assert_eq!(s.refreshes(), refreshes);
     let log = pb.log();
     assert!(log.contains("throttles the account"), "{log}");
+}
+
+#[test]
+fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
+    let s = Setup::new();
+    // Enrolled as alice, but bob signed in: every token is bob's, and
+    // Dovecot refuses them for alice, fresh or not.
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let pb = s.popbridge();
+    let refreshes = s.refreshes();
+    let r = pop3_pass(pb.port, &phone, "phone-pass-1");
+    let refused_at = Instant::now();
+    assert_eq!(
+        r,
+        format!("-ERR [SYS/TEMP] {}", popbridge::server::TOKEN_REFUSED_TEXT)
+    );
+    // Exactly one retry: the stored token, then one fresh one.
+    assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);
+    let log = pb.log();
+    assert!(
+        log.contains("refused a freshly issued access token"),
+        "{log}"
+    );
+    // Backed off: the next login does not cost another refresh.
+    let r = pop3_pass(pb.port, &phone, "phone-pass-1");
+    if refused_at.elapsed() < popbridge::oauth::service::BACKOFF_BASE {
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);
+    }
+    // Never bob's mail for alice's devices, never [AUTH] for a right password.
+    assert!(!log.contains("logged in"), "{log}");
 }
