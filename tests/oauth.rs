@@ -591,20 +591,24 @@ impl Setup {
 
     /// `popbridge device add LOGIN --account A --password-file F`.
     fn add_device(&self, login: &str, account: &str, password: &str) {
+        self.add_device_with(login, account, password, &[])
+    }
+
+    /// `device add` with more arguments (e.g. `--allow CIDR`).
+    fn add_device_with(&self, login: &str, account: &str, password: &str, more: &[&str]) {
         let file = self.dir.path().join(format!("pw-{login}"));
         std::fs::write(&file, format!("{password}\n")).unwrap();
-        let r = self.run(
-            &format!("device-add-{login}"),
-            &[
-                "device",
-                "add",
-                login,
-                "--account",
-                account,
-                "--password-file",
-                file.to_str().unwrap(),
-            ],
-        );
+        let mut args = vec![
+            "device",
+            "add",
+            login,
+            "--account",
+            account,
+            "--password-file",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(more);
+        let r = self.run(&format!("device-add-{login}"), &args);
         assert!(
             r.status.success(),
             "device add {login}: {}\n{}",
@@ -794,6 +798,14 @@ fn pop3_wrong_device_password_is_throttled_and_never_reaches_the_provider() {
     s.enrol(ACCOUNT, CORP);
     let phone = format!("phone@{CORP_DEVICES}");
     s.add_device(&phone, ACCOUNT, "right-password");
+    // A device allowed only from another network.
+    let remote = format!("remote@{CORP_DEVICES}");
+    s.add_device_with(
+        &remote,
+        ACCOUNT,
+        "remote-password",
+        &["--allow", "10.9.0.0/16"],
+    );
     let pb = s.popbridge();
     let before = s.oauth.stats();
     let dovecot_log = s.dovecot.log();
@@ -803,6 +815,8 @@ fn pop3_wrong_device_password_is_throttled_and_never_reaches_the_provider() {
     let r = pop3_pass(pb.port, &phone, "wrong-password");
     assert_eq!(r, "-ERR [AUTH] Authentication failed.");
     let r = pop3_pass(pb.port, &format!("nobody@{CORP_DEVICES}"), "x");
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
+    let r = pop3_pass(pb.port, &remote, "remote-password");
     assert_eq!(r, "-ERR [AUTH] Authentication failed.");
     // MAX_FAILURES_PER_USER = 2: after the second failure for the name,
     // even the right password is refused without being checked.
@@ -827,7 +841,15 @@ fn pop3_wrong_device_password_is_throttled_and_never_reaches_the_provider() {
     );
     let log = pb.log();
     assert!(log.contains("device login refused"), "{log}");
-    assert_log_has_no_secrets(&log, &["wrong-password", "wrong-again", "right-password"]);
+    assert_log_has_no_secrets(
+        &log,
+        &[
+            "wrong-password",
+            "wrong-again",
+            "right-password",
+            "remote-password",
+        ],
+    );
 }
 
 #[test]
