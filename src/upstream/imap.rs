@@ -7,6 +7,12 @@
 //! responses until *our* tagged reply and turns NO, BAD, EOF and timeouts
 //! into errors. Any error that leaves a reply unread poisons the connection:
 //! it is never used again.
+//!
+//! Every command line is written by this module with its own tags (`pb0`
+//! before login, `pb1` for the login, then `pb2`...): async-imap's command
+//! writer logs each line at trace level, login passwords and bearer tokens
+//! included, so it only parses responses here. The login exchanges
+//! themselves (PLAIN, XOAUTH2, OAUTHBEARER) are in [`super::sasl`].
 
 use std::borrow::Cow;
 use std::time::Duration;
