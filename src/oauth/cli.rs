@@ -18,7 +18,7 @@ use sha2::Digest;
 
 use super::config::Provider;
 use super::device;
-use super::provider::{self, ProviderClient, ProviderError, TokenResponse, DEFAULT_EXPIRES_IN};
+use super::provider::{self, ProviderClient, ProviderError, TokenResponse};
 use super::service::TokenService;
 use super::store::{
     now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
@@ -416,7 +416,7 @@ async fn enrol(
             }
         )));
     };
-    let lifetime = t.expires_in.unwrap_or(DEFAULT_EXPIRES_IN);
+    let lifetime = t.lifetime();
     let scopes = t
         .scope
         .as_deref()
@@ -494,10 +494,10 @@ async fn device_flow(
     let _ = writeln!(
         out,
         "Waiting for approval (the code expires in {} s)...",
-        auth.expires_in
+        auth.lifetime()
     );
     let _ = out.flush();
-    let deadline = Instant::now() + Duration::from_secs(auth.expires_in);
+    let deadline = Instant::now() + Duration::from_secs(auth.lifetime());
     let mut interval = provider::poll_interval(&auth);
     let mut failures = 0;
     loop {
