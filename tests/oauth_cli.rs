@@ -381,3 +381,57 @@ fn denied_device_flow_fails_without_storing() {
     let list = s.run(&["oauth", "list"]);
     assert!(list.stdout.contains("no accounts"), "{}", list.describe());
 }
+
+#[test]
+fn trace_logging_shows_no_tokens_or_secrets() {
+    let oauth = OauthServer::start_with(OauthServerOptions {
+        client_secret: Some("client-secret-value".into()),
+        ..OauthServerOptions::default()
+    });
+    let s = Setup::new(&oauth, "");
+    let secret_file = s.dir.path().join("client-secret");
+    std::fs::write(&secret_file, "client-secret-value\n").unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "mechanism = \"xoauth2\"",
+        &format!(
+            "mechanism = \"xoauth2\"\nclient_secret_file = \"{}\"",
+            secret_file.display()
+        ),
+    );
+    std::fs::write(&s.config, text).unwrap();
+    s.enrol(&oauth, ACCOUNT)
+        .assert_ok("enrol with a client secret");
+    let r = s.run_env(
+        &["oauth", "test", ACCOUNT, "--force-refresh"],
+        &[("RUST_LOG", "trace")],
+    );
+    r.assert_ok("refresh at trace level");
+    assert!(
+        r.stderr.contains("access token refreshed"),
+        "{}",
+        r.describe()
+    );
+    assert!(
+        r.stderr.contains("TRACE"),
+        "trace logging is on\n{}",
+        r.describe()
+    );
+    // The tokens the server issued: take the newest pair from a fresh
+    // refresh of our own is impossible without the refresh token, so
+    // check for every token-bearing parameter and field name instead.
+    for needle in [
+        "client-secret-value",
+        "refresh_token=",
+        "\"refresh_token\"",
+        "\"access_token\"",
+        "access_token=",
+        "Bearer ",
+        "client_secret=",
+    ] {
+        assert!(
+            !r.all().contains(needle),
+            "{needle:?} in the output\n{}",
+            r.describe()
+        );
+    }
+}
