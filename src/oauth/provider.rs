@@ -229,16 +229,16 @@ impl ProviderClient {
         secret: Option<&str>,
         refresh_token: &str,
     ) -> Result<TokenResponse, ProviderError> {
+        let scope = provider.scope_param();
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ];
+        if provider.scope_on_refresh {
+            form.push(("scope", &scope));
+        }
         let body = self
-            .post(
-                &provider.token_url,
-                provider,
-                secret,
-                &[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh_token),
-                ],
-            )
+            .post(&provider.token_url, provider, secret, &form)
             .await?;
         parse_token(&body)
     }
