@@ -373,7 +373,8 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         "invalid_grant" => ProviderError::InvalidGrant(detail),
         "authorization_pending" => ProviderError::Pending,
         "slow_down" => ProviderError::SlowDown,
-        "access_denied" => ProviderError::AccessDenied,
+        // Microsoft's device flow says `authorization_declined`.
+        "access_denied" | "authorization_declined" => ProviderError::AccessDenied,
         "expired_token" => ProviderError::ExpiredToken,
         "temporarily_unavailable" => ProviderError::Throttled {
             retry_after,
@@ -485,6 +486,14 @@ mod tests {
         assert_eq!(
             classify(StatusCode::BAD_REQUEST, None, br#"{"error":"slow_down"}"#),
             ProviderError::SlowDown
+        );
+        assert_eq!(
+            classify(
+                StatusCode::BAD_REQUEST,
+                None,
+                br#"{"error":"authorization_declined"}"#
+            ),
+            ProviderError::AccessDenied
         );
         assert_eq!(
             classify(
