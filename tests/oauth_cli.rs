@@ -83,7 +83,14 @@ fn device_flow_enrolment_list_refresh_and_remove() {
 fn browser_flow_with_pkce_and_loopback_redirect() {
     let oauth = OauthServer::start();
     let s = Setup::new(&oauth, "");
-    let mut child = s.spawn(&["oauth", "add", "bob@example.org", "--browser"]);
+    // Standard input stays open (a terminal nobody types in): the command
+    // must still end once the redirect arrived.
+    let mut cmd = s.command(&["oauth", "add", "bob@example.org", "--browser"]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let _stdin = child.stdin.take().unwrap();
     let (url, printed, rest) = read_url(child.stdout.take().unwrap());
     assert!(url.contains("code_challenge_method=S256"), "{url}");
     assert!(!url.contains("code_verifier"), "{url}");
@@ -380,4 +387,93 @@ fn denied_device_flow_fails_without_storing() {
     assert!(r.stderr.contains("denied"), "{}", r.describe());
     let list = s.run(&["oauth", "list"]);
     assert!(list.stdout.contains("no accounts"), "{}", list.describe());
+}
+
+#[test]
+fn trace_logging_shows_no_tokens_or_secrets() {
+    let oauth = OauthServer::start_with(OauthServerOptions {
+        client_secret: Some("client-secret-value".into()),
+        ..OauthServerOptions::default()
+    });
+    let s = Setup::new(&oauth, "");
+    let secret_file = s.dir.path().join("client-secret");
+    std::fs::write(&secret_file, "client-secret-value\n").unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "mechanism = \"xoauth2\"",
+        &format!(
+            "mechanism = \"xoauth2\"\nclient_secret_file = \"{}\"",
+            secret_file.display()
+        ),
+    );
+    std::fs::write(&s.config, text).unwrap();
+    s.enrol(&oauth, ACCOUNT)
+        .assert_ok("enrol with a client secret");
+    let r = s.run_env(
+        &["oauth", "test", ACCOUNT, "--force-refresh"],
+        &[("RUST_LOG", "trace")],
+    );
+    r.assert_ok("refresh at trace level");
+    assert!(
+        r.stderr.contains("access token refreshed"),
+        "{}",
+        r.describe()
+    );
+    assert!(
+        r.stderr.contains("TRACE"),
+        "trace logging is on\n{}",
+        r.describe()
+    );
+    // The tokens the server issued: take the newest pair from a fresh
+    // refresh of our own is impossible without the refresh token, so
+    // check for every token-bearing parameter and field name instead.
+    for needle in [
+        "client-secret-value",
+        "refresh_token=",
+        "\"refresh_token\"",
+        "\"access_token\"",
+        "access_token=",
+        "Bearer ",
+        "client_secret=",
+    ] {
+        assert!(
+            !r.all().contains(needle),
+            "{needle:?} in the output\n{}",
+            r.describe()
+        );
+    }
+}
+
+#[test]
+fn browser_flow_accepts_the_redirect_address_pasted_on_stdin() {
+    use std::io::Write;
+    let oauth = OauthServer::start();
+    let s = Setup::new(&oauth, "");
+    let mut cmd = s.command(&["oauth", "add", "carol@example.org", "--browser"]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (url, printed, rest) = read_url(child.stdout.take().unwrap());
+    let path = url.strip_prefix(&oauth.base_url()).unwrap();
+    let resp = oauth.request("GET", path, &[], b"");
+    assert_eq!(resp.status, 302);
+    let location = resp.header("location").unwrap().to_string();
+    // Something else first: refused with a hint, then the real address.
+    writeln!(stdin, "not the address").unwrap();
+    writeln!(stdin, "{location}").unwrap();
+    drop(stdin);
+    let run = finish(child, printed, rest);
+    run.assert_ok("oauth add --browser with a pasted redirect");
+    assert!(
+        run.stderr.contains("not the redirect address"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout.contains("enrolled carol@example.org"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(oauth.stats().grant("authorization_code"), 1);
 }

@@ -18,7 +18,7 @@ use sha2::Digest;
 
 use super::config::Provider;
 use super::device;
-use super::provider::{self, ProviderClient, ProviderError, TokenResponse, DEFAULT_EXPIRES_IN};
+use super::provider::{self, ProviderClient, ProviderError, TokenResponse};
 use super::service::TokenService;
 use super::store::{
     now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
@@ -185,7 +185,11 @@ pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
     let r = (|| {
         let config = need_config(config)?;
         let rt = runtime()?;
-        rt.block_on(oauth(args.command, config))
+        let r = rt.block_on(oauth(args.command, config));
+        // Do not wait for a blocked read of standard input (the pasted
+        // redirect of `oauth add --browser`).
+        rt.shutdown_background();
+        r
     })();
     finish("oauth", r)
 }
@@ -416,7 +420,7 @@ async fn enrol(
             }
         )));
     };
-    let lifetime = t.expires_in.unwrap_or(DEFAULT_EXPIRES_IN);
+    let lifetime = t.lifetime();
     let scopes = t
         .scope
         .as_deref()
@@ -494,10 +498,10 @@ async fn device_flow(
     let _ = writeln!(
         out,
         "Waiting for approval (the code expires in {} s)...",
-        auth.expires_in
+        auth.lifetime()
     );
     let _ = out.flush();
-    let deadline = Instant::now() + Duration::from_secs(auth.expires_in);
+    let deadline = Instant::now() + Duration::from_secs(auth.lifetime());
     let mut interval = provider::poll_interval(&auth);
     let mut failures = 0;
     loop {
@@ -583,16 +587,62 @@ async fn browser_flow(
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "Open this URL in a browser on this machine and sign in as {account}:\n  {url}\nWaiting for the redirect to {redirect_uri} ..."
+        "Open this URL in a browser on this machine and sign in as {account}:\n  {url}\nWaiting for the redirect to {redirect_uri} ...\n(With the browser on another machine, the redirect fails there: paste the address it shows here and press Enter.)"
     );
     let _ = out.flush();
-    let code = tokio::time::timeout(BROWSER_WAIT, wait_for_code(&listener, &state))
-        .await
-        .map_err(|_| failed("no redirect arrived in time; run the command again"))??;
+    let code = tokio::time::timeout(BROWSER_WAIT, async {
+        tokio::select! {
+            r = wait_for_code(&listener, &state) => r,
+            r = pasted_code(&state) => r,
+        }
+    })
+    .await
+    .map_err(|_| failed("no redirect arrived in time; run the command again"))??;
     client
         .exchange_code(p, secret, &code, &verifier, &redirect_uri)
         .await
         .map_err(|e| failed(format!("exchanging the code failed: {e}")))
+}
+
+/// The redirect address pasted on standard input (the browser ran on
+/// another machine). Never resolves when standard input ends without one,
+/// so the loopback listener keeps waiting.
+async fn pasted_code(state: &str) -> Result<String, Fail> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let target = line.find('?').map_or("", |i| &line[i..]);
+        match redirect_params(&format!("/{target}")) {
+            (Some(code), _, Some(s)) if s == state => return Ok(code),
+            (_, Some(e), Some(s)) if s == state => {
+                return Err(failed(format!(
+                    "the provider answered {}",
+                    provider::sanitise(&e)
+                )))
+            }
+            (Some(_) | None, _, _) => eprintln!(
+                "popbridge oauth: that is not the redirect address (it needs code= and the right state=); paste it again"
+            ),
+        }
+    }
+    std::future::pending().await
+}
+
+/// `code`, `error` and `state` of a redirect request target.
+fn redirect_params(target: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let parsed = reqwest::Url::parse(&format!("http://127.0.0.1{target}")).ok();
+    let get = |name: &str| {
+        parsed.as_ref().and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    (get("code"), get("error"), get("state"))
 }
 
 /// Serves the loopback redirect until a request carries `code` (or
@@ -626,15 +676,7 @@ async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Resul
             .next()
             .and_then(|l| l.split_whitespace().nth(1))
             .unwrap_or("/");
-        let parsed = reqwest::Url::parse(&format!("http://127.0.0.1{target}")).ok();
-        let get = |name: &str| {
-            parsed.as_ref().and_then(|u| {
-                u.query_pairs()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.into_owned())
-            })
-        };
-        let (code, error, got_state) = (get("code"), get("error"), get("state"));
+        let (code, error, got_state) = redirect_params(target);
         if code.is_none() && error.is_none() {
             let _ = sock
                 .write_all(

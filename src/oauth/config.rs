@@ -151,6 +151,9 @@ pub struct Provider {
     /// Extra query parameters for the authorization URL (Google needs
     /// `access_type=offline` and `prompt=consent` to issue a refresh token).
     pub extra_auth_params: Vec<(&'static str, &'static str)>,
+    /// Repeat the scopes when refreshing (RFC 6749 §6 allows it; the
+    /// Microsoft identity platform v2.0 expects them).
+    pub scope_on_refresh: bool,
 }
 
 /// A preset's endpoints and SASL settings.
@@ -348,6 +351,7 @@ impl Provider {
                 two_step: p.two_step.unwrap_or(two_step),
             },
             extra_auth_params: extra,
+            scope_on_refresh: p.preset == Preset::Microsoft,
         })
     }
 
@@ -622,6 +626,7 @@ mod tests {
         assert!(m.scope_param().contains("IMAP.AccessAsUser.All"));
         assert!(m.scope_param().contains("offline_access"));
         assert!(m.sasl.two_step);
+        assert!(m.scope_on_refresh && !g.scope_on_refresh);
         assert_eq!(m.revocation_url, None);
         let m2 = provider("name = \"m\"\npreset = \"microsoft\"\nclient_id = \"x\"").unwrap();
         assert!(m2.token_url.contains("/common/"));

@@ -33,6 +33,11 @@ pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 /// Lifetime assumed when a token answer has no `expires_in` (RFC 6749 §5.1
 /// makes it optional; one hour is what Google and Microsoft issue).
 pub const DEFAULT_EXPIRES_IN: u64 = 3600;
+/// Longest access-token lifetime believed (a bogus `expires_in` must not
+/// keep a token for years or overflow time arithmetic).
+pub const MAX_EXPIRES_IN: u64 = 24 * 3600;
+/// Longest device-code lifetime honoured (Google: 30 min, Microsoft: 15).
+pub const MAX_DEVICE_CODE_LIFETIME: u64 = 3600;
 /// Longest interval honoured from a provider (a broken answer must not
 /// stall enrolment for hours).
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(60);
@@ -86,6 +91,15 @@ pub struct TokenResponse {
     pub token_type: Option<String>,
 }
 
+impl TokenResponse {
+    /// `expires_in`, defaulted and bounded to 1 s ..= [`MAX_EXPIRES_IN`].
+    pub fn lifetime(&self) -> u64 {
+        self.expires_in
+            .unwrap_or(DEFAULT_EXPIRES_IN)
+            .clamp(1, MAX_EXPIRES_IN)
+    }
+}
+
 impl std::fmt::Debug for TokenResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenResponse")
@@ -109,6 +123,13 @@ pub struct DeviceAuthorization {
     pub expires_in: u64,
     #[serde(default)]
     pub interval: Option<u64>,
+}
+
+impl DeviceAuthorization {
+    /// `expires_in`, bounded to [`MAX_DEVICE_CODE_LIFETIME`].
+    pub fn lifetime(&self) -> u64 {
+        self.expires_in.min(MAX_DEVICE_CODE_LIFETIME)
+    }
 }
 
 impl std::fmt::Debug for DeviceAuthorization {
@@ -208,16 +229,16 @@ impl ProviderClient {
         secret: Option<&str>,
         refresh_token: &str,
     ) -> Result<TokenResponse, ProviderError> {
+        let scope = provider.scope_param();
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ];
+        if provider.scope_on_refresh {
+            form.push(("scope", &scope));
+        }
         let body = self
-            .post(
-                &provider.token_url,
-                provider,
-                secret,
-                &[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh_token),
-                ],
-            )
+            .post(&provider.token_url, provider, secret, &form)
             .await?;
         parse_token(&body)
     }
@@ -352,7 +373,8 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         "invalid_grant" => ProviderError::InvalidGrant(detail),
         "authorization_pending" => ProviderError::Pending,
         "slow_down" => ProviderError::SlowDown,
-        "access_denied" => ProviderError::AccessDenied,
+        // Microsoft's device flow says `authorization_declined`.
+        "access_denied" | "authorization_declined" => ProviderError::AccessDenied,
         "expired_token" => ProviderError::ExpiredToken,
         "temporarily_unavailable" => ProviderError::Throttled {
             retry_after,
@@ -469,6 +491,14 @@ mod tests {
             classify(
                 StatusCode::BAD_REQUEST,
                 None,
+                br#"{"error":"authorization_declined"}"#
+            ),
+            ProviderError::AccessDenied
+        );
+        assert_eq!(
+            classify(
+                StatusCode::BAD_REQUEST,
+                None,
                 br#"{"error":"authorization_pending"}"#
             ),
             ProviderError::Pending
@@ -479,6 +509,16 @@ mod tests {
     fn token_answers_and_debug_redaction() {
         let t = parse_token(br#"{"access_token":"AT-SECRET","expires_in":3599,"token_type":"Bearer","refresh_token":"RT-SECRET"}"#).unwrap();
         assert_eq!(t.expires_in, Some(3599));
+        assert_eq!(t.lifetime(), 3599);
+        let huge =
+            parse_token(br#"{"access_token":"x","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!(huge.lifetime(), MAX_EXPIRES_IN);
+        let zero = parse_token(br#"{"access_token":"x","expires_in":0}"#).unwrap();
+        assert_eq!(zero.lifetime(), 1);
+        assert_eq!(
+            parse_token(br#"{"access_token":"x"}"#).unwrap().lifetime(),
+            DEFAULT_EXPIRES_IN
+        );
         let d = format!("{t:?}");
         assert!(!d.contains("SECRET") && d.contains("rotated: true"), "{d}");
         assert!(parse_token(br#"{"access_token":"x","token_type":"mac"}"#).is_err());

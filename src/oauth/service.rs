@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::config::Provider;
 use super::device;
-use super::provider::{ProviderClient, ProviderError, DEFAULT_EXPIRES_IN};
+use super::provider::{ProviderClient, ProviderError};
 use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
 use super::{AccessToken, DeviceAuthError, DeviceGrant, TokenError};
 use crate::pop3::command::Secret;
@@ -288,7 +288,7 @@ impl TokenService {
         match answer {
             Ok(t) => {
                 self.clear_backoff(provider, account);
-                let lifetime = t.expires_in.unwrap_or(DEFAULT_EXPIRES_IN);
+                let lifetime = t.lifetime();
                 let rotated = t.refresh_token.is_some();
                 let expected = rec.meta.version;
                 if let Some(rt) = t.refresh_token {

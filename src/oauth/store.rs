@@ -11,6 +11,27 @@
 //! Every update of an account is a compare-and-set on its `version`, so a
 //! writer that read an older record can never overwrite a newer refresh
 //! token.
+//!
+//! # File format (version 1)
+//! `tokens.json`:
+//! ```text
+//! { "format": "popbridge-oauth-tokens", "version": 1, "key_id": "<16 hex>",
+//!   "accounts": { "<account>": {
+//!       "provider": "google", "scopes": ["https://mail.google.com/"],
+//!       "status": {"state": "active"}
+//!               | {"state": "needs_reenrolment", "reason": "...", "since": <unix s>},
+//!       "created": <unix s>, "updated": <unix s>, "version": <n>,
+//!       "sealed": {"key_id": "<16 hex>", "nonce": "<base64, 24 bytes>",
+//!                  "ciphertext": "<base64>"} } } }
+//! ```
+//! The sealed plaintext is JSON `{"refresh_token", "access_token",
+//! "access_expires_at", "access_issued_at_ms"}`; the associated data is
+//! `popbridge-oauth-v1 \0 <key_id> \0 <account>` ([`super::crypto`]).
+//! `devices.json`: `{"format": "popbridge-oauth-devices", "version": 1,
+//! "devices": {"<login>": {"login", "hash" (argon2id PHC), "account",
+//! "allow": ["10.0.0.0/8"], "created"}}}`. Redis holds the same JSON
+//! records in the hashes `popbridge:oauth:accounts` and
+//! `popbridge:oauth:devices` ([`super::redis_store`]).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
