@@ -52,6 +52,9 @@ pub struct Config {
     /// Where popbridge keeps state of its own (imported UIDL maps, OAuth2
     /// tokens and device credentials).
     pub data: DataConfig,
+    /// OAuth2 providers and the token store, for routes with
+    /// `auth = "oauth2"`.
+    pub oauth: crate::oauth::config::OauthConfig,
 }
 
 /// The POP3 listener.
@@ -174,12 +177,32 @@ pub struct UpstreamConfig {
     /// Empty: the host part of `address` (set this when connecting by IP).
     pub tls_name: String,
     /// How the login name is passed on: `full` or `local-part` (without
-    /// `@domain`).
+    /// `@domain`). With `auth = "oauth2"` only `full` is accepted: the IMAP
+    /// user is the device's enrolled account.
     pub login: LoginName,
     /// Send the POP3 client's address with IMAP ID (`x-originating-ip`,
     /// `x-originating-port`) before login, for servers that trust popbridge
     /// (Dovecot's login_trusted_networks).
     pub send_client_id: bool,
+    /// How popbridge logs in upstream: `passthrough` (the POP3 user name
+    /// and password go to the IMAP server) or `oauth2` (POP3 clients log in
+    /// with a device password; popbridge logs in with an OAuth2 access token
+    /// for the account the device belongs to). Routes are chosen by the
+    /// device login's name, as for passwords.
+    pub auth: UpstreamAuth,
+    /// For `auth = "oauth2"`: the name of an `[[oauth.providers]]` entry.
+    pub oauth_provider: String,
+}
+
+/// How popbridge authenticates to the IMAP server.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuth {
+    /// The POP3 credentials are passed on.
+    #[default]
+    Passthrough,
+    /// Device passwords locally, OAuth2 bearer tokens upstream.
+    Oauth2,
 }
 
 /// How logins choose a route.
@@ -216,6 +239,8 @@ pub struct RouteConfig {
     pub mailbox: Option<String>,
     pub login: Option<LoginName>,
     pub send_client_id: Option<bool>,
+    pub auth: Option<UpstreamAuth>,
+    pub oauth_provider: Option<String>,
     pub no_uidplus: Option<NoUidplus>,
     pub connect_timeout_secs: Option<u64>,
     pub command_timeout_secs: Option<u64>,
@@ -262,6 +287,8 @@ impl Default for UpstreamConfig {
             tls_name: String::new(),
             login: LoginName::Full,
             send_client_id: false,
+            auth: UpstreamAuth::Passthrough,
+            oauth_provider: String::new(),
         }
     }
 }
@@ -476,6 +503,22 @@ fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
             return Err(ConfigError(format!("{at}.{key} must be greater than 0")));
         }
     }
+    if u.auth == UpstreamAuth::Oauth2 {
+        // Whether the provider exists is the OAuth2 runtime's check (at
+        // start-up and reload); here only that one is named.
+        if u.oauth_provider.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "{at}.oauth_provider must name an [[oauth.providers]] entry when auth = \"oauth2\""
+            )));
+        }
+        // The IMAP user is the enrolled account the token was issued for,
+        // not a form of the POP3 login name.
+        if u.login == LoginName::LocalPart {
+            return Err(ConfigError(format!(
+                "{at}.login = \"local-part\" does not apply with auth = \"oauth2\" (the IMAP user is the device's enrolled account); remove it or set login = \"full\""
+            )));
+        }
+    }
     if u.tls != UpstreamTls::None && !u.ca_file.is_empty() {
         crate::tls::client_connector(Some(Path::new(&u.ca_file)))
             .map_err(|e| ConfigError(format!("{at}: {}", e.0)))?;
@@ -534,6 +577,11 @@ impl Config {
                 tls_name: r.tls_name.clone().unwrap_or_else(|| base.tls_name.clone()),
                 login: r.login.unwrap_or(base.login),
                 send_client_id: r.send_client_id.unwrap_or(base.send_client_id),
+                auth: r.auth.unwrap_or(base.auth),
+                oauth_provider: r
+                    .oauth_provider
+                    .clone()
+                    .unwrap_or_else(|| base.oauth_provider.clone()),
             };
             check_upstream(&at, &upstream)?;
             let spec = r.uidl_format.as_deref().unwrap_or(&self.pop3.uidl_format);
@@ -684,6 +732,8 @@ impl Config {
                 )));
             }
         }
+        // OAuth2 routes: providers defined, store key loadable (issue 8).
+        self.oauth.validate(&routes, &self.data.dir)?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (
@@ -819,5 +869,51 @@ mod tests {
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
                 .contains("routes (a).uidl_map needs data.dir")
         );
+    }
+
+    #[test]
+    fn oauth2_routes_need_a_provider_and_full_logins() {
+        // The routes' own checks; whether the provider exists is the OAuth2
+        // module's part of validate().
+        let check = |toml: &str| {
+            Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}"))
+                .unwrap()
+                .effective_routes()
+                .map(|_| ())
+                .map_err(|e| e.0)
+        };
+        assert!(check("auth = \"oauth2\"")
+            .unwrap_err()
+            .contains("upstream.oauth_provider"));
+        assert!(check("auth = \"oauth2\"\noauth_provider = \" \"")
+            .unwrap_err()
+            .contains("upstream.oauth_provider"));
+        assert!(
+            check("auth = \"oauth2\"\noauth_provider = \"google\"\nlogin = \"local-part\"")
+                .unwrap_err()
+                .contains("upstream.login")
+        );
+        check("auth = \"oauth2\"\noauth_provider = \"google\"").unwrap();
+        // A route inherits auth and provider, and may override them.
+        let route = "[[routes]]\nname = \"g\"\ndomains = [\"g.example\"]\n";
+        assert!(check(&format!("{route}auth = \"oauth2\""))
+            .unwrap_err()
+            .contains("routes[0].oauth_provider"));
+        check(&format!(
+            "{route}auth = \"oauth2\"\noauth_provider = \"google\""
+        ))
+        .unwrap();
+        assert!(check(&format!(
+            "login = \"local-part\"\n{route}auth = \"oauth2\"\noauth_provider = \"g\""
+        ))
+        .unwrap_err()
+        .contains("routes[0].login"));
+        let c = Config::from_toml(&format!(
+            "[upstream]\ntls = \"none\"\nauth = \"oauth2\"\noauth_provider = \"ms\"\n{route}"
+        ))
+        .unwrap();
+        let routes = c.effective_routes().unwrap();
+        assert_eq!(routes[0].upstream.auth, UpstreamAuth::Oauth2);
+        assert_eq!(routes[0].upstream.oauth_provider, "ms");
     }
 }

@@ -21,6 +21,18 @@ pub enum UpstreamError {
     Greeting(String),
     #[error("authentication refused: {0}")]
     AuthFailed(String),
+    /// The IMAP server refused an OAuth2 access token. `status` is the
+    /// provider's error status from the SASL error challenge (RFC 7628
+    /// §3.2.2), when it sent one; never the token.
+    #[error("access token refused (status {}): {text}", status.as_deref().unwrap_or("none"))]
+    TokenRejected {
+        status: Option<String>,
+        text: String,
+    },
+    /// The IMAP server throttles the account (Gmail's `[THROTTLED]`,
+    /// connection limits, RFC 5530 `[UNAVAILABLE]`).
+    #[error("throttled by the mail server: {0}")]
+    Throttled(String),
     #[error("server answered NO to {command}: {text}")]
     No { command: &'static str, text: String },
     #[error("server answered BAD to {command}: {text}")]
@@ -48,6 +60,8 @@ impl UpstreamError {
             UpstreamError::No { .. }
                 | UpstreamError::Bad { .. }
                 | UpstreamError::AuthFailed(_)
+                | UpstreamError::TokenRejected { .. }
+                | UpstreamError::Throttled(_)
                 | UpstreamError::Unsupported(_)
         )
     }
@@ -61,6 +75,8 @@ impl UpstreamError {
             UpstreamError::ConnectionLost => "connection_lost",
             UpstreamError::Greeting(_) => "greeting",
             UpstreamError::AuthFailed(_) => "auth_failed",
+            UpstreamError::TokenRejected { .. } => "token_rejected",
+            UpstreamError::Throttled(_) => "throttled",
             UpstreamError::No { .. } => "no",
             UpstreamError::Bad { .. } => "bad",
             UpstreamError::Protocol(_) => "protocol",

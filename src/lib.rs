@@ -10,7 +10,9 @@
 //!   delete policies for shared mailboxes and the optional session lock.
 //! - [`upstream`]: the IMAP side behind a narrow trait (log in and snapshot,
 //!   stream a message, commit at QUIT), implemented over async-imap, with the
-//!   listing cache shared across sessions.
+//!   listing cache shared across sessions; [`upstream::sasl`] holds the
+//!   login exchanges without I/O (PLAIN, XOAUTH2, OAUTHBEARER and what a
+//!   refusal means).
 //! - [`server`]: listeners and the per-connection driver, the only place
 //!   where sockets, the session and the upstream meet; drain on shutdown.
 //! - [`routing`]: which upstream serves a login. [`proxy`]: PROXY protocol

@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use clap::Parser;
 use popbridge::admin::Readiness;
-use popbridge::config::{Config, LogFormat, UpstreamConfig, UpstreamTls, Validated};
+use popbridge::config::{Config, LogFormat, UpstreamAuth, UpstreamConfig, UpstreamTls, Validated};
 use popbridge::limits::{LoginThrottle, ThrottleConfig};
 use popbridge::migrate::runtime::MapStore;
+use popbridge::oauth::OauthRuntime;
 use popbridge::pop3::session::Profile;
 use popbridge::pop3::session::SessionConfig;
-use popbridge::routing::{Route, Router, UidlMapSource};
+use popbridge::routing::{Route, RouteAuth, Router, UidlMapSource};
 use popbridge::server::{Listener, Server, ServerSettings, Shared};
 use popbridge::tls::ServerTls;
 use popbridge::upstream::cache::ListingCache;
-use popbridge::upstream::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
+use popbridge::upstream::imap::{host_of, ImapConfig, ImapConnector};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use tokio_rustls::rustls::pki_types::ServerName;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -274,13 +274,31 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Builds what sessions share from a validated configuration. `throttle`
-/// carries failed-login memory over a reload when its settings are unchanged.
+/// What a reload may carry over from the running configuration.
+struct Previous<'a> {
+    /// Failed-login memory, kept when the throttle settings are unchanged.
+    throttle: Arc<LoginThrottle>,
+    /// The OAuth2 runtime and the configuration it was built from, kept
+    /// (with its cached access tokens and refreshes in flight) when
+    /// `[oauth]` and `[data]` are unchanged.
+    oauth: Option<(&'a Config, Arc<OauthRuntime>)>,
+}
+
+/// Builds what sessions share from a validated configuration; on a reload,
+/// `previous` carries state over where the settings allow.
 fn build_shared(
     valid: &Validated,
-    throttle: Option<Arc<LoginThrottle>>,
+    previous: Option<Previous<'_>>,
 ) -> Result<Shared<ImapConnector>, String> {
     let cfg = &valid.config;
+    let (throttle, old_oauth) = match previous {
+        Some(p) => (Some(p.throttle), p.oauth),
+        None => (None, None),
+    };
+    let oauth = match old_oauth {
+        Some((old, runtime)) if old.oauth == cfg.oauth && old.data == cfg.data => Some(runtime),
+        _ => OauthRuntime::from_config(cfg).map_err(|e| format!("oauth: {e}"))?,
+    };
     let tls = if cfg.tls.cert_file.is_empty() {
         None
     } else {
@@ -302,6 +320,25 @@ fn build_shared(
         .then(|| Arc::new(MapStore::new(Path::new(&cfg.data.dir))));
     let mut router = Router::new();
     for route in &valid.routes {
+        let auth = match route.upstream.auth {
+            UpstreamAuth::Passthrough => RouteAuth::Passthrough,
+            UpstreamAuth::Oauth2 => {
+                let provider = route.upstream.oauth_provider.clone();
+                let Some(runtime) = &oauth else {
+                    return Err(format!(
+                        "route {:?} uses auth = \"oauth2\" but no OAuth2 runtime was configured",
+                        route.name
+                    ));
+                };
+                if runtime.sasl(&provider).is_none() {
+                    return Err(format!(
+                        "route {:?}: oauth_provider {provider:?} is not an [[oauth.providers]] entry",
+                        route.name
+                    ));
+                }
+                RouteAuth::Oauth2 { provider }
+            }
+        };
         let connector = Arc::new(ImapConnector::new(imap_config(
             &route.upstream,
             route.reuse_xuidl,
@@ -317,6 +354,7 @@ fn build_shared(
                 name: route.name.clone(),
                 connector,
                 login: route.upstream.login,
+                auth,
                 profile,
                 policy: route.policy.clone(),
                 lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
@@ -368,6 +406,7 @@ fn build_shared(
         router,
         tls,
         throttle,
+        oauth,
     })
 }
 
@@ -377,41 +416,10 @@ fn imap_config(
     reuse_xuidl: bool,
     cache: Option<Arc<ListingCache>>,
 ) -> Result<ImapConfig, String> {
-    let tls = match up.tls {
-        UpstreamTls::None => {
-            if !is_loopback(&up.address) {
-                warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
-            }
-            UpstreamTlsSetup::None
-        }
-        mode => {
-            let ca = (!up.ca_file.is_empty()).then(|| Path::new(&up.ca_file));
-            let connector = popbridge::tls::client_connector(ca).map_err(|e| e.to_string())?;
-            let name = if up.tls_name.is_empty() {
-                host_of(&up.address).to_string()
-            } else {
-                up.tls_name.clone()
-            };
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| format!("upstream TLS name {name:?}: {e}"))?;
-            if mode == UpstreamTls::Implicit {
-                UpstreamTlsSetup::Implicit(connector, name)
-            } else {
-                UpstreamTlsSetup::StartTls(connector, name)
-            }
-        }
-    };
-    Ok(ImapConfig {
-        address: up.address.clone(),
-        mailbox: up.mailbox.clone(),
-        connect_timeout: Duration::from_secs(up.connect_timeout_secs),
-        command_timeout: Duration::from_secs(up.command_timeout_secs),
-        no_uidplus: up.no_uidplus,
-        tls,
-        cache,
-        send_client_id: up.send_client_id,
-        reuse_xuidl,
-    })
+    if up.tls == UpstreamTls::None && !is_loopback(&up.address) {
+        warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
+    }
+    ImapConfig::from_upstream(up, reuse_xuidl, cache)
 }
 
 /// Binds a listener with an explicit accept backlog. tokio's
@@ -522,7 +530,11 @@ async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut cu
                 warn!("listener addresses changed: they take effect at the next restart");
             }
             let old = server.current();
-            match build_shared(&valid, Some(old.throttle.clone())) {
+            let previous = Previous {
+                throttle: old.throttle.clone(),
+                oauth: old.oauth.clone().map(|o| (&current.config, o)),
+            };
+            match build_shared(&valid, Some(previous)) {
                 Ok(shared) => {
                     server.reload(shared);
                     info!("configuration reloaded");
@@ -534,11 +546,6 @@ async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut cu
     }
     #[cfg(not(unix))]
     let _ = (server, args, current);
-}
-
-fn host_of(address: &str) -> &str {
-    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Each session holds two sockets (client and upstream): raise the soft

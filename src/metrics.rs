@@ -30,8 +30,15 @@ pub struct CommandLabels {
 /// How a login attempt ended.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthLabels {
-    /// `ok`, `refused` (bad credentials), `throttled`, `no_route`,
-    /// `plaintext_refused`, `upstream_error`.
+    /// `ok`, `refused` (bad credentials, a wrong or unknown device login
+    /// included), `throttled` (too many failures), `no_route`,
+    /// `plaintext_refused`, `upstream_error`, `in_use`, `mailbox_missing`;
+    /// for OAuth2 routes also `oauth_needs_enrolment` (refresh token gone),
+    /// `oauth_throttled` and `oauth_unavailable` (the token service),
+    /// `oauth_token_rejected` (the mail server refused a fresh token),
+    /// `upstream_throttled` (the mail server throttles the account) and
+    /// `device_store_error`. Token refreshes are counted by the OAuth2
+    /// module.
     pub outcome: &'static str,
 }
 

@@ -1,5 +1,10 @@
 //! Which upstream serves a login: an explicit per-user entry first, then the
 //! domain of the login name (`alice@example.org`), then the default route.
+//!
+//! On an OAuth2 route the login name is a device login: the route is chosen
+//! by the device login's name the same way (so `phone@example.org` goes to
+//! the route for `example.org`), before the device is checked; the account
+//! the device acts for only decides which token is used.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,12 +35,25 @@ impl LoginName {
     }
 }
 
+/// How a route logs in upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAuth {
+    /// The POP3 user name and password go to the IMAP server.
+    Passthrough,
+    /// The POP3 login is a device login checked locally; the IMAP login is
+    /// an OAuth2 bearer token for the device's account at `provider` (an
+    /// `[[oauth.providers]]` name).
+    Oauth2 { provider: String },
+}
+
 /// One upstream and how sessions routed to it behave.
 #[derive(Debug)]
 pub struct Route<C> {
     pub name: String,
     pub connector: Arc<C>,
     pub login: LoginName,
+    /// Password passthrough or OAuth2.
+    pub auth: RouteAuth,
     /// Per-route POP3 behaviour (UIDL format, `\Seen` policy).
     pub profile: Profile,
     /// Delete policy, per-device views and the session lock.
@@ -133,6 +151,7 @@ mod tests {
             name: name.into(),
             connector: Arc::new(()),
             login: LoginName::Full,
+            auth: RouteAuth::Passthrough,
             profile: Profile::default(),
             policy: Policy::default(),
             lock_scope: String::new(),

@@ -21,21 +21,24 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 use crate::bridge::lock::MailboxLock;
 use crate::bridge::maildrop::Maildrop;
 use crate::bridge::policy::DeleteAction;
+use crate::bridge::policy::{device_keyword, valid_device, DeletePolicy, Policy, SessionView};
 use crate::error::UpstreamError;
 use crate::limits::{IpLimiter, LoginThrottle, Throttled};
 use crate::metrics::{metrics, ListenerLabels};
 use crate::migrate::runtime::Lookup as MapLookup;
 use crate::migrate::store::MapKey;
+use crate::oauth::{DeviceAuthError, DeviceGrant, OauthRuntime, TokenError};
+use crate::pop3::command::Secret;
 use crate::pop3::command::{Line, LineDecoder};
 use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,
 };
 use crate::proxy;
-use crate::routing::{Router, UidlMapSource};
+use crate::routing::{Route, RouteAuth, Router, UidlMapSource};
 use crate::stream::MaybeTls;
 use crate::tls::ServerTls;
-use crate::upstream::{BodySink, Connector, FetchEnd, Flow, Upstream};
+use crate::upstream::{BodySink, Connector, Credentials, FetchEnd, Flow, Snapshot, Upstream};
 
 /// Bytes read from the client at a time. Pipelined commands arrive in one
 /// read; lines are limited to 255 octets, so this holds many.
@@ -45,6 +48,81 @@ pub const READ_BUFFER: usize = 4096;
 /// segments. Message chunks larger than this bypass it, so it can stay
 /// small: it is allocated for every session, idle ones included.
 pub const WRITE_BUFFER: usize = 8 * 1024;
+
+/// `-ERR [AUTH]` text when an OAuth2 account's refresh token is gone or
+/// revoked: the device's password was right, and only the operator can fix
+/// it (`popbridge oauth add <account>`). Names nothing secret.
+pub const NEEDS_ENROLMENT_TEXT: &str =
+    "Mail account access expired or was revoked; the administrator must re-enrol the account.";
+
+/// `-ERR [SYS/TEMP]` text when the provider or the IMAP server throttles.
+pub const THROTTLED_TEXT: &str = "Mail server is busy for this account, try again later.";
+
+/// `-ERR [SYS/TEMP]` text when the IMAP server refused even a fresh token.
+pub const TOKEN_REFUSED_TEXT: &str =
+    "Mail server refused the account's access token, try again later.";
+
+/// `-ERR [SYS/TEMP]` text for other upstream failures at login.
+pub const UNAVAILABLE_TEXT: &str = "Mail server unavailable, try again later.";
+
+/// Which bearer login this is: a token refused on the first try gets one
+/// retry with a fresh token, never more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerAttempt {
+    First,
+    Retry,
+}
+
+/// What to do after a bearer login attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerStep {
+    /// Success or an error handled like any login's.
+    Proceed,
+    /// The token was refused: forget it, get a fresh one, try once more.
+    RetryWithFreshToken,
+    /// A fresh token was refused too: stop, and back the account off.
+    GiveUp,
+    /// The server throttles the account: back off, no retry now.
+    Throttled,
+}
+
+/// The retry decision after a bearer login, without I/O.
+pub fn bearer_step<T>(attempt: BearerAttempt, result: &Result<T, UpstreamError>) -> BearerStep {
+    match (result, attempt) {
+        (Err(UpstreamError::TokenRejected { .. }), BearerAttempt::First) => {
+            BearerStep::RetryWithFreshToken
+        }
+        (Err(UpstreamError::TokenRejected { .. }), BearerAttempt::Retry) => BearerStep::GiveUp,
+        (Err(UpstreamError::Throttled(_)), _) => BearerStep::Throttled,
+        _ => BearerStep::Proceed,
+    }
+}
+
+/// The session view of a device on an OAuth2 route: the account is the one
+/// the device belongs to; with the `per-device` policy the device's own
+/// view is named after its login's local part (devices are separate logins
+/// here, so no `+device` suffix is needed).
+pub fn device_view(policy: &Policy, grant: &DeviceGrant) -> Result<SessionView, &'static str> {
+    if policy.delete != DeletePolicy::PerDevice {
+        let mut view = policy.view(&grant.account)?;
+        view.account = grant.account.clone();
+        return Ok(view);
+    }
+    let device = grant
+        .device
+        .rsplit_once('@')
+        .map_or(grant.device.as_str(), |(local, _)| local);
+    if !valid_device(device) {
+        return Err("Invalid device name: use letters, digits, '-', '_' or '.'.");
+    }
+    let keyword = device_keyword(device);
+    Ok(SessionView {
+        account: grant.account.clone(),
+        device: Some(device.to_string()),
+        action: DeleteAction::Keyword(keyword.clone()),
+        hide: Some(keyword),
+    })
+}
 
 /// Settings every session shares.
 #[derive(Debug, Clone)]
@@ -75,6 +153,8 @@ pub struct Shared<C: Connector> {
     /// The certificate for POP3S and STLS, when configured.
     pub tls: Option<Arc<ServerTls>>,
     pub throttle: Arc<LoginThrottle>,
+    /// Device logins and access tokens, when a route uses `auth = "oauth2"`.
+    pub oauth: Option<Arc<OauthRuntime>>,
 }
 
 /// A bound listener: plain POP3 (STLS offered when TLS is configured) or
@@ -582,7 +662,7 @@ impl<C: Connector> Connection<C> {
 
     /// Logs in upstream, unless throttling says no; failures are answered
     /// after a delay that grows with repeated failures from the address.
-    async fn login(&mut self, user: &str, pass: &crate::pop3::command::Secret) -> LoginOutcome {
+    async fn login(&mut self, user: &str, pass: &Secret) -> LoginOutcome {
         let throttle = self.shared.throttle.clone();
         let ip = self.peer.ip();
         if let Err(which) = throttle.check(ip, user) {
@@ -608,7 +688,77 @@ impl<C: Connector> Connection<C> {
             tokio::time::sleep(throttle.failed(ip, user)).await;
             return LoginOutcome::Refused;
         };
-        let view = match route.policy.view(user) {
+        match &route.auth {
+            RouteAuth::Passthrough => {
+                let view = match route.policy.view(user) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        info!(user, why, "login refused by the route's device policy");
+                        metrics().auth("refused");
+                        return LoginOutcome::Failed {
+                            code: "AUTH",
+                            text: why,
+                        };
+                    }
+                };
+                let upstream_user = route.login.apply(&view.account).to_string();
+                let credentials = Credentials::Password {
+                    user: &upstream_user,
+                    pass,
+                };
+                let result = route
+                    .connector
+                    .login(credentials, view.hide.as_deref(), Some(self.peer))
+                    .await;
+                self.finish_login(&route, result, &upstream_user, view, user)
+                    .await
+            }
+            RouteAuth::Oauth2 { provider } => self.oauth_login(&route, provider, user, pass).await,
+        }
+    }
+
+    /// Login on an OAuth2 route: the device password is checked locally
+    /// (a failure is a failed login like a wrong password, and the
+    /// provider is never contacted); then the account's access token logs
+    /// in upstream, with one retry on a fresh token if the IMAP server
+    /// refuses it.
+    async fn oauth_login(
+        &mut self,
+        route: &Route<C>,
+        provider: &str,
+        user: &str,
+        pass: &Secret,
+    ) -> LoginOutcome {
+        let throttle = self.shared.throttle.clone();
+        let ip = self.peer.ip();
+        let Some(oauth) = self.shared.oauth.clone() else {
+            // Validation builds the runtime whenever a route needs it.
+            error!(route = %route.name, "OAuth2 route without an OAuth2 runtime");
+            metrics().auth("upstream_error");
+            return LoginOutcome::Failed {
+                code: "SYS/TEMP",
+                text: UNAVAILABLE_TEXT,
+            };
+        };
+        let grant = match oauth.authenticate_device(user, pass, ip).await {
+            Ok(g) => g,
+            Err(DeviceAuthError::Store(why)) => {
+                // Not the client's fault: not counted as a failed login.
+                warn!(user, error = %why, "device store unavailable");
+                metrics().auth("device_store_error");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: UNAVAILABLE_TEXT,
+                };
+            }
+            Err(e) => {
+                info!(user, reason = %e, "device login refused");
+                metrics().auth("refused");
+                tokio::time::sleep(throttle.failed(ip, user)).await;
+                return LoginOutcome::Refused;
+            }
+        };
+        let view = match device_view(&route.policy, &grant) {
             Ok(v) => v,
             Err(why) => {
                 info!(user, why, "login refused by the route's device policy");
@@ -619,12 +769,117 @@ impl<C: Connector> Connection<C> {
                 };
             }
         };
-        let upstream_user = route.login.apply(&view.account);
-        match route
-            .connector
-            .login(upstream_user, pass, view.hide.as_deref(), Some(self.peer))
-            .await
-        {
+        let Some(sasl) = oauth.sasl(provider) else {
+            error!(provider, route = %route.name, "unknown OAuth2 provider");
+            metrics().auth("upstream_error");
+            return LoginOutcome::Failed {
+                code: "SYS/TEMP",
+                text: UNAVAILABLE_TEXT,
+            };
+        };
+        let account = grant.account.as_str();
+        let mut attempt = BearerAttempt::First;
+        loop {
+            let token = match oauth.access_token(provider, account).await {
+                Ok(t) => t,
+                Err(TokenError::NeedsEnrolment { reason, .. }) => {
+                    warn!(
+                        account,
+                        provider,
+                        reason = %reason,
+                        "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
+                    );
+                    metrics().auth("oauth_needs_enrolment");
+                    return LoginOutcome::Failed {
+                        code: "AUTH",
+                        text: NEEDS_ENROLMENT_TEXT,
+                    };
+                }
+                Err(TokenError::Throttled { retry_after_secs }) => {
+                    warn!(
+                        account,
+                        provider, retry_after_secs, "OAuth2 provider throttles token requests"
+                    );
+                    metrics().auth("oauth_throttled");
+                    return LoginOutcome::Failed {
+                        code: "SYS/TEMP",
+                        text: THROTTLED_TEXT,
+                    };
+                }
+                Err(TokenError::Unavailable(why)) => {
+                    warn!(account, provider, error = %why, "no access token");
+                    metrics().auth("oauth_unavailable");
+                    return LoginOutcome::Failed {
+                        code: "SYS/TEMP",
+                        text: UNAVAILABLE_TEXT,
+                    };
+                }
+            };
+            let credentials = Credentials::Bearer {
+                account,
+                token: &token,
+                sasl,
+            };
+            let result = route
+                .connector
+                .login(credentials, view.hide.as_deref(), Some(self.peer))
+                .await;
+            match bearer_step(attempt, &result) {
+                BearerStep::Proceed => {
+                    let account = account.to_string();
+                    return self.finish_login(route, result, &account, view, user).await;
+                }
+                BearerStep::RetryWithFreshToken => {
+                    oauth.token_rejected(provider, account, &token);
+                    if let Err(e) = &result {
+                        info!(account, error = %e, "mail server refused the access token; retrying with a fresh one");
+                    }
+                    attempt = BearerAttempt::Retry;
+                }
+                BearerStep::GiveUp => {
+                    oauth.token_rejected(provider, account, &token);
+                    // Back off the account as for throttling: without it
+                    // every poll of every device would cost a refresh while
+                    // the mail server refuses the account's tokens.
+                    oauth.upstream_throttled(provider, account);
+                    if let Err(e) = &result {
+                        warn!(account, provider, error = %e, "mail server refused a freshly issued access token too; backing off (check the account name and the provider's scopes)");
+                    }
+                    metrics().auth("oauth_token_rejected");
+                    return LoginOutcome::Failed {
+                        code: "SYS/TEMP",
+                        text: TOKEN_REFUSED_TEXT,
+                    };
+                }
+                BearerStep::Throttled => {
+                    oauth.upstream_throttled(provider, account);
+                    if let Err(e) = &result {
+                        warn!(account, provider, error = %e, "mail server throttles the account; backing off");
+                    }
+                    metrics().auth("upstream_throttled");
+                    return LoginOutcome::Failed {
+                        code: "SYS/TEMP",
+                        text: THROTTLED_TEXT,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Turns the upstream login's result into the POP3 answer: the session
+    /// lock, the maildrop, or the failure (a refused password is a failed
+    /// login, throttled and delayed).
+    async fn finish_login(
+        &mut self,
+        route: &Route<C>,
+        result: Result<(C::Conn, Snapshot), UpstreamError>,
+        upstream_user: &str,
+        view: SessionView,
+        user: &str,
+    ) -> LoginOutcome {
+        let throttle = self.shared.throttle.clone();
+        let ip = self.peer.ip();
+        match result {
             Ok((conn, snap)) => {
                 if route.policy.lock {
                     let key = format!("{}/{}", route.lock_scope, upstream_user.to_lowercase());
@@ -642,7 +897,7 @@ impl<C: Connector> Connection<C> {
                         }
                     }
                 }
-                info!(route = %route.name, messages = snap.messages.len(), "logged in");
+                info!(route = %route.name, account = upstream_user, messages = snap.messages.len(), "logged in");
                 throttle.succeeded(user);
                 metrics().auth("ok");
                 self.upstream = Some(conn);
@@ -663,6 +918,14 @@ impl<C: Connector> Connection<C> {
                 tokio::time::sleep(throttle.failed(ip, user)).await;
                 LoginOutcome::Refused
             }
+            Err(e @ UpstreamError::Throttled(_)) => {
+                warn!(error = %e, "mail server throttles this account");
+                metrics().auth("upstream_throttled");
+                LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: THROTTLED_TEXT,
+                }
+            }
             Err(
                 e @ UpstreamError::No {
                     command: "SELECT", ..
@@ -681,7 +944,7 @@ impl<C: Connector> Connection<C> {
                 metrics().upstream_error(e.kind());
                 LoginOutcome::Failed {
                     code: "SYS/TEMP",
-                    text: "Mail server unavailable, try again later.",
+                    text: UNAVAILABLE_TEXT,
                 }
             }
         }
@@ -1010,5 +1273,84 @@ impl BodySink for ClientSink<'_> {
         } else {
             Flow::Continue
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected() -> Result<(), UpstreamError> {
+        Err(UpstreamError::TokenRejected {
+            status: Some("invalid_token".into()),
+            text: "[AUTHENTICATIONFAILED] Authentication failed.".into(),
+        })
+    }
+
+    #[test]
+    fn a_refused_token_is_retried_once_only() {
+        assert_eq!(
+            bearer_step(BearerAttempt::First, &rejected()),
+            BearerStep::RetryWithFreshToken
+        );
+        assert_eq!(
+            bearer_step(BearerAttempt::Retry, &rejected()),
+            BearerStep::GiveUp
+        );
+    }
+
+    #[test]
+    fn throttling_is_never_retried() {
+        for attempt in [BearerAttempt::First, BearerAttempt::Retry] {
+            let r: Result<(), _> = Err(UpstreamError::Throttled("[THROTTLED]".into()));
+            assert_eq!(bearer_step(attempt, &r), BearerStep::Throttled);
+        }
+    }
+
+    #[test]
+    fn success_and_other_errors_proceed_as_for_any_login() {
+        assert_eq!(
+            bearer_step(BearerAttempt::First, &Ok::<(), UpstreamError>(())),
+            BearerStep::Proceed
+        );
+        for e in [
+            UpstreamError::AuthFailed("BAD".into()),
+            UpstreamError::ConnectionLost,
+            UpstreamError::Unsupported("no AUTH=XOAUTH2".into()),
+            UpstreamError::No {
+                command: "SELECT",
+                text: "no mailbox".into(),
+            },
+        ] {
+            assert_eq!(
+                bearer_step::<()>(BearerAttempt::First, &Err(e)),
+                BearerStep::Proceed
+            );
+        }
+    }
+
+    #[test]
+    fn device_views_use_the_grants_account() {
+        let grant = DeviceGrant {
+            account: "alice+work@gmail.example".into(),
+            device: "phone@example.org".into(),
+        };
+        // Not split on the device separator: the account is the enrolled one.
+        let v = device_view(&Policy::default(), &grant).unwrap();
+        assert_eq!(v.account, "alice+work@gmail.example");
+        assert_eq!(v.action, DeleteAction::Expunge);
+        let per_device = Policy {
+            delete: DeletePolicy::PerDevice,
+            ..Policy::default()
+        };
+        let v = device_view(&per_device, &grant).unwrap();
+        assert_eq!(v.account, "alice+work@gmail.example");
+        assert_eq!(v.device.as_deref(), Some("phone"));
+        assert_eq!(v.hide.as_deref(), Some("$POP3Del-phone"));
+        let odd = DeviceGrant {
+            account: "a@b".into(),
+            device: "bad name@example.org".into(),
+        };
+        assert!(device_view(&per_device, &odd).is_err());
     }
 }

@@ -18,11 +18,11 @@ use super::store::{
     MAX_OLD_FILE_BYTES,
 };
 use super::{MigrateArgs, Mode, NewServerArgs, OldServerArgs, NEW_PASSWORD_ENV, OLD_PASSWORD_ENV};
-use crate::config::{Config, EffectiveRoute, UpstreamTls};
+use crate::config::{Config, EffectiveRoute};
 use crate::error::UpstreamError;
 use crate::pop3::command::Secret;
-use crate::upstream::imap::{ImapConfig, ImapConn, ImapConnector, UpstreamTlsSetup};
-use crate::upstream::{Connector, Snapshot, Upstream};
+use crate::upstream::imap::{host_of, ImapConfig, ImapConn, ImapConnector};
+use crate::upstream::{Connector, Credentials, Snapshot, Upstream};
 
 /// A password file is read up to this many octets (its first line is the
 /// password).
@@ -187,46 +187,32 @@ impl Target {
     /// Logs in and selects the mailbox; with `xuidl`, the snapshot carries
     /// every valid X-UIDL header.
     async fn open(&self, xuidl: bool) -> Result<(ImapConn, Snapshot), MigrateError> {
+        if self.route.upstream.auth == crate::config::UpstreamAuth::Oauth2 {
+            // The migration logs in with the account's own IMAP password;
+            // OAuth2 routes have none (their devices log in to popbridge).
+            return Err(usage(format!(
+                "route {} uses auth = \"oauth2\": migrate needs an IMAP password login; \
+                 use a route (or --upstream) with password access to the mailbox",
+                self.route.name
+            )));
+        }
         let connector = ImapConnector::new(imap_config(&self.route, xuidl)?);
-        Ok(connector
-            .login(&self.account, &self.pass, None, None)
-            .await?)
+        let credentials = Credentials::Password {
+            user: &self.account,
+            pass: &self.pass,
+        };
+        Ok(connector.login(credentials, None, None).await?)
     }
 }
 
 /// The IMAP connection settings of a route (as the proxy builds them).
 fn imap_config(route: &EffectiveRoute, reuse_xuidl: bool) -> Result<ImapConfig, MigrateError> {
-    let up = &route.upstream;
-    let tls = match up.tls {
-        UpstreamTls::None => UpstreamTlsSetup::None,
-        mode => {
-            let ca = (!up.ca_file.is_empty()).then(|| Path::new(&up.ca_file));
-            let connector = crate::tls::client_connector(ca).map_err(|e| usage(e.0))?;
-            let name = if up.tls_name.is_empty() {
-                host_of(&up.address).to_string()
-            } else {
-                up.tls_name.clone()
-            };
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| usage(format!("IMAP TLS name {name:?}: {e}")))?;
-            if mode == UpstreamTls::Implicit {
-                UpstreamTlsSetup::Implicit(connector, name)
-            } else {
-                UpstreamTlsSetup::StartTls(connector, name)
-            }
-        }
-    };
-    Ok(ImapConfig {
-        address: up.address.clone(),
-        mailbox: up.mailbox.clone(),
-        connect_timeout: std::time::Duration::from_secs(up.connect_timeout_secs),
-        command_timeout: std::time::Duration::from_secs(up.command_timeout_secs),
-        no_uidplus: up.no_uidplus,
-        tls,
-        cache: None,
+    // No listing cache and no IMAP ID: a one-off operator command.
+    let up = crate::config::UpstreamConfig {
         send_client_id: false,
-        reuse_xuidl,
-    })
+        ..route.upstream.clone()
+    };
+    ImapConfig::from_upstream(&up, reuse_xuidl, None).map_err(usage)
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port` → `host:port`.
@@ -250,11 +236,6 @@ fn parse_host_port(s: &str, default_port: u16) -> Option<String> {
         None => default_port,
     };
     (!host.is_empty() && host != "[]").then(|| format!("{host}:{port}"))
-}
-
-fn host_of(address: &str) -> &str {
-    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// The old POP3 server, resolved.

@@ -1,26 +1,253 @@
 //! OAuth2 upstreams (issue 8): providers, the encrypted token store, device
 //! credentials and the `popbridge oauth` / `popbridge device` commands.
+//!
+//! The rest of popbridge sees only [`OauthRuntime`]: it checks a device's
+//! login locally and hands out access tokens for the account behind it.
+//! Everything else (providers, HTTP, stores, enrolment) lives in submodules.
+//!
+//! INTERFACE CONTRACT (kept stable for the integration work on another
+//! branch): the items in this file, `config::OauthConfig` and the
+//! `SaslMechanism`/`ProviderSasl` types.
+//!
+//! # Layout
+//! - [`config`]: `[oauth]`, provider presets, key loading, validation.
+//! - [`crypto`]: sealing secrets at rest (XChaCha20-Poly1305, key id).
+//! - [`store`]: account and device records, the file backend;
+//!   [`redis_store`]: the Redis backend for several replicas.
+//! - [`provider`]: HTTP calls to token, device, revocation endpoints.
+//! - [`service`]: access-token cache, single-flight refresh, rotation,
+//!   re-enrolment state, throttling backoff, device checks.
+//! - [`device`]: argon2id device passwords. [`cli`]: the commands.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::Config;
+use crate::pop3::command::Secret;
 
-/// `popbridge oauth ...`
-#[derive(Debug, Clone, clap::Args)]
-pub struct OauthArgs {}
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod device;
+pub mod provider;
+pub mod redis_store;
+pub mod service;
+pub mod store;
 
-/// `popbridge device ...`
-#[derive(Debug, Clone, clap::Args)]
-pub struct DeviceArgs {}
+pub use cli::{DeviceArgs, OauthArgs};
+
+use crate::config::UpstreamAuth;
+use config::{OauthConfig, StoreKind};
+use crypto::StoreKey;
+use service::TokenService;
+use store::TokenStore;
 
 /// Run `popbridge oauth`; `config` is the loaded configuration file, if any.
-pub fn run_oauth(_args: OauthArgs, _config: Option<Config>) -> ExitCode {
-    eprintln!("popbridge oauth: not implemented yet");
-    ExitCode::from(2)
+/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
+pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
+    cli::run_oauth(args, config)
 }
 
 /// Run `popbridge device`; `config` is the loaded configuration file, if any.
-pub fn run_device(_args: DeviceArgs, _config: Option<Config>) -> ExitCode {
-    eprintln!("popbridge device: not implemented yet");
-    ExitCode::from(2)
+/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
+pub fn run_device(args: DeviceArgs, config: Option<Config>) -> ExitCode {
+    cli::run_device(args, config)
+}
+
+/// Opens the configured store (file or Redis) with the configured key.
+/// Errors are startup errors and name files and keys, never secrets.
+pub fn open_store(config: &Config) -> Result<TokenStore, String> {
+    let oauth: &OauthConfig = &config.oauth;
+    let key = StoreKey::new(&oauth.load_key()?);
+    match oauth.store {
+        StoreKind::File => {
+            let dir = OauthConfig::store_dir(&config.data.dir).ok_or(
+                "oauth.store = \"file\" needs data.dir (tokens are kept under <data.dir>/oauth/)",
+            )?;
+            TokenStore::open_file(dir, key).map_err(|e| e.to_string())
+        }
+        StoreKind::Redis => {
+            config::check_redis_url(&oauth.redis_url)?;
+            let password = oauth
+                .redis_password_source()
+                .read()
+                .map_err(|e| format!("oauth.redis_password_file: {e}"))?;
+            TokenStore::open_redis(&oauth.redis_url, password, key).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The SASL mechanism a provider expects for IMAP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// Google's and Microsoft's `XOAUTH2`.
+    XOauth2,
+    /// RFC 7628 `OAUTHBEARER`.
+    OauthBearer,
+}
+
+/// How to present a token to a provider's IMAP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderSasl {
+    pub mechanism: SaslMechanism,
+    /// Send the initial response after a `+` continuation instead of with
+    /// the command (SASL-IR, RFC 4959). Microsoft's documented exchange.
+    pub two_step: bool,
+}
+
+/// A bearer token, never printed.
+#[derive(Clone)]
+pub struct AccessToken {
+    token: Arc<str>,
+    /// When popbridge stops using it (shortly before the provider's expiry).
+    pub expires_at: Instant,
+}
+
+impl AccessToken {
+    pub fn new(token: impl Into<Arc<str>>, expires_at: Instant) -> Self {
+        Self {
+            token: token.into(),
+            expires_at,
+        }
+    }
+
+    /// The token itself, for the SASL exchange only.
+    pub fn expose(&self) -> &str {
+        &self.token
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(***)")
+    }
+}
+
+/// A device login that passed: which account it acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGrant {
+    /// The upstream account (the IMAP user name the token is for).
+    pub account: String,
+    /// The device's login name, for logs.
+    pub device: String,
+}
+
+/// Why a device login failed. Every variant counts as a failed login for
+/// throttling; none of them contacts the provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceAuthError {
+    #[error("unknown device")]
+    UnknownDevice,
+    #[error("wrong device password")]
+    BadPassword,
+    #[error("device not allowed from this address")]
+    AddressNotAllowed,
+    #[error("device store: {0}")]
+    Store(String),
+}
+
+/// Why no access token could be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No refresh token, or the provider answered `invalid_grant`: an
+    /// operator must run `popbridge oauth add <account>` again.
+    #[error("account {account} needs re-enrolment: {reason}")]
+    NeedsEnrolment { account: String, reason: String },
+    /// The provider throttles us; try again later.
+    #[error("provider throttling, retry in {retry_after_secs} s")]
+    Throttled { retry_after_secs: u64 },
+    /// Network, provider or store failure.
+    #[error("token service unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the server needs from the OAuth2 machinery, built from the
+/// configuration at start-up and on reload.
+pub struct OauthRuntime {
+    service: TokenService,
+}
+
+impl std::fmt::Debug for OauthRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OauthRuntime").finish_non_exhaustive()
+    }
+}
+
+impl OauthRuntime {
+    /// `None` when no route uses `auth = "oauth2"`. Errors are startup
+    /// errors (missing key, unreadable store, unknown provider, a store
+    /// written with another key). Does a little blocking I/O (reading the
+    /// store files, or one Redis round trip with a 5 s timeout); an
+    /// unreachable Redis is logged and retried at first use.
+    pub fn from_config(config: &Config) -> Result<Option<Arc<OauthRuntime>>, String> {
+        let routes = config.effective_routes().map_err(|e| e.to_string())?;
+        if !routes
+            .iter()
+            .any(|r| r.upstream.auth == UpstreamAuth::Oauth2)
+        {
+            return Ok(None);
+        }
+        config
+            .oauth
+            .validate(&routes, &config.data.dir)
+            .map_err(|e| e.to_string())?;
+        let providers = config
+            .oauth
+            .resolved_providers()
+            .map_err(|e| e.to_string())?;
+        let store = open_store(config)?;
+        // A wrong key is a start-up error for Redis too; an unreachable
+        // Redis is retried at first use.
+        if let Some(unreachable) = store.check_blocking().map_err(|e| e.to_string())? {
+            tracing::warn!(error = %unreachable, "token store not reachable at start-up; retrying at first use");
+        }
+        let store = Arc::new(store);
+        let margin = std::time::Duration::from_secs(config.oauth.refresh_margin_secs);
+        let service = TokenService::new(store, providers, margin)?;
+        Ok(Some(Arc::new(OauthRuntime { service })))
+    }
+
+    /// How the provider of `provider` (an `[[oauth.providers]]` name) wants
+    /// tokens presented over IMAP.
+    pub fn sasl(&self, provider: &str) -> Option<ProviderSasl> {
+        self.service.provider(provider).map(|p| p.sasl)
+    }
+
+    /// Checks a device login against the local device store. Never contacts
+    /// the provider.
+    pub async fn authenticate_device(
+        &self,
+        login: &str,
+        password: &Secret,
+        peer: IpAddr,
+    ) -> Result<DeviceGrant, DeviceAuthError> {
+        self.service
+            .authenticate_device(login, password, peer)
+            .await
+    }
+
+    /// An access token for `account` at `provider`: from the cache, or
+    /// refreshed (one refresh in flight per account, however many devices
+    /// ask at once).
+    pub async fn access_token(
+        &self,
+        provider: &str,
+        account: &str,
+    ) -> Result<AccessToken, TokenError> {
+        self.service.access_token(provider, account).await
+    }
+
+    /// The IMAP server refused `token`: forget it so the next
+    /// [`OauthRuntime::access_token`] refreshes.
+    pub fn token_rejected(&self, provider: &str, account: &str, token: &AccessToken) {
+        self.service.reject(provider, account, token);
+    }
+
+    /// The IMAP server said it throttles this account (e.g. Gmail's
+    /// `[THROTTLED]`): back off before the next attempt.
+    pub fn upstream_throttled(&self, provider: &str, account: &str) {
+        self.service.throttle(provider, account, None);
+    }
 }

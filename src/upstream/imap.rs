@@ -7,15 +7,20 @@
 //! responses until *our* tagged reply and turns NO, BAD, EOF and timeouts
 //! into errors. Any error that leaves a reply unread poisons the connection:
 //! it is never used again.
+//!
+//! Every command line is written by this module with its own tags (`pb0`
+//! before login, `pb1` for the login, then `pb2`...): async-imap's command
+//! writer logs each line at trace level, login passwords and bearer tokens
+//! included, so it only parses responses here. The login exchanges
+//! themselves (PLAIN, XOAUTH2, OAUTHBEARER) are in [`super::sasl`].
 
 use std::borrow::Cow;
 use std::time::Duration;
 
-use async_imap::error::Error as ImapError;
 use async_imap::imap_proto::{
     AttributeValue, Capability, MailboxDatum, RequestId, Response, ResponseCode, Status,
 };
-use async_imap::{Authenticator, Client, Session};
+use async_imap::Client;
 
 use tokio::io::BufWriter;
 use tokio::net::TcpStream;
@@ -25,10 +30,12 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::cache::{self, Listing, ListingCache, ListingKey, Plan};
-use super::{BodySink, CommitReport, Connector, FetchEnd, Flow, Snapshot, Upstream};
+use super::sasl::{self, Failure, Mechanism, ServerStep};
+use super::{BodySink, CommitReport, Connector, Credentials, FetchEnd, Flow, Snapshot, Upstream};
 use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
 use crate::metrics::metrics;
+use crate::oauth::SaslMechanism;
 use crate::pop3::command::Secret;
 use crate::stream::MaybeTls;
 
@@ -90,6 +97,56 @@ pub struct ImapConfig {
     pub reuse_xuidl: bool,
 }
 
+impl ImapConfig {
+    /// The settings of one configured upstream (`[upstream]` or a route),
+    /// as the proxy and `popbridge migrate` both use them: TLS verified
+    /// against `ca_file` or the system's roots, under `tls_name` or the
+    /// address's host.
+    pub fn from_upstream(
+        up: &crate::config::UpstreamConfig,
+        reuse_xuidl: bool,
+        cache: Option<std::sync::Arc<ListingCache>>,
+    ) -> Result<ImapConfig, String> {
+        use crate::config::UpstreamTls;
+        let tls = match up.tls {
+            UpstreamTls::None => UpstreamTlsSetup::None,
+            mode => {
+                let ca = (!up.ca_file.is_empty()).then(|| std::path::Path::new(&up.ca_file));
+                let connector = crate::tls::client_connector(ca).map_err(|e| e.to_string())?;
+                let name = if up.tls_name.is_empty() {
+                    host_of(&up.address).to_string()
+                } else {
+                    up.tls_name.clone()
+                };
+                let name = ServerName::try_from(name.clone())
+                    .map_err(|e| format!("upstream TLS name {name:?}: {e}"))?;
+                if mode == UpstreamTls::Implicit {
+                    UpstreamTlsSetup::Implicit(connector, name)
+                } else {
+                    UpstreamTlsSetup::StartTls(connector, name)
+                }
+            }
+        };
+        Ok(ImapConfig {
+            address: up.address.clone(),
+            mailbox: up.mailbox.clone(),
+            connect_timeout: Duration::from_secs(up.connect_timeout_secs),
+            command_timeout: Duration::from_secs(up.command_timeout_secs),
+            no_uidplus: up.no_uidplus,
+            tls,
+            cache,
+            send_client_id: up.send_client_id,
+            reuse_xuidl,
+        })
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`, without brackets.
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// How the connection to the IMAP server is secured.
 #[derive(Clone)]
 pub enum UpstreamTlsSetup {
@@ -131,31 +188,12 @@ impl ImapConnector {
     }
 }
 
-/// SASL PLAIN (RFC 4616): authzid empty, then user and password, NUL-separated.
-struct Plain<'a> {
-    user: &'a str,
-    pass: &'a [u8],
-}
-
-impl Authenticator for Plain<'_> {
-    type Response = Vec<u8>;
-    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.user.len() + self.pass.len() + 2);
-        v.push(0);
-        v.extend_from_slice(self.user.as_bytes());
-        v.push(0);
-        v.extend_from_slice(self.pass);
-        v
-    }
-}
-
 impl Connector for ImapConnector {
     type Conn = ImapConn;
 
     async fn login(
         &self,
-        user: &str,
-        pass: &Secret,
+        credentials: Credentials<'_>,
         hide_keyword: Option<&str>,
         client: Option<std::net::SocketAddr>,
     ) -> Result<(ImapConn, Snapshot), UpstreamError> {
@@ -163,13 +201,14 @@ impl Connector for ImapConnector {
         let span = info_span!("upstream", op = "login", addr = %cfg.address);
         async move {
             let started = std::time::Instant::now();
-            let session = open_session(&cfg, user, pass, client).await?;
+            let session = open_session(&cfg, credentials, client).await?;
             let mut conn = ImapConn {
                 session,
+                next_tag: 1,
                 config: cfg,
                 uidplus: false,
                 poisoned: false,
-                account: user.to_string(),
+                account: credentials.user().to_string(),
                 has_move: false,
                 hide_keyword: hide_keyword.map(str::to_string),
             };
@@ -186,12 +225,16 @@ impl Connector for ImapConnector {
 }
 
 /// Connects, reads the greeting and authenticates.
+///
+/// Everything up to and including the login is written by this module, not
+/// by async-imap: its `ImapStream::encode` logs every command line at trace
+/// level, and the login lines carry passwords and bearer tokens. async-imap
+/// only parses the server's responses here.
 async fn open_session(
     cfg: &ImapConfig,
-    user: &str,
-    pass: &Secret,
+    credentials: Credentials<'_>,
     client_addr: Option<std::net::SocketAddr>,
-) -> Result<Session<Stream>, UpstreamError> {
+) -> Result<Client<Stream>, UpstreamError> {
     let started = std::time::Instant::now();
     let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.address))
         .await
@@ -274,8 +317,6 @@ async fn open_session(
         Some(c) => c,
         None => raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?,
     };
-    let sasl_plain = caps.auth_plain;
-    let login_disabled = caps.login_disabled;
 
     // RFC 2971 ID with the client's address, before login, so the IMAP
     // server's own logs and per-address limits see the real client (Dovecot
@@ -295,63 +336,251 @@ async fn open_session(
         }
     }
 
+    match credentials {
+        Credentials::Password { user, pass } => {
+            password_login(&mut client, cfg, &caps, user, pass).await?
+        }
+        Credentials::Bearer {
+            account,
+            token,
+            sasl,
+        } => {
+            let mechanism = Mechanism::from(sasl.mechanism);
+            let offered = match sasl.mechanism {
+                SaslMechanism::XOauth2 => caps.auth_xoauth2,
+                SaslMechanism::OauthBearer => caps.auth_oauthbearer,
+            };
+            if !offered {
+                return Err(UpstreamError::Unsupported(format!(
+                    "the IMAP server does not offer AUTH={} (check the route's oauth_provider)",
+                    mechanism.name()
+                )));
+            }
+            let initial = match sasl.mechanism {
+                SaslMechanism::XOauth2 => sasl::xoauth2_response(account, token.expose()),
+                SaslMechanism::OauthBearer => {
+                    let (host, port) = host_port(&cfg.address);
+                    sasl::oauthbearer_response(account, host, port, token.expose())
+                }
+            };
+            // RFC 4959: the initial response may go with the command when
+            // the server announced SASL-IR; Microsoft documents the two-step
+            // exchange instead, and the provider says which.
+            let sasl_ir = caps.sasl_ir && !sasl.two_step;
+            authenticate(&mut client, cfg, mechanism, initial, sasl_ir).await?
+        }
+    }
+    Ok(client)
+}
+
+/// The next response during login, with timeout and EOF as errors. A
+/// macro, because async-imap's response type cannot be named.
+macro_rules! login_response {
+    ($client:expr, $cfg:expr, $what:expr) => {
+        match timeout($cfg.command_timeout, $client.read_response()).await {
+            Err(_) => Err(UpstreamError::Timeout($what)),
+            Ok(Err(e)) => Err(UpstreamError::Io(e)),
+            Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
+            Ok(Ok(Some(r))) => Ok(r),
+        }
+    };
+}
+
+/// Logs in with the POP3 client's password.
+async fn password_login(
+    client: &mut Client<Stream>,
+    cfg: &ImapConfig,
+    caps: &Caps,
+    user: &str,
+    pass: &Secret,
+) -> Result<(), UpstreamError> {
     // Prefer AUTHENTICATE PLAIN: base64 carries any octet except NUL (which
     // the POP3 side already refused), so quotes, backslashes, braces and
     // non-ASCII reach the server intact and never as IMAP syntax.
-    let result = if sasl_plain {
-        timeout(
-            cfg.command_timeout,
-            client.authenticate(
-                "PLAIN",
-                Plain {
-                    user,
-                    pass: pass.expose(),
-                },
-            ),
-        )
-        .await
-    } else if login_disabled {
+    if caps.auth_plain {
+        let initial = sasl::plain_response(user, pass.expose());
+        return authenticate(client, cfg, Mechanism::Plain, initial, caps.sasl_ir).await;
+    }
+    if caps.login_disabled {
         return Err(UpstreamError::Unsupported(
             "the IMAP server refuses LOGIN (LOGINDISABLED) and offers no AUTH=PLAIN".into(),
         ));
-    } else {
-        // LOGIN sends both as quoted strings; async-imap escapes `\` and `"`
-        // and refuses CR/LF. A password that is not UTF-8 cannot be quoted.
-        let Ok(pass) = std::str::from_utf8(pass.expose()) else {
-            return Err(UpstreamError::AuthFailed(
-                "password is not UTF-8 and the server offers no AUTH=PLAIN".into(),
-            ));
-        };
-        timeout(cfg.command_timeout, client.login(user, pass)).await
+    }
+    // LOGIN sends both as quoted strings (RFC 3501 §4.3). A password that is
+    // not UTF-8 cannot be quoted, and CR/LF cannot be in a quoted string.
+    let Ok(pass) = std::str::from_utf8(pass.expose()) else {
+        return Err(UpstreamError::AuthFailed(
+            "password is not UTF-8 and the server offers no AUTH=PLAIN".into(),
+        ));
     };
-    match result {
-        Err(_) => Err(UpstreamError::Timeout("login")),
-        Ok(Ok(session)) => Ok(session),
-        Ok(Err((e, _client))) => Err(match e {
-            ImapError::No(text) if is_temporary(&text) => UpstreamError::No {
-                command: "LOGIN",
-                text,
-            },
-            ImapError::No(text) => UpstreamError::AuthFailed(text),
-            ImapError::Bad(text) => UpstreamError::AuthFailed(format!("BAD {text}")),
-            ImapError::Io(e) => UpstreamError::Io(e),
-            ImapError::ConnectionLost => UpstreamError::ConnectionLost,
-            other => UpstreamError::Protocol(other.to_string()),
-        }),
+    let (Some(user_q), Some(pass_q)) = (quote(user), quote(pass)) else {
+        return Err(UpstreamError::AuthFailed(
+            "user name or password holds CR, LF or NUL".into(),
+        ));
+    };
+    let mut line = Vec::with_capacity(16 + user_q.len() + pass_q.len());
+    line.extend_from_slice(format!("{AUTH_TAG} LOGIN ").as_bytes());
+    line.extend_from_slice(user_q.as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(pass_q.as_bytes());
+    line.extend_from_slice(b"\r\n");
+    write_secret(client, cfg, &line, "LOGIN").await?;
+    loop {
+        let resp = login_response!(client, cfg, "LOGIN")?;
+        if let Response::Done {
+            tag,
+            status,
+            outcome,
+        } = resp.parsed()
+        {
+            if tag.0 != AUTH_TAG {
+                continue;
+            }
+            let text = outcome_text(&outcome.code, &outcome.information);
+            return match status {
+                Status::Ok => Ok(()),
+                Status::No if sasl::is_temporary(&text) => Err(UpstreamError::No {
+                    command: "LOGIN",
+                    text,
+                }),
+                Status::No => Err(UpstreamError::AuthFailed(text)),
+                _ => Err(UpstreamError::AuthFailed(format!("BAD {text}"))),
+            };
+        }
     }
 }
 
-/// RFC 5530 codes that mean "not your credentials, try later".
-fn is_temporary(text: &str) -> bool {
-    ["[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]"]
-        .iter()
-        .any(|code| text.contains(code))
+/// The tag of the login command (LOGIN or AUTHENTICATE).
+const AUTH_TAG: &str = "pb1";
+
+/// An IMAP quoted string (RFC 3501 §4.3): `\` and `"` escaped; `None` if
+/// the text holds CR, LF or NUL, which a quoted string cannot carry.
+fn quote(s: &str) -> Option<String> {
+    if s.contains(['\r', '\n', '\0']) {
+        return None;
+    }
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    Some(q)
+}
+
+/// Writes a line that carries a credential, flushed, under the command
+/// timeout. Never logged.
+async fn write_secret(
+    client: &mut Client<Stream>,
+    cfg: &ImapConfig,
+    line: &[u8],
+    what: &'static str,
+) -> Result<(), UpstreamError> {
+    use tokio::io::AsyncWriteExt as _;
+    timeout(cfg.command_timeout, async {
+        let w = client.get_mut();
+        w.write_all(line).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| UpstreamError::Timeout(what))??;
+    Ok(())
+}
+
+/// Drives one AUTHENTICATE exchange ([`sasl::Exchange`]) to its tagged
+/// reply, writing every line itself.
+async fn authenticate(
+    client: &mut Client<Stream>,
+    cfg: &ImapConfig,
+    mechanism: Mechanism,
+    initial: sasl::SecretBytes,
+    sasl_ir: bool,
+) -> Result<(), UpstreamError> {
+    let mut exchange = sasl::Exchange::new(mechanism, initial);
+    let command = match exchange.start(sasl_ir) {
+        sasl::Write::Command(c) | sasl::Write::Line(c) => c,
+    };
+    let mut line = Vec::with_capacity(command.expose().len() + 8);
+    line.extend_from_slice(AUTH_TAG.as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(command.expose());
+    line.extend_from_slice(b"\r\n");
+    write_secret(client, cfg, &line, "AUTHENTICATE").await?;
+    loop {
+        let resp = login_response!(client, cfg, "AUTHENTICATE")?;
+        let next = match resp.parsed() {
+            Response::Continue(outcome) => exchange.step(ServerStep::Continue(
+                outcome.information.as_deref().unwrap_or(""),
+            )),
+            Response::Done {
+                tag,
+                status,
+                outcome,
+            } if tag.0 == AUTH_TAG => {
+                let text = outcome_text(&outcome.code, &outcome.information);
+                exchange.step(ServerStep::Done {
+                    ok: matches!(status, Status::Ok),
+                    bad: matches!(status, Status::Bad),
+                    text: &text,
+                })
+            }
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => {
+                let text = outcome.information.as_deref().unwrap_or("").to_string();
+                return Err(if sasl::is_throttled(&text) {
+                    UpstreamError::Throttled(format!("BYE {text}"))
+                } else {
+                    UpstreamError::Greeting(format!("BYE {text}"))
+                });
+            }
+            _ => continue,
+        };
+        match next {
+            sasl::Next::Write(sasl::Write::Line(l) | sasl::Write::Command(l)) => {
+                let mut line = Vec::with_capacity(l.expose().len() + 2);
+                line.extend_from_slice(l.expose());
+                line.extend_from_slice(b"\r\n");
+                write_secret(client, cfg, &line, "AUTHENTICATE").await?;
+            }
+            sasl::Next::Authenticated => return Ok(()),
+            sasl::Next::Failed(f) => {
+                return Err(match f {
+                    Failure::TokenRejected { status, text } => {
+                        UpstreamError::TokenRejected { status, text }
+                    }
+                    Failure::Throttled(text) => UpstreamError::Throttled(text),
+                    Failure::Temporary(text) => UpstreamError::No {
+                        command: "AUTHENTICATE",
+                        text,
+                    },
+                    Failure::Refused(text) => UpstreamError::AuthFailed(text),
+                })
+            }
+        }
+    }
+}
+
+/// Host and port of a `host:port` address (`[v6]:port` too), for the
+/// OAUTHBEARER `host` and `port` keys.
+fn host_port(address: &str) -> (&str, u16) {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "0"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port.parse().unwrap_or(0))
 }
 
 /// What the server announced before login.
 #[derive(Debug, Clone, Copy, Default)]
 struct Caps {
     auth_plain: bool,
+    auth_xoauth2: bool,
+    auth_oauthbearer: bool,
+    /// RFC 4959: the initial response may go with AUTHENTICATE.
+    sasl_ir: bool,
     login_disabled: bool,
     starttls: bool,
 }
@@ -362,6 +591,13 @@ impl From<&Vec<Capability<'_>>> for Caps {
         for c in list {
             match c {
                 Capability::Auth(m) if m.eq_ignore_ascii_case("PLAIN") => caps.auth_plain = true,
+                Capability::Auth(m) if m.eq_ignore_ascii_case("XOAUTH2") => {
+                    caps.auth_xoauth2 = true
+                }
+                Capability::Auth(m) if m.eq_ignore_ascii_case("OAUTHBEARER") => {
+                    caps.auth_oauthbearer = true
+                }
+                Capability::Atom(a) if a.eq_ignore_ascii_case("SASL-IR") => caps.sasl_ir = true,
                 Capability::Atom(a) if a.eq_ignore_ascii_case("LOGINDISABLED") => {
                     caps.login_disabled = true
                 }
@@ -438,7 +674,12 @@ async fn raw_command(
 
 /// An authenticated IMAP session with the POP3 mailbox selected.
 pub struct ImapConn {
-    session: Session<Stream>,
+    /// async-imap parses responses; commands are written by
+    /// [`ImapConn::send`] with our own tags.
+    session: Client<Stream>,
+    /// The number in the next command's tag (`pbN`; `pb0` and `pb1` are
+    /// used before login).
+    next_tag: u32,
     config: std::sync::Arc<ImapConfig>,
     /// The server offers UIDPLUS (RFC 4315): `UID EXPUNGE` is safe.
     uidplus: bool,
@@ -507,14 +748,20 @@ impl ImapConn {
         r
     }
 
-    /// Sends a tagged command.
+    /// Sends a tagged command (tags `pb2`, `pb3`...).
     async fn send(&mut self, cmd: &str, what: &'static str) -> Result<RequestId, UpstreamError> {
-        match timeout(self.config.command_timeout, self.session.run_command(cmd)).await {
-            Err(_) => Err(UpstreamError::Timeout(what)),
-            Ok(Ok(tag)) => Ok(tag),
-            Ok(Err(ImapError::Io(e))) => Err(UpstreamError::Io(e)),
-            Ok(Err(e)) => Err(UpstreamError::Protocol(e.to_string())),
-        }
+        use tokio::io::AsyncWriteExt as _;
+        self.next_tag += 1;
+        let tag = format!("pb{}", self.next_tag);
+        let line = format!("{tag} {cmd}\r\n");
+        let w = self.session.get_mut();
+        timeout(self.config.command_timeout, async {
+            w.write_all(line.as_bytes()).await?;
+            w.flush().await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout(what))??;
+        Ok(RequestId(tag))
     }
 
     /// Reads until the tagged reply to `tag`, handing every other response

@@ -9,10 +9,37 @@ use std::io;
 
 use crate::bridge::policy::DeleteAction;
 use crate::error::UpstreamError;
+use crate::oauth::{AccessToken, ProviderSasl};
 use crate::pop3::command::Secret;
 
 pub mod cache;
 pub mod imap;
+pub mod sasl;
+
+/// How popbridge logs in to the IMAP server.
+#[derive(Debug, Clone, Copy)]
+pub enum Credentials<'a> {
+    /// The POP3 client's own user name and password, passed on
+    /// (`auth = "passthrough"`).
+    Password { user: &'a str, pass: &'a Secret },
+    /// An OAuth2 access token for `account` (`auth = "oauth2"`), presented
+    /// with the provider's SASL mechanism.
+    Bearer {
+        account: &'a str,
+        token: &'a AccessToken,
+        sasl: ProviderSasl,
+    },
+}
+
+impl Credentials<'_> {
+    /// The IMAP user name: the account the session acts for.
+    pub fn user(&self) -> &str {
+        match self {
+            Credentials::Password { user, .. } => user,
+            Credentials::Bearer { account, .. } => account,
+        }
+    }
+}
 
 /// The mailbox at login: what the maildrop is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,13 +92,13 @@ pub struct CommitReport {
 /// Opens authenticated upstream sessions.
 pub trait Connector: Send + Sync + 'static {
     type Conn: Upstream;
-    /// Connects, logs in as `user`, selects the mailbox and takes the snapshot.
-    /// Messages with `hide_keyword` are left out of the snapshot; `client`
-    /// is the POP3 client's address, which the upstream may be told.
+    /// Connects, logs in with `credentials`, selects the mailbox and takes
+    /// the snapshot. Messages with `hide_keyword` are left out of the
+    /// snapshot; `client` is the POP3 client's address, which the upstream
+    /// may be told.
     fn login(
         &self,
-        user: &str,
-        pass: &Secret,
+        credentials: Credentials<'_>,
         hide_keyword: Option<&str>,
         client: Option<std::net::SocketAddr>,
     ) -> impl Future<Output = Result<(Self::Conn, Snapshot), UpstreamError>> + Send;

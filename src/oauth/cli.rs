@@ -1,0 +1,903 @@
+//! `popbridge oauth ...` and `popbridge device ...`.
+//!
+//! Secrets never come from the command line: device passwords are read
+//! from a file, `POPBRIDGE_DEVICE_PASSWORD` or a terminal prompt (or
+//! generated and shown once); the store key and client secrets come from
+//! the configuration's files or environment variables.
+//!
+//! Exit codes: 0 done, 1 failed, 2 usage or configuration error.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sha2::Digest;
+
+use super::config::Provider;
+use super::device;
+use super::provider::{self, ProviderClient, ProviderError, TokenResponse};
+use super::service::TokenService;
+use super::store::{
+    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
+    TokenStore,
+};
+use crate::config::Config;
+
+/// Environment variable `device add` reads a password from.
+pub const DEVICE_PASSWORD_ENV: &str = "POPBRIDGE_DEVICE_PASSWORD";
+/// How long `oauth add --browser` waits for the redirect.
+const BROWSER_WAIT: Duration = Duration::from_secs(600);
+/// Longest HTTP request head accepted on the loopback redirect listener.
+const MAX_REDIRECT_REQUEST: usize = 8 * 1024;
+/// Reading one redirect request.
+const REDIRECT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Consecutive network failures tolerated while polling the device flow.
+const MAX_POLL_FAILURES: u32 = 5;
+/// Longest device login name (a POP3 USER argument; RFC 2449 §4 caps a
+/// command line at 255 octets).
+const MAX_LOGIN_LEN: usize = 200;
+
+/// `popbridge oauth ...`
+#[derive(Debug, Clone, clap::Args)]
+pub struct OauthArgs {
+    #[command(subcommand)]
+    pub command: OauthCommand,
+}
+
+/// OAuth2 account commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum OauthCommand {
+    /// Enrol an account: the device authorization grant (RFC 8628) by
+    /// default, or the browser flow with PKCE and a loopback redirect.
+    Add {
+        /// The upstream account (the IMAP user name), e.g. scans@example.org.
+        account: String,
+        /// The [[oauth.providers]] name. Default: the only one defined.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Authorization-code flow with PKCE: print a URL to open in a
+        /// browser on this machine and wait for its redirect to 127.0.0.1.
+        #[arg(long)]
+        browser: bool,
+    },
+    /// List enrolled accounts (provider, status, last update; no secrets).
+    List,
+    /// Forget an account's tokens and revoke its refresh token at the
+    /// provider when the provider has a revocation endpoint.
+    Remove {
+        account: String,
+        /// Only delete the local copy; do not revoke at the provider.
+        #[arg(long)]
+        keep_at_provider: bool,
+    },
+    /// Get an access token for an account (refreshing it if needed) and
+    /// report whether that worked.
+    Test {
+        account: String,
+        /// Refresh even if the stored access token is still valid, unless
+        /// another process refreshed it after this command started.
+        #[arg(long)]
+        force_refresh: bool,
+    },
+    /// Print a new random store key (base64) for oauth.key_file.
+    GenerateKey,
+}
+
+/// `popbridge device ...`
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+}
+
+/// Device login commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// Add a device login for an account. The password comes from
+    /// --password-file, $POPBRIDGE_DEVICE_PASSWORD, a prompt, or --generate.
+    Add {
+        /// The user name the device sends with USER.
+        login: String,
+        /// The upstream account it reads.
+        #[arg(long)]
+        account: String,
+        /// Network the device may log in from (repeatable); none: anywhere.
+        #[arg(long = "allow", value_name = "CIDR")]
+        allow: Vec<ipnet::IpNet>,
+        /// File holding the password (one line).
+        #[arg(long, value_name = "FILE", conflicts_with = "generate")]
+        password_file: Option<PathBuf>,
+        /// Generate a strong password and print it once.
+        #[arg(long)]
+        generate: bool,
+    },
+    /// Remove a device login; other devices of the account keep working.
+    Remove { login: String },
+    /// List device logins (login, account, networks; never hashes).
+    List,
+}
+
+/// A command's failure: message and exit code.
+struct Fail(u8, String);
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail(2, msg.into())
+}
+
+fn failed(msg: impl Into<String>) -> Fail {
+    Fail(1, msg.into())
+}
+
+fn finish(what: &str, r: Result<(), Fail>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("popbridge {what}: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Fail> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("cannot start the runtime: {e}")))
+}
+
+fn need_config(config: Option<Config>) -> Result<Config, Fail> {
+    config.ok_or_else(|| usage("needs --config FILE (the [data] and [oauth] sections)"))
+}
+
+/// Opens the store; a configuration problem (key, data dir) is a usage
+/// error, an unreadable store a failure.
+async fn store(config: &Config) -> Result<TokenStore, Fail> {
+    if let Err(e) = config.oauth.load_key() {
+        return Err(usage(e));
+    }
+    let s = super::open_store(config).map_err(failed)?;
+    s.check().await.map_err(|e| failed(e.to_string()))?;
+    Ok(s)
+}
+
+pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
+    init_logging();
+    if let OauthCommand::GenerateKey = args.command {
+        return finish(
+            "oauth generate-key",
+            super::crypto::random_key_base64()
+                .map(|k| println!("{k}"))
+                .map_err(failed),
+        );
+    }
+    let r = (|| {
+        let config = need_config(config)?;
+        let rt = runtime()?;
+        let r = rt.block_on(oauth(args.command, config));
+        // Do not wait for a blocked read of standard input (the pasted
+        // redirect of `oauth add --browser`).
+        rt.shutdown_background();
+        r
+    })();
+    finish("oauth", r)
+}
+
+pub fn run_device(args: DeviceArgs, config: Option<Config>) -> ExitCode {
+    init_logging();
+    let r = (|| {
+        let config = need_config(config)?;
+        let rt = runtime()?;
+        rt.block_on(device_cmd(args.command, config))
+    })();
+    finish("device", r)
+}
+
+fn pick_provider(config: &Config, name: Option<&str>) -> Result<Provider, Fail> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => match config.oauth.providers.as_slice() {
+            [one] => one.name.clone(),
+            [] => return Err(usage("no [[oauth.providers]] in the configuration")),
+            _ => {
+                return Err(usage(
+                    "several providers are defined: name one with --provider",
+                ))
+            }
+        },
+    };
+    config.oauth.provider(&name).map_err(|e| usage(e.0))
+}
+
+fn client_secret(p: &Provider) -> Result<Option<String>, Fail> {
+    p.client_secret
+        .read()
+        .map_err(|e| usage(format!("client secret of {}: {e}", p.name)))
+}
+
+async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
+    match cmd {
+        OauthCommand::Add {
+            account,
+            provider,
+            browser,
+        } => {
+            check_name("account", &account)?;
+            let p = pick_provider(&config, provider.as_deref())?;
+            let store = store(&config).await?;
+            let secret = client_secret(&p)?;
+            let client = ProviderClient::new().map_err(failed)?;
+            let tokens = if browser {
+                browser_flow(&client, &p, secret.as_deref(), &account).await?
+            } else {
+                device_flow(&client, &p, secret.as_deref(), &account).await?
+            };
+            enrol(&store, &p, &account, tokens).await
+        }
+        OauthCommand::List => {
+            let store = store(&config).await?;
+            let accounts = store.list().await.map_err(|e| failed(e.to_string()))?;
+            if accounts.is_empty() {
+                println!("no accounts enrolled");
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:<16} {:<20} UPDATED",
+                "ACCOUNT", "PROVIDER", "STATUS"
+            );
+            for (account, meta) in accounts {
+                let status = match &meta.status {
+                    AccountStatus::Active => "active".to_string(),
+                    AccountStatus::NeedsReenrolment { .. } => "needs_reenrolment".to_string(),
+                };
+                println!(
+                    "{account:<40} {:<16} {status:<20} {}",
+                    meta.provider,
+                    format_time(meta.updated)
+                );
+                if let AccountStatus::NeedsReenrolment { reason, since } = &meta.status {
+                    println!(
+                        "    since {}: {reason}; fix: popbridge oauth add {account} --provider {}",
+                        format_time(*since),
+                        meta.provider
+                    );
+                }
+            }
+            Ok(())
+        }
+        OauthCommand::Remove {
+            account,
+            keep_at_provider,
+        } => {
+            let store = store(&config).await?;
+            let rec = store
+                .get(&account)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let Some(rec) = rec else {
+                return Err(failed(format!("no account {account:?} is enrolled")));
+            };
+            let mut revoke_error = None;
+            if !keep_at_provider {
+                match config.oauth.provider(&rec.meta.provider) {
+                    Ok(p) if p.revocation_url.is_some() => {
+                        let secret = client_secret(&p)?;
+                        let client = ProviderClient::new().map_err(failed)?;
+                        match client
+                            .revoke(&p, secret.as_deref(), &rec.secrets.refresh_token)
+                            .await
+                        {
+                            Ok(()) => println!("revoked the refresh token at {}", p.name),
+                            Err(e) => revoke_error = Some(e.to_string()),
+                        }
+                    }
+                    Ok(p) => println!(
+                        "provider {} has no revocation endpoint: revoke popbridge's access in the account's security settings if needed",
+                        p.name
+                    ),
+                    Err(e) => revoke_error = Some(e.0),
+                }
+            }
+            store
+                .remove(&account)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            println!("removed {account}");
+            let devices = store.devices().await.map_err(|e| failed(e.to_string()))?;
+            let left: Vec<String> = devices
+                .into_iter()
+                .filter(|d| d.account == account)
+                .map(|d| d.login)
+                .collect();
+            if !left.is_empty() {
+                println!(
+                    "devices still mapped to {account} (they fail until it is enrolled again): {}",
+                    left.join(", ")
+                );
+            }
+            match revoke_error {
+                Some(e) => Err(failed(format!(
+                    "removed locally, but revoking at the provider failed: {e}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        OauthCommand::Test {
+            account,
+            force_refresh,
+        } => {
+            let started_ms = now_unix_ms();
+            let store = Arc::new(store(&config).await?);
+            let rec = store
+                .get(&account)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let Some(rec) = rec else {
+                return Err(failed(format!(
+                    "no account {account:?} is enrolled: run popbridge oauth add {account}"
+                )));
+            };
+            let providers = config.oauth.resolved_providers().map_err(|e| usage(e.0))?;
+            let margin = Duration::from_secs(config.oauth.refresh_margin_secs);
+            let mut service =
+                TokenService::new(store.clone(), providers, margin).map_err(failed)?;
+            if force_refresh {
+                service = service.with_fresh_since(started_ms);
+            }
+            let before = rec.meta.version;
+            match service.access_token(&rec.meta.provider, &account).await {
+                Ok(t) => {
+                    let after = store
+                        .get(&account)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?
+                        .map_or(before, |r| r.meta.version);
+                    println!(
+                        "OK: access token for {account} from {} (usable for {} s; {})",
+                        rec.meta.provider,
+                        t.expires_at
+                            .saturating_duration_since(Instant::now())
+                            .as_secs(),
+                        if after != before {
+                            "refreshed now"
+                        } else {
+                            "stored token still valid"
+                        }
+                    );
+                    println!(
+                        "(an IMAP login with the token is tested by the server's login path, not by this command)"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(failed(e.to_string())),
+            }
+        }
+        OauthCommand::GenerateKey => Ok(()),
+    }
+}
+
+/// Account names and device logins: printable, no spaces (they travel in
+/// POP3 and IMAP commands and in log fields).
+fn check_name(what: &str, name: &str) -> Result<(), Fail> {
+    if name.is_empty()
+        || name.len() > MAX_LOGIN_LEN
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(usage(format!(
+            "{what} {name:?} must be 1 to {MAX_LOGIN_LEN} characters without spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores a fresh enrolment (replacing any previous record).
+async fn enrol(
+    store: &TokenStore,
+    p: &Provider,
+    account: &str,
+    t: TokenResponse,
+) -> Result<(), Fail> {
+    let Some(refresh) = t.refresh_token.clone() else {
+        return Err(failed(format!(
+            "{} issued no refresh token{}",
+            p.name,
+            match p.preset {
+                super::config::Preset::Microsoft => " (the scopes need offline_access)",
+                super::config::Preset::Google =>
+                    " (Google issues one with access_type=offline and prompt=consent, which --browser sends)",
+                super::config::Preset::Generic => " (check the client's grant types and scopes)",
+            }
+        )));
+    };
+    let lifetime = t.lifetime();
+    let scopes = t
+        .scope
+        .as_deref()
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_else(|| p.scopes.clone());
+    let now = now_unix();
+    let created = store
+        .get(account)
+        .await
+        .ok()
+        .flatten()
+        .map_or(now, |r| r.meta.created);
+    let mut rec = AccountRecord {
+        account: account.to_string(),
+        meta: AccountMeta {
+            provider: p.name.clone(),
+            scopes,
+            status: AccountStatus::Active,
+            created,
+            updated: now,
+            version: 0,
+        },
+        secrets: TokenSecrets {
+            refresh_token: refresh,
+            access_token: Some(t.access_token),
+            access_expires_at: Some(now + lifetime),
+            access_issued_at_ms: Some(now_unix_ms()),
+        },
+    };
+    store
+        .put(&mut rec)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    println!(
+        "enrolled {account} with {} (refresh token stored encrypted, key id {})",
+        p.name,
+        store.key_id()
+    );
+    Ok(())
+}
+
+/// RFC 8628: print the URL and code, poll until approved.
+async fn device_flow(
+    client: &ProviderClient,
+    p: &Provider,
+    secret: Option<&str>,
+    account: &str,
+) -> Result<TokenResponse, Fail> {
+    if p.device_authorization_url.is_none() {
+        return Err(usage(format!(
+            "provider {} has no device_authorization_url: use --browser",
+            p.name
+        )));
+    }
+    let auth = match client.device_authorization(p, secret).await {
+        Ok(a) => a,
+        Err(e) => {
+            let hint = if p.preset == super::config::Preset::Google {
+                " (Google's device flow does not grant the Gmail scope: use --browser)"
+            } else {
+                ""
+            };
+            return Err(failed(format!("device authorization failed: {e}{hint}")));
+        }
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "To let popbridge read {account}, sign in as {account} at:\n  {}\nand enter the code:\n  {}",
+        auth.verification_uri, auth.user_code
+    );
+    if let Some(c) = &auth.verification_uri_complete {
+        let _ = writeln!(out, "(or open {c})");
+    }
+    let _ = writeln!(
+        out,
+        "Waiting for approval (the code expires in {} s)...",
+        auth.lifetime()
+    );
+    let _ = out.flush();
+    let deadline = Instant::now() + Duration::from_secs(auth.lifetime());
+    let mut interval = provider::poll_interval(&auth);
+    let mut failures = 0;
+    loop {
+        // RFC 8628 §3.5: wait `interval` between requests.
+        tokio::time::sleep(interval).await;
+        if Instant::now() >= deadline {
+            return Err(failed(
+                "the code expired before it was approved; run the command again",
+            ));
+        }
+        match client.poll_device(p, secret, &auth.device_code).await {
+            Ok(t) => return Ok(t),
+            Err(ProviderError::Pending) => failures = 0,
+            Err(ProviderError::SlowDown) | Err(ProviderError::Throttled { .. }) => {
+                interval += provider::SLOW_DOWN_STEP;
+            }
+            Err(ProviderError::AccessDenied) => {
+                return Err(failed("the request was denied at the provider"))
+            }
+            Err(ProviderError::ExpiredToken) => {
+                return Err(failed(
+                    "the code expired before it was approved; run the command again",
+                ))
+            }
+            Err(ProviderError::Transport(e)) => {
+                failures += 1;
+                if failures >= MAX_POLL_FAILURES {
+                    return Err(failed(format!("polling the provider failed: {e}")));
+                }
+            }
+            Err(e) => return Err(failed(format!("enrolment failed: {e}"))),
+        }
+    }
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// RFC 6749 §4.1 with PKCE S256 (RFC 7636) and a loopback redirect
+/// (RFC 8252 §7.3: `http://127.0.0.1:<any port>/`).
+async fn browser_flow(
+    client: &ProviderClient,
+    p: &Provider,
+    secret: Option<&str>,
+    account: &str,
+) -> Result<TokenResponse, Fail> {
+    let Some(auth_url) = p.authorization_url.as_deref() else {
+        return Err(usage(format!(
+            "provider {} has no authorization_url: use the device flow (without --browser)",
+            p.name
+        )));
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| failed(format!("cannot listen on 127.0.0.1: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| failed(e.to_string()))?
+        .port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/");
+    let mut rnd = [0u8; 48];
+    getrandom::getrandom(&mut rnd).map_err(|e| failed(format!("no randomness: {e}")))?;
+    // RFC 7636 §4.1: 32 octets base64url = 43 characters of verifier.
+    let verifier = b64url(&rnd[..32]);
+    let challenge = b64url(&sha2::Sha256::digest(verifier.as_bytes()));
+    let state = b64url(&rnd[32..]);
+    let mut url = reqwest::Url::parse(auth_url).map_err(|e| usage(e.to_string()))?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", &p.client_id)
+            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("scope", &p.scope_param())
+            .append_pair("state", &state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256")
+            .append_pair("login_hint", account);
+        for (k, v) in &p.extra_auth_params {
+            q.append_pair(k, v);
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "Open this URL in a browser on this machine and sign in as {account}:\n  {url}\nWaiting for the redirect to {redirect_uri} ...\n(With the browser on another machine, the redirect fails there: paste the address it shows here and press Enter.)"
+    );
+    let _ = out.flush();
+    let code = tokio::time::timeout(BROWSER_WAIT, async {
+        tokio::select! {
+            r = wait_for_code(&listener, &state) => r,
+            r = pasted_code(&state) => r,
+        }
+    })
+    .await
+    .map_err(|_| failed("no redirect arrived in time; run the command again"))??;
+    client
+        .exchange_code(p, secret, &code, &verifier, &redirect_uri)
+        .await
+        .map_err(|e| failed(format!("exchanging the code failed: {e}")))
+}
+
+/// The redirect address pasted on standard input (the browser ran on
+/// another machine). Never resolves when standard input ends without one,
+/// so the loopback listener keeps waiting.
+async fn pasted_code(state: &str) -> Result<String, Fail> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let target = line.find('?').map_or("", |i| &line[i..]);
+        match redirect_params(&format!("/{target}")) {
+            (Some(code), _, Some(s)) if s == state => return Ok(code),
+            (_, Some(e), Some(s)) if s == state => {
+                return Err(failed(format!(
+                    "the provider answered {}",
+                    provider::sanitise(&e)
+                )))
+            }
+            (Some(_) | None, _, _) => eprintln!(
+                "popbridge oauth: that is not the redirect address (it needs code= and the right state=); paste it again"
+            ),
+        }
+    }
+    std::future::pending().await
+}
+
+/// `code`, `error` and `state` of a redirect request target.
+fn redirect_params(target: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let parsed = reqwest::Url::parse(&format!("http://127.0.0.1{target}")).ok();
+    let get = |name: &str| {
+        parsed.as_ref().and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    (get("code"), get("error"), get("state"))
+}
+
+/// Serves the loopback redirect until a request carries `code` (or
+/// `error`) with our `state`.
+async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Result<String, Fail> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut sock, _) = listener
+            .accept()
+            .await
+            .map_err(|e| failed(format!("redirect listener: {e}")))?;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(REDIRECT_READ_TIMEOUT, async {
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REDIRECT_REQUEST {
+                let n = sock.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if !matches!(read, Ok(Ok(()))) {
+            continue;
+        }
+        let head = String::from_utf8_lossy(&buf);
+        let target = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("/");
+        let (code, error, got_state) = redirect_params(target);
+        if code.is_none() && error.is_none() {
+            let _ = sock
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+            continue;
+        }
+        let ok = got_state.as_deref() == Some(state) && code.is_some();
+        let page = if ok {
+            "popbridge: authorised. You can close this window."
+        } else {
+            "popbridge: authorisation failed. See the terminal."
+        };
+        let _ = sock
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        if got_state.as_deref() != Some(state) {
+            // RFC 6749 §10.12: a redirect without our state is not ours.
+            return Err(failed(
+                "the redirect carried a wrong state parameter (CSRF?)",
+            ));
+        }
+        if let Some(e) = error {
+            return Err(failed(format!(
+                "the provider answered {}",
+                provider::sanitise(&e)
+            )));
+        }
+        if let Some(c) = code {
+            return Ok(c);
+        }
+    }
+}
+
+async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
+    match cmd {
+        DeviceCommand::Add {
+            login,
+            account,
+            allow,
+            password_file,
+            generate,
+        } => {
+            check_name("login", &login)?;
+            check_name("account", &account)?;
+            let (password, show) = if generate {
+                (device::generate_password().map_err(failed)?, true)
+            } else {
+                (read_password(password_file.as_deref())?, false)
+            };
+            if password.len() < device::MIN_PASSWORD_LEN {
+                return Err(usage(format!(
+                    "device passwords need at least {} characters (or use --generate)",
+                    device::MIN_PASSWORD_LEN
+                )));
+            }
+            if password.len() > device::MAX_PASSWORD_LEN {
+                return Err(usage(format!(
+                    "device passwords are at most {} bytes",
+                    device::MAX_PASSWORD_LEN
+                )));
+            }
+            let store = store(&config).await?;
+            let pw = password.clone();
+            let hash = tokio::task::spawn_blocking(move || device::hash_password(pw.as_bytes()))
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(failed)?;
+            let rec = DeviceRecord {
+                login: login.clone(),
+                hash,
+                account: account.clone(),
+                allow: allow.clone(),
+                created: now_unix(),
+            };
+            if !store
+                .add_device(rec)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+            {
+                return Err(failed(format!(
+                    "device {login:?} exists; remove it first to change its password"
+                )));
+            }
+            println!("added device {login} for {account}");
+            if !allow.is_empty() {
+                let nets: Vec<String> = allow.iter().map(|n| n.to_string()).collect();
+                println!("allowed from: {}", nets.join(", "));
+            }
+            if show {
+                println!("password (shown once): {password}");
+            }
+            if store
+                .get(&account)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .is_none()
+            {
+                eprintln!(
+                    "popbridge device: note: {account} is not enrolled yet; run popbridge oauth add {account}"
+                );
+            }
+            Ok(())
+        }
+        DeviceCommand::Remove { login } => {
+            let store = store(&config).await?;
+            if store
+                .remove_device(&login)
+                .await
+                .map_err(|e| failed(e.to_string()))?
+            {
+                println!("removed device {login}");
+                Ok(())
+            } else {
+                Err(failed(format!("no device {login:?}")))
+            }
+        }
+        DeviceCommand::List => {
+            let store = store(&config).await?;
+            let devices = store.devices().await.map_err(|e| failed(e.to_string()))?;
+            if devices.is_empty() {
+                println!("no devices");
+                return Ok(());
+            }
+            println!("{:<32} {:<40} {:<20} CREATED", "LOGIN", "ACCOUNT", "ALLOW");
+            for d in devices {
+                let allow = if d.allow.is_empty() {
+                    "any".to_string()
+                } else {
+                    d.allow
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                println!(
+                    "{:<32} {:<40} {allow:<20} {}",
+                    d.login,
+                    d.account,
+                    format_time(d.created)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The password from a file (first line), the environment, or a prompt.
+fn read_password(file: Option<&std::path::Path>) -> Result<String, Fail> {
+    if let Some(f) = file {
+        let fh = std::fs::File::open(f)
+            .map_err(|e| usage(format!("--password-file {}: {e}", f.display())))?;
+        let mut line = String::new();
+        BufReader::new(fh)
+            .read_line(&mut line)
+            .map_err(|e| usage(format!("--password-file {}: {e}", f.display())))?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_string());
+    }
+    if let Ok(v) = std::env::var(DEVICE_PASSWORD_ENV) {
+        return Ok(v);
+    }
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("Device password: ")
+            .map_err(|e| failed(format!("cannot read the password: {e}")))?;
+        let b = rpassword::prompt_password("Again: ")
+            .map_err(|e| failed(format!("cannot read the password: {e}")))?;
+        if a != b {
+            return Err(usage("the passwords differ"));
+        }
+        return Ok(a);
+    }
+    Err(usage(format!(
+        "no password: use --password-file FILE, ${DEVICE_PASSWORD_ENV}, a terminal, or --generate"
+    )))
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` for Unix seconds (UTC).
+pub fn format_time(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20Z");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00Z");
+    }
+
+    #[test]
+    fn names_without_spaces() {
+        assert!(check_name("login", "scanner-1").is_ok());
+        assert!(check_name("login", "").is_err());
+        assert!(check_name("login", "a b").is_err());
+        assert!(check_name("login", "a\u{7}").is_err());
+    }
+}

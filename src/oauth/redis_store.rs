@@ -1,0 +1,368 @@
+//! The Redis backend, for several popbridge replicas sharing tokens.
+//!
+//! Keys (all under `popbridge:oauth:`):
+//! - `meta`: `{"format":…,"version":1,"key_id":…}`, set once; a replica with
+//!   another key refuses to start.
+//! - `accounts`: a hash, account name → JSON [`StoredAccount`].
+//! - `devices`: a hash, login → JSON [`DeviceRecord`].
+//! - `lock:<account>`: the refresh lock, `SET NX PX` with a random token,
+//!   released by a compare-and-delete script so a holder whose lock expired
+//!   never deletes the next holder's.
+//!
+//! Account writes go through a Lua script that compares the stored
+//! version first (Redis runs a script atomically), so a replica that lost
+//! a refresh race can never overwrite a newer refresh token.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Mutex;
+
+use super::store::{
+    DeviceRecord, RefreshLock, StoreError, StoredAccount, FILE_VERSION, LOCK_POLL,
+    REFRESH_LOCK_TTL, REFRESH_LOCK_WAIT,
+};
+
+/// Namespace of every key.
+pub const PREFIX: &str = "popbridge:oauth:";
+/// Connecting to Redis.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// One command or script.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// KEYS[1] accounts hash; ARGV: account, expected version, new JSON.
+const CAS_SCRIPT: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local v = 0
+if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if v ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"#;
+
+/// KEYS[1] lock key; ARGV[1] our token.
+const UNLOCK_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// A Redis connection (multiplexed, re-opened after a failure).
+pub struct RedisStore {
+    client: redis::Client,
+    /// The URL without credentials, for messages.
+    url: String,
+    /// Id of the configured key, checked against `meta` on each new
+    /// connection.
+    key_id: String,
+    conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+impl RedisStore {
+    /// Prepares a client; nothing is contacted until first use.
+    pub fn new(url: &str, password: Option<String>, key_id: &str) -> Result<Self, StoreError> {
+        use redis::IntoConnectionInfo;
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| StoreError::Redis(format!("oauth.redis_url {url}: {e}")))?;
+        info.redis.password = password;
+        let client = redis::Client::open(info)
+            .map_err(|e| StoreError::Redis(format!("oauth.redis_url {url}: {e}")))?;
+        Ok(Self {
+            client,
+            url: url.to_string(),
+            key_id: key_id.to_string(),
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// A blocking check for start-up (no async runtime needed): a store
+    /// written with another key is an error; an unreachable server is
+    /// reported as `Ok(Some(reason))` so popbridge can start and retry at
+    /// first use.
+    pub fn check_blocking(&self) -> Result<Option<String>, StoreError> {
+        let mut c = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() => {
+                return Ok(Some(self.err(e).to_string()))
+            }
+            Err(e) => return Err(self.err(e)),
+        };
+        c.set_read_timeout(Some(COMMAND_TIMEOUT))
+            .and_then(|()| c.set_write_timeout(Some(COMMAND_TIMEOUT)))
+            .map_err(|e| self.err(e))?;
+        let _: Option<String> = redis::cmd("SET")
+            .arg(key("meta"))
+            .arg(self.meta_json())
+            .arg("NX")
+            .query(&mut c)
+            .map_err(|e| self.err(e))?;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(key("meta"))
+            .query(&mut c)
+            .map_err(|e| self.err(e))?;
+        self.compare_meta(stored).map(|()| None)
+    }
+
+    fn meta_json(&self) -> String {
+        serde_json::json!({
+            "format": "popbridge-oauth-redis",
+            "version": FILE_VERSION,
+            "key_id": self.key_id,
+        })
+        .to_string()
+    }
+
+    fn compare_meta(&self, stored: Option<String>) -> Result<(), StoreError> {
+        let key_id = self.key_id.as_str();
+        let stored = stored.ok_or_else(|| self.err("meta key vanished"))?;
+        let v: serde_json::Value = serde_json::from_str(&stored).map_err(|_| {
+            StoreError::Corrupt(format!("redis {}: {PREFIX}meta is corrupt", self.url))
+        })?;
+        match v.get("key_id").and_then(|k| k.as_str()) {
+            Some(found) if found == key_id => Ok(()),
+            Some(found) => Err(super::crypto::OpenError::WrongKey {
+                found: found.to_string(),
+                expected: key_id.to_string(),
+            }
+            .into()),
+            None => Err(StoreError::Corrupt(format!(
+                "redis {}: {PREFIX}meta has no key_id",
+                self.url
+            ))),
+        }
+    }
+
+    /// Connects now (and checks the key id), for commands that should fail
+    /// early.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.conn().await.map(|_| ())
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Redis(format!("redis {}: {e}", self.url))
+    }
+
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.client.get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(COMMAND_TIMEOUT),
+            ),
+        )
+        .await
+        .map_err(|_| self.err("connection timed out"))?
+        .map_err(|e| self.err(e))?;
+        let mut checked = c.clone();
+        tokio::time::timeout(COMMAND_TIMEOUT, self.check_key_id(&mut checked))
+            .await
+            .map_err(|_| self.err("key check timed out"))??;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one command with a timeout; a failed connection is dropped so
+    /// the next call reconnects.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        let mut c = self.conn().await?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut c)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() {
+                    *self.conn.lock().await = None;
+                }
+                Err(self.err(e))
+            }
+            Err(_) => {
+                *self.conn.lock().await = None;
+                Err(self.err("command timed out"))
+            }
+        }
+    }
+
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        src: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let script = redis::Script::new(src);
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut c = self.conn().await?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, inv.invoke_async(&mut c)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() {
+                    *self.conn.lock().await = None;
+                }
+                Err(self.err(e))
+            }
+            Err(_) => {
+                *self.conn.lock().await = None;
+                Err(self.err("script timed out"))
+            }
+        }
+    }
+
+    /// Records the key id on first use; refuses another key afterwards.
+    async fn check_key_id(&self, c: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        let _: Option<String> = redis::cmd("SET")
+            .arg(key("meta"))
+            .arg(self.meta_json())
+            .arg("NX")
+            .query_async(c)
+            .await
+            .map_err(|e| self.err(e))?;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(key("meta"))
+            .query_async(c)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.compare_meta(stored)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        json: &str,
+    ) -> Result<T, StoreError> {
+        serde_json::from_str(json).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "redis {}: the record for {what} is corrupt",
+                self.url
+            ))
+        })
+    }
+
+    pub async fn get_account(&self, account: &str) -> Result<Option<StoredAccount>, StoreError> {
+        let mut c = redis::cmd("HGET");
+        c.arg(key("accounts")).arg(account);
+        let v: Option<String> = self.query(c).await?;
+        v.map(|j| self.decode(account, &j)).transpose()
+    }
+
+    pub async fn all_accounts(&self) -> Result<BTreeMap<String, StoredAccount>, StoreError> {
+        let mut c = redis::cmd("HGETALL");
+        c.arg(key("accounts"));
+        let v: BTreeMap<String, String> = self.query(c).await?;
+        v.into_iter()
+            .map(|(a, j)| Ok((a.clone(), self.decode(&a, &j)?)))
+            .collect()
+    }
+
+    pub async fn cas_account(
+        &self,
+        account: &str,
+        expected: u64,
+        stored: &StoredAccount,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(stored).map_err(|e| StoreError::Io(e.to_string()))?;
+        let done: i64 = self
+            .script(
+                CAS_SCRIPT,
+                &[&key("accounts")],
+                &[account, &expected.to_string(), &json],
+            )
+            .await?;
+        Ok(done == 1)
+    }
+
+    pub async fn remove_account(&self, account: &str) -> Result<bool, StoreError> {
+        let mut c = redis::cmd("HDEL");
+        c.arg(key("accounts")).arg(account);
+        let n: i64 = self.query(c).await?;
+        Ok(n > 0)
+    }
+
+    /// `SET lock:<account> <random> NX PX <ttl>`, polled until
+    /// [`REFRESH_LOCK_WAIT`].
+    pub async fn lock(&self, account: &str) -> Result<RefreshLock, StoreError> {
+        let mut rnd = [0u8; 16];
+        getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Io(e.to_string()))?;
+        let token = hex::encode(rnd);
+        let lock_key = key(&format!("lock:{account}"));
+        let deadline = tokio::time::Instant::now() + REFRESH_LOCK_WAIT;
+        loop {
+            let mut c = redis::cmd("SET");
+            c.arg(&lock_key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(REFRESH_LOCK_TTL.as_millis() as u64);
+            let got: Option<String> = self.query(c).await?;
+            if got.is_some() {
+                return Ok(RefreshLock::Redis {
+                    key: lock_key,
+                    token,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::LockTimeout(account.to_string()));
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
+    }
+
+    pub async fn unlock(&self, lock_key: &str, token: &str) {
+        let r: Result<i64, _> = self.script(UNLOCK_SCRIPT, &[lock_key], &[token]).await;
+        if let Err(e) = r {
+            // It expires by itself after REFRESH_LOCK_TTL.
+            tracing::warn!(error = %e, "could not release a refresh lock");
+        }
+    }
+
+    pub async fn get_device(&self, login: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let mut c = redis::cmd("HGET");
+        c.arg(key("devices")).arg(login);
+        let v: Option<String> = self.query(c).await?;
+        v.map(|j| self.decode(login, &j)).transpose()
+    }
+
+    pub async fn all_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut c = redis::cmd("HGETALL");
+        c.arg(key("devices"));
+        let v: BTreeMap<String, String> = self.query(c).await?;
+        v.into_iter().map(|(l, j)| self.decode(&l, &j)).collect()
+    }
+
+    pub async fn add_device(&self, d: &DeviceRecord) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(d).map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut c = redis::cmd("HSETNX");
+        c.arg(key("devices")).arg(&d.login).arg(json);
+        let n: i64 = self.query(c).await?;
+        Ok(n == 1)
+    }
+
+    pub async fn remove_device(&self, login: &str) -> Result<bool, StoreError> {
+        let mut c = redis::cmd("HDEL");
+        c.arg(key("devices")).arg(login);
+        let n: i64 = self.query(c).await?;
+        Ok(n > 0)
+    }
+}
