@@ -23,7 +23,8 @@
 //!   map and `popbridge migrate`). [`oauth`]: OAuth2 upstreams, the token
 //!   store and device logins.
 //! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`config`]: the TOML file and its validation; [`error`]: error types
+//! - [`config`]: the TOML file and its validation; [`logging`]: log output
+//!   with the libraries that would log secrets switched off; [`error`]: error types
 //!   tagged by source.
 //!
 //! The data path: socket → `LineDecoder` → `Session::handle` → `Action` →
@@ -34,6 +35,7 @@ pub mod bridge;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod oauth;

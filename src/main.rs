@@ -22,7 +22,6 @@ use popbridge::upstream::imap::{host_of, ImapConfig, ImapConnector};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// A POP3 server that serves each session from a mailbox on an IMAP server.
 ///
@@ -253,25 +252,10 @@ fn probe(url: &str) -> Result<(), String> {
     }
 }
 
-/// Logs to stderr. async-imap logs whole commands, LOGIN passwords included,
-/// through the `log` crate at trace level: no `log` bridge is installed and
-/// its targets are switched off, so that never reaches the output.
+/// Logs to stderr, with the targets that would log secrets switched off
+/// (see [`popbridge::logging`]).
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.log.level))
-        .add_directive("async_imap=off".parse().expect("static directive"))
-        .add_directive("imap_proto=off".parse().expect("static directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let result = match config.log.format {
-        LogFormat::Text => tracing::subscriber::set_global_default(builder.finish()),
-        LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
-    };
-    if let Err(e) = result {
-        eprintln!("popbridge: logging not initialised: {e}");
-    }
+    popbridge::logging::init(&config.log.level, config.log.format);
 }
 
 /// What a reload may carry over from the running configuration.

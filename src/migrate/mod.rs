@@ -142,14 +142,7 @@ pub struct NewServerArgs {
 
 /// Run `popbridge migrate`; `config` is the loaded configuration file, if any.
 pub fn run(args: MigrateArgs, config: Option<Config>) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-        .add_directive("async_imap=off".parse().expect("static directive"))
-        .add_directive("imap_proto=off".parse().expect("static directive"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init("warn", crate::config::LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

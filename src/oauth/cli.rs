@@ -142,12 +142,7 @@ fn finish(what: &str, r: Result<(), Fail>) -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init("warn", crate::config::LogFormat::Text);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Fail> {

@@ -207,6 +207,17 @@ impl ProviderClient {
             .await
             .map_err(|e| ProviderError::Transport(transport_text(url, e)))?;
         let status = resp.status();
+        // Names and status only: the form carries tokens and secrets.
+        tracing::trace!(
+            provider = %provider.name,
+            host = %host_of(url),
+            grant = %form
+                .iter()
+                .find(|(k, _)| *k == "grant_type")
+                .map_or("", |(_, v)| *v),
+            status = status.as_u16(),
+            "provider answered"
+        );
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
