@@ -13,6 +13,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::logs::wait_session_ended;
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Upper bound of every poll in this file.
@@ -107,33 +108,6 @@ fn wait_log(pb: &Popbridge, needles: &[&str], count: usize) -> String {
         assert!(
             Instant::now() < deadline,
             "popbridge did not log {count} line(s) with {needles:?} within {POLL:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `text` contains `addr` not followed by another digit ("…:4000" must not
-/// match "…:40001").
-fn has_addr(text: &str, addr: &str) -> bool {
-    text.match_indices(addr)
-        .any(|(i, m)| !text[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
-}
-
-/// Waits until popbridge logged "session ended" for the session whose log
-/// line carries `addr` (peer or client); returns that line.
-fn wait_session_ended(pb: &Popbridge, addr: &str) -> String {
-    let deadline = Instant::now() + POLL;
-    loop {
-        let log = pb.log();
-        if let Some(l) = log
-            .lines()
-            .find(|l| l.contains("session ended") && has_addr(l, addr))
-        {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {addr} within {POLL:?}"
         );
         thread::sleep(Duration::from_millis(20));
     }

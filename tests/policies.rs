@@ -27,6 +27,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::logs::wait_session_ended;
 use common::{subject_of, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 const PASS: &str = "secret";
@@ -392,33 +393,6 @@ impl Raw {
     fn drop_connection(self) -> SocketAddr {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.local
-    }
-}
-
-/// `text` contains `addr` not followed by another digit.
-fn has_addr(text: &str, addr: &str) -> bool {
-    text.match_indices(addr)
-        .any(|(i, m)| !text[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
-}
-
-/// Waits (bounded) for popbridge's "session ended" line of the session
-/// from `addr`; returns it.
-fn wait_session_ended(pb: &Popbridge, addr: SocketAddr) -> String {
-    let addr = addr.to_string();
-    let deadline = Instant::now() + POLL;
-    loop {
-        if let Some(l) = pb
-            .log()
-            .lines()
-            .find(|l| l.contains("session ended") && has_addr(l, &addr))
-        {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {addr} within {POLL:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -999,7 +973,7 @@ fn seen_a_dropped_session_marks_nothing() {
     assert_eq!(p.cmd_multi("TOP 2 0"), "+OK");
     assert_eq!(p.cmd("DELE 3"), "+OK Marked to be deleted.");
     let addr = p.drop_connection();
-    let line = wait_session_ended(&pb, addr);
+    let line = wait_session_ended(&pb, &addr.to_string());
     assert!(line.contains("client closed"), "{line}");
     assert_eq!(mailbox(&d, "INBOX").unwrap(), five("seen"));
 }
@@ -1051,7 +1025,7 @@ fn lock_is_released_when_the_holder_drops_its_connection() {
     holder.login("alice");
     assert_eq!(pass_reply(&pb, "alice").0, IN_USE);
     let addr = holder.drop_connection();
-    let line = wait_session_ended(&pb, addr);
+    let line = wait_session_ended(&pb, &addr.to_string());
     assert!(line.contains("client closed"), "{line}");
     let (mut p, in_use) = login_when_free(&pb, "alice");
     eprintln!("IN-USE answers after \"session ended\" of the dropped holder: {in_use}");

@@ -16,6 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::logs::wait_for_log;
 use common::{corpus_message, free_port, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Upper bound for every poll.
@@ -35,21 +36,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + POLL_LIMIT;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Polls `log()` until `needle` occurs at least `count` times. Returns the log.
-fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + POLL_LIMIT;
-    loop {
-        let text = log();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        if Instant::now() >= deadline {
-            panic!("log never showed {needle:?} {count} time(s) within {POLL_LIMIT:?}:\n{text}");
-        }
         thread::sleep(Duration::from_millis(20));
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::certs::{write_world_readable, Pki};
+use common::logs::wait_for_log;
 use common::{corpus_message, free_port, Dovecot, DovecotOptions, Pop3, Popbridge};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -32,22 +33,6 @@ fn b64(data: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // Helpers: logs, python, popbridge with free-form arguments
 // ---------------------------------------------------------------------------
-
-/// Polls `log()` until `needle` occurs at least `count` times; panics with
-/// the log after [`POLL_LIMIT`]. Returns the log.
-fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + POLL_LIMIT;
-    loop {
-        let text = log();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        if Instant::now() >= deadline {
-            panic!("log never showed {needle:?} {count} time(s) within {POLL_LIMIT:?}:\n{text}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What a python script printed.
 struct PyOut {

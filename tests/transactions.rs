@@ -8,8 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
@@ -18,9 +17,6 @@ const PASS: &str = "secret";
 
 /// Dovecot's capabilities after login, minus UIDPLUS (and ESEARCH etc.).
 const NO_UIDPLUS_CAPS: &str = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SEARCHRES THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE CONDSTORE QRESYNC MOVE AUTH=PLAIN";
-
-/// How long to wait for popbridge to log the end of a session.
-const SESSION_END_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -106,27 +102,7 @@ fn start_with_config(dovecot_imap_port: u16, toml: &str) -> (Popbridge, tempfile
 /// whose client side is `client`. Every upstream effect of a session (its
 /// LOGOUT included) happens before that line.
 fn wait_session_ended(pb: &Popbridge, client: SocketAddr) {
-    let peer = format!("peer={client}");
-    let ended = |log: &str| {
-        log.lines().any(|l| {
-            l.contains("session ended")
-                && l.match_indices(&peer).any(|(i, m)| {
-                    // "peer=127.0.0.1:4000" must not match "...:40001".
-                    !l[i + m.len()..].starts_with(|c: char| c.is_ascii_digit())
-                })
-        })
-    };
-    let deadline = Instant::now() + SESSION_END_TIMEOUT;
-    loop {
-        if ended(&pb.log()) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {peer} within {SESSION_END_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    common::logs::wait_session_ended(pb, &format!("peer={client}"));
 }
 
 /// A bare POP3 client that knows its own address (to find its session in

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
 pub mod keepers;
+pub mod logs;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
