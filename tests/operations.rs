@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::logs::wait_session_ended;
+use common::raw_pop3::{is_reset, RawPop3};
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Upper bound of every poll in this file.
@@ -170,112 +171,6 @@ fn uidvalidity(d: &Dovecot, user: &str, pass: &str) -> u32 {
         }
     }
     panic!("no UIDVALIDITY in SELECT response: {lines:?}");
-}
-
-/// A bare client whose reads never panic on EOF: for connections that
-/// popbridge may close (PROXY errors, shutdown).
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    local: SocketAddr,
-}
-
-impl Raw {
-    /// Connects without reading anything.
-    fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream.set_read_timeout(Some(POLL)).expect("read timeout");
-        let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        Raw {
-            stream,
-            reader,
-            local,
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write");
-        self.stream.flush().expect("flush");
-    }
-
-    /// One line without CRLF; `None` when the server closed the connection
-    /// (EOF or reset) before a line began. Panics on a read timeout or a
-    /// connection closed mid-line.
-    fn line(&mut self) -> Option<String> {
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => None,
-            Ok(_) if line.ends_with(b"\r\n") => {
-                line.truncate(line.len() - 2);
-                Some(String::from_utf8_lossy(&line).into_owned())
-            }
-            Ok(_) => panic!(
-                "connection closed mid-line: {:?}",
-                String::from_utf8_lossy(&line)
-            ),
-            Err(e) if is_reset(&e) && line.is_empty() => None,
-            Err(e) => panic!(
-                "read failed: {e} (partial line {:?})",
-                String::from_utf8_lossy(&line)
-            ),
-        }
-    }
-
-    fn expect_line(&mut self, what: &str) -> String {
-        self.line()
-            .unwrap_or_else(|| panic!("connection closed, expected {what}"))
-    }
-
-    fn cmd(&mut self, cmd: &str) -> String {
-        self.send(format!("{cmd}\r\n").as_bytes());
-        self.expect_line(&format!("a reply to {cmd}"))
-    }
-
-    /// A multi-line reply's body lines (after +OK), without the ".".
-    fn body(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            let l = self.expect_line("a multi-line body");
-            if l == "." {
-                return out;
-            }
-            out.push(l);
-        }
-    }
-
-    /// Everything until the server closes the connection (EOF or reset).
-    fn rest(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.reader.read(&mut buf) {
-                Ok(0) => return out,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if is_reset(&e) => return out,
-                Err(e) => panic!(
-                    "read failed: {e} (received so far: {:?})",
-                    String::from_utf8_lossy(&out)
-                ),
-            }
-        }
-    }
-
-    fn login(&mut self, user: &str, pass: &str) {
-        let r = self.cmd(&format!("USER {user}"));
-        assert!(r.starts_with("+OK"), "USER {user}: {r}");
-        let r = self.cmd(&format!("PASS {pass}"));
-        assert!(r.starts_with("+OK"), "PASS for {user}: {r}");
-    }
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
 }
 
 /// One HTTP GET to the admin listener: (status code, body).
@@ -570,10 +465,10 @@ fn proxy_v2(src: [u8; 4], sport: u16) -> Vec<u8> {
 }
 
 /// Connects, sends `header`, reads the first line (None: closed).
-fn proxied(port: u16, header: &[u8]) -> (Raw, Option<String>) {
-    let mut c = Raw::connect(port);
+fn proxied(port: u16, header: &[u8]) -> (RawPop3, Option<String>) {
+    let mut c = RawPop3::connect(port);
     c.send(header);
-    let first = c.line();
+    let first = c.try_line();
     (c, first)
 }
 
@@ -615,7 +510,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
     wait_session_ended(&pb, "client=198.51.100.9:5555");
 
     // A trusted peer that sends something else is closed without greeting.
-    let mut c = Raw::connect(pb.port);
+    let mut c = RawPop3::connect(pb.port);
     c.send(b"USER alice\r\n");
     let got = c.rest();
     assert!(
@@ -624,7 +519,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
         String::from_utf8_lossy(&got)
     );
     // A trusted peer that sends nothing is closed too (after 5 s).
-    let mut c = Raw::connect(pb.port);
+    let mut c = RawPop3::connect(pb.port);
     let got = c.rest();
     assert!(
         got.is_empty(),
@@ -654,9 +549,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
     // line is just a bad command.
     let toml = "[listen]\nproxy_protocol = true\nproxy_trusted = [\"10.0.0.0/8\"]\n";
     let (pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    let greeting = c.expect_line("a greeting");
-    assert!(greeting.starts_with("+OK"), "greeting: {greeting}");
+    let mut c = RawPop3::connect_greeted(pb.port);
     let r = c.cmd("PROXY TCP4 192.0.2.77 127.0.0.1 40000 110");
     assert!(r.starts_with("-ERR"), "a PROXY line as a command: {r}");
     c.login("alice", "secret");
@@ -855,8 +748,7 @@ fn sigterm_drains_then_ends_sessions_without_deleting() {
 
     let toml = "[lifecycle]\ndrain_timeout_secs = 3\n";
     let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", "secret");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
 
@@ -913,8 +805,7 @@ fn sigterm_lets_a_session_quit_and_commit_during_the_drain() {
     // at the deadline.
     let toml = "[lifecycle]\ndrain_timeout_secs = 120\n";
     let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", "secret");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
 
@@ -971,8 +862,7 @@ fn sighup_reloads_routes_for_new_sessions_and_ignores_a_broken_file() {
         "before the reload b.example is Dovecot B"
     );
     // A session that stays open across the reload.
-    let mut old = Raw::connect(pb.port);
-    assert!(old.expect_line("greeting").starts_with("+OK"));
+    let mut old = RawPop3::connect_greeted(pb.port);
     old.login("alice@b.example", "other-secret");
 
     let to_a = format!(
@@ -1062,8 +952,7 @@ fn json_logs_are_json_lines_without_secrets() {
     let (pb, _dir, _) = start(d.imap_port, toml, &["--log-format", "json"]);
 
     // USER/PASS, with a RETR.
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", PASS);
     assert!(c.cmd("RETR 1").starts_with("+OK"));
     assert!(c.body().iter().any(|l| l.contains(BODY_MARKER)));
@@ -1072,16 +961,14 @@ fn json_logs_are_json_lines_without_secrets() {
 
     // AUTH PLAIN.
     let sasl = base64(format!("\0alice\0{PASS}").as_bytes());
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     let r = c.cmd(&format!("AUTH PLAIN {sasl}"));
     assert!(r.starts_with("+OK"), "AUTH PLAIN: {r}");
     assert!(c.cmd("QUIT").starts_with("+OK"));
     wait_session_ended(&pb, &c.local.to_string());
 
     // A failed login.
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     assert!(c.cmd("USER alice").starts_with("+OK"));
     let r = c.cmd(&format!("PASS {WRONG}"));
     assert!(r.starts_with("-ERR [AUTH]"), "{r}");

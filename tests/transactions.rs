@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
+use common::raw_pop3::RawPop3;
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 const USER: &str = "alice";
@@ -103,80 +102,6 @@ fn start_with_config(dovecot_imap_port: u16, toml: &str) -> (Popbridge, tempfile
 /// LOGOUT included) happens before that line.
 fn wait_session_ended(pb: &Popbridge, client: SocketAddr) {
     common::logs::wait_session_ended(pb, &format!("peer={client}"));
-}
-
-/// A bare POP3 client that knows its own address (to find its session in
-/// popbridge's log) and can shut the connection down at any point.
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    local: SocketAddr,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect popbridge");
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
-        let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        let mut raw = Raw {
-            stream,
-            reader,
-            local,
-        };
-        let greeting = raw.line();
-        assert!(greeting.starts_with("+OK"), "greeting: {greeting}");
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("POP3 write");
-    }
-
-    /// One line without CRLF; panics on EOF.
-    fn line(&mut self) -> String {
-        let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).expect("POP3 read");
-        assert!(
-            line.ends_with(b"\r\n"),
-            "connection closed mid-line or at EOF: {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        line.truncate(line.len() - 2);
-        String::from_utf8_lossy(&line).into_owned()
-    }
-
-    fn cmd(&mut self, cmd: &str) -> String {
-        self.send(format!("{cmd}\r\n").as_bytes());
-        self.line()
-    }
-
-    /// A multi-line command; returns the status and, after +OK, the body
-    /// (raw lines up to and excluding the "." terminator).
-    fn cmd_multi(&mut self, cmd: &str) -> (String, Vec<String>) {
-        let status = self.cmd(cmd);
-        let mut body = Vec::new();
-        if status.starts_with("+OK") {
-            loop {
-                let l = self.line();
-                if l == "." {
-                    break;
-                }
-                body.push(l);
-            }
-        }
-        (status, body)
-    }
-
-    fn login(&mut self) {
-        let r = self.cmd(&format!("USER {USER}"));
-        assert!(r.starts_with("+OK"), "USER: {r}");
-        let r = self.cmd(&format!("PASS {PASS}"));
-        assert!(r.starts_with("+OK"), "PASS: {r}");
-    }
 }
 
 /// `cmd` must be answered with exactly `expected`, and (for RETR/TOP) no
@@ -288,8 +213,8 @@ fn session_dropped_without_quit_removes_nothing() {
     let before = count(&dovecot);
 
     // (a) DELEs answered, then the socket is closed.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     for n in [1, 2] {
         let r = pop.cmd(&format!("DELE {n}"));
         assert!(r.starts_with("+OK"), "DELE {n}: {r}");
@@ -300,10 +225,10 @@ fn session_dropped_without_quit_removes_nothing() {
     assert_eq!(imap(&dovecot).uids(), uids, "after close without QUIT");
 
     // (b) DELE sent and the connection shut down at once, reply unread.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     pop.send(b"DELE 1\r\nDELE 3\r\n");
-    pop.stream.shutdown(Shutdown::Both).expect("shutdown");
+    pop.shutdown(Shutdown::Both).expect("shutdown");
     let client = pop.local;
     drop(pop);
     wait_session_ended(&pb, client);
@@ -311,14 +236,13 @@ fn session_dropped_without_quit_removes_nothing() {
 
     // (c) DELE answered, then "QUIT" without its CRLF and a half-close: an
     // incomplete command line is not a QUIT.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     let r = pop.cmd("DELE 2");
     assert!(r.starts_with("+OK"), "DELE 2: {r}");
     pop.send(b"QUIT");
-    pop.stream.shutdown(Shutdown::Write).expect("half-close");
-    let mut rest = Vec::new();
-    pop.reader.read_to_end(&mut rest).expect("read to EOF");
+    pop.shutdown(Shutdown::Write).expect("half-close");
+    let rest = pop.read_to_eof();
     assert_eq!(
         String::from_utf8_lossy(&rest),
         "",
@@ -402,8 +326,8 @@ fn retr_marks_seen_at_quit_top_never_and_drop_never() {
     assert!(!flagged(&dovecot, uids[2], "\\Seen"), "TOP n 100");
 
     // RETR 2 and 4, then the connection drops without QUIT.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     for n in [2, 4] {
         let (r, body) = pop.cmd_multi(&format!("RETR {n}"));
         assert!(r.starts_with("+OK"), "RETR {n}: {r}");

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod certs;
 pub mod keepers;
 pub mod logs;
+pub mod raw_pop3;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
