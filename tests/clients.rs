@@ -13,7 +13,8 @@ use std::process::Command;
 
 use common::logs::wait_for_log;
 use common::{
-    dot_unstuff, run_program as run, to_crlf, Dovecot, DovecotOptions, Imap, Pop3, Popbridge, Run,
+    base64, dot_unstuff, run_program as run, to_crlf, Dovecot, DovecotOptions, Imap, Pop3,
+    Popbridge, Run,
 };
 
 // ---------------------------------------------------------------------------
@@ -124,33 +125,6 @@ fn run_ok(cmd: &mut Command, dir: &Path, name: &str) -> Run {
         r.stderr
     );
     r
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
-        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
 }
 
 /// Number of messages in `user`'s INBOX, counted over IMAP.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::logs::wait_session_ended;
 use common::raw_pop3::{is_reset, RawPop3};
-use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+use common::{base64, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Upper bound of every poll in this file.
 const POLL: Duration = Duration::from_secs(30);
@@ -232,28 +232,6 @@ fn assert_metric(text: &str, series: &str, want: f64) {
         Some(want),
         "{series} in /metrics:\n{text}"
     );
-}
-
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(A[(n >> 18) as usize & 63] as char);
-        out.push(A[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            A[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            A[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
 }
 
 /// A route to Dovecot `port` in TOML.

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::logs::wait_for_log;
-use common::{corpus_message, free_port, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+use common::{
+    corpus_message, free_port, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
+};
 
 /// Upper bound for every poll.
 const POLL_LIMIT: Duration = Duration::from_secs(20);
@@ -194,17 +196,6 @@ fn logical_lines(mut bytes: &[u8]) -> Vec<Vec<u8>> {
         lines.push(cur);
     }
     lines
-}
-
-fn literal_len(line: &[u8]) -> Option<usize> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The arguments of one logical IMAP line: atoms, quoted strings (unescaped)

@@ -1071,8 +1071,9 @@ impl Imap {
     }
 }
 
-/// "{123}" or "{123+}" at the end of a line -> Some(123).
-fn literal_len(line: &[u8]) -> Option<usize> {
+/// "{123}" or "{123+}" at the end of a line -> Some(123): an IMAP
+/// literal (RFC 3501 §4.3; "+" is LITERAL+, RFC 7888) follows.
+pub fn literal_len(line: &[u8]) -> Option<usize> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
     let digits = &inner[open + 1..];
@@ -1136,9 +1137,10 @@ fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
     out
 }
 
-fn base64(data: &[u8]) -> Vec<u8> {
+/// Standard base64 (RFC 4648 §4) with padding, no line breaks.
+pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
             chunk[0],
@@ -1146,17 +1148,17 @@ fn base64(data: &[u8]) -> Vec<u8> {
             *chunk.get(2).unwrap_or(&0),
         ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63]);
-        out.push(ALPHABET[(n >> 12) as usize & 63]);
+        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
+        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
         out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63]
+            ALPHABET[(n >> 6) as usize & 63] as char
         } else {
-            b'='
+            '='
         });
         out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63]
+            ALPHABET[n as usize & 63] as char
         } else {
-            b'='
+            '='
         });
     }
     out
@@ -1289,7 +1291,7 @@ pub fn corpus() -> Vec<(&'static str, Vec<u8>)> {
               Content-Disposition: attachment; filename=\"random.bin\"\r\n\
               \r\n",
         );
-        let encoded = base64(&pseudo_random(BIG_ATTACHMENT_RAW_LEN, 0x5EED_0FB1_6A77));
+        let encoded = base64(&pseudo_random(BIG_ATTACHMENT_RAW_LEN, 0x5EED_0FB1_6A77)).into_bytes();
         for line in encoded.chunks(76) {
             m.extend_from_slice(line);
             m.extend_from_slice(b"\r\n");
