@@ -124,6 +124,37 @@ impl Conn {
     fn done(&self, shared: &Shared) -> bool {
         self.cut.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst)
     }
+
+    /// Waits for the next chunk from `from` (one of this connection's two
+    /// sockets) into `buf`; returns its length. A stall keeps waiting.
+    /// `None` once the connection is cut or the relay stops, or when `from`
+    /// ends (EOF or error): then the write side of `to` is shut down so the
+    /// other end sees the close too.
+    fn next_chunk(
+        &self,
+        shared: &Shared,
+        from: &TcpStream,
+        to: &TcpStream,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        loop {
+            if self.done(shared) {
+                return None;
+            }
+            if self.stalled.load(Ordering::SeqCst) {
+                thread::sleep(POLL);
+                continue;
+            }
+            match read_some(from, buf) {
+                None => continue,
+                Some(Ok(0)) | Some(Err(_)) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return None;
+                }
+                Some(Ok(n)) => return Some(n),
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -274,20 +305,8 @@ fn client_to_server(conn: &Conn, shared: &Shared) {
     let mut tail: Vec<u8> = Vec::new();
     let mut to = &conn.server;
     loop {
-        if conn.done(shared) {
+        let Some(n) = conn.next_chunk(shared, &conn.client, &conn.server, &mut buf) else {
             return;
-        }
-        if conn.stalled.load(Ordering::SeqCst) {
-            thread::sleep(POLL);
-            continue;
-        }
-        let n = match read_some(&conn.client, &mut buf) {
-            None => continue,
-            Some(Ok(0)) | Some(Err(_)) => {
-                let _ = conn.server.shutdown(Shutdown::Write);
-                return;
-            }
-            Some(Ok(n)) => n,
         };
         let data = &buf[..n];
         if let (Some(p), false) = (pattern, conn.fired.load(Ordering::SeqCst)) {
@@ -329,20 +348,8 @@ fn server_to_client(conn: &Conn, shared: &Shared) {
     let mut waiting_for_lf = false;
     let mut to = &conn.client;
     loop {
-        if conn.done(shared) {
+        let Some(n) = conn.next_chunk(shared, &conn.server, &conn.client, &mut buf) else {
             return;
-        }
-        if conn.stalled.load(Ordering::SeqCst) {
-            thread::sleep(POLL);
-            continue;
-        }
-        let n = match read_some(&conn.server, &mut buf) {
-            None => continue,
-            Some(Ok(0)) | Some(Err(_)) => {
-                let _ = conn.client.shutdown(Shutdown::Write);
-                return;
-            }
-            Some(Ok(n)) => n,
         };
         let data = &buf[..n];
         let lf_from = |from: usize| data[from..].iter().position(|&b| b == b'\n');
