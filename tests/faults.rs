@@ -390,6 +390,37 @@ fn server_to_client(conn: &Conn, shared: &Shared) {
     }
 }
 
+/// `answer` (what [`Client::line`] read after QUIT) is no success: an -ERR
+/// line (`what` says why it must be one), or the connection closed; never
+/// +OK, and never silence with the connection left open.
+fn assert_quit_failed(answer: Result<Vec<u8>, (Vec<u8>, Ending)>, what: &str) {
+    match answer {
+        Ok(l) => {
+            let l = String::from_utf8_lossy(&l);
+            assert!(l.starts_with("-ERR"), "{what}: {l:?}");
+        }
+        Err((partial, how)) => assert_ne!(
+            how,
+            Ending::TimedOut,
+            "QUIT: no answer and no close (partial {partial:?})"
+        ),
+    }
+}
+
+/// alice's INBOX still holds exactly the UIDs `before`, none flagged
+/// \Deleted.
+fn assert_nothing_removed(dovecot: &Dovecot, before: &[u32]) {
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    assert_eq!(imap.uids(), before, "messages were removed");
+    for &uid in before {
+        let flags = imap.flags(uid);
+        assert!(
+            !flags.iter().any(|f| f == "\\Deleted"),
+            "UID {uid} flagged {flags:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A POP3 client that reports how the connection ended
 // ---------------------------------------------------------------------------
@@ -683,30 +714,11 @@ fn quit_after_upstream_died_claims_no_deletion() {
     }
     assert_eq!(relay.cut_all(), 1, "one upstream connection to cut");
     c.send("QUIT");
-    match c.line() {
-        Ok(l) => {
-            let l = String::from_utf8_lossy(&l);
-            assert!(
-                l.starts_with("-ERR"),
-                "QUIT after the upstream died must not report success: {l:?}"
-            );
-        }
-        Err((partial, how)) => assert_ne!(
-            how,
-            Ending::TimedOut,
-            "QUIT: no answer and no close (partial {partial:?})"
-        ),
-    }
-
-    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
-    assert_eq!(imap.uids(), before, "messages were removed");
-    for uid in before {
-        let flags = imap.flags(uid);
-        assert!(
-            !flags.iter().any(|f| f == "\\Deleted"),
-            "UID {uid} flagged {flags:?}"
-        );
-    }
+    assert_quit_failed(
+        c.line(),
+        "QUIT after the upstream died must not report success",
+    );
+    assert_nothing_removed(&dovecot, &before);
 }
 
 /// The upstream dies during the commit itself (the \Seen STORE went through,
@@ -740,30 +752,8 @@ fn quit_when_upstream_dies_during_commit_removes_nothing() {
     c.send("QUIT");
     let answer = c.line();
     assert_eq!(relay.fired(), 1, "the relay never saw the \\Deleted STORE");
-    match answer {
-        Ok(l) => {
-            let l = String::from_utf8_lossy(&l);
-            assert!(
-                l.starts_with("-ERR"),
-                "QUIT whose commit failed must answer -ERR: {l:?}"
-            );
-        }
-        Err((partial, how)) => assert_ne!(
-            how,
-            Ending::TimedOut,
-            "QUIT: no answer and no close (partial {partial:?})"
-        ),
-    }
-
-    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
-    assert_eq!(imap.uids(), before, "messages were removed");
-    for &uid in &before {
-        let flags = imap.flags(uid);
-        assert!(
-            !flags.iter().any(|f| f == "\\Deleted"),
-            "UID {uid} flagged {flags:?}"
-        );
-    }
+    assert_quit_failed(answer, "QUIT whose commit failed must answer -ERR");
+    assert_nothing_removed(&dovecot, &before);
 }
 
 /// The upstream dies in the middle of the login snapshot (`UID FETCH 1:*`
