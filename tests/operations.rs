@@ -715,20 +715,32 @@ fn wait_exit(pb: &mut Popbridge, limit: Duration) -> Option<i32> {
     }
 }
 
-#[test]
-fn sigterm_drains_then_ends_sessions_without_deleting() {
+/// The start of the drain tests: alice has two messages tagged `tag`,
+/// popbridge runs with `drain_timeout_secs = drain_secs`, and one logged-in
+/// session has marked message 1 deleted. Returns the Dovecot, the two UIDs,
+/// popbridge with its config dir, and that session.
+fn drain_scene(
+    tag: &str,
+    drain_secs: u64,
+) -> (Dovecot, Vec<u32>, Popbridge, tempfile::TempDir, RawPop3) {
     let d = dovecot(&[("alice", "secret")], "");
-    deliver(&d, "alice", "drain", 2, 1);
+    deliver(&d, "alice", tag, 2, 1);
     let mut imap = Imap::connect(d.imap_port, "alice", "secret");
     let uids = imap.uids();
     imap.logout();
     assert_eq!(uids.len(), 2);
 
-    let toml = "[lifecycle]\ndrain_timeout_secs = 3\n";
-    let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
+    let toml = format!("[lifecycle]\ndrain_timeout_secs = {drain_secs}\n");
+    let (pb, dir, _) = start(d.imap_port, &toml, &[]);
     let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", "secret");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
+    (d, uids, pb, dir, c)
+}
+
+#[test]
+fn sigterm_drains_then_ends_sessions_without_deleting() {
+    let (d, uids, mut pb, _dir, mut c) = drain_scene("drain", 3);
 
     signal(pb.pid(), "TERM");
     // The session goes on during the drain.
@@ -772,20 +784,9 @@ fn sigterm_drains_then_ends_sessions_without_deleting() {
 
 #[test]
 fn sigterm_lets_a_session_quit_and_commit_during_the_drain() {
-    let d = dovecot(&[("alice", "secret")], "");
-    deliver(&d, "alice", "drain-quit", 2, 1);
-    let mut imap = Imap::connect(d.imap_port, "alice", "secret");
-    let uids = imap.uids();
-    imap.logout();
-    assert_eq!(uids.len(), 2);
-
     // A long drain: popbridge must exit when the last session ends, not
     // at the deadline.
-    let toml = "[lifecycle]\ndrain_timeout_secs = 120\n";
-    let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = RawPop3::connect_greeted(pb.port);
-    c.login("alice", "secret");
-    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    let (d, uids, mut pb, _dir, mut c) = drain_scene("drain-quit", 120);
 
     signal(pb.pid(), "TERM");
     wait_log(&pb, &["draining"], 1);
