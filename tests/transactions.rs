@@ -52,6 +52,16 @@ fn deliver(dovecot: &Dovecot, n: usize) -> Vec<u32> {
     uids
 }
 
+/// A fresh Dovecot with messages `1..=n` in alice's INBOX (see
+/// [`deliver`]) and popbridge in front of it with default settings.
+/// Returns the Dovecot, the messages' UIDs (ascending) and popbridge.
+fn bridge_with_messages(n: usize) -> (Dovecot, Vec<u32>, Popbridge) {
+    let dovecot = Dovecot::start();
+    let uids = deliver(&dovecot, n);
+    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    (dovecot, uids, pb)
+}
+
 /// A fresh IMAP session for alice with INBOX selected.
 fn imap(dovecot: &Dovecot) -> Imap {
     Imap::connect(dovecot.imap_port, USER, PASS)
@@ -118,9 +128,7 @@ fn expect_line(pop: &mut Pop3, cmd: &str, expected: &str) {
 
 #[test]
 fn dele_and_quit_remove_exactly_the_marked_messages() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 5);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(5);
     let before = count(&dovecot);
     assert_eq!(before, 5);
 
@@ -165,9 +173,7 @@ fn dele_and_quit_remove_exactly_the_marked_messages() {
 
 #[test]
 fn quit_does_not_expunge_messages_flagged_deleted_by_another_client() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 5);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(5);
 
     let mut other = imap(&dovecot);
     // Flagged before the POP3 session starts.
@@ -207,9 +213,7 @@ fn quit_does_not_expunge_messages_flagged_deleted_by_another_client() {
 
 #[test]
 fn session_dropped_without_quit_removes_nothing() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
     let before = count(&dovecot);
 
     // (a) DELEs answered, then the socket is closed.
@@ -267,9 +271,7 @@ fn session_dropped_without_quit_removes_nothing() {
 
 #[test]
 fn rset_clears_deletion_marks() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
     let before = count(&dovecot);
 
     let mut pop = Pop3::connect(pb.port);
@@ -300,9 +302,7 @@ fn rset_clears_deletion_marks() {
 
 #[test]
 fn retr_marks_seen_at_quit_top_never_and_drop_never() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 4);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(4);
     for &uid in &uids {
         assert!(!flagged(&dovecot, uid, "\\Seen"), "new UID {uid}");
     }
@@ -365,9 +365,7 @@ fn retr_marks_seen_at_quit_top_never_and_drop_never() {
 
 #[test]
 fn new_mail_during_a_session_is_invisible_until_the_next_session() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
 
     let mut pop = Pop3::connect(pb.port);
     pop.login(USER, PASS);
@@ -427,9 +425,7 @@ fn new_mail_during_a_session_is_invisible_until_the_next_session() {
 
 #[test]
 fn message_expunged_by_another_client_gives_err_and_the_session_goes_on() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
 
     let mut pop = Pop3::connect(pb.port);
     pop.login(USER, PASS);
