@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
+pub mod cli;
 pub mod keepers;
 pub mod logs;
 pub mod raw_pop3;
