@@ -38,17 +38,12 @@ fn dovecot(users: &[(&str, &str)], extra_conf: &str) -> Dovecot {
 
 /// Test message: distinct Subject, `lines` body lines (so distinct sizes).
 fn message(tag: &str, i: usize, lines: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Someone <someone@example.net>\r\n\
-         Subject: {tag} {i}\r\n\
-         Message-ID: <ops-{tag}-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for l in 1..=lines {
-        m.push_str(&format!("{tag} body line {l} of message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Someone <someone@example.net>",
+        &format!("{tag} {i}"),
+        &format!("ops-{tag}-{i}"),
+        (1..=lines).map(|l| format!("{tag} body line {l} of message {i}")),
+    )
 }
 
 /// Delivers `n` messages tagged `tag` to `user`, message i with

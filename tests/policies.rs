@@ -47,17 +47,12 @@ fn dovecot() -> Dovecot {
 /// Test message `i` tagged `tag`: distinct Subject ("{tag} {i}") and a
 /// distinct size (`i` body lines), CRLF line endings.
 fn message(tag: &str, i: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Alice <alice@example.net>\r\n\
-         Subject: {tag} {i}\r\n\
-         Message-ID: <policies-{tag}-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for line in 1..=i {
-        m.push_str(&format!("body line {line} of {tag} message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Alice <alice@example.net>",
+        &format!("{tag} {i}"),
+        &format!("policies-{tag}-{i}"),
+        (1..=i).map(|line| format!("body line {line} of {tag} message {i}")),
+    )
 }
 
 /// `doveadm save -u user -m mailbox` with `msg` on stdin (the mailbox name

@@ -23,17 +23,12 @@ const NO_UIDPLUS_CAPS: &str = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENA
 
 /// Test message `i`: distinct Subject, distinct size (i body lines), CRLF.
 fn message(i: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Alice <alice@example.net>\r\n\
-         Subject: transactions {i}\r\n\
-         Message-ID: <txn-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for line in 1..=i {
-        m.push_str(&format!("body line {line} of message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Alice <alice@example.net>",
+        &format!("transactions {i}"),
+        &format!("txn-{i}"),
+        (1..=i).map(|line| format!("body line {line} of message {i}")),
+    )
 }
 
 /// Delivers messages `1..=n` to alice's INBOX; returns their UIDs, ascending

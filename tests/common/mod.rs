@@ -1165,6 +1165,30 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
+/// A plain test message with CRLF line endings: From sender@example.org,
+/// To `to`, Subject `subject`, Message-ID `<{id}@popbridge.test>`, a blank
+/// line, then each of `body_lines` followed by CRLF. Distinct subjects and
+/// line counts give distinct messages and sizes.
+pub fn text_message(
+    to: &str,
+    subject: &str,
+    id: &str,
+    body_lines: impl IntoIterator<Item = String>,
+) -> Vec<u8> {
+    let mut m = format!(
+        "From: Sender <sender@example.org>\r\n\
+         To: {to}\r\n\
+         Subject: {subject}\r\n\
+         Message-ID: <{id}@popbridge.test>\r\n\
+         \r\n"
+    );
+    for line in body_lines {
+        m.push_str(&line);
+        m.push_str("\r\n");
+    }
+    m.into_bytes()
+}
+
 /// Size of the raw attachment in `big_attachment` (base64 text is ~3 MiB).
 pub const BIG_ATTACHMENT_RAW_LEN: usize = 3 * 1024 * 1024 / 4 * 3;
 
