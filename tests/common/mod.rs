@@ -590,6 +590,21 @@ pub struct Pop3 {
     greeting: String,
 }
 
+/// A test client's connection to 127.0.0.1:`port` (`what` names the
+/// protocol in the panic if nothing listens): TCP_NODELAY, reads time out
+/// after [`CLIENT_TIMEOUT`] (so a missing reply fails instead of hanging),
+/// and a buffered reader over a clone of the stream.
+pub fn connect_client(port: u16, what: &str) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .unwrap_or_else(|e| panic!("{what} connect to 127.0.0.1:{port}: {e}"));
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .expect("read timeout");
+    let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    (stream, reader)
+}
+
 fn strip_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -598,16 +613,10 @@ fn strip_eol(line: &[u8]) -> &[u8] {
 impl Pop3 {
     /// Connect to 127.0.0.1:`port` and read the greeting line.
     pub fn connect(port: u16) -> Pop3 {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("POP3 connect to 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .expect("read timeout");
+        let (stream, reader) = connect_client(port, "POP3");
         stream
             .set_write_timeout(Some(CLIENT_TIMEOUT))
             .expect("write timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
         let mut pop = Pop3 {
             stream,
             reader,
@@ -842,13 +851,7 @@ impl Imap {
 
     /// Connect and read the greeting only (no login).
     pub fn connect_only(port: u16) -> Imap {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("IMAP connect to 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .expect("read timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+        let (stream, reader) = connect_client(port, "IMAP");
         let mut imap = Imap {
             stream,
             reader,

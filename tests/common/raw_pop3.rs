@@ -5,13 +5,12 @@
 //! after the last reply.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 
-/// Read timeout: a reply that takes longer is a failure, not a wait.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+use super::connect_client;
 
-/// One POP3 connection to 127.0.0.1.
+/// One POP3 connection to 127.0.0.1; reads time out as in
+/// [`connect_client`].
 pub struct RawPop3 {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
@@ -31,14 +30,8 @@ impl RawPop3 {
     /// Connects without reading anything (for servers that may send
     /// something other than a greeting, or nothing).
     pub fn connect(port: u16) -> RawPop3 {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .expect("read timeout");
+        let (stream, reader) = connect_client(port, "POP3");
         let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
         RawPop3 {
             stream,
             reader,
