@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::logs::wait_for_log;
 use common::{
-    corpus_message, free_port, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
+    corpus_message, find, free_port, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
 };
 
 /// Upper bound for every poll.
@@ -162,10 +162,6 @@ impl Drop for Relay {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port));
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Splits a client's IMAP byte stream into logical lines (without CRLF); a
