@@ -10,11 +10,11 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
 
+use common::logs::wait_for_log;
 use common::{
-    dot_unstuff, run_program as run, to_crlf, Dovecot, DovecotOptions, Imap, Pop3, Popbridge, Run,
+    base64, dot_unstuff, run_program as run, to_crlf, Dovecot, DovecotOptions, Imap, Pop3,
+    Popbridge, Run,
 };
 
 // ---------------------------------------------------------------------------
@@ -125,49 +125,6 @@ fn run_ok(cmd: &mut Command, dir: &Path, name: &str) -> Run {
         r.stderr
     );
     r
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
-        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
-/// Waits (bounded) until `popbridge.log()` contains `needle` at least
-/// `count` times; panics with the log otherwise.
-fn wait_for_log(bridge: &Popbridge, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = bridge.log();
-        if log.matches(needle).count() >= count {
-            return log;
-        }
-        if Instant::now() >= deadline {
-            panic!("popbridge log never had {count}x {needle:?}:\n{log}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Number of messages in `user`'s INBOX, counted over IMAP.
@@ -910,7 +867,7 @@ fn trace_log_holds_no_password_and_no_message_content() {
     assert!(lossy(&reply).contains(MARKER));
     assert_eq!(line(&mut pop), "+OK Logging out.\r\n");
 
-    let log = wait_for_log(&bridge, "session ended reason=\"quit\"", 2);
+    let log = wait_for_log(|| bridge.log(), "session ended reason=\"quit\"", 2);
     // The log is really at trace level and saw these sessions.
     assert!(log.contains("logged in"), "no login in the log:\n{log}");
     assert!(

@@ -3,12 +3,16 @@
 //!
 //! Runs the real `popbridge` binary; no mail server needed.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::cli::{clear_popbridge_env, BinRun};
 
 /// A `--check-config` run or `--help` must finish long before this.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -26,22 +30,7 @@ address = "127.0.0.1:143"
 tls = "none"
 "#;
 
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
+impl BinRun {
     /// Exit 0 with something on stdout or stderr.
     fn assert_valid(&self, what: &str) {
         assert_eq!(
@@ -75,16 +64,11 @@ impl Run {
 
 /// Runs the binary with `args` and `env` on top of an environment without
 /// any `POPBRIDGE_*` variable, in `dir`; kills it after [`RUN_TIMEOUT`].
-fn popbridge(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+fn popbridge(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> BinRun {
     let out_path = dir.join(format!("stdout-{}", unique()));
     let err_path = dir.join(format!("stderr-{}", unique()));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_popbridge"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("POPBRIDGE_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
+    clear_popbridge_env(&mut cmd)
         .envs(env.iter().copied())
         .args(args)
         .current_dir(dir)
@@ -107,7 +91,7 @@ fn popbridge(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
         }
         thread::sleep(Duration::from_millis(10));
     };
-    Run {
+    BinRun {
         code: status.code(),
         stdout: String::from_utf8_lossy(&fs::read(&out_path).expect("read stdout")).into_owned(),
         stderr: String::from_utf8_lossy(&fs::read(&err_path).expect("read stderr")).into_owned(),
@@ -129,7 +113,7 @@ fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 /// `popbridge --check-config --config FILE EXTRA...` for a file with `text`.
-fn check(text: &str, extra: &[&str], env: &[(&str, &str)]) -> Run {
+fn check(text: &str, extra: &[&str], env: &[(&str, &str)]) -> BinRun {
     let (dir, path) = config_file(text);
     let path = path.to_str().expect("UTF-8 temp path").to_string();
     let mut args = vec!["--check-config", "--config", path.as_str()];

@@ -10,6 +10,8 @@
 //! No container runtime or cluster is needed: the files are parsed here and
 //! the configurations are checked by the real `popbridge` binary.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
@@ -20,6 +22,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::cli::{clear_popbridge_env, BinRun};
 use popbridge::config::Config;
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -579,36 +582,15 @@ fn first_number(cell: &str) -> u16 {
 // Running popbridge
 // ---------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 /// Runs the binary without any inherited `POPBRIDGE_*` or `RUST_LOG`
 /// variable, plus `env`; kills it after [`RUN_TIMEOUT`].
-fn popbridge(args: &[&str], env: &[(&str, &str)]) -> Run {
+fn popbridge(args: &[&str], env: &[(&str, &str)]) -> BinRun {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if name.starts_with("POPBRIDGE_") || name == "RUST_LOG" {
-            cmd.env_remove(&k);
-        }
-    }
+    clear_popbridge_env(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -639,7 +621,7 @@ fn popbridge(args: &[&str], env: &[(&str, &str)]) -> Run {
         .expect("stderr")
         .read_to_string(&mut stderr)
         .expect("read stderr");
-    Run {
+    BinRun {
         code: status.code(),
         stdout,
         stderr,

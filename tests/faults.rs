@@ -124,6 +124,37 @@ impl Conn {
     fn done(&self, shared: &Shared) -> bool {
         self.cut.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst)
     }
+
+    /// Waits for the next chunk from `from` (one of this connection's two
+    /// sockets) into `buf`; returns its length. A stall keeps waiting.
+    /// `None` once the connection is cut or the relay stops, or when `from`
+    /// ends (EOF or error): then the write side of `to` is shut down so the
+    /// other end sees the close too.
+    fn next_chunk(
+        &self,
+        shared: &Shared,
+        from: &TcpStream,
+        to: &TcpStream,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        loop {
+            if self.done(shared) {
+                return None;
+            }
+            if self.stalled.load(Ordering::SeqCst) {
+                thread::sleep(POLL);
+                continue;
+            }
+            match read_some(from, buf) {
+                None => continue,
+                Some(Ok(0)) | Some(Err(_)) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return None;
+                }
+                Some(Ok(n)) => return Some(n),
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -274,20 +305,8 @@ fn client_to_server(conn: &Conn, shared: &Shared) {
     let mut tail: Vec<u8> = Vec::new();
     let mut to = &conn.server;
     loop {
-        if conn.done(shared) {
+        let Some(n) = conn.next_chunk(shared, &conn.client, &conn.server, &mut buf) else {
             return;
-        }
-        if conn.stalled.load(Ordering::SeqCst) {
-            thread::sleep(POLL);
-            continue;
-        }
-        let n = match read_some(&conn.client, &mut buf) {
-            None => continue,
-            Some(Ok(0)) | Some(Err(_)) => {
-                let _ = conn.server.shutdown(Shutdown::Write);
-                return;
-            }
-            Some(Ok(n)) => n,
         };
         let data = &buf[..n];
         if let (Some(p), false) = (pattern, conn.fired.load(Ordering::SeqCst)) {
@@ -329,20 +348,8 @@ fn server_to_client(conn: &Conn, shared: &Shared) {
     let mut waiting_for_lf = false;
     let mut to = &conn.client;
     loop {
-        if conn.done(shared) {
+        let Some(n) = conn.next_chunk(shared, &conn.server, &conn.client, &mut buf) else {
             return;
-        }
-        if conn.stalled.load(Ordering::SeqCst) {
-            thread::sleep(POLL);
-            continue;
-        }
-        let n = match read_some(&conn.server, &mut buf) {
-            None => continue,
-            Some(Ok(0)) | Some(Err(_)) => {
-                let _ = conn.client.shutdown(Shutdown::Write);
-                return;
-            }
-            Some(Ok(n)) => n,
         };
         let data = &buf[..n];
         let lf_from = |from: usize| data[from..].iter().position(|&b| b == b'\n');
@@ -380,6 +387,37 @@ fn server_to_client(conn: &Conn, shared: &Shared) {
         if fire {
             conn.fire(shared);
         }
+    }
+}
+
+/// `answer` (what [`Client::line`] read after QUIT) is no success: an -ERR
+/// line (`what` says why it must be one), or the connection closed; never
+/// +OK, and never silence with the connection left open.
+fn assert_quit_failed(answer: Result<Vec<u8>, (Vec<u8>, Ending)>, what: &str) {
+    match answer {
+        Ok(l) => {
+            let l = String::from_utf8_lossy(&l);
+            assert!(l.starts_with("-ERR"), "{what}: {l:?}");
+        }
+        Err((partial, how)) => assert_ne!(
+            how,
+            Ending::TimedOut,
+            "QUIT: no answer and no close (partial {partial:?})"
+        ),
+    }
+}
+
+/// alice's INBOX still holds exactly the UIDs `before`, none flagged
+/// \Deleted.
+fn assert_nothing_removed(dovecot: &Dovecot, before: &[u32]) {
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    assert_eq!(imap.uids(), before, "messages were removed");
+    for &uid in before {
+        let flags = imap.flags(uid);
+        assert!(
+            !flags.iter().any(|f| f == "\\Deleted"),
+            "UID {uid} flagged {flags:?}"
+        );
     }
 }
 
@@ -676,30 +714,11 @@ fn quit_after_upstream_died_claims_no_deletion() {
     }
     assert_eq!(relay.cut_all(), 1, "one upstream connection to cut");
     c.send("QUIT");
-    match c.line() {
-        Ok(l) => {
-            let l = String::from_utf8_lossy(&l);
-            assert!(
-                l.starts_with("-ERR"),
-                "QUIT after the upstream died must not report success: {l:?}"
-            );
-        }
-        Err((partial, how)) => assert_ne!(
-            how,
-            Ending::TimedOut,
-            "QUIT: no answer and no close (partial {partial:?})"
-        ),
-    }
-
-    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
-    assert_eq!(imap.uids(), before, "messages were removed");
-    for uid in before {
-        let flags = imap.flags(uid);
-        assert!(
-            !flags.iter().any(|f| f == "\\Deleted"),
-            "UID {uid} flagged {flags:?}"
-        );
-    }
+    assert_quit_failed(
+        c.line(),
+        "QUIT after the upstream died must not report success",
+    );
+    assert_nothing_removed(&dovecot, &before);
 }
 
 /// The upstream dies during the commit itself (the \Seen STORE went through,
@@ -733,30 +752,8 @@ fn quit_when_upstream_dies_during_commit_removes_nothing() {
     c.send("QUIT");
     let answer = c.line();
     assert_eq!(relay.fired(), 1, "the relay never saw the \\Deleted STORE");
-    match answer {
-        Ok(l) => {
-            let l = String::from_utf8_lossy(&l);
-            assert!(
-                l.starts_with("-ERR"),
-                "QUIT whose commit failed must answer -ERR: {l:?}"
-            );
-        }
-        Err((partial, how)) => assert_ne!(
-            how,
-            Ending::TimedOut,
-            "QUIT: no answer and no close (partial {partial:?})"
-        ),
-    }
-
-    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
-    assert_eq!(imap.uids(), before, "messages were removed");
-    for &uid in &before {
-        let flags = imap.flags(uid);
-        assert!(
-            !flags.iter().any(|f| f == "\\Deleted"),
-            "UID {uid} flagged {flags:?}"
-        );
-    }
+    assert_quit_failed(answer, "QUIT whose commit failed must answer -ERR");
+    assert_nothing_removed(&dovecot, &before);
 }
 
 /// The upstream dies in the middle of the login snapshot (`UID FETCH 1:*`

@@ -6,14 +6,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+use common::logs::wait_session_ended;
+use common::raw_pop3::{is_reset, RawPop3};
+use common::{base64, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Upper bound of every poll in this file.
 const POLL: Duration = Duration::from_secs(30);
@@ -36,17 +38,12 @@ fn dovecot(users: &[(&str, &str)], extra_conf: &str) -> Dovecot {
 
 /// Test message: distinct Subject, `lines` body lines (so distinct sizes).
 fn message(tag: &str, i: usize, lines: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Someone <someone@example.net>\r\n\
-         Subject: {tag} {i}\r\n\
-         Message-ID: <ops-{tag}-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for l in 1..=lines {
-        m.push_str(&format!("{tag} body line {l} of message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Someone <someone@example.net>",
+        &format!("{tag} {i}"),
+        &format!("ops-{tag}-{i}"),
+        (1..=lines).map(|l| format!("{tag} body line {l} of message {i}")),
+    )
 }
 
 /// Delivers `n` messages tagged `tag` to `user`, message i with
@@ -112,33 +109,6 @@ fn wait_log(pb: &Popbridge, needles: &[&str], count: usize) -> String {
     }
 }
 
-/// `text` contains `addr` not followed by another digit ("…:4000" must not
-/// match "…:40001").
-fn has_addr(text: &str, addr: &str) -> bool {
-    text.match_indices(addr)
-        .any(|(i, m)| !text[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
-}
-
-/// Waits until popbridge logged "session ended" for the session whose log
-/// line carries `addr` (peer or client); returns that line.
-fn wait_session_ended(pb: &Popbridge, addr: &str) -> String {
-    let deadline = Instant::now() + POLL;
-    loop {
-        let log = pb.log();
-        if let Some(l) = log
-            .lines()
-            .find(|l| l.contains("session ended") && has_addr(l, addr))
-        {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {addr} within {POLL:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// STAT, LIST and UIDL of one mailbox as a POP3 server shows it.
 #[derive(Debug, Clone, PartialEq)]
 struct View {
@@ -196,112 +166,6 @@ fn uidvalidity(d: &Dovecot, user: &str, pass: &str) -> u32 {
         }
     }
     panic!("no UIDVALIDITY in SELECT response: {lines:?}");
-}
-
-/// A bare client whose reads never panic on EOF: for connections that
-/// popbridge may close (PROXY errors, shutdown).
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    local: SocketAddr,
-}
-
-impl Raw {
-    /// Connects without reading anything.
-    fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream.set_read_timeout(Some(POLL)).expect("read timeout");
-        let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        Raw {
-            stream,
-            reader,
-            local,
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write");
-        self.stream.flush().expect("flush");
-    }
-
-    /// One line without CRLF; `None` when the server closed the connection
-    /// (EOF or reset) before a line began. Panics on a read timeout or a
-    /// connection closed mid-line.
-    fn line(&mut self) -> Option<String> {
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => None,
-            Ok(_) if line.ends_with(b"\r\n") => {
-                line.truncate(line.len() - 2);
-                Some(String::from_utf8_lossy(&line).into_owned())
-            }
-            Ok(_) => panic!(
-                "connection closed mid-line: {:?}",
-                String::from_utf8_lossy(&line)
-            ),
-            Err(e) if is_reset(&e) && line.is_empty() => None,
-            Err(e) => panic!(
-                "read failed: {e} (partial line {:?})",
-                String::from_utf8_lossy(&line)
-            ),
-        }
-    }
-
-    fn expect_line(&mut self, what: &str) -> String {
-        self.line()
-            .unwrap_or_else(|| panic!("connection closed, expected {what}"))
-    }
-
-    fn cmd(&mut self, cmd: &str) -> String {
-        self.send(format!("{cmd}\r\n").as_bytes());
-        self.expect_line(&format!("a reply to {cmd}"))
-    }
-
-    /// A multi-line reply's body lines (after +OK), without the ".".
-    fn body(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            let l = self.expect_line("a multi-line body");
-            if l == "." {
-                return out;
-            }
-            out.push(l);
-        }
-    }
-
-    /// Everything until the server closes the connection (EOF or reset).
-    fn rest(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.reader.read(&mut buf) {
-                Ok(0) => return out,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if is_reset(&e) => return out,
-                Err(e) => panic!(
-                    "read failed: {e} (received so far: {:?})",
-                    String::from_utf8_lossy(&out)
-                ),
-            }
-        }
-    }
-
-    fn login(&mut self, user: &str, pass: &str) {
-        let r = self.cmd(&format!("USER {user}"));
-        assert!(r.starts_with("+OK"), "USER {user}: {r}");
-        let r = self.cmd(&format!("PASS {pass}"));
-        assert!(r.starts_with("+OK"), "PASS for {user}: {r}");
-    }
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
 }
 
 /// One HTTP GET to the admin listener: (status code, body).
@@ -363,28 +227,6 @@ fn assert_metric(text: &str, series: &str, want: f64) {
         Some(want),
         "{series} in /metrics:\n{text}"
     );
-}
-
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(A[(n >> 18) as usize & 63] as char);
-        out.push(A[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            A[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            A[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
 }
 
 /// A route to Dovecot `port` in TOML.
@@ -596,10 +438,10 @@ fn proxy_v2(src: [u8; 4], sport: u16) -> Vec<u8> {
 }
 
 /// Connects, sends `header`, reads the first line (None: closed).
-fn proxied(port: u16, header: &[u8]) -> (Raw, Option<String>) {
-    let mut c = Raw::connect(port);
+fn proxied(port: u16, header: &[u8]) -> (RawPop3, Option<String>) {
+    let mut c = RawPop3::connect(port);
     c.send(header);
-    let first = c.line();
+    let first = c.try_line();
     (c, first)
 }
 
@@ -641,7 +483,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
     wait_session_ended(&pb, "client=198.51.100.9:5555");
 
     // A trusted peer that sends something else is closed without greeting.
-    let mut c = Raw::connect(pb.port);
+    let mut c = RawPop3::connect(pb.port);
     c.send(b"USER alice\r\n");
     let got = c.rest();
     assert!(
@@ -650,7 +492,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
         String::from_utf8_lossy(&got)
     );
     // A trusted peer that sends nothing is closed too (after 5 s).
-    let mut c = Raw::connect(pb.port);
+    let mut c = RawPop3::connect(pb.port);
     let got = c.rest();
     assert!(
         got.is_empty(),
@@ -680,9 +522,7 @@ fn proxy_protocol_headers_give_the_real_client_address() {
     // line is just a bad command.
     let toml = "[listen]\nproxy_protocol = true\nproxy_trusted = [\"10.0.0.0/8\"]\n";
     let (pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    let greeting = c.expect_line("a greeting");
-    assert!(greeting.starts_with("+OK"), "greeting: {greeting}");
+    let mut c = RawPop3::connect_greeted(pb.port);
     let r = c.cmd("PROXY TCP4 192.0.2.77 127.0.0.1 40000 110");
     assert!(r.starts_with("-ERR"), "a PROXY line as a command: {r}");
     c.login("alice", "secret");
@@ -870,21 +710,32 @@ fn wait_exit(pb: &mut Popbridge, limit: Duration) -> Option<i32> {
     }
 }
 
-#[test]
-fn sigterm_drains_then_ends_sessions_without_deleting() {
+/// The start of the drain tests: alice has two messages tagged `tag`,
+/// popbridge runs with `drain_timeout_secs = drain_secs`, and one logged-in
+/// session has marked message 1 deleted. Returns the Dovecot, the two UIDs,
+/// popbridge with its config dir, and that session.
+fn drain_scene(
+    tag: &str,
+    drain_secs: u64,
+) -> (Dovecot, Vec<u32>, Popbridge, tempfile::TempDir, RawPop3) {
     let d = dovecot(&[("alice", "secret")], "");
-    deliver(&d, "alice", "drain", 2, 1);
+    deliver(&d, "alice", tag, 2, 1);
     let mut imap = Imap::connect(d.imap_port, "alice", "secret");
     let uids = imap.uids();
     imap.logout();
     assert_eq!(uids.len(), 2);
 
-    let toml = "[lifecycle]\ndrain_timeout_secs = 3\n";
-    let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let toml = format!("[lifecycle]\ndrain_timeout_secs = {drain_secs}\n");
+    let (pb, dir, _) = start(d.imap_port, &toml, &[]);
+    let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", "secret");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
+    (d, uids, pb, dir, c)
+}
+
+#[test]
+fn sigterm_drains_then_ends_sessions_without_deleting() {
+    let (d, uids, mut pb, _dir, mut c) = drain_scene("drain", 3);
 
     signal(pb.pid(), "TERM");
     // The session goes on during the drain.
@@ -928,21 +779,9 @@ fn sigterm_drains_then_ends_sessions_without_deleting() {
 
 #[test]
 fn sigterm_lets_a_session_quit_and_commit_during_the_drain() {
-    let d = dovecot(&[("alice", "secret")], "");
-    deliver(&d, "alice", "drain-quit", 2, 1);
-    let mut imap = Imap::connect(d.imap_port, "alice", "secret");
-    let uids = imap.uids();
-    imap.logout();
-    assert_eq!(uids.len(), 2);
-
     // A long drain: popbridge must exit when the last session ends, not
     // at the deadline.
-    let toml = "[lifecycle]\ndrain_timeout_secs = 120\n";
-    let (mut pb, _dir, _) = start(d.imap_port, toml, &[]);
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
-    c.login("alice", "secret");
-    assert!(c.cmd("DELE 1").starts_with("+OK"));
+    let (d, uids, mut pb, _dir, mut c) = drain_scene("drain-quit", 120);
 
     signal(pb.pid(), "TERM");
     wait_log(&pb, &["draining"], 1);
@@ -997,8 +836,7 @@ fn sighup_reloads_routes_for_new_sessions_and_ignores_a_broken_file() {
         "before the reload b.example is Dovecot B"
     );
     // A session that stays open across the reload.
-    let mut old = Raw::connect(pb.port);
-    assert!(old.expect_line("greeting").starts_with("+OK"));
+    let mut old = RawPop3::connect_greeted(pb.port);
     old.login("alice@b.example", "other-secret");
 
     let to_a = format!(
@@ -1088,8 +926,7 @@ fn json_logs_are_json_lines_without_secrets() {
     let (pb, _dir, _) = start(d.imap_port, toml, &["--log-format", "json"]);
 
     // USER/PASS, with a RETR.
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     c.login("alice", PASS);
     assert!(c.cmd("RETR 1").starts_with("+OK"));
     assert!(c.body().iter().any(|l| l.contains(BODY_MARKER)));
@@ -1098,16 +935,14 @@ fn json_logs_are_json_lines_without_secrets() {
 
     // AUTH PLAIN.
     let sasl = base64(format!("\0alice\0{PASS}").as_bytes());
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     let r = c.cmd(&format!("AUTH PLAIN {sasl}"));
     assert!(r.starts_with("+OK"), "AUTH PLAIN: {r}");
     assert!(c.cmd("QUIT").starts_with("+OK"));
     wait_session_ended(&pb, &c.local.to_string());
 
     // A failed login.
-    let mut c = Raw::connect(pb.port);
-    assert!(c.expect_line("greeting").starts_with("+OK"));
+    let mut c = RawPop3::connect_greeted(pb.port);
     assert!(c.cmd("USER alice").starts_with("+OK"));
     let r = c.cmd(&format!("PASS {WRONG}"));
     assert!(r.starts_with("-ERR [AUTH]"), "{r}");

@@ -20,13 +20,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::logs::wait_session_ended;
+use common::raw_pop3::RawPop3;
 use common::{subject_of, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 const PASS: &str = "secret";
@@ -46,17 +47,12 @@ fn dovecot() -> Dovecot {
 /// Test message `i` tagged `tag`: distinct Subject ("{tag} {i}") and a
 /// distinct size (`i` body lines), CRLF line endings.
 fn message(tag: &str, i: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Alice <alice@example.net>\r\n\
-         Subject: {tag} {i}\r\n\
-         Message-ID: <policies-{tag}-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for line in 1..=i {
-        m.push_str(&format!("body line {line} of {tag} message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Alice <alice@example.net>",
+        &format!("{tag} {i}"),
+        &format!("policies-{tag}-{i}"),
+        (1..=i).map(|line| format!("body line {line} of {tag} message {i}")),
+    )
 }
 
 /// `doveadm save -u user -m mailbox` with `msg` on stdin (the mailbox name
@@ -327,99 +323,10 @@ fn pass_reply(pb: &Popbridge, user: &str) -> (String, Pop3) {
     (r, p)
 }
 
-/// A POP3 connection that knows its own address (to find its "session
-/// ended" log line) and whose reads never panic on EOF.
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    local: SocketAddr,
-}
-
-impl Raw {
-    /// Connects and reads the greeting.
-    fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-        stream.set_read_timeout(Some(POLL)).expect("read timeout");
-        let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        let mut raw = Raw {
-            stream,
-            reader,
-            local,
-        };
-        let greeting = raw.line();
-        assert!(greeting.starts_with("+OK"), "greeting: {greeting}");
-        raw
-    }
-
-    /// One line without CRLF; panics on EOF or timeout.
-    fn line(&mut self) -> String {
-        let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).expect("POP3 read");
-        assert!(
-            line.ends_with(b"\r\n"),
-            "connection closed mid-line or before a reply: {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        line.truncate(line.len() - 2);
-        String::from_utf8_lossy(&line).into_owned()
-    }
-
-    fn cmd(&mut self, cmd: &str) -> String {
-        self.stream
-            .write_all(format!("{cmd}\r\n").as_bytes())
-            .expect("POP3 write");
-        self.line()
-    }
-
-    /// A command with a multi-line reply; returns the status line (the body
-    /// is read and dropped).
-    fn cmd_multi(&mut self, cmd: &str) -> String {
-        let status = self.cmd(cmd);
-        if status.starts_with("+OK") {
-            while self.line() != "." {}
-        }
-        status
-    }
-
-    fn login(&mut self, user: &str) {
-        assert_eq!(self.cmd(&format!("USER {user}")), "+OK");
-        assert_eq!(self.cmd(&format!("PASS {PASS}")), "+OK Logged in.");
-    }
-
-    /// Closes the TCP connection without QUIT.
-    fn drop_connection(self) -> SocketAddr {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        self.local
-    }
-}
-
-/// `text` contains `addr` not followed by another digit.
-fn has_addr(text: &str, addr: &str) -> bool {
-    text.match_indices(addr)
-        .any(|(i, m)| !text[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
-}
-
-/// Waits (bounded) for popbridge's "session ended" line of the session
-/// from `addr`; returns it.
-fn wait_session_ended(pb: &Popbridge, addr: SocketAddr) -> String {
-    let addr = addr.to_string();
-    let deadline = Instant::now() + POLL;
-    loop {
-        if let Some(l) = pb
-            .log()
-            .lines()
-            .find(|l| l.contains("session ended") && has_addr(l, &addr))
-        {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {addr} within {POLL:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+/// USER and PASS as `user`, requiring Dovecot's exact replies.
+fn login_raw(raw: &mut RawPop3, user: &str) {
+    assert_eq!(raw.cmd(&format!("USER {user}")), "+OK");
+    assert_eq!(raw.cmd(&format!("PASS {PASS}")), "+OK Logged in.");
 }
 
 /// Logs in as `user`, retrying (bounded) while the answer is IN-USE: the
@@ -956,11 +863,11 @@ fn top_1_retr_2(toml: &str) -> Vec<Msg> {
     deliver_five(&d, "seen");
     assert_eq!(mailbox(&d, "INBOX").unwrap(), five("seen"));
     let (pb, _cfg) = start(&d, toml);
-    let mut p = Raw::connect(pb.port);
-    p.login("alice");
-    assert_eq!(p.cmd_multi("TOP 1 0"), "+OK");
+    let mut p = RawPop3::connect_greeted(pb.port);
+    login_raw(&mut p, "alice");
+    assert_eq!(p.cmd_multi("TOP 1 0").0, "+OK");
     assert_eq!(
-        p.cmd_multi("RETR 2"),
+        p.cmd_multi("RETR 2").0,
         format!("+OK {} octets", message("seen", 2).len())
     );
     assert_eq!(p.cmd("QUIT"), "+OK Logging out.");
@@ -993,13 +900,13 @@ fn seen_a_dropped_session_marks_nothing() {
     let d = dovecot();
     deliver_five(&d, "seen");
     let (pb, _cfg) = start(&d, "[pop3]\nmark_seen_on_top = true\n");
-    let mut p = Raw::connect(pb.port);
-    p.login("alice");
-    assert!(p.cmd_multi("RETR 1").starts_with("+OK"));
-    assert_eq!(p.cmd_multi("TOP 2 0"), "+OK");
+    let mut p = RawPop3::connect_greeted(pb.port);
+    login_raw(&mut p, "alice");
+    assert!(p.cmd_multi("RETR 1").0.starts_with("+OK"));
+    assert_eq!(p.cmd_multi("TOP 2 0").0, "+OK");
     assert_eq!(p.cmd("DELE 3"), "+OK Marked to be deleted.");
     let addr = p.drop_connection();
-    let line = wait_session_ended(&pb, addr);
+    let line = wait_session_ended(&pb, &addr.to_string());
     assert!(line.contains("client closed"), "{line}");
     assert_eq!(mailbox(&d, "INBOX").unwrap(), five("seen"));
 }
@@ -1047,11 +954,11 @@ fn lock_is_released_when_the_holder_drops_its_connection() {
     let d = dovecot();
     deliver_five(&d, "lock");
     let (pb, _cfg) = start(&d, "[pop3]\nlock = true\n");
-    let mut holder = Raw::connect(pb.port);
-    holder.login("alice");
+    let mut holder = RawPop3::connect_greeted(pb.port);
+    login_raw(&mut holder, "alice");
     assert_eq!(pass_reply(&pb, "alice").0, IN_USE);
     let addr = holder.drop_connection();
-    let line = wait_session_ended(&pb, addr);
+    let line = wait_session_ended(&pb, &addr.to_string());
     assert!(line.contains("client closed"), "{line}");
     let (mut p, in_use) = login_when_free(&pb, "alice");
     eprintln!("IN-USE answers after \"session ended\" of the dropped holder: {in_use}");

@@ -16,7 +16,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{corpus_message, free_port, Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+use common::logs::wait_for_log;
+use common::{
+    corpus_message, find, free_port, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
+};
 
 /// Upper bound for every poll.
 const POLL_LIMIT: Duration = Duration::from_secs(20);
@@ -35,21 +38,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + POLL_LIMIT;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Polls `log()` until `needle` occurs at least `count` times. Returns the log.
-fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + POLL_LIMIT;
-    loop {
-        let text = log();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        if Instant::now() >= deadline {
-            panic!("log never showed {needle:?} {count} time(s) within {POLL_LIMIT:?}:\n{text}");
-        }
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -176,10 +164,6 @@ impl Drop for Relay {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Splits a client's IMAP byte stream into logical lines (without CRLF); a
 /// line ending in a literal marker `{n}` or `{n+}` goes on after the n
 /// literal octets (kept inline).
@@ -208,17 +192,6 @@ fn logical_lines(mut bytes: &[u8]) -> Vec<Vec<u8>> {
         lines.push(cur);
     }
     lines
-}
-
-fn literal_len(line: &[u8]) -> Option<usize> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The arguments of one logical IMAP line: atoms, quoted strings (unescaped)

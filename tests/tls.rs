@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::certs::{write_world_readable, Pki};
+use common::logs::wait_for_log;
 use common::{corpus_message, free_port, Dovecot, DovecotOptions, Pop3, Popbridge};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -32,22 +33,6 @@ fn b64(data: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // Helpers: logs, python, popbridge with free-form arguments
 // ---------------------------------------------------------------------------
-
-/// Polls `log()` until `needle` occurs at least `count` times; panics with
-/// the log after [`POLL_LIMIT`]. Returns the log.
-fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + POLL_LIMIT;
-    loop {
-        let text = log();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        if Instant::now() >= deadline {
-            panic!("log never showed {needle:?} {count} time(s) within {POLL_LIMIT:?}:\n{text}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What a python script printed.
 struct PyOut {
@@ -287,6 +272,13 @@ impl<S: Read + Write> Client<S> {
         let r = self.cmd("STAT");
         assert!(r.starts_with("+OK "), "STAT: {r}");
         r
+    }
+
+    /// In a logged-in session: STAT must answer exactly `want_stat` (so the
+    /// login reached the right mailbox), then QUIT must succeed.
+    fn stat_and_quit(&mut self, want_stat: &str) {
+        assert_eq!(self.stat(), want_stat);
+        assert!(self.cmd("QUIT").starts_with("+OK"));
     }
 }
 
@@ -1021,8 +1013,7 @@ fn auth_plain_and_login_reach_dovecot() {
     let mut c = Client::plain(pb.port);
     let r = c.cmd(&format!("AUTH PLAIN {}", b64(b"\0alice\0secret")));
     assert!(r.starts_with("+OK"), "AUTH PLAIN initial response: {r}");
-    assert_eq!(c.stat(), want_stat);
-    assert!(c.cmd("QUIT").starts_with("+OK"));
+    c.stat_and_quit(&want_stat);
     logins += 1;
 
     // PLAIN with a continuation (authzid = authcid is allowed).
@@ -1030,8 +1021,7 @@ fn auth_plain_and_login_reach_dovecot() {
     assert_eq!(c.cmd("AUTH PLAIN"), "+ ");
     let r = c.cmd(&b64(b"alice\0alice\0secret"));
     assert!(r.starts_with("+OK"), "AUTH PLAIN continuation: {r}");
-    assert_eq!(c.stat(), want_stat);
-    assert!(c.cmd("QUIT").starts_with("+OK"));
+    c.stat_and_quit(&want_stat);
     logins += 1;
 
     // LOGIN.
@@ -1040,8 +1030,7 @@ fn auth_plain_and_login_reach_dovecot() {
     assert_eq!(c.cmd(&b64(b"alice")), "+ UGFzc3dvcmQ6");
     let r = c.cmd(&b64(b"secret"));
     assert!(r.starts_with("+OK"), "AUTH LOGIN: {r}");
-    assert_eq!(c.stat(), want_stat);
-    assert!(c.cmd("QUIT").starts_with("+OK"));
+    c.stat_and_quit(&want_stat);
     logins += 1;
 
     // "*" cancels; bad base64 is an error; the session goes on.
@@ -1061,8 +1050,7 @@ fn auth_plain_and_login_reach_dovecot() {
     let r = c.cmd("@@@");
     assert!(r.starts_with("-ERR"), "bad base64 LOGIN user name: {r}");
     c.login("alice", "secret");
-    assert_eq!(c.stat(), want_stat);
-    assert!(c.cmd("QUIT").starts_with("+OK"));
+    c.stat_and_quit(&want_stat);
     logins += 1;
 
     // Every login reached Dovecot as alice.

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
-use std::thread;
-use std::time::{Duration, Instant};
 
+use common::raw_pop3::RawPop3;
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 const USER: &str = "alice";
@@ -19,26 +17,18 @@ const PASS: &str = "secret";
 /// Dovecot's capabilities after login, minus UIDPLUS (and ESEARCH etc.).
 const NO_UIDPLUS_CAPS: &str = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SEARCHRES THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE CONDSTORE QRESYNC MOVE AUTH=PLAIN";
 
-/// How long to wait for popbridge to log the end of a session.
-const SESSION_END_TIMEOUT: Duration = Duration::from_secs(30);
-
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
 
 /// Test message `i`: distinct Subject, distinct size (i body lines), CRLF.
 fn message(i: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Sender <sender@example.org>\r\n\
-         To: Alice <alice@example.net>\r\n\
-         Subject: transactions {i}\r\n\
-         Message-ID: <txn-{i}@popbridge.test>\r\n\
-         \r\n"
-    );
-    for line in 1..=i {
-        m.push_str(&format!("body line {line} of message {i}\r\n"));
-    }
-    m.into_bytes()
+    common::text_message(
+        "Alice <alice@example.net>",
+        &format!("transactions {i}"),
+        &format!("txn-{i}"),
+        (1..=i).map(|line| format!("body line {line} of message {i}")),
+    )
 }
 
 /// Delivers messages `1..=n` to alice's INBOX; returns their UIDs, ascending
@@ -55,6 +45,16 @@ fn deliver(dovecot: &Dovecot, n: usize) -> Vec<u32> {
         .collect();
     assert_eq!(uids.len(), n, "delivered {n}, IMAP shows new UIDs {uids:?}");
     uids
+}
+
+/// A fresh Dovecot with messages `1..=n` in alice's INBOX (see
+/// [`deliver`]) and popbridge in front of it with default settings.
+/// Returns the Dovecot, the messages' UIDs (ascending) and popbridge.
+fn bridge_with_messages(n: usize) -> (Dovecot, Vec<u32>, Popbridge) {
+    let dovecot = Dovecot::start();
+    let uids = deliver(&dovecot, n);
+    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    (dovecot, uids, pb)
 }
 
 /// A fresh IMAP session for alice with INBOX selected.
@@ -106,101 +106,7 @@ fn start_with_config(dovecot_imap_port: u16, toml: &str) -> (Popbridge, tempfile
 /// whose client side is `client`. Every upstream effect of a session (its
 /// LOGOUT included) happens before that line.
 fn wait_session_ended(pb: &Popbridge, client: SocketAddr) {
-    let peer = format!("peer={client}");
-    let ended = |log: &str| {
-        log.lines().any(|l| {
-            l.contains("session ended")
-                && l.match_indices(&peer).any(|(i, m)| {
-                    // "peer=127.0.0.1:4000" must not match "...:40001".
-                    !l[i + m.len()..].starts_with(|c: char| c.is_ascii_digit())
-                })
-        })
-    };
-    let deadline = Instant::now() + SESSION_END_TIMEOUT;
-    loop {
-        if ended(&pb.log()) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "popbridge did not log \"session ended\" for {peer} within {SESSION_END_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A bare POP3 client that knows its own address (to find its session in
-/// popbridge's log) and can shut the connection down at any point.
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    local: SocketAddr,
-}
-
-impl Raw {
-    fn connect(port: u16) -> Raw {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect popbridge");
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
-        let local = stream.local_addr().expect("local_addr");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
-        let mut raw = Raw {
-            stream,
-            reader,
-            local,
-        };
-        let greeting = raw.line();
-        assert!(greeting.starts_with("+OK"), "greeting: {greeting}");
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("POP3 write");
-    }
-
-    /// One line without CRLF; panics on EOF.
-    fn line(&mut self) -> String {
-        let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).expect("POP3 read");
-        assert!(
-            line.ends_with(b"\r\n"),
-            "connection closed mid-line or at EOF: {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        line.truncate(line.len() - 2);
-        String::from_utf8_lossy(&line).into_owned()
-    }
-
-    fn cmd(&mut self, cmd: &str) -> String {
-        self.send(format!("{cmd}\r\n").as_bytes());
-        self.line()
-    }
-
-    /// A multi-line command; returns the status and, after +OK, the body
-    /// (raw lines up to and excluding the "." terminator).
-    fn cmd_multi(&mut self, cmd: &str) -> (String, Vec<String>) {
-        let status = self.cmd(cmd);
-        let mut body = Vec::new();
-        if status.starts_with("+OK") {
-            loop {
-                let l = self.line();
-                if l == "." {
-                    break;
-                }
-                body.push(l);
-            }
-        }
-        (status, body)
-    }
-
-    fn login(&mut self) {
-        let r = self.cmd(&format!("USER {USER}"));
-        assert!(r.starts_with("+OK"), "USER: {r}");
-        let r = self.cmd(&format!("PASS {PASS}"));
-        assert!(r.starts_with("+OK"), "PASS: {r}");
-    }
+    common::logs::wait_session_ended(pb, &format!("peer={client}"));
 }
 
 /// `cmd` must be answered with exactly `expected`, and (for RETR/TOP) no
@@ -217,9 +123,7 @@ fn expect_line(pop: &mut Pop3, cmd: &str, expected: &str) {
 
 #[test]
 fn dele_and_quit_remove_exactly_the_marked_messages() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 5);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(5);
     let before = count(&dovecot);
     assert_eq!(before, 5);
 
@@ -264,9 +168,7 @@ fn dele_and_quit_remove_exactly_the_marked_messages() {
 
 #[test]
 fn quit_does_not_expunge_messages_flagged_deleted_by_another_client() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 5);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(5);
 
     let mut other = imap(&dovecot);
     // Flagged before the POP3 session starts.
@@ -306,14 +208,12 @@ fn quit_does_not_expunge_messages_flagged_deleted_by_another_client() {
 
 #[test]
 fn session_dropped_without_quit_removes_nothing() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
     let before = count(&dovecot);
 
     // (a) DELEs answered, then the socket is closed.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     for n in [1, 2] {
         let r = pop.cmd(&format!("DELE {n}"));
         assert!(r.starts_with("+OK"), "DELE {n}: {r}");
@@ -324,10 +224,10 @@ fn session_dropped_without_quit_removes_nothing() {
     assert_eq!(imap(&dovecot).uids(), uids, "after close without QUIT");
 
     // (b) DELE sent and the connection shut down at once, reply unread.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     pop.send(b"DELE 1\r\nDELE 3\r\n");
-    pop.stream.shutdown(Shutdown::Both).expect("shutdown");
+    pop.shutdown(Shutdown::Both).expect("shutdown");
     let client = pop.local;
     drop(pop);
     wait_session_ended(&pb, client);
@@ -335,14 +235,13 @@ fn session_dropped_without_quit_removes_nothing() {
 
     // (c) DELE answered, then "QUIT" without its CRLF and a half-close: an
     // incomplete command line is not a QUIT.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     let r = pop.cmd("DELE 2");
     assert!(r.starts_with("+OK"), "DELE 2: {r}");
     pop.send(b"QUIT");
-    pop.stream.shutdown(Shutdown::Write).expect("half-close");
-    let mut rest = Vec::new();
-    pop.reader.read_to_end(&mut rest).expect("read to EOF");
+    pop.shutdown(Shutdown::Write).expect("half-close");
+    let rest = pop.read_to_eof();
     assert_eq!(
         String::from_utf8_lossy(&rest),
         "",
@@ -367,9 +266,7 @@ fn session_dropped_without_quit_removes_nothing() {
 
 #[test]
 fn rset_clears_deletion_marks() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
     let before = count(&dovecot);
 
     let mut pop = Pop3::connect(pb.port);
@@ -400,9 +297,7 @@ fn rset_clears_deletion_marks() {
 
 #[test]
 fn retr_marks_seen_at_quit_top_never_and_drop_never() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 4);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(4);
     for &uid in &uids {
         assert!(!flagged(&dovecot, uid, "\\Seen"), "new UID {uid}");
     }
@@ -426,8 +321,8 @@ fn retr_marks_seen_at_quit_top_never_and_drop_never() {
     assert!(!flagged(&dovecot, uids[2], "\\Seen"), "TOP n 100");
 
     // RETR 2 and 4, then the connection drops without QUIT.
-    let mut pop = Raw::connect(pb.port);
-    pop.login();
+    let mut pop = RawPop3::connect_greeted(pb.port);
+    pop.login(USER, PASS);
     for n in [2, 4] {
         let (r, body) = pop.cmd_multi(&format!("RETR {n}"));
         assert!(r.starts_with("+OK"), "RETR {n}: {r}");
@@ -465,9 +360,7 @@ fn retr_marks_seen_at_quit_top_never_and_drop_never() {
 
 #[test]
 fn new_mail_during_a_session_is_invisible_until_the_next_session() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
 
     let mut pop = Pop3::connect(pb.port);
     pop.login(USER, PASS);
@@ -527,9 +420,7 @@ fn new_mail_during_a_session_is_invisible_until_the_next_session() {
 
 #[test]
 fn message_expunged_by_another_client_gives_err_and_the_session_goes_on() {
-    let dovecot = Dovecot::start();
-    let uids = deliver(&dovecot, 3);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    let (dovecot, uids, pb) = bridge_with_messages(3);
 
     let mut pop = Pop3::connect(pb.port);
     pop.login(USER, PASS);

@@ -16,8 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
+pub mod cli;
 pub mod keepers;
+pub mod logs;
 pub mod oauth;
+pub mod raw_pop3;
 pub mod redis;
 
 /// How long to wait for a server to start listening.
@@ -646,6 +649,21 @@ pub struct Pop3 {
     greeting: String,
 }
 
+/// A test client's connection to 127.0.0.1:`port` (`what` names the
+/// protocol in the panic if nothing listens): TCP_NODELAY, reads time out
+/// after [`CLIENT_TIMEOUT`] (so a missing reply fails instead of hanging),
+/// and a buffered reader over a clone of the stream.
+pub fn connect_client(port: u16, what: &str) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .unwrap_or_else(|e| panic!("{what} connect to 127.0.0.1:{port}: {e}"));
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .expect("read timeout");
+    let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    (stream, reader)
+}
+
 fn strip_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -654,16 +672,10 @@ fn strip_eol(line: &[u8]) -> &[u8] {
 impl Pop3 {
     /// Connect to 127.0.0.1:`port` and read the greeting line.
     pub fn connect(port: u16) -> Pop3 {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("POP3 connect to 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .expect("read timeout");
+        let (stream, reader) = connect_client(port, "POP3");
         stream
             .set_write_timeout(Some(CLIENT_TIMEOUT))
             .expect("write timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
         let mut pop = Pop3 {
             stream,
             reader,
@@ -898,13 +910,7 @@ impl Imap {
 
     /// Connect and read the greeting only (no login).
     pub fn connect_only(port: u16) -> Imap {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .unwrap_or_else(|e| panic!("IMAP connect to 127.0.0.1:{port}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .expect("read timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+        let (stream, reader) = connect_client(port, "IMAP");
         let mut imap = Imap {
             stream,
             reader,
@@ -1128,8 +1134,9 @@ impl Imap {
     }
 }
 
-/// "{123}" or "{123+}" at the end of a line -> Some(123).
-fn literal_len(line: &[u8]) -> Option<usize> {
+/// "{123}" or "{123+}" at the end of a line -> Some(123): an IMAP
+/// literal (RFC 3501 §4.3; "+" is LITERAL+, RFC 7888) follows.
+pub fn literal_len(line: &[u8]) -> Option<usize> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
     let digits = &inner[open + 1..];
@@ -1140,7 +1147,8 @@ fn literal_len(line: &[u8]) -> Option<usize> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+/// Where `needle` (not empty) first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
@@ -1193,9 +1201,10 @@ fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
     out
 }
 
-fn base64(data: &[u8]) -> Vec<u8> {
+/// Standard base64 (RFC 4648 §4) with padding, no line breaks.
+pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
             chunk[0],
@@ -1203,20 +1212,44 @@ fn base64(data: &[u8]) -> Vec<u8> {
             *chunk.get(2).unwrap_or(&0),
         ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63]);
-        out.push(ALPHABET[(n >> 12) as usize & 63]);
+        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
+        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
         out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63]
+            ALPHABET[(n >> 6) as usize & 63] as char
         } else {
-            b'='
+            '='
         });
         out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63]
+            ALPHABET[n as usize & 63] as char
         } else {
-            b'='
+            '='
         });
     }
     out
+}
+
+/// A plain test message with CRLF line endings: From sender@example.org,
+/// To `to`, Subject `subject`, Message-ID `<{id}@popbridge.test>`, a blank
+/// line, then each of `body_lines` followed by CRLF. Distinct subjects and
+/// line counts give distinct messages and sizes.
+pub fn text_message(
+    to: &str,
+    subject: &str,
+    id: &str,
+    body_lines: impl IntoIterator<Item = String>,
+) -> Vec<u8> {
+    let mut m = format!(
+        "From: Sender <sender@example.org>\r\n\
+         To: {to}\r\n\
+         Subject: {subject}\r\n\
+         Message-ID: <{id}@popbridge.test>\r\n\
+         \r\n"
+    );
+    for line in body_lines {
+        m.push_str(&line);
+        m.push_str("\r\n");
+    }
+    m.into_bytes()
 }
 
 /// Size of the raw attachment in `big_attachment` (base64 text is ~3 MiB).
@@ -1346,7 +1379,7 @@ pub fn corpus() -> Vec<(&'static str, Vec<u8>)> {
               Content-Disposition: attachment; filename=\"random.bin\"\r\n\
               \r\n",
         );
-        let encoded = base64(&pseudo_random(BIG_ATTACHMENT_RAW_LEN, 0x5EED_0FB1_6A77));
+        let encoded = base64(&pseudo_random(BIG_ATTACHMENT_RAW_LEN, 0x5EED_0FB1_6A77)).into_bytes();
         for line in encoded.chunks(76) {
             m.extend_from_slice(line);
             m.extend_from_slice(b"\r\n");
