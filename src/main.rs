@@ -241,8 +241,16 @@ fn probe(url: &str) -> Result<(), String> {
         "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
+    // The status line may arrive in several segments: read until its end
+    // (or 64 octets, plenty for "HTTP/1.1 200 OK"), not just once.
     let mut head = [0u8; 64];
-    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    while n < head.len() && !head[..n].contains(&b'\n') {
+        match stream.read(&mut head[n..]).map_err(|e| e.to_string())? {
+            0 => break,
+            got => n += got,
+        }
+    }
     let line = String::from_utf8_lossy(&head[..n]);
     let status = line.split_whitespace().nth(1).unwrap_or("");
     if status.len() == 3 && status.starts_with('2') {
@@ -581,4 +589,39 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// Serves one request, writing the status line in two segments.
+    fn split_status_server(status: &'static str) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_nodelay(true).expect("nodelay");
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 ");
+            let _ = s.flush();
+            // A pause so the two writes leave as separate segments.
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = write!(s, "{status}\r\nContent-Length: 0\r\n\r\n");
+        });
+        port
+    }
+
+    #[test]
+    fn probe_reads_a_status_line_that_arrives_in_pieces() {
+        let port = split_status_server("200 OK");
+        assert_eq!(probe(&format!("http://127.0.0.1:{port}/healthz")), Ok(()));
+        let port = split_status_server("503 Service Unavailable");
+        let err = probe(&format!("http://127.0.0.1:{port}/healthz")).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+    }
 }
