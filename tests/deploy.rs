@@ -182,6 +182,15 @@ impl K8s {
             .collect()
     }
 
+    /// The Services in front of popbridge's pods (not the ExternalName
+    /// alias for Redis, which selects no pods).
+    fn pod_services(&self) -> Vec<&Value> {
+        self.of_kind("Service")
+            .into_iter()
+            .filter(|s| get(s, "spec.type").and_then(Value::as_str) != Some("ExternalName"))
+            .collect()
+    }
+
     fn find(&self, kind: &str, name: &str) -> &Value {
         let found: Vec<_> = self
             .of_kind(kind)
@@ -785,7 +794,7 @@ fn kubernetes_ports_probes_and_services_agree() {
 
     // Every Service: target ports exist; the admin port only on ClusterIP.
     let mut published: BTreeMap<u16, u16> = BTreeMap::new();
-    let services = k.of_kind("Service");
+    let services = k.pod_services();
     assert!(!services.is_empty());
     for svc in &services {
         let name = str_at(svc, "metadata.name");
@@ -1000,7 +1009,7 @@ fn kubernetes_selectors_and_scaling_fit_together() {
         }
     };
     matches(at(d, "spec.selector.matchLabels"), "Deployment");
-    for svc in k.of_kind("Service") {
+    for svc in k.pod_services() {
         matches(at(svc, "spec.selector"), str_at(svc, "metadata.name"));
     }
     let pdb = k.find("PodDisruptionBudget", APP);
@@ -1414,4 +1423,585 @@ fn healthcheck_command_reports_health() {
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let run = popbridge(&args, &[]);
     assert_eq!(run.code, Some(1), "probe of nothing\n{}", run.describe());
+}
+
+// ---------------------------------------------------------------------------
+// Data directory, OAuth2 key and token store
+// ---------------------------------------------------------------------------
+
+/// The image's `data.dir` (/var/lib/popbridge).
+fn image_config() -> toml::Table {
+    parse_toml(
+        &fs::read_to_string(dockerfile_copy_source("/etc/popbridge/popbridge.toml")).unwrap(),
+        "image config",
+    )
+}
+
+fn data_dir(t: &toml::Table, what: &str) -> String {
+    let d = toml_str(t, "data.dir").unwrap_or_default();
+    assert!(
+        d.starts_with('/'),
+        "{what}: data.dir must be an absolute path, is {d:?}"
+    );
+    d.to_string()
+}
+
+/// `dir` is `path` or one of its parents.
+fn covers(dir: &str, path: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path == dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+#[test]
+fn image_creates_data_dir_owned_by_its_user_without_a_volume() {
+    let dir = data_dir(&image_config(), "the image's popbridge.toml");
+    let uid = dockerfile_uid();
+    let copy = final_stage("COPY")
+        .into_iter()
+        .find(|c| c.split_whitespace().last() == Some(dir.as_str()))
+        .unwrap_or_else(|| panic!("no COPY creates {dir} in the final stage"));
+    let chown = copy
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--chown="))
+        .unwrap_or_else(|| panic!("COPY to {dir} without --chown: root would own it"));
+    let owner: u64 = chown
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("--chown={chown}: numeric uid expected"));
+    assert_eq!(owner, uid, "{dir} belongs to the image's USER");
+    // A VOLUME would give each `docker run` / `compose run` its own
+    // anonymous volume and drop what a derived image copies into it.
+    for v in final_stage("VOLUME") {
+        assert!(
+            !v.contains(dir.as_str()),
+            "VOLUME {v}: see the Dockerfile's comment on data.dir"
+        );
+    }
+    assert!(
+        read("README.md").contains(&dir),
+        "deploy/README.md documents {dir}"
+    );
+}
+
+#[test]
+fn compose_keeps_data_dir_on_a_named_volume() {
+    let compose = yaml_doc("compose.yaml");
+    let config = parse_toml(&read(&compose_config_rel(&compose)), "compose");
+    let dir = data_dir(&config, "compose's popbridge.toml");
+    let mounts: Vec<(String, String)> = seq_at(&compose, "services.popbridge.volumes")
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|v| {
+            let mut p = v.split(':');
+            (
+                p.next().unwrap().to_string(),
+                p.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let (source, _) = mounts
+        .iter()
+        .find(|(_, target)| target.trim_end_matches('/') == dir)
+        .unwrap_or_else(|| panic!("compose mounts nothing at data.dir {dir}: {mounts:?}"));
+    assert!(
+        !source.starts_with('.') && !source.starts_with('/'),
+        "{dir} comes from a named volume, not a bind mount ({source})"
+    );
+    assert!(
+        get(&compose, "volumes")
+            .and_then(|v| v.get(source.as_str()))
+            .is_some(),
+        "volume {source} is declared under the top-level volumes:"
+    );
+    // The image's data.dir, so a new volume is initialised with its owner.
+    assert_eq!(dir, data_dir(&image_config(), "image"));
+}
+
+/// What is wrong with the token store set-up of a Kubernetes Deployment.
+fn k8s_store_problems(k: &K8s, config: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pod = k.pod_spec();
+    let c = k.container();
+    let dir = toml_str(config, "data.dir").unwrap_or_default().to_string();
+    if dir.is_empty() {
+        problems.push("data.dir is not set".to_string());
+        return problems;
+    }
+    let store = toml_str(config, "oauth.store").unwrap_or("file");
+    let mounts = get(c, "volumeMounts")
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    let volumes = get(pod, "volumes")
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    let volume = |name: &str| volumes.iter().find(|v| str_at(v, "name") == name).cloned();
+    // The mount that holds data.dir itself (or a parent of it).
+    let data_mount = mounts
+        .iter()
+        .filter(|m| covers(str_at(m, "mountPath"), &dir))
+        .max_by_key(|m| str_at(m, "mountPath").len());
+    for m in &mounts {
+        let v = volume(str_at(m, "name"));
+        let path = str_at(m, "mountPath");
+        if v.as_ref().is_some_and(|v| get(v, "emptyDir").is_some())
+            && (covers(path, &dir) || covers(&dir, path))
+        {
+            problems.push(format!(
+                "an emptyDir at {path} loses tokens and hides the image's uidl-maps under {dir}"
+            ));
+        }
+    }
+    let hpa = k
+        .of_kind("HorizontalPodAutoscaler")
+        .into_iter()
+        .any(|h| str_at(h, "spec.scaleTargetRef.name") == APP);
+    match store {
+        "file" => {
+            if get(k.deployment(), "spec.replicas").and_then(Value::as_u64) != Some(1) || hpa {
+                problems.push(
+                    "oauth.store = \"file\" needs replicas: 1 and no HorizontalPodAutoscaler"
+                        .into(),
+                );
+            }
+            if get(k.deployment(), "spec.strategy.type").and_then(Value::as_str) != Some("Recreate")
+            {
+                problems.push(
+                    "oauth.store = \"file\" on a ReadWriteOnce volume needs strategy Recreate"
+                        .into(),
+                );
+            }
+            match data_mount {
+                None => problems.push(format!("nothing is mounted at data.dir {dir}")),
+                Some(m) => {
+                    if get(m, "readOnly").and_then(Value::as_bool) == Some(true) {
+                        problems.push(format!("{dir} is mounted read-only"));
+                    }
+                    let pvc = volume(str_at(m, "name"))
+                        .and_then(|v| get(&v, "persistentVolumeClaim").cloned());
+                    if pvc.is_none() {
+                        problems.push(format!("{dir} is not a PersistentVolumeClaim"));
+                    }
+                }
+            }
+        }
+        "redis" => {
+            if toml_str(config, "oauth.redis_url")
+                .unwrap_or_default()
+                .is_empty()
+            {
+                problems.push("oauth.store = \"redis\" without oauth.redis_url".into());
+            }
+            if let Some(m) = data_mount {
+                if get(m, "readOnly").and_then(Value::as_bool) != Some(true) {
+                    problems.push(format!(
+                        "{dir} is writable, but with the Redis store replicas only read it"
+                    ));
+                }
+            }
+        }
+        other => problems.push(format!("unknown oauth.store {other:?}")),
+    }
+    problems
+}
+
+#[test]
+fn kubernetes_token_store_fits_the_replica_count() {
+    let k = K8s::load();
+    let config = k.config();
+    assert_eq!(
+        k8s_store_problems(&k, &config),
+        Vec::<String>::new(),
+        "deploy/kubernetes"
+    );
+    // Several replicas (the HPA) share tokens only through Redis.
+    assert_eq!(toml_str(&config, "oauth.store"), Some("redis"));
+    assert_eq!(
+        data_dir(&config, "the ConfigMap"),
+        data_dir(&image_config(), "image"),
+        "the ConfigMap's data.dir is the image's directory (where uidl-maps layers land)"
+    );
+
+    // The same files with the file store must be refused: the check can fail.
+    let mut as_file = config.clone();
+    as_file["oauth"]
+        .as_table_mut()
+        .unwrap()
+        .insert("store".into(), toml::Value::String("file".into()));
+    let problems = k8s_store_problems(&k, &as_file);
+    assert!(
+        problems.iter().any(|p| p.contains("replicas: 1"))
+            && problems
+                .iter()
+                .any(|p| p.contains("nothing is mounted at data.dir")),
+        "{problems:?}"
+    );
+
+    // redis_url names the Service in redis.yaml, on its port.
+    let url = toml_str(&config, "oauth.redis_url").unwrap();
+    let rest = url.strip_prefix("redis://").expect("redis://");
+    let hostport = rest.split('/').next().unwrap();
+    let (host, port) = hostport.rsplit_once(':').expect("host:port");
+    let svc = k.find("Service", host);
+    assert_eq!(str_at(svc, "spec.type"), "ExternalName");
+    assert!(
+        seq_at(svc, "spec.ports")
+            .iter()
+            .any(|p| u64_at(p, "port").to_string() == port),
+        "Service {host} has port {port}"
+    );
+}
+
+/// Names of environment variables whose value is a secret.
+const SECRET_VARS: &[&str] = &[
+    "POPBRIDGE_OAUTH_KEY",
+    "POPBRIDGE_OAUTH_REDIS_PASSWORD",
+    "POPBRIDGE_DEVICE_PASSWORD",
+    "POPBRIDGE_NEW_PASSWORD",
+    "POPBRIDGE_OLD_PASSWORD",
+];
+
+fn is_secret_var(name: &str) -> bool {
+    SECRET_VARS.contains(&name) || name.starts_with("POPBRIDGE_OAUTH_CLIENT_SECRET_")
+}
+
+#[test]
+fn no_secret_value_is_written_inline() {
+    // compose: secrets are files; no secret variable carries a value.
+    let compose = yaml_doc("compose.yaml");
+    for (name, service) in at(&compose, "services").as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        match get(service, "environment") {
+            None => {}
+            Some(Value::Mapping(m)) => {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap();
+                    assert!(
+                        !is_secret_var(k) || v.is_null(),
+                        "compose service {name}: {k} has an inline value"
+                    );
+                }
+            }
+            Some(Value::Sequence(s)) => {
+                for e in strings(s) {
+                    let var = e.split('=').next().unwrap();
+                    assert!(
+                        !(is_secret_var(var) && e.contains('=')),
+                        "compose service {name}: {var} has an inline value"
+                    );
+                }
+            }
+            Some(other) => panic!("environment of {name}: {other:?}"),
+        }
+    }
+    let secrets = at(&compose, "secrets")
+        .as_mapping()
+        .expect("top-level secrets");
+    for (name, s) in secrets {
+        assert!(
+            get(s, "file").is_some() && get(s, "content").is_none(),
+            "compose secret {name:?} must come from a file"
+        );
+    }
+    let config = parse_toml(&read(&compose_config_rel(&compose)), "compose");
+    let key = toml_str(&config, "oauth.key_file").unwrap_or_default();
+    let served: Vec<String> = seq_at(&compose, "services.popbridge.secrets")
+        .iter()
+        .map(|s| {
+            s.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| str_at(s, "source").to_string())
+        })
+        .collect();
+    assert!(
+        served.iter().any(|s| key == format!("/run/secrets/{s}")),
+        "compose's oauth.key_file {key:?} is one of popbridge's secrets {served:?}"
+    );
+    for s in &served {
+        let file = str_at(&compose, &format!("secrets.{s}.file"));
+        let ignore =
+            fs::read_to_string(deploy_path("compose/secrets/.gitignore")).unwrap_or_default();
+        assert!(
+            file.starts_with("./compose/secrets/") && ignore.lines().any(|l| l.trim() == "*"),
+            "secret {s} ({file}) lives in compose/secrets/, which git ignores"
+        );
+    }
+
+    // Dockerfile: no ENV or ARG with a secret.
+    for kw in ["ENV", "ARG"] {
+        for line in final_stage(kw) {
+            for var in SECRET_VARS {
+                assert!(!line.contains(var), "Dockerfile {kw} {line}");
+            }
+        }
+    }
+
+    // Kubernetes: secret variables only through valueFrom; the key and the
+    // Redis password are files from a Secret volume.
+    let k = K8s::load();
+    let c = k.container();
+    for e in get(c, "env")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let name = str_at(e, "name");
+        assert!(
+            !is_secret_var(name) || get(e, "value").is_none(),
+            "Deployment env {name} has an inline value"
+        );
+    }
+    let config = k.config();
+    for key in ["oauth.key_file", "oauth.redis_password_file"] {
+        let file = toml_str(&config, key).unwrap_or_else(|| panic!("the ConfigMap sets {key}"));
+        let (volume, rel) = volume_for(k.pod_spec(), c, file);
+        let source =
+            get(volume, "secret").unwrap_or_else(|| panic!("{key} = {file}: not a Secret"));
+        let name = str_at(source, "secretName");
+        let secret = k.find("Secret", name);
+        let secret_key = key_at(source, &rel);
+        let in_secret = ["data", "stringData"].iter().any(|d| {
+            get(secret, d)
+                .and_then(|m| m.get(secret_key.as_str()))
+                .is_some()
+        });
+        assert!(in_secret, "the example Secret {name} has {secret_key}");
+        let mode = get(source, "defaultMode")
+            .and_then(Value::as_u64)
+            .unwrap_or(0o644);
+        assert_eq!(mode & 0o007, 0, "{file} must not be world-readable");
+        assert!(
+            serde_yaml::to_string(secret)
+                .unwrap()
+                .contains("PLACEHOLDER"),
+            "Secret {name} in secret.yaml holds placeholders only"
+        );
+    }
+    // Nothing but secret.yaml holds Secret objects.
+    for (file, o) in &k.objects {
+        if str_at(o, "kind") == "Secret" {
+            assert!(file.ends_with("secret.yaml"), "{}", file.display());
+        }
+    }
+}
+
+/// Runs `popbridge oauth generate-key` and returns the key it printed.
+fn generate_key() -> String {
+    let run = popbridge(&["oauth", "generate-key"], &[]);
+    assert_eq!(run.code, Some(0), "oauth generate-key\n{}", run.describe());
+    let key = run.stdout.trim().to_string();
+    assert!(!key.is_empty(), "generate-key printed nothing");
+    key
+}
+
+/// `config` with its default route switched to OAuth2 (a generic provider
+/// on loopback) and the key, data dir and Redis password moved into `dir`.
+/// Returns the rewritten file and whether the key goes by environment.
+fn with_oauth_route(text: &str, dir: &Path, key: &str) -> (PathBuf, bool) {
+    let mut table = parse_toml(text, "configuration");
+    let up = table
+        .entry("upstream")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap();
+    up.insert("auth".into(), "oauth2".into());
+    up.insert("oauth_provider".into(), "deploytest".into());
+    let data = dir.join("data");
+    fs::create_dir(&data).unwrap();
+    table
+        .entry("data")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert("dir".into(), data.display().to_string().into());
+    let oauth = table
+        .get_mut("oauth")
+        .and_then(toml::Value::as_table_mut)
+        .expect("the shipped configuration has an [oauth] section");
+    let key_by_env = oauth
+        .get("key_file")
+        .and_then(toml::Value::as_str)
+        .unwrap_or_default()
+        .is_empty();
+    if !key_by_env {
+        let key_file = dir.join("oauth.key");
+        fs::write(&key_file, format!("{key}\n")).unwrap();
+        oauth.insert("key_file".into(), key_file.display().to_string().into());
+    }
+    if oauth
+        .get("redis_password_file")
+        .and_then(toml::Value::as_str)
+        .is_some_and(|v| !v.is_empty())
+    {
+        let pw = dir.join("redis-password");
+        fs::write(&pw, "not-a-real-password\n").unwrap();
+        oauth.insert(
+            "redis_password_file".into(),
+            pw.display().to_string().into(),
+        );
+    }
+    let mut provider = toml::Table::new();
+    provider.insert("name".into(), "deploytest".into());
+    provider.insert("preset".into(), "generic".into());
+    provider.insert("client_id".into(), "popbridge-deploy-test".into());
+    provider.insert("token_url".into(), "http://127.0.0.1:9/token".into());
+    provider.insert(
+        "device_authorization_url".into(),
+        "http://127.0.0.1:9/device".into(),
+    );
+    oauth.insert(
+        "providers".into(),
+        toml::Value::Array(vec![toml::Value::Table(provider)]),
+    );
+    let text = toml::to_string(&table).unwrap();
+    (with_test_certs(&text, dir), key_by_env)
+}
+
+/// Every shipped configuration, with an OAuth2 route added, passes
+/// `--check-config` once its key exists (from `popbridge oauth
+/// generate-key`), and is refused without it.
+#[test]
+fn shipped_configs_accept_an_oauth_route_with_a_generated_key() {
+    let compose = yaml_doc("compose.yaml");
+    let shipped = [
+        (
+            "the image's popbridge.toml",
+            fs::read_to_string(dockerfile_copy_source("/etc/popbridge/popbridge.toml")).unwrap(),
+        ),
+        (
+            "compose's popbridge.toml",
+            read(&compose_config_rel(&compose)),
+        ),
+        ("the ConfigMap's popbridge.toml", K8s::load().config_text()),
+    ];
+    let key = generate_key();
+    for (what, text) in shipped {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, key_by_env) = with_oauth_route(&text, dir.path(), &key);
+        let path = file.to_str().unwrap();
+        let env: Vec<(&str, &str)> = if key_by_env {
+            vec![("POPBRIDGE_OAUTH_KEY", key.as_str())]
+        } else {
+            vec![]
+        };
+        let run = popbridge(&["--check-config", "--config", path], &env);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "{what} with an oauth2 route\n{}",
+            run.describe()
+        );
+        assert!(
+            !run.stdout.contains(&key) && !run.stderr.contains(&key),
+            "{what}: the key was printed"
+        );
+
+        // Without the key: refused, naming where it should be.
+        if key_by_env {
+            let run = popbridge(&["--check-config", "--config", path], &[]);
+            assert_eq!(
+                run.code,
+                Some(2),
+                "{what} without a key\n{}",
+                run.describe()
+            );
+            assert!(
+                run.stderr.contains("POPBRIDGE_OAUTH_KEY"),
+                "{}",
+                run.describe()
+            );
+        } else {
+            fs::remove_file(dir.path().join("oauth.key")).unwrap();
+            let run = popbridge(&["--check-config", "--config", path], &[]);
+            assert_eq!(
+                run.code,
+                Some(2),
+                "{what} without a key\n{}",
+                run.describe()
+            );
+            assert!(run.stderr.contains("oauth.key_file"), "{}", run.describe());
+        }
+    }
+}
+
+#[test]
+fn systemd_unit_provides_state_dir_and_key_credential() {
+    let unit = systemd_unit("systemd/popbridge.service");
+    let service = &unit["Service"];
+    let one = |key: &str| -> String {
+        let v = service
+            .get(key)
+            .unwrap_or_else(|| panic!("[Service] {key}= is missing"));
+        assert_eq!(v.len(), 1, "{key}= given more than once");
+        v[0].clone()
+    };
+    // StateDirectory=popbridge is /var/lib/popbridge, the image's data.dir,
+    // so one popbridge.toml [data] section fits both.
+    let state = one("StateDirectory");
+    assert_eq!(
+        format!("/var/lib/{state}"),
+        data_dir(&image_config(), "image"),
+        "StateDirectory= vs the image's data.dir"
+    );
+    assert_eq!(one("StateDirectoryMode"), "0700");
+    // The key as a credential; popbridge does not expand
+    // ${CREDENTIALS_DIRECTORY}, so the docs give the literal path.
+    let cred = one("LoadCredential");
+    let (id, _source) = cred.split_once(':').expect("LoadCredential=ID:SOURCE");
+    let path = format!("/run/credentials/popbridge.service/{id}");
+    let text = read("systemd/popbridge.service");
+    assert!(
+        text.contains(&format!("key_file = \"{path}\"")),
+        "the unit documents key_file = {path:?}"
+    );
+    assert!(
+        read("README.md").contains(&path),
+        "deploy/README.md documents {path}"
+    );
+    assert!(
+        !service.contains_key("Environment")
+            || !service["Environment"]
+                .iter()
+                .any(|e| SECRET_VARS.iter().any(|v| e.contains(v))),
+        "no secret in Environment="
+    );
+    // The named user that maintenance commands share (README).
+    assert_eq!(one("User"), "popbridge");
+    assert!(
+        read("README.md").contains("-p User=popbridge -p DynamicUser=yes"),
+        "deploy/README.md shows how to run the maintenance commands as the service's user"
+    );
+}
+
+/// The README's maintenance examples name the config path each platform
+/// uses and every maintenance command.
+#[test]
+fn readme_shows_the_maintenance_commands_per_platform() {
+    let readme = read("README.md");
+    let config = config_arg(&dockerfile_cmd());
+    for (section, runner) in [
+        ("Container image", "docker run"),
+        ("Try it locally: compose", "docker compose"),
+        ("Kubernetes", "kubectl"),
+        ("systemd", "systemd-run"),
+    ] {
+        let text = readme
+            .split("\n## ")
+            .find(|s| s.starts_with(section))
+            .unwrap_or_else(|| panic!("deploy/README.md has no \"## {section}\""));
+        for cmd in ["oauth add", "device add", "migrate"] {
+            assert!(
+                text.contains(cmd),
+                "\"## {section}\" shows `popbridge {cmd}`"
+            );
+        }
+        assert!(text.contains(runner), "\"## {section}\" uses {runner}");
+        assert!(
+            text.contains(&format!("--config {config}")),
+            "\"## {section}\" passes --config {config}"
+        );
+    }
 }
