@@ -1148,3 +1148,91 @@ fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
     // Never bob's mail for alice's devices, never [AUTH] for a right password.
     assert!(!log.contains("logged in"), "{log}");
 }
+
+#[test]
+fn oauth_test_logs_in_to_the_routes_imap_server_and_counts_messages() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    s.enrol(OTHER, XO);
+    s.dovecot.deliver(ACCOUNT, &message("one"));
+    s.dovecot.deliver(ACCOUNT, &message("two"));
+    s.dovecot.deliver(OTHER, &message("three"));
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let introspected = s.oauth.stats().introspections_active;
+    // The route is found by the account's provider (corp: OAUTHBEARER),
+    // and named explicitly (xo: XOAUTH2 in two steps).
+    for (account, route, count) in [(ACCOUNT, None, 2), (OTHER, Some(XO), 1)] {
+        let mut args = vec!["--upstream", upstream.as_str(), "oauth", "test", account];
+        if let Some(r) = route {
+            args.extend(["--route", r]);
+        }
+        let r = s.run(&format!("oauth-test-{account}"), &args);
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "{account}: {}\n{out}\n{}",
+            r.status,
+            r.stderr
+        );
+        assert!(
+            out.contains(&format!(
+                "OK: IMAP login to {upstream} as {account} (route {}): INBOX holds {count} messages",
+                route.unwrap_or(CORP)
+            )),
+            "{out}"
+        );
+    }
+    // Dovecot checked both tokens.
+    assert_eq!(s.oauth.stats().introspections_active, introspected + 2);
+    // A route of another provider is refused before anything is asked.
+    let r = s.run(
+        "oauth-test-wrong-route",
+        &[
+            "--upstream",
+            &upstream,
+            "oauth",
+            "test",
+            ACCOUNT,
+            "--route",
+            XO,
+        ],
+    );
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("enrolled with \"corp\""), "{}", r.stderr);
+}
+
+#[test]
+fn oauth_test_fails_clearly_when_the_imap_server_refuses_the_token() {
+    let s = Setup::new();
+    // Enrolled as alice, but bob signed in: Dovecot refuses every token
+    // for alice, the stored one and one fresh one (the server's rule).
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let refreshes = s.refreshes();
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let r = s.run(
+        "oauth-test-refused",
+        &["--upstream", &upstream, "oauth", "test", ACCOUNT],
+    );
+    let out = String::from_utf8_lossy(&r.stdout).to_string();
+    assert_eq!(r.status.code(), Some(1), "{out}\n{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "IMAP login to {upstream} as {ACCOUNT} (route {CORP}) failed: the IMAP server refused a freshly issued access token too"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("AUTHENTICATIONFAILED"), "{}", r.stderr);
+    assert!(!out.contains("IMAP login"), "{out}");
+    // Exactly one retry, with one refresh.
+    assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);
+    assert_log_has_no_secrets(&format!("{out}\n{}", r.stderr), &[]);
+    // An unreachable IMAP server fails too (exit 1), naming the address.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let r = s.run(
+        "oauth-test-dead",
+        &["--upstream", &dead, "oauth", "test", ACCOUNT],
+    );
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains(&dead), "{}", r.stderr);
+}
