@@ -1236,3 +1236,72 @@ fn oauth_test_fails_clearly_when_the_imap_server_refuses_the_token() {
     assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
     assert!(r.stderr.contains(&dead), "{}", r.stderr);
 }
+
+/// The value of `series` (name and labels exactly) in a /metrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn metrics_count_refreshes_cache_hits_and_reenrolments_by_provider_only() {
+    let admin = free_port();
+    // The [admin] table ends the corp route's keys; the next [[routes]]
+    // continues the array.
+    let s = Setup::with_corp_route(&format!("[admin]\naddress = \"127.0.0.1:{admin}\"\n"));
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let first = message("m");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    wait_for_port(admin, Duration::from_secs(30));
+    // 1: the token from enrolment, read from the store (a cache miss).
+    // 2: from the cache.
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    // 3: expired at the server: the cached token (a hit) is refused, one
+    // refresh succeeds.
+    s.oauth.expire_access_tokens();
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    // 4: revoked: the cached token (a hit) is refused, the refresh gets
+    // invalid_grant, the account turns to "needs re-enrolment".
+    s.oauth.revoke_refresh_tokens(Some(ACCOUNT));
+    s.oauth.expire_access_tokens();
+    assert!(pop3_pass(pb.port, &phone, "phone-pass-1").starts_with("-ERR [AUTH]"));
+    let resp = http_request(admin, "GET", "/metrics", &[], b"");
+    assert_eq!(resp.status, 200);
+    let text = String::from_utf8_lossy(&resp.body).to_string();
+    for (series, want) in [
+        (
+            "popbridge_oauth_token_refreshes_total{provider=\"corp\",outcome=\"ok\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_token_refreshes_total{provider=\"corp\",outcome=\"invalid_grant\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_reenrolments_needed_total{provider=\"corp\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_access_token_cache_hits_total{provider=\"corp\"}",
+            3.0,
+        ),
+    ] {
+        assert_eq!(metric(&text, series), Some(want), "{series}:\n{text}");
+    }
+    // The other provider was never used: no series for it.
+    assert!(!text.contains("provider=\"xo\""), "{text}");
+    // Labels name providers only: no account, device or token.
+    for needle in [ACCOUNT, "phone", "alice", CORP_DEVICES] {
+        assert!(!text.contains(needle), "{needle} in /metrics:\n{text}");
+    }
+    assert_log_has_no_secrets(&text, &["phone-pass-1"]);
+}
