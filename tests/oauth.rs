@@ -1305,3 +1305,87 @@ fn metrics_count_refreshes_cache_hits_and_reenrolments_by_provider_only() {
     }
     assert_log_has_no_secrets(&text, &["phone-pass-1"]);
 }
+
+#[test]
+fn migrate_copy_into_an_oauth2_mailbox_keeps_the_old_uidls_for_devices() {
+    // The old ISP: a plain Dovecot POP3 server with its own UIDL format.
+    let old = Dovecot::start_with(DovecotOptions {
+        extra_conf: "pop3_uidl_format = %v.%u\n".into(),
+        ..DovecotOptions::default()
+    });
+    for i in 0..3 {
+        old.deliver("alice", &message(&format!("old-{i}")));
+    }
+    let old_uidls = |port: u16, user: &str, pass: &str| {
+        let mut p = Pop3::connect(port);
+        p.login(user, pass);
+        let mut v: Vec<String> = p.uidl().into_iter().map(|(_, u)| u).collect();
+        p.quit();
+        v.sort();
+        v
+    };
+    let before = old_uidls(old.pop3_port, "alice", "secret");
+    assert_eq!(before.len(), 3);
+    // The new mailbox is alice@example.org's at the OAuth2 provider.
+    let s = Setup::with_corp_route("reuse_xuidl = true\n");
+    s.enrol(ACCOUNT, CORP);
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let old_url = format!("pop3://127.0.0.1:{}", old.pop3_port);
+    let pw = s.dir.path().join("old.pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let base = [
+        "--upstream",
+        upstream.as_str(),
+        "migrate",
+        "copy",
+        "--old",
+        old_url.as_str(),
+        "--old-user",
+        "alice",
+        "--user",
+        ACCOUNT,
+        "--route",
+        CORP,
+    ];
+    // No IMAP password on an OAuth2 route, so none to reuse for the old
+    // server: its password must be given.
+    let r = s.run("migrate-no-old-pw", &base);
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--old-password-file"), "{}", r.stderr);
+    let mut args = base.to_vec();
+    args.extend(["--old-password-file", pw.to_str().unwrap()]);
+    let introspected = s.oauth.stats().introspections_active;
+    for (run, copied) in [(1, 3), (2, 0)] {
+        let r = s.run(&format!("migrate-copy-{run}"), &args);
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "run {run}: {}\n{out}\n{}",
+            r.status,
+            r.stderr
+        );
+        assert!(
+            out.contains(&format!("  copied: {copied}\n")),
+            "run {run}: {out}"
+        );
+    }
+    // Each run logged in with the account's token (Dovecot checked it).
+    assert_eq!(s.oauth.stats().introspections_active, introspected + 2);
+    // A device of the account sees the old server's UIDLs.
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let pb = s.popbridge();
+    assert_eq!(old_uidls(pb.port, &phone, "phone-pass-1"), before);
+    // A revoked account fails clearly, naming the fix.
+    s.oauth.revoke_refresh_tokens(Some(ACCOUNT));
+    s.oauth.expire_access_tokens();
+    let r = s.run("migrate-revoked", &args);
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("popbridge oauth add {ACCOUNT} --provider {CORP}")),
+        "{}",
+        r.stderr
+    );
+    assert_log_has_no_secrets(&r.stderr, &["secret\n"]);
+}
