@@ -352,10 +352,12 @@ impl OldSide {
             Some(p) => p,
             None => match &target.login {
                 NewLogin::Password(p) => Secret::new(p.expose().to_vec()),
-                NewLogin::Oauth { .. } => return Err(usage(format!(
+                NewLogin::Oauth { .. } => {
+                    return Err(usage(format!(
                     "no old server password: give --old-password-file or set {OLD_PASSWORD_ENV} \
                          (the route uses OAuth2, so there is no IMAP password to reuse)"
-                ))),
+                )))
+                }
             },
         };
         Ok(Self {

@@ -1016,6 +1016,59 @@ mod tests {
     }
 
     #[test]
+    fn oauth_test_finds_the_accounts_route() {
+        let toml = r#"
+[upstream]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "users"
+users = ["Boss@Example.org"]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "domain"
+domains = ["example.org"]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "other-provider"
+domains = ["example.net"]
+auth = "oauth2"
+oauth_provider = "m"
+[[routes]]
+name = "passwords"
+domains = ["example.com"]
+auth = "passthrough"
+"#;
+        let config = Config::from_toml(toml).unwrap();
+        let routes = config.effective_routes().unwrap();
+        let name = |account: &str, provider: &str, explicit: Option<&str>| {
+            account_route(&routes, account, provider, explicit).map(|r| r.name.clone())
+        };
+        assert_eq!(name("boss@example.org", "g", None).unwrap(), "users");
+        assert_eq!(name("alice@EXAMPLE.org", "g", None).unwrap(), "domain");
+        // No match: the default route, which is g's.
+        assert_eq!(name("x@example.com", "g", None).unwrap(), "default");
+        // m's only route, whatever the account's domain.
+        assert_eq!(name("x@example.com", "m", None).unwrap(), "other-provider");
+        assert!(name("x@example.com", "none", None)
+            .unwrap_err()
+            .contains("no route uses"));
+        assert_eq!(
+            name("x@example.com", "g", Some("domain")).unwrap(),
+            "domain"
+        );
+        let e = name("x@example.com", "g", Some("other-provider")).unwrap_err();
+        assert!(e.contains("enrolled with \"g\""), "{e}");
+        let e = name("x@example.com", "g", Some("passwords")).unwrap_err();
+        assert!(e.contains("does not use"), "{e}");
+        assert!(name("x@example.com", "g", Some("nope"))
+            .unwrap_err()
+            .contains("no route named"));
+    }
+
+    #[test]
     fn names_without_spaces() {
         assert!(check_name("login", "scanner-1").is_ok());
         assert!(check_name("login", "").is_err());
