@@ -94,32 +94,26 @@ pub async fn bearer_login<C: Connector>(
             sasl,
         };
         let result = connector.login(credentials, hide_keyword, client).await;
-        match bearer_step(attempt, &result) {
-            BearerStep::Proceed => return result.map_err(BearerLoginError::Upstream),
-            BearerStep::RetryWithFreshToken => {
+        match (bearer_step(attempt, &result), result) {
+            (BearerStep::Proceed, result) | (_, result @ Ok(_)) => {
+                return result.map_err(BearerLoginError::Upstream)
+            }
+            (BearerStep::RetryWithFreshToken, Err(e)) => {
                 oauth.token_rejected(provider, account, &token);
-                if let Err(e) = &result {
-                    info!(account, error = %e, "mail server refused the access token; retrying with a fresh one");
-                }
+                info!(account, error = %e, "mail server refused the access token; retrying with a fresh one");
                 attempt = BearerAttempt::Retry;
             }
-            BearerStep::GiveUp => {
+            (BearerStep::GiveUp, Err(e)) => {
                 oauth.token_rejected(provider, account, &token);
                 // Back off the account as for throttling: without it
                 // every poll of every device would cost a refresh while
                 // the mail server refuses the account's tokens.
                 oauth.upstream_throttled(provider, account);
-                let Err(e) = result else {
-                    unreachable!("GiveUp is an error")
-                };
                 warn!(account, provider, error = %e, "mail server refused a freshly issued access token too; backing off (check the account name and the provider's scopes)");
                 return Err(BearerLoginError::TokenRefused(e));
             }
-            BearerStep::Throttled => {
+            (BearerStep::Throttled, Err(e)) => {
                 oauth.upstream_throttled(provider, account);
-                let Err(e) = result else {
-                    unreachable!("Throttled is an error")
-                };
                 warn!(account, provider, error = %e, "mail server throttles the account; backing off");
                 return Err(BearerLoginError::Throttled(e));
             }
