@@ -157,9 +157,11 @@ fn main() -> ExitCode {
         };
     }
     if let Some(command) = args.command.clone() {
+        // The file, then POPBRIDGE_* variables and flags as when serving:
+        // `oauth test` logs in to the IMAP server the proxy would reach.
         let config = match &args.config {
-            Some(path) => match Config::from_file(path) {
-                Ok(c) => Some(c),
+            Some(_) => match args.clone().into_config() {
+                Ok((c, _)) => Some(c),
                 Err(e) => {
                     eprintln!("popbridge: {e}");
                     return ExitCode::from(2);

@@ -48,6 +48,22 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// An OAuth2 provider: an `[[oauth.providers]]` name from the
+/// configuration (bounded; never an account, device or token).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+/// A token refresh at a provider and how it ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub provider: String,
+    /// `ok`, `invalid_grant` (the account needs re-enrolment), `throttled`
+    /// (HTTP 429/503 or `slow_down`), `error` (anything else).
+    pub outcome: &'static str,
+}
+
 /// Every metric popbridge exports.
 pub struct Metrics {
     registry: Registry,
@@ -68,6 +84,17 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Connections refused before a session started (limits, PROXY header).
     pub connections_refused: Family<KindLabels, Counter>,
+    /// OAuth2 refresh-token grants sent, by provider and outcome.
+    pub oauth_refreshes: Family<RefreshLabels, Counter>,
+    /// Accounts this process found their refresh token refused
+    /// (`invalid_grant`) and marked for re-enrolment. A counter of
+    /// transitions, not a gauge of accounts: the state lives in the shared
+    /// store and is cleared by `popbridge oauth add` in another process, so
+    /// no replica could keep a gauge true (`popbridge oauth list` shows the
+    /// current state).
+    pub oauth_reenrolments: Family<ProviderLabels, Counter>,
+    /// Access tokens handed out from the in-memory cache.
+    pub oauth_cache_hits: Family<ProviderLabels, Counter>,
 }
 
 impl Metrics {
@@ -90,6 +117,9 @@ impl Metrics {
             cache_partial: Counter::default(),
             cache_misses: Counter::default(),
             connections_refused: Family::default(),
+            oauth_refreshes: Family::default(),
+            oauth_reenrolments: Family::default(),
+            oauth_cache_hits: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -160,6 +190,21 @@ impl Metrics {
             "Connections refused by limits or a bad PROXY header",
             m.connections_refused.clone(),
         );
+        r.register(
+            "oauth_token_refreshes",
+            "OAuth2 token refreshes by provider and outcome",
+            m.oauth_refreshes.clone(),
+        );
+        r.register(
+            "oauth_reenrolments_needed",
+            "OAuth2 accounts marked for re-enrolment (refresh token refused) by this process",
+            m.oauth_reenrolments.clone(),
+        );
+        r.register(
+            "oauth_access_token_cache_hits",
+            "OAuth2 access tokens served from the in-memory cache",
+            m.oauth_cache_hits.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -201,6 +246,36 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Counts a token refresh at `provider` (a configured provider name).
+    pub fn oauth_refresh(&self, provider: &str, outcome: &'static str) {
+        self.oauth_refreshes
+            .get_or_create(&RefreshLabels {
+                provider: provider.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts an account of `provider` turning to "needs re-enrolment".
+    pub fn oauth_reenrolment_needed(&self, provider: &str) {
+        self.oauth_reenrolments
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an access token served from the cache.
+    pub fn oauth_cache_hit(&self, provider: &str) {
+        self.oauth_cache_hits
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            })
+            .inc();
+    }
+}
+
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
 /// The process's metrics.
@@ -232,5 +307,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn oauth_series_carry_only_provider_and_outcome() {
+        let m = metrics();
+        m.oauth_refresh("m365", "invalid_grant");
+        m.oauth_reenrolment_needed("m365");
+        m.oauth_cache_hit("m365");
+        let text = m.encode();
+        for series in [
+            "popbridge_oauth_token_refreshes_total{provider=\"m365\",outcome=\"invalid_grant\"} 1",
+            "popbridge_oauth_reenrolments_needed_total{provider=\"m365\"} 1",
+            "popbridge_oauth_access_token_cache_hits_total{provider=\"m365\"} 1",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
     }
 }

@@ -27,6 +27,7 @@ use crate::limits::{IpLimiter, LoginThrottle, Throttled};
 use crate::metrics::{metrics, ListenerLabels};
 use crate::migrate::runtime::Lookup as MapLookup;
 use crate::migrate::store::MapKey;
+use crate::oauth::login::{bearer_login, BearerLoginError};
 use crate::oauth::{DeviceAuthError, DeviceGrant, OauthRuntime, TokenError};
 use crate::pop3::command::Secret;
 use crate::pop3::command::{Line, LineDecoder};
@@ -65,38 +66,7 @@ pub const TOKEN_REFUSED_TEXT: &str =
 /// `-ERR [SYS/TEMP]` text for other upstream failures at login.
 pub const UNAVAILABLE_TEXT: &str = "Mail server unavailable, try again later.";
 
-/// Which bearer login this is: a token refused on the first try gets one
-/// retry with a fresh token, never more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BearerAttempt {
-    First,
-    Retry,
-}
-
-/// What to do after a bearer login attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BearerStep {
-    /// Success or an error handled like any login's.
-    Proceed,
-    /// The token was refused: forget it, get a fresh one, try once more.
-    RetryWithFreshToken,
-    /// A fresh token was refused too: stop, and back the account off.
-    GiveUp,
-    /// The server throttles the account: back off, no retry now.
-    Throttled,
-}
-
-/// The retry decision after a bearer login, without I/O.
-pub fn bearer_step<T>(attempt: BearerAttempt, result: &Result<T, UpstreamError>) -> BearerStep {
-    match (result, attempt) {
-        (Err(UpstreamError::TokenRejected { .. }), BearerAttempt::First) => {
-            BearerStep::RetryWithFreshToken
-        }
-        (Err(UpstreamError::TokenRejected { .. }), BearerAttempt::Retry) => BearerStep::GiveUp,
-        (Err(UpstreamError::Throttled(_)), _) => BearerStep::Throttled,
-        _ => BearerStep::Proceed,
-    }
-}
+pub use crate::oauth::login::{bearer_step, BearerAttempt, BearerStep};
 
 /// The session view of a device on an OAuth2 route: the account is the one
 /// the device belongs to; with the `per-device` policy the device's own
@@ -769,101 +739,77 @@ impl<C: Connector> Connection<C> {
                 };
             }
         };
-        let Some(sasl) = oauth.sasl(provider) else {
-            error!(provider, route = %route.name, "unknown OAuth2 provider");
-            metrics().auth("upstream_error");
-            return LoginOutcome::Failed {
-                code: "SYS/TEMP",
-                text: UNAVAILABLE_TEXT,
-            };
-        };
         let account = grant.account.as_str();
-        let mut attempt = BearerAttempt::First;
-        loop {
-            let token = match oauth.access_token(provider, account).await {
-                Ok(t) => t,
-                Err(TokenError::NeedsEnrolment { reason, .. }) => {
-                    warn!(
-                        account,
-                        provider,
-                        reason = %reason,
-                        "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
-                    );
-                    metrics().auth("oauth_needs_enrolment");
-                    return LoginOutcome::Failed {
-                        code: "AUTH",
-                        text: NEEDS_ENROLMENT_TEXT,
-                    };
-                }
-                Err(TokenError::Throttled { retry_after_secs }) => {
-                    warn!(
-                        account,
-                        provider, retry_after_secs, "OAuth2 provider throttles token requests"
-                    );
-                    metrics().auth("oauth_throttled");
-                    return LoginOutcome::Failed {
-                        code: "SYS/TEMP",
-                        text: THROTTLED_TEXT,
-                    };
-                }
-                Err(TokenError::Unavailable(why)) => {
-                    warn!(account, provider, error = %why, "no access token");
-                    metrics().auth("oauth_unavailable");
-                    return LoginOutcome::Failed {
-                        code: "SYS/TEMP",
-                        text: UNAVAILABLE_TEXT,
-                    };
-                }
-            };
-            let credentials = Credentials::Bearer {
-                account,
-                token: &token,
-                sasl,
-            };
-            let result = route
-                .connector
-                .login(credentials, view.hide.as_deref(), Some(self.peer))
-                .await;
-            match bearer_step(attempt, &result) {
-                BearerStep::Proceed => {
-                    let account = account.to_string();
-                    return self.finish_login(route, result, &account, view, user).await;
-                }
-                BearerStep::RetryWithFreshToken => {
-                    oauth.token_rejected(provider, account, &token);
-                    if let Err(e) = &result {
-                        info!(account, error = %e, "mail server refused the access token; retrying with a fresh one");
-                    }
-                    attempt = BearerAttempt::Retry;
-                }
-                BearerStep::GiveUp => {
-                    oauth.token_rejected(provider, account, &token);
-                    // Back off the account as for throttling: without it
-                    // every poll of every device would cost a refresh while
-                    // the mail server refuses the account's tokens.
-                    oauth.upstream_throttled(provider, account);
-                    if let Err(e) = &result {
-                        warn!(account, provider, error = %e, "mail server refused a freshly issued access token too; backing off (check the account name and the provider's scopes)");
-                    }
-                    metrics().auth("oauth_token_rejected");
-                    return LoginOutcome::Failed {
-                        code: "SYS/TEMP",
-                        text: TOKEN_REFUSED_TEXT,
-                    };
-                }
-                BearerStep::Throttled => {
-                    oauth.upstream_throttled(provider, account);
-                    if let Err(e) = &result {
-                        warn!(account, provider, error = %e, "mail server throttles the account; backing off");
-                    }
-                    metrics().auth("upstream_throttled");
-                    return LoginOutcome::Failed {
-                        code: "SYS/TEMP",
-                        text: THROTTLED_TEXT,
-                    };
-                }
+        let result = bearer_login(
+            &oauth,
+            &*route.connector,
+            provider,
+            account,
+            view.hide.as_deref(),
+            Some(self.peer),
+        )
+        .await;
+        let result = match result {
+            Ok(session) => Ok(session),
+            Err(BearerLoginError::Upstream(e)) => Err(e),
+            Err(BearerLoginError::UnknownProvider(_)) => {
+                error!(provider, route = %route.name, "unknown OAuth2 provider");
+                metrics().auth("upstream_error");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: UNAVAILABLE_TEXT,
+                };
             }
-        }
+            Err(BearerLoginError::Token(TokenError::NeedsEnrolment { reason, .. })) => {
+                warn!(
+                    account,
+                    provider,
+                    reason = %reason,
+                    "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
+                );
+                metrics().auth("oauth_needs_enrolment");
+                return LoginOutcome::Failed {
+                    code: "AUTH",
+                    text: NEEDS_ENROLMENT_TEXT,
+                };
+            }
+            Err(BearerLoginError::Token(TokenError::Throttled { retry_after_secs })) => {
+                warn!(
+                    account,
+                    provider, retry_after_secs, "OAuth2 provider throttles token requests"
+                );
+                metrics().auth("oauth_throttled");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: THROTTLED_TEXT,
+                };
+            }
+            Err(BearerLoginError::Token(TokenError::Unavailable(why))) => {
+                warn!(account, provider, error = %why, "no access token");
+                metrics().auth("oauth_unavailable");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: UNAVAILABLE_TEXT,
+                };
+            }
+            // bearer_login logged it and backed the account off.
+            Err(BearerLoginError::TokenRefused(_)) => {
+                metrics().auth("oauth_token_rejected");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: TOKEN_REFUSED_TEXT,
+                };
+            }
+            Err(BearerLoginError::Throttled(_)) => {
+                metrics().auth("upstream_throttled");
+                return LoginOutcome::Failed {
+                    code: "SYS/TEMP",
+                    text: THROTTLED_TEXT,
+                };
+            }
+        };
+        let account = account.to_string();
+        self.finish_login(route, result, &account, view, user).await
     }
 
     /// Turns the upstream login's result into the POP3 answer: the session
@@ -1279,55 +1225,6 @@ impl BodySink for ClientSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rejected() -> Result<(), UpstreamError> {
-        Err(UpstreamError::TokenRejected {
-            status: Some("invalid_token".into()),
-            text: "[AUTHENTICATIONFAILED] Authentication failed.".into(),
-        })
-    }
-
-    #[test]
-    fn a_refused_token_is_retried_once_only() {
-        assert_eq!(
-            bearer_step(BearerAttempt::First, &rejected()),
-            BearerStep::RetryWithFreshToken
-        );
-        assert_eq!(
-            bearer_step(BearerAttempt::Retry, &rejected()),
-            BearerStep::GiveUp
-        );
-    }
-
-    #[test]
-    fn throttling_is_never_retried() {
-        for attempt in [BearerAttempt::First, BearerAttempt::Retry] {
-            let r: Result<(), _> = Err(UpstreamError::Throttled("[THROTTLED]".into()));
-            assert_eq!(bearer_step(attempt, &r), BearerStep::Throttled);
-        }
-    }
-
-    #[test]
-    fn success_and_other_errors_proceed_as_for_any_login() {
-        assert_eq!(
-            bearer_step(BearerAttempt::First, &Ok::<(), UpstreamError>(())),
-            BearerStep::Proceed
-        );
-        for e in [
-            UpstreamError::AuthFailed("BAD".into()),
-            UpstreamError::ConnectionLost,
-            UpstreamError::Unsupported("no AUTH=XOAUTH2".into()),
-            UpstreamError::No {
-                command: "SELECT",
-                text: "no mailbox".into(),
-            },
-        ] {
-            assert_eq!(
-                bearer_step::<()>(BearerAttempt::First, &Err(e)),
-                BearerStep::Proceed
-            );
-        }
-    }
 
     #[test]
     fn device_views_use_the_grants_account() {

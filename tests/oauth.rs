@@ -1148,3 +1148,244 @@ fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
     // Never bob's mail for alice's devices, never [AUTH] for a right password.
     assert!(!log.contains("logged in"), "{log}");
 }
+
+#[test]
+fn oauth_test_logs_in_to_the_routes_imap_server_and_counts_messages() {
+    let s = Setup::new();
+    s.enrol(ACCOUNT, CORP);
+    s.enrol(OTHER, XO);
+    s.dovecot.deliver(ACCOUNT, &message("one"));
+    s.dovecot.deliver(ACCOUNT, &message("two"));
+    s.dovecot.deliver(OTHER, &message("three"));
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let introspected = s.oauth.stats().introspections_active;
+    // The route is found by the account's provider (corp: OAUTHBEARER),
+    // and named explicitly (xo: XOAUTH2 in two steps).
+    for (account, route, count) in [(ACCOUNT, None, 2), (OTHER, Some(XO), 1)] {
+        let mut args = vec!["--upstream", upstream.as_str(), "oauth", "test", account];
+        if let Some(r) = route {
+            args.extend(["--route", r]);
+        }
+        let r = s.run(&format!("oauth-test-{account}"), &args);
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "{account}: {}\n{out}\n{}",
+            r.status,
+            r.stderr
+        );
+        assert!(
+            out.contains(&format!(
+                "OK: IMAP login to {upstream} as {account} (route {}): INBOX holds {count} messages",
+                route.unwrap_or(CORP)
+            )),
+            "{out}"
+        );
+    }
+    // Dovecot checked both tokens.
+    assert_eq!(s.oauth.stats().introspections_active, introspected + 2);
+    // A route of another provider is refused before anything is asked.
+    let r = s.run(
+        "oauth-test-wrong-route",
+        &[
+            "--upstream",
+            &upstream,
+            "oauth",
+            "test",
+            ACCOUNT,
+            "--route",
+            XO,
+        ],
+    );
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("enrolled with \"corp\""), "{}", r.stderr);
+}
+
+#[test]
+fn oauth_test_fails_clearly_when_the_imap_server_refuses_the_token() {
+    let s = Setup::new();
+    // Enrolled as alice, but bob signed in: Dovecot refuses every token
+    // for alice, the stored one and one fresh one (the server's rule).
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let refreshes = s.refreshes();
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let r = s.run(
+        "oauth-test-refused",
+        &["--upstream", &upstream, "oauth", "test", ACCOUNT],
+    );
+    let out = String::from_utf8_lossy(&r.stdout).to_string();
+    assert_eq!(r.status.code(), Some(1), "{out}\n{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "IMAP login to {upstream} as {ACCOUNT} (route {CORP}) failed: the IMAP server refused a freshly issued access token too"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("AUTHENTICATIONFAILED"), "{}", r.stderr);
+    assert!(!out.contains("IMAP login"), "{out}");
+    // Exactly one retry, with one refresh.
+    assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);
+    assert_log_has_no_secrets(&format!("{out}\n{}", r.stderr), &[]);
+    // An unreachable IMAP server fails too (exit 1), naming the address.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let r = s.run(
+        "oauth-test-dead",
+        &["--upstream", &dead, "oauth", "test", ACCOUNT],
+    );
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains(&dead), "{}", r.stderr);
+}
+
+/// The value of `series` (name and labels exactly) in a /metrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn metrics_count_refreshes_cache_hits_and_reenrolments_by_provider_only() {
+    let admin = free_port();
+    // The [admin] table ends the corp route's keys; the next [[routes]]
+    // continues the array.
+    let s = Setup::with_corp_route(&format!("[admin]\naddress = \"127.0.0.1:{admin}\"\n"));
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let first = message("m");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    wait_for_port(admin, Duration::from_secs(30));
+    // 1: the token from enrolment, read from the store (a cache miss).
+    // 2: from the cache.
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    // 3: expired at the server: the cached token (a hit) is refused, one
+    // refresh succeeds.
+    s.oauth.expire_access_tokens();
+    pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+    // 4: revoked: the cached token (a hit) is refused, the refresh gets
+    // invalid_grant, the account turns to "needs re-enrolment".
+    s.oauth.revoke_refresh_tokens(Some(ACCOUNT));
+    s.oauth.expire_access_tokens();
+    assert!(pop3_pass(pb.port, &phone, "phone-pass-1").starts_with("-ERR [AUTH]"));
+    let resp = http_request(admin, "GET", "/metrics", &[], b"");
+    assert_eq!(resp.status, 200);
+    let text = String::from_utf8_lossy(&resp.body).to_string();
+    for (series, want) in [
+        (
+            "popbridge_oauth_token_refreshes_total{provider=\"corp\",outcome=\"ok\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_token_refreshes_total{provider=\"corp\",outcome=\"invalid_grant\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_reenrolments_needed_total{provider=\"corp\"}",
+            1.0,
+        ),
+        (
+            "popbridge_oauth_access_token_cache_hits_total{provider=\"corp\"}",
+            3.0,
+        ),
+    ] {
+        assert_eq!(metric(&text, series), Some(want), "{series}:\n{text}");
+    }
+    // The other provider was never used: no series for it.
+    assert!(!text.contains("provider=\"xo\""), "{text}");
+    // Labels name providers only: no account, device or token.
+    for needle in [ACCOUNT, "phone", "alice", CORP_DEVICES] {
+        assert!(!text.contains(needle), "{needle} in /metrics:\n{text}");
+    }
+    assert_log_has_no_secrets(&text, &["phone-pass-1"]);
+}
+
+#[test]
+fn migrate_copy_into_an_oauth2_mailbox_keeps_the_old_uidls_for_devices() {
+    // The old ISP: a plain Dovecot POP3 server with its own UIDL format.
+    let old = Dovecot::start_with(DovecotOptions {
+        extra_conf: "pop3_uidl_format = %v.%u\n".into(),
+        ..DovecotOptions::default()
+    });
+    for i in 0..3 {
+        old.deliver("alice", &message(&format!("old-{i}")));
+    }
+    let old_uidls = |port: u16, user: &str, pass: &str| {
+        let mut p = Pop3::connect(port);
+        p.login(user, pass);
+        let mut v: Vec<String> = p.uidl().into_iter().map(|(_, u)| u).collect();
+        p.quit();
+        v.sort();
+        v
+    };
+    let before = old_uidls(old.pop3_port, "alice", "secret");
+    assert_eq!(before.len(), 3);
+    // The new mailbox is alice@example.org's at the OAuth2 provider.
+    let s = Setup::with_corp_route("reuse_xuidl = true\n");
+    s.enrol(ACCOUNT, CORP);
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let old_url = format!("pop3://127.0.0.1:{}", old.pop3_port);
+    let pw = s.dir.path().join("old.pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let base = [
+        "--upstream",
+        upstream.as_str(),
+        "migrate",
+        "copy",
+        "--old",
+        old_url.as_str(),
+        "--old-user",
+        "alice",
+        "--user",
+        ACCOUNT,
+        "--route",
+        CORP,
+    ];
+    // No IMAP password on an OAuth2 route, so none to reuse for the old
+    // server: its password must be given.
+    let r = s.run("migrate-no-old-pw", &base);
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--old-password-file"), "{}", r.stderr);
+    let mut args = base.to_vec();
+    args.extend(["--old-password-file", pw.to_str().unwrap()]);
+    let introspected = s.oauth.stats().introspections_active;
+    for (run, copied) in [(1, 3), (2, 0)] {
+        let r = s.run(&format!("migrate-copy-{run}"), &args);
+        let out = String::from_utf8_lossy(&r.stdout).to_string();
+        assert!(
+            r.status.success(),
+            "run {run}: {}\n{out}\n{}",
+            r.status,
+            r.stderr
+        );
+        assert!(
+            out.contains(&format!("  copied: {copied}\n")),
+            "run {run}: {out}"
+        );
+    }
+    // Each run logged in with the account's token (Dovecot checked it).
+    assert_eq!(s.oauth.stats().introspections_active, introspected + 2);
+    // A device of the account sees the old server's UIDLs.
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let pb = s.popbridge();
+    assert_eq!(old_uidls(pb.port, &phone, "phone-pass-1"), before);
+    // A revoked account fails clearly, naming the fix.
+    s.oauth.revoke_refresh_tokens(Some(ACCOUNT));
+    s.oauth.expire_access_tokens();
+    let r = s.run("migrate-revoked", &args);
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("popbridge oauth add {ACCOUNT} --provider {CORP}")),
+        "{}",
+        r.stderr
+    );
+    assert_log_has_no_secrets(&r.stderr, &["secret\n"]);
+}

@@ -45,7 +45,7 @@ fn device_flow_enrolment_list_refresh_and_remove() {
     assert!(line.contains(PROVIDER) && line.contains("active"), "{line}");
 
     // The access token from enrolment is still valid: no refresh.
-    let t = s.run(&["oauth", "test", ACCOUNT]);
+    let t = s.run(&["oauth", "test", "--token-only", ACCOUNT]);
     t.assert_ok("oauth test");
     assert!(
         t.stdout.contains("stored token still valid"),
@@ -57,7 +57,7 @@ fn device_flow_enrolment_list_refresh_and_remove() {
     // Forced: one refresh, the rotated refresh token is stored and works
     // for the next refresh (the server invalidates the old one).
     for n in 1..=2 {
-        let t = s.run(&["oauth", "test", ACCOUNT, "--force-refresh"]);
+        let t = s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
         t.assert_ok("oauth test --force-refresh");
         assert!(t.stdout.contains("refreshed now"), "{}", t.describe());
         let stats = oauth.stats();
@@ -127,7 +127,7 @@ fn invalid_grant_marks_the_account_for_reenrolment() {
     let s = Setup::new(&oauth, "");
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
     assert_eq!(oauth.revoke_refresh_tokens(Some(ACCOUNT)), 1);
-    let t = s.run(&["oauth", "test", ACCOUNT, "--force-refresh"]);
+    let t = s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
     t.assert_code(1, "a revoked refresh token fails");
     assert!(
         t.stderr.contains("needs re-enrolment")
@@ -146,7 +146,7 @@ fn invalid_grant_marks_the_account_for_reenrolment() {
     );
     // Later attempts do not go to the provider again.
     let before = oauth.stats().grant("refresh_token") + oauth.stats().token_error("invalid_grant");
-    s.run(&["oauth", "test", ACCOUNT, "--force-refresh"])
+    s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"])
         .assert_code(1, "still needs enrolment");
     let after = oauth.stats().grant("refresh_token") + oauth.stats().token_error("invalid_grant");
     assert_eq!(
@@ -157,7 +157,7 @@ fn invalid_grant_marks_the_account_for_reenrolment() {
     s.enrol(&oauth, ACCOUNT).assert_ok("re-enrol");
     let list = s.run(&["oauth", "list"]);
     assert!(list.stdout.contains("active"), "{}", list.describe());
-    s.run(&["oauth", "test", ACCOUNT, "--force-refresh"])
+    s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"])
         .assert_ok("works after re-enrolment");
 }
 
@@ -271,7 +271,7 @@ fn wrong_missing_and_short_keys_are_refused_clearly() {
         r.describe()
     );
     assert!(!r.all().contains(other.trim()), "the key is never printed");
-    let r = s.run(&["oauth", "test", ACCOUNT]);
+    let r = s.run(&["oauth", "test", "--token-only", ACCOUNT]);
     r.assert_code(1, "wrong key for test");
     assert!(r.stderr.contains("another key"), "{}", r.describe());
 
@@ -335,7 +335,7 @@ fn truncated_store_file_is_refused_and_the_backup_named() {
         "{}",
         r.describe()
     );
-    let r = s.run(&["oauth", "test", ACCOUNT]);
+    let r = s.run(&["oauth", "test", "--token-only", ACCOUNT]);
     r.assert_code(1, "truncated store for test");
     // The backup is the previous generation (alice only): copying it back
     // recovers, as the message says.
@@ -371,7 +371,7 @@ fn commands_need_a_configuration_and_valid_arguments() {
         "--generate",
     ])
     .assert_code(2, "bad network");
-    s.run(&["oauth", "test", "nobody@example.org"])
+    s.run(&["oauth", "test", "--token-only", "nobody@example.org"])
         .assert_code(1, "not enrolled");
 }
 
@@ -409,7 +409,7 @@ fn trace_logging_shows_no_tokens_or_secrets() {
     s.enrol(&oauth, ACCOUNT)
         .assert_ok("enrol with a client secret");
     let r = s.run_env(
-        &["oauth", "test", ACCOUNT, "--force-refresh"],
+        &["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"],
         &[("RUST_LOG", "trace")],
     );
     r.assert_ok("refresh at trace level");

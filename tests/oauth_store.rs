@@ -97,8 +97,8 @@ fn redis_two_processes_refreshing_at_once_make_one_refresh_and_keep_the_newest_t
         Resp::Simple("OK".into())
     );
     let before = redis_clients(&redis);
-    let a = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
-    let b = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
+    let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
+    let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
     let deadline = Instant::now() + CONNECT_WAIT;
     while redis_clients(&redis) < before + 2 {
         assert!(
@@ -132,7 +132,7 @@ fn redis_two_processes_refreshing_at_once_make_one_refresh_and_keep_the_newest_t
     assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
 
     // The stored refresh token is the newest one: it still works.
-    s.run(&["oauth", "test", ACCOUNT, "--force-refresh"])
+    s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"])
         .assert_ok("refresh with the stored (newest) token");
     let stats = oauth.stats();
     assert_eq!(stats.grant("refresh_token"), 2, "{}", stats.raw);
@@ -149,8 +149,8 @@ fn redis_free_race_never_loses_the_rotated_token() {
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
     for round in 0..3 {
-        let a = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
-        let b = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
+        let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
+        let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
         for (name, mut c) in [("a", a), ("b", b)] {
             let out = c.stdout.take().unwrap();
             finish(c, String::new(), std::io::BufReader::new(out))
@@ -169,8 +169,8 @@ fn file_store_race_between_processes_never_loses_the_rotated_token() {
     let s = Setup::new(&oauth, "");
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
     for round in 0..3 {
-        let a = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
-        let b = s.spawn(&["oauth", "test", ACCOUNT, "--force-refresh"]);
+        let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
+        let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
         for (name, mut c) in [("a", a), ("b", b)] {
             let out = c.stdout.take().unwrap();
             finish(c, String::new(), std::io::BufReader::new(out))
@@ -180,7 +180,7 @@ fn file_store_race_between_processes_never_loses_the_rotated_token() {
         assert_eq!(stats.token_error("invalid_grant"), 0, "{}", stats.raw);
         assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
     }
-    s.run(&["oauth", "test", ACCOUNT, "--force-refresh"])
+    s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"])
         .assert_ok("the stored token is the newest");
 }
 

@@ -20,6 +20,8 @@ use super::store::{
 use super::{MigrateArgs, Mode, NewServerArgs, OldServerArgs, NEW_PASSWORD_ENV, OLD_PASSWORD_ENV};
 use crate::config::{Config, EffectiveRoute};
 use crate::error::UpstreamError;
+use crate::oauth::login::{bearer_login, BearerLoginError};
+use crate::oauth::OauthRuntime;
 use crate::pop3::command::Secret;
 use crate::upstream::imap::{host_of, ImapConfig, ImapConn, ImapConnector};
 use crate::upstream::{Connector, Credentials, Snapshot, Upstream};
@@ -40,6 +42,9 @@ pub enum MigrateError {
     New(#[from] UpstreamError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The IMAP login with the account's OAuth2 token (`auth = "oauth2"`).
+    #[error("IMAP login with the OAuth2 token: {0}")]
+    Oauth(BearerLoginError),
     /// Failed after some messages were copied (they stay; a re-run resumes).
     #[error(
         "{error}; {copied} messages were copied before that: run the same command again to resume"
@@ -93,12 +98,25 @@ pub async fn run(args: MigrateArgs, config: Config) -> Result<(), MigrateError> 
 // Where things are
 // ---------------------------------------------------------------------------
 
+/// How the migration logs in to the IMAP server.
+enum NewLogin {
+    /// The account's IMAP password (`auth = "passthrough"` routes).
+    Password(Secret),
+    /// The enrolled account's access token at `provider` (`auth =
+    /// "oauth2"` routes), with the server's one-retry rule.
+    Oauth {
+        runtime: std::sync::Arc<OauthRuntime>,
+        provider: String,
+    },
+}
+
 /// The IMAP side, resolved from the configuration and the flags.
 struct Target {
     route: EffectiveRoute,
-    /// The IMAP login name (the route's `login` rule applied).
+    /// The IMAP login name (the route's `login` rule applied; on an OAuth2
+    /// route the enrolled account).
     account: String,
-    pass: Secret,
+    login: NewLogin,
     /// Where maps go (capture and import only).
     data_dir: Option<PathBuf>,
 }
@@ -146,12 +164,31 @@ impl Target {
             up.mailbox = v.clone();
         }
         let account = route.upstream.login.apply(&a.user).to_string();
-        let pass =
-            read_password(a.password_file.as_deref(), NEW_PASSWORD_ENV)?.ok_or_else(|| {
-                usage(format!(
-                    "no IMAP password: give --password-file or set {NEW_PASSWORD_ENV}"
-                ))
-            })?;
+        let login = if route.upstream.auth == crate::config::UpstreamAuth::Oauth2 {
+            // No IMAP password: the account's token from the store the
+            // proxy uses (`popbridge oauth add` enrolled it).
+            if a.password_file.is_some() {
+                return Err(usage(format!(
+                    "route {} uses auth = \"oauth2\": the IMAP login uses the account's OAuth2 token, not --password-file",
+                    route.name
+                )));
+            }
+            let runtime = OauthRuntime::from_config(config)
+                .map_err(|e| usage(format!("oauth: {e}")))?
+                .ok_or_else(|| usage("oauth: no OAuth2 runtime for an oauth2 route"))?;
+            NewLogin::Oauth {
+                runtime,
+                provider: route.upstream.oauth_provider.clone(),
+            }
+        } else {
+            NewLogin::Password(
+                read_password(a.password_file.as_deref(), NEW_PASSWORD_ENV)?.ok_or_else(|| {
+                    usage(format!(
+                        "no IMAP password: give --password-file or set {NEW_PASSWORD_ENV}"
+                    ))
+                })?,
+            )
+        };
         let data_dir = a
             .data_dir
             .clone()
@@ -164,7 +201,7 @@ impl Target {
         Ok(Self {
             route,
             account,
-            pass,
+            login,
             data_dir,
         })
     }
@@ -187,21 +224,24 @@ impl Target {
     /// Logs in and selects the mailbox; with `xuidl`, the snapshot carries
     /// every valid X-UIDL header.
     async fn open(&self, xuidl: bool) -> Result<(ImapConn, Snapshot), MigrateError> {
-        if self.route.upstream.auth == crate::config::UpstreamAuth::Oauth2 {
-            // The migration logs in with the account's own IMAP password;
-            // OAuth2 routes have none (their devices log in to popbridge).
-            return Err(usage(format!(
-                "route {} uses auth = \"oauth2\": migrate needs an IMAP password login; \
-                 use a route (or --upstream) with password access to the mailbox",
-                self.route.name
-            )));
-        }
         let connector = ImapConnector::new(imap_config(&self.route, xuidl)?);
-        let credentials = Credentials::Password {
-            user: &self.account,
-            pass: &self.pass,
-        };
-        Ok(connector.login(credentials, None, None).await?)
+        match &self.login {
+            NewLogin::Password(pass) => {
+                let credentials = Credentials::Password {
+                    user: &self.account,
+                    pass,
+                };
+                Ok(connector.login(credentials, None, None).await?)
+            }
+            NewLogin::Oauth { runtime, provider } => {
+                bearer_login(runtime, &connector, provider, &self.account, None, None)
+                    .await
+                    .map_err(|e| match e {
+                        BearerLoginError::Upstream(e) => MigrateError::New(e),
+                        e => MigrateError::Oauth(e),
+                    })
+            }
+        }
     }
 }
 
@@ -310,7 +350,15 @@ impl OldSide {
         let user = a.old_user.clone().unwrap_or_else(|| new.user.clone());
         let pass = match read_password(a.old_password_file.as_deref(), OLD_PASSWORD_ENV)? {
             Some(p) => p,
-            None => Secret::new(target.pass.expose().to_vec()),
+            None => match &target.login {
+                NewLogin::Password(p) => Secret::new(p.expose().to_vec()),
+                NewLogin::Oauth { .. } => {
+                    return Err(usage(format!(
+                    "no old server password: give --old-password-file or set {OLD_PASSWORD_ENV} \
+                         (the route uses OAuth2, so there is no IMAP password to reuse)"
+                )))
+                }
+            },
         };
         Ok(Self {
             source: format!("{} user {user}", a.old),

@@ -93,7 +93,8 @@ pub struct OldServerArgs {
     #[arg(long, value_name = "NAME")]
     pub old_user: Option<String>,
     /// File whose first line is the old server's password. Default: the
-    /// POPBRIDGE_OLD_PASSWORD environment variable, else the IMAP password.
+    /// POPBRIDGE_OLD_PASSWORD environment variable, else the IMAP password
+    /// (required on an OAuth2 route, which has none).
     #[arg(long, value_name = "FILE")]
     pub old_password_file: Option<PathBuf>,
     /// Upgrade a pop3:// connection with STLS (RFC 2595) before logging in.
@@ -112,11 +113,13 @@ pub struct OldServerArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct NewServerArgs {
     /// The account: the login name POP3 clients will use with popbridge (the
-    /// route's `login` rule applies, as when serving).
+    /// route's `login` rule applies, as when serving); on an
+    /// `auth = "oauth2"` route, the enrolled account.
     #[arg(long, value_name = "NAME")]
     pub user: String,
     /// File whose first line is the IMAP password. Default: the
-    /// POPBRIDGE_NEW_PASSWORD environment variable.
+    /// POPBRIDGE_NEW_PASSWORD environment variable. Not used on an
+    /// `auth = "oauth2"` route: the enrolled account's token logs in.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// The route to use, by name (`default` is [upstream]). Default: the

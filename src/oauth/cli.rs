@@ -73,14 +73,24 @@ pub enum OauthCommand {
         #[arg(long)]
         keep_at_provider: bool,
     },
-    /// Get an access token for an account (refreshing it if needed) and
-    /// report whether that worked.
+    /// Get an access token for an account (refreshing it if needed), log
+    /// in to the IMAP server of the route that serves the account with it,
+    /// select the mailbox and report its message count.
     Test {
         account: String,
         /// Refresh even if the stored access token is still valid, unless
         /// another process refreshed it after this command started.
         #[arg(long)]
         force_refresh: bool,
+        /// The route whose IMAP server to log in to. Default: the OAuth2
+        /// route of the account's provider whose users or domains match
+        /// the account, else the default route if it is that provider's,
+        /// else the only route of that provider.
+        #[arg(long, value_name = "NAME", conflicts_with = "token_only")]
+        route: Option<String>,
+        /// Only obtain an access token; do not log in to the IMAP server.
+        #[arg(long)]
+        token_only: bool,
     },
     /// Print a new random store key (base64) for oauth.key_file.
     GenerateKey,
@@ -331,55 +341,172 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
         OauthCommand::Test {
             account,
             force_refresh,
+            route,
+            token_only,
         } => {
-            let started_ms = now_unix_ms();
-            let store = Arc::new(store(&config).await?);
-            let rec = store
-                .get(&account)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            let Some(rec) = rec else {
-                return Err(failed(format!(
-                    "no account {account:?} is enrolled: run popbridge oauth add {account}"
-                )));
-            };
-            let providers = config.oauth.resolved_providers().map_err(|e| usage(e.0))?;
-            let margin = Duration::from_secs(config.oauth.refresh_margin_secs);
-            let mut service =
-                TokenService::new(store.clone(), providers, margin).map_err(failed)?;
-            if force_refresh {
-                service = service.with_fresh_since(started_ms);
-            }
-            let before = rec.meta.version;
-            match service.access_token(&rec.meta.provider, &account).await {
-                Ok(t) => {
-                    let after = store
-                        .get(&account)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?
-                        .map_or(before, |r| r.meta.version);
-                    println!(
-                        "OK: access token for {account} from {} (usable for {} s; {})",
-                        rec.meta.provider,
-                        t.expires_at
-                            .saturating_duration_since(Instant::now())
-                            .as_secs(),
-                        if after != before {
-                            "refreshed now"
-                        } else {
-                            "stored token still valid"
-                        }
-                    );
-                    println!(
-                        "(an IMAP login with the token is tested by the server's login path, not by this command)"
-                    );
-                    Ok(())
-                }
-                Err(e) => Err(failed(e.to_string())),
-            }
+            test_account(
+                &config,
+                &account,
+                force_refresh,
+                route.as_deref(),
+                token_only,
+            )
+            .await
         }
         OauthCommand::GenerateKey => Ok(()),
     }
+}
+
+/// `popbridge oauth test`: an access token, then (unless `token_only`) an
+/// IMAP login with it on the account's route, SELECT, LOGOUT.
+async fn test_account(
+    config: &Config,
+    account: &str,
+    force_refresh: bool,
+    route: Option<&str>,
+    token_only: bool,
+) -> Result<(), Fail> {
+    let started_ms = now_unix_ms();
+    let store = Arc::new(store(config).await?);
+    let rec = store
+        .get(account)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let Some(rec) = rec else {
+        return Err(failed(format!(
+            "no account {account:?} is enrolled: run popbridge oauth add {account}"
+        )));
+    };
+    let provider = rec.meta.provider.clone();
+    // The route first: a configuration mistake is reported before any
+    // request to the provider.
+    let imap = if token_only {
+        None
+    } else {
+        let routes = config.effective_routes().map_err(|e| usage(e.0))?;
+        let route = account_route(&routes, account, &provider, route).map_err(usage)?;
+        let imap = crate::upstream::imap::ImapConfig::from_upstream(
+            &crate::config::UpstreamConfig {
+                // A one-off operator command: no IMAP ID with a client address.
+                send_client_id: false,
+                ..route.upstream.clone()
+            },
+            false,
+            None,
+        )
+        .map_err(usage)?;
+        Some((route.name.clone(), imap))
+    };
+    let providers = config.oauth.resolved_providers().map_err(|e| usage(e.0))?;
+    let margin = Duration::from_secs(config.oauth.refresh_margin_secs);
+    let mut service = TokenService::new(store.clone(), providers, margin).map_err(failed)?;
+    if force_refresh {
+        service = service.with_fresh_since(started_ms);
+    }
+    let runtime = super::OauthRuntime::from_service(service);
+    let before = rec.meta.version;
+    let t = runtime
+        .access_token(&provider, account)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let after = store
+        .get(account)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_or(before, |r| r.meta.version);
+    println!(
+        "OK: access token for {account} from {provider} (usable for {} s; {})",
+        t.expires_at
+            .saturating_duration_since(Instant::now())
+            .as_secs(),
+        if after != before {
+            "refreshed now"
+        } else {
+            "stored token still valid"
+        }
+    );
+    let Some((route_name, imap)) = imap else {
+        return Ok(());
+    };
+    let address = imap.address.clone();
+    let mailbox = imap.mailbox.clone();
+    let connector = crate::upstream::imap::ImapConnector::new(imap);
+    let (conn, snap) =
+        super::login::bearer_login(&runtime, &connector, &provider, account, None, None)
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "IMAP login to {address} as {account} (route {route_name}) failed: {e}"
+                ))
+            })?;
+    crate::upstream::Upstream::logout(conn).await;
+    println!(
+        "OK: IMAP login to {address} as {account} (route {route_name}): {mailbox} holds {} messages",
+        snap.messages.len()
+    );
+    Ok(())
+}
+
+/// The route `oauth test` logs in through for `account` enrolled at
+/// `provider`: `--route NAME` if given (it must be that provider's OAuth2
+/// route), else the provider's OAuth2 route listing the account among its
+/// users, then one listing the account's domain, then the default route if
+/// it is the provider's, then the provider's only route. (The proxy routes
+/// by device login names, which need not look like the account.)
+pub fn account_route<'a>(
+    routes: &'a [crate::config::EffectiveRoute],
+    account: &str,
+    provider: &str,
+    name: Option<&str>,
+) -> Result<&'a crate::config::EffectiveRoute, String> {
+    use crate::config::UpstreamAuth;
+    let serves = |r: &&crate::config::EffectiveRoute| {
+        r.upstream.auth == UpstreamAuth::Oauth2 && r.upstream.oauth_provider == provider
+    };
+    if let Some(name) = name {
+        let r = routes.iter().find(|r| r.name == name).ok_or_else(|| {
+            format!(
+                "no route named {name:?} (routes: {})",
+                routes
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        if r.upstream.auth != UpstreamAuth::Oauth2 {
+            return Err(format!("route {name} does not use auth = \"oauth2\""));
+        }
+        if r.upstream.oauth_provider != provider {
+            return Err(format!(
+                "route {name} uses provider {:?}, but {account} is enrolled with {provider:?}",
+                r.upstream.oauth_provider
+            ));
+        }
+        return Ok(r);
+    }
+    let lower = account.to_lowercase();
+    let domain = lower.rsplit_once('@').map(|(_, d)| d);
+    let ours: Vec<&crate::config::EffectiveRoute> = routes.iter().filter(serves).collect();
+    ours.iter()
+        .find(|r| r.users.iter().any(|u| u.to_lowercase() == lower))
+        .or_else(|| {
+            ours.iter().find(|r| {
+                domain.is_some_and(|d| r.domains.iter().any(|x| x.to_lowercase() == d))
+            })
+        })
+        .or_else(|| ours.iter().find(|r| r.is_default))
+        .or(match ours.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        })
+        .copied()
+        .ok_or_else(|| match ours.len() {
+            0 => format!("no route uses auth = \"oauth2\" with oauth_provider = {provider:?}"),
+            _ => format!(
+                "several routes use provider {provider:?} and none matches {account}: name one with --route"
+            ),
+        })
 }
 
 /// Account names and device logins: printable, no spaces (they travel in
@@ -886,6 +1013,59 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20Z");
         assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00Z");
+    }
+
+    #[test]
+    fn oauth_test_finds_the_accounts_route() {
+        let toml = r#"
+[upstream]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "users"
+users = ["Boss@Example.org"]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "domain"
+domains = ["example.org"]
+auth = "oauth2"
+oauth_provider = "g"
+[[routes]]
+name = "other-provider"
+domains = ["example.net"]
+auth = "oauth2"
+oauth_provider = "m"
+[[routes]]
+name = "passwords"
+domains = ["example.com"]
+auth = "passthrough"
+"#;
+        let config = Config::from_toml(toml).unwrap();
+        let routes = config.effective_routes().unwrap();
+        let name = |account: &str, provider: &str, explicit: Option<&str>| {
+            account_route(&routes, account, provider, explicit).map(|r| r.name.clone())
+        };
+        assert_eq!(name("boss@example.org", "g", None).unwrap(), "users");
+        assert_eq!(name("alice@EXAMPLE.org", "g", None).unwrap(), "domain");
+        // No match: the default route, which is g's.
+        assert_eq!(name("x@example.com", "g", None).unwrap(), "default");
+        // m's only route, whatever the account's domain.
+        assert_eq!(name("x@example.com", "m", None).unwrap(), "other-provider");
+        assert!(name("x@example.com", "none", None)
+            .unwrap_err()
+            .contains("no route uses"));
+        assert_eq!(
+            name("x@example.com", "g", Some("domain")).unwrap(),
+            "domain"
+        );
+        let e = name("x@example.com", "g", Some("other-provider")).unwrap_err();
+        assert!(e.contains("enrolled with \"g\""), "{e}");
+        let e = name("x@example.com", "g", Some("passwords")).unwrap_err();
+        assert!(e.contains("does not use"), "{e}");
+        assert!(name("x@example.com", "g", Some("nope"))
+            .unwrap_err()
+            .contains("no route named"));
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`provider`]: HTTP calls to token, device, revocation endpoints.
 //! - [`service`]: access-token cache, single-flight refresh, rotation,
 //!   re-enrolment state, throttling backoff, device checks.
+//! - [`login`]: the IMAP login with an access token and its one-retry
+//!   rule, shared by the server, `oauth test` and `migrate`.
 //! - [`device`]: argon2id device passwords. [`cli`]: the commands.
 
 use std::net::IpAddr;
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod device;
+pub mod login;
 pub mod provider;
 pub mod redis_store;
 pub mod service;
@@ -207,6 +210,12 @@ impl OauthRuntime {
         let margin = std::time::Duration::from_secs(config.oauth.refresh_margin_secs);
         let service = TokenService::new(store, providers, margin)?;
         Ok(Some(Arc::new(OauthRuntime { service })))
+    }
+
+    /// A runtime around an already built token service (the `oauth test`
+    /// command builds its own, with `--force-refresh`).
+    pub(crate) fn from_service(service: TokenService) -> Arc<OauthRuntime> {
+        Arc::new(OauthRuntime { service })
     }
 
     /// How the provider of `provider` (an `[[oauth.providers]]` name) wants

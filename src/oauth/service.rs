@@ -17,6 +17,7 @@ use super::device;
 use super::provider::{ProviderClient, ProviderError};
 use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
 use super::{AccessToken, DeviceAuthError, DeviceGrant, TokenError};
+use crate::metrics::metrics;
 use crate::pop3::command::Secret;
 
 /// First backoff after a throttling signal.
@@ -214,6 +215,13 @@ impl TokenService {
                 retry_after_secs: left.as_secs().max(1),
             });
         }
+        // A cached token that the IMAP server did not refuse: a hit.
+        if let Some(token) = self.cache.get(&key).await {
+            if !self.is_rejected(token.expose()) {
+                metrics().oauth_cache_hit(provider);
+                return Ok(token);
+            }
+        }
         for _ in 0..2 {
             let token = self
                 .cache
@@ -285,6 +293,15 @@ impl TokenService {
             .client
             .refresh(p, secret.as_deref(), &rec.secrets.refresh_token)
             .await;
+        metrics().oauth_refresh(
+            provider,
+            match &answer {
+                Ok(_) => "ok",
+                Err(ProviderError::InvalidGrant(_)) => "invalid_grant",
+                Err(ProviderError::Throttled { .. } | ProviderError::SlowDown) => "throttled",
+                Err(_) => "error",
+            },
+        );
         match answer {
             Ok(t) => {
                 self.clear_backoff(provider, account);
@@ -346,6 +363,7 @@ impl TokenService {
                     fix = %format!("popbridge oauth add {account} --provider {provider}"),
                     "refresh token refused (invalid_grant): the account needs re-enrolment; its devices get -ERR [AUTH] until then"
                 );
+                metrics().oauth_reenrolment_needed(provider);
                 let expected = rec.meta.version;
                 rec.meta.status = AccountStatus::NeedsReenrolment {
                     reason: reason.clone(),
