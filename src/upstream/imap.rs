@@ -406,47 +406,117 @@ async fn password_login(
             "the IMAP server refuses LOGIN (LOGINDISABLED) and offers no AUTH=PLAIN".into(),
         ));
     }
-    // LOGIN sends both as quoted strings (RFC 3501 §4.3). A password that is
-    // not UTF-8 cannot be quoted, and CR/LF cannot be in a quoted string.
-    let Ok(pass) = std::str::from_utf8(pass.expose()) else {
-        return Err(UpstreamError::AuthFailed(
-            "password is not UTF-8 and the server offers no AUTH=PLAIN".into(),
-        ));
-    };
-    let (Some(user_q), Some(pass_q)) = (quote(user), quote(pass)) else {
+    // LOGIN sends each as a quoted string when it is 7-bit, otherwise as a
+    // synchronizing literal (RFC 3501 §4.3: a quoted string holds 7-bit
+    // characters only; a literal any octet but NUL). CR, LF and NUL are
+    // refused either way: they never reach the server.
+    let (Some(user_arg), Some(pass_arg)) = (login_arg(user.as_bytes()), login_arg(pass.expose()))
+    else {
         return Err(UpstreamError::AuthFailed(
             "user name or password holds CR, LF or NUL".into(),
         ));
     };
-    let mut line = Vec::with_capacity(16 + user_q.len() + pass_q.len());
-    line.extend_from_slice(format!("{AUTH_TAG} LOGIN ").as_bytes());
-    line.extend_from_slice(user_q.as_bytes());
-    line.push(b' ');
-    line.extend_from_slice(pass_q.as_bytes());
+    let mut line = format!("{AUTH_TAG} LOGIN ").into_bytes();
+    for (i, arg) in [user_arg, pass_arg].into_iter().enumerate() {
+        if i > 0 {
+            line.push(b' ');
+        }
+        match arg {
+            LoginArg::Quoted(q) => line.extend_from_slice(q.as_bytes()),
+            LoginArg::Literal(bytes) => {
+                line.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
+                write_secret(client, cfg, &line, "LOGIN").await?;
+                // RFC 3501 §7.5: the literal's octets go only after the
+                // server's `+`; a tagged reply instead ends the command.
+                loop {
+                    let resp = login_response!(client, cfg, "LOGIN")?;
+                    match resp.parsed() {
+                        Response::Continue { .. } => break,
+                        Response::Done {
+                            tag,
+                            status,
+                            outcome,
+                        } if tag.0 == AUTH_TAG => {
+                            let text = outcome_text(&outcome.code, &outcome.information);
+                            return Err(match login_status(status, text) {
+                                Ok(()) => UpstreamError::Protocol(
+                                    "LOGIN answered OK before its arguments were sent".into(),
+                                ),
+                                Err(e) => e,
+                            });
+                        }
+                        Response::Data {
+                            status: Status::Bye,
+                            outcome,
+                        } => return Err(login_bye(outcome.information.as_deref())),
+                        _ => {}
+                    }
+                }
+                line = bytes.to_vec();
+            }
+        }
+    }
     line.extend_from_slice(b"\r\n");
     write_secret(client, cfg, &line, "LOGIN").await?;
+    drop(line);
     loop {
         let resp = login_response!(client, cfg, "LOGIN")?;
-        if let Response::Done {
-            tag,
-            status,
-            outcome,
-        } = resp.parsed()
-        {
-            if tag.0 != AUTH_TAG {
-                continue;
+        match resp.parsed() {
+            Response::Done {
+                tag,
+                status,
+                outcome,
+            } if tag.0 == AUTH_TAG => {
+                let text = outcome_text(&outcome.code, &outcome.information);
+                return login_status(status, text);
             }
-            let text = outcome_text(&outcome.code, &outcome.information);
-            return match status {
-                Status::Ok => Ok(()),
-                Status::No if sasl::is_temporary(&text) => Err(UpstreamError::No {
-                    command: "LOGIN",
-                    text,
-                }),
-                Status::No => Err(UpstreamError::AuthFailed(text)),
-                _ => Err(UpstreamError::AuthFailed(format!("BAD {text}"))),
-            };
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => return Err(login_bye(outcome.information.as_deref())),
+            _ => {}
         }
+    }
+}
+
+/// A LOGIN argument (RFC 3501 §4.3): quoted when 7-bit, else a literal.
+enum LoginArg<'a> {
+    Quoted(String),
+    Literal(&'a [u8]),
+}
+
+/// `None` when `value` holds CR, LF or NUL.
+fn login_arg(value: &[u8]) -> Option<LoginArg<'_>> {
+    if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return None;
+    }
+    match std::str::from_utf8(value) {
+        Ok(s) if s.is_ascii() => quote(s).map(LoginArg::Quoted),
+        _ => Some(LoginArg::Literal(value)),
+    }
+}
+
+/// What LOGIN's tagged reply means.
+fn login_status(status: &Status, text: String) -> Result<(), UpstreamError> {
+    match status {
+        Status::Ok => Ok(()),
+        Status::No if sasl::is_temporary(&text) => Err(UpstreamError::No {
+            command: "LOGIN",
+            text,
+        }),
+        Status::No => Err(UpstreamError::AuthFailed(text)),
+        _ => Err(UpstreamError::AuthFailed(format!("BAD {text}"))),
+    }
+}
+
+/// An untagged BYE while logging in: the server's refusal, throttling
+/// included, rather than an anonymous lost connection.
+fn login_bye(text: Option<&str>) -> UpstreamError {
+    let text = text.unwrap_or("");
+    if sasl::is_throttled(text) {
+        UpstreamError::Throttled(format!("BYE {text}"))
+    } else {
+        UpstreamError::Greeting(format!("BYE {text}"))
     }
 }
 
@@ -1735,5 +1805,194 @@ mod tests {
         assert_eq!(modified_utf7("A&B"), "A&-B");
         assert_eq!(modified_utf7("Entwürfe"), "Entw&APw-rfe");
         assert!(quote_mailbox("a\r\nb").is_err());
+    }
+}
+
+/// Tests against a scripted in-process IMAP server: what popbridge writes is
+/// recorded line by line, and the server answers exactly as scripted.
+#[cfg(test)]
+mod scripted {
+    use super::*;
+    use crate::pop3::command::Secret;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// One step of the server's script.
+    pub(super) enum Step {
+        /// Write these bytes.
+        Send(&'static str),
+        /// Read one line (to LF) and record it.
+        Read,
+        /// Read exactly this many octets (a literal) and record them.
+        Literal(usize),
+    }
+    use Step::*;
+
+    /// Starts a server that plays `script` on one connection; the handle
+    /// gives back what was read. The server ends at the script's end or at
+    /// the client's EOF.
+    pub(super) async fn serve(
+        script: Vec<Step>,
+    ) -> (String, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut r = BufReader::new(r);
+            let mut got = Vec::new();
+            for step in script {
+                match step {
+                    Send(s) => {
+                        if w.write_all(s.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Read => {
+                        let mut line = Vec::new();
+                        if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                            break;
+                        }
+                        got.push(line);
+                    }
+                    Literal(n) => {
+                        let mut buf = vec![0; n];
+                        if r.read_exact(&mut buf).await.is_err() {
+                            break;
+                        }
+                        got.push(buf);
+                    }
+                }
+            }
+            // Hold the connection until the client is done with it.
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest).await;
+            if !rest.is_empty() {
+                got.push(rest);
+            }
+            got
+        });
+        (addr, handle)
+    }
+
+    pub(super) fn config(address: String) -> ImapConfig {
+        ImapConfig {
+            address,
+            mailbox: "INBOX".into(),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(3),
+            no_uidplus: NoUidplus::Refuse,
+            tls: UpstreamTlsSetup::None,
+            cache: None,
+            send_client_id: false,
+            reuse_xuidl: false,
+        }
+    }
+
+    /// A SELECT answer for a mailbox of `exists` messages.
+    pub(super) const SELECT_EMPTY: &str = "* 0 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n\
+        * OK [UIDNEXT 1] n\r\npb3 OK [READ-WRITE] selected\r\n";
+
+    pub(super) async fn login(
+        addr: String,
+        user: &str,
+        pass: &[u8],
+    ) -> Result<(ImapConn, Snapshot), UpstreamError> {
+        let pass = Secret::new(pass.to_vec());
+        ImapConnector::new(config(addr))
+            .login(Credentials::Password { user, pass: &pass }, None, None)
+            .await
+    }
+
+    fn text(lines: &[Vec<u8>]) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    }
+
+    /// RFC 3501 §4.3: a quoted string holds 7-bit characters only, so a
+    /// non-ASCII password goes to LOGIN as a literal (§4.3, after the
+    /// server's continuation, §7.5), never raw inside quotes.
+    #[tokio::test]
+    async fn login_sends_non_ascii_credentials_as_literals() {
+        let pass = "pä\"ss\\wörd".as_bytes();
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read, // pb1 LOGIN "alice" {n}
+            Send("+ go on\r\n"),
+            Literal(pass.len()),
+            Read, // CRLF ending the command
+            Send("pb1 OK logged in\r\n"),
+            Read, // CAPABILITY
+            Read, // SELECT
+            Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        let r = login(addr, "alice", pass).await;
+        let (conn, snap) = r.expect("login");
+        assert!(snap.messages.is_empty());
+        drop(conn);
+        let got = server.await.unwrap();
+        assert_eq!(
+            got[0],
+            format!("pb1 LOGIN \"alice\" {{{}}}\r\n", pass.len()).into_bytes()
+        );
+        assert_eq!(got[1], pass);
+        assert_eq!(got[2], b"\r\n");
+        assert_eq!(
+            text(&got[3..5]),
+            ["pb2 CAPABILITY\r\n", "pb3 SELECT \"INBOX\"\r\n"]
+        );
+    }
+
+    /// ASCII credentials stay quoted, with `"` and `\` escaped.
+    #[tokio::test]
+    async fn login_quotes_ascii_credentials() {
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            Send("* CAPABILITY IMAP4rev1\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        login(addr, "al\"ice", b"p\\w").await.expect("login");
+        let got = server.await.unwrap();
+        assert_eq!(text(&got[..1]), ["pb1 LOGIN \"al\\\"ice\" \"p\\\\w\"\r\n"]);
+    }
+
+    /// A server that refuses the literal (tagged NO instead of `+`) fails
+    /// the login, and the password never goes out.
+    #[tokio::test]
+    async fn login_literal_refused_before_the_password() {
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 NO [AUTHENTICATIONFAILED] no\r\n"),
+        ])
+        .await;
+        let r = login(addr, "alice", "wörd".as_bytes()).await;
+        assert!(matches!(r, Err(UpstreamError::AuthFailed(_))), "{r:?}");
+        let got = server.await.unwrap();
+        let secret = "wörd".as_bytes();
+        assert!(!got.concat().windows(secret.len()).any(|w| w == secret));
+    }
+
+    /// An untagged BYE during LOGIN is the server's answer (Gmail throttles
+    /// this way), not an anonymous lost connection.
+    #[tokio::test]
+    async fn bye_during_login_is_reported() {
+        let (addr, _server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("* BYE [UNAVAILABLE] Too many simultaneous connections\r\n"),
+        ])
+        .await;
+        let r = login(addr, "alice", b"pw").await;
+        assert!(matches!(r, Err(UpstreamError::Throttled(_))), "{r:?}");
     }
 }
