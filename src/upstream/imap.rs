@@ -52,6 +52,13 @@ pub const RETR_WINDOW: usize = 2;
 /// and a few lines: `TOP n 0` of a 30 MB message costs one small fetch.
 pub const TOP_CHUNK: u64 = 32 * 1024;
 
+/// Octets the server may send for one response before the session is
+/// dropped. async-imap buffers each response whole and would grow its buffer
+/// to 512 MiB (imap_stream.rs `MAX_CAPACITY`); our own requests stay far
+/// below this: body chunks of [`RETR_CHUNK`], a header per FETCH response,
+/// a SEARCH of a maildrop of a million messages (about 8 MiB).
+pub const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
+
 /// Our commands are short; the write buffer only has to hold one.
 const UPSTREAM_WRITE_BUFFER: usize = 4 * 1024;
 
@@ -172,7 +179,86 @@ impl std::fmt::Debug for UpstreamTlsSetup {
 /// The connection to the IMAP server, plain or TLS.
 pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
-type Stream = BufWriter<UpstreamStream>;
+type Stream = BufWriter<Bounded<UpstreamStream>>;
+
+/// A reader that refuses more than [`MAX_RESPONSE`] octets between two
+/// parsed responses ([`Bounded::response_done`] resets the count), so a
+/// server cannot make async-imap buffer hundreds of MiB for one response.
+/// async-imap reads from the socket only when its buffer holds no whole
+/// response, so the count covers the current response plus one read ahead.
+#[derive(Debug)]
+pub struct Bounded<S> {
+    inner: S,
+    read: u64,
+    limit: u64,
+}
+
+impl<S> Bounded<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit: MAX_RESPONSE,
+        }
+    }
+
+    fn response_done(&mut self) {
+        self.read = 0;
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Bounded<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            this.read += (buf.filled().len() - before) as u64;
+            if this.read > this.limit {
+                return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                    "upstream response longer than {} octets",
+                    this.limit
+                ))));
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the next response, bounded by [`MAX_RESPONSE`] (not by time).
+macro_rules! read_bounded {
+    ($client:expr) => {{
+        let r = $client.read_response().await;
+        $client.get_mut().get_mut().response_done();
+        r
+    }};
+}
 
 /// Opens IMAP sessions from an [`ImapConfig`].
 #[derive(Debug, Clone)]
@@ -265,11 +351,14 @@ async fn open_session(
         .observe(started.elapsed().as_secs_f64());
     // async-imap writes tag, command and CRLF separately; the buffer makes
     // them one segment, sent at its flush.
-    let mut client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, stream));
+    let mut client = Client::new(BufWriter::with_capacity(
+        UPSTREAM_WRITE_BUFFER,
+        Bounded::new(stream),
+    ));
 
     // async-imap's login skips untagged lines, so a `* BYE` greeting would go
     // unnoticed: read the greeting ourselves.
-    let greeting = timeout(cfg.command_timeout, client.read_response())
+    let greeting = timeout(cfg.command_timeout, async { read_bounded!(client) })
         .await
         .map_err(|_| UpstreamError::Timeout("greeting"))?
         .map_err(UpstreamError::Io)?
@@ -305,11 +394,14 @@ async fn open_session(
         raw_command(&mut client, cfg, "STARTTLS", "STARTTLS").await?;
         // Whatever the server sent after its OK is dropped with the old
         // buffer (RFC 3501 §6.2.1: nothing may follow before the handshake).
-        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner() else {
+        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner().inner else {
             unreachable!("STARTTLS starts on a plain connection")
         };
         let tls = tls_handshake(connector, name, tcp).await?;
-        client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, tls));
+        client = Client::new(BufWriter::with_capacity(
+            UPSTREAM_WRITE_BUFFER,
+            Bounded::new(tls),
+        ));
         // No greeting after STARTTLS; the capabilities may have changed.
         caps = Some(raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?);
     }
@@ -377,7 +469,7 @@ async fn open_session(
 /// macro, because async-imap's response type cannot be named.
 macro_rules! login_response {
     ($client:expr, $cfg:expr, $what:expr) => {
-        match timeout($cfg.command_timeout, $client.read_response()).await {
+        match timeout($cfg.command_timeout, async { read_bounded!($client) }).await {
             Err(_) => Err(UpstreamError::Timeout($what)),
             Ok(Err(e)) => Err(UpstreamError::Io(e)),
             Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
@@ -700,7 +792,7 @@ async fn raw_command(
     .map_err(|_| UpstreamError::Timeout(what))??;
     let mut caps = Caps::default();
     loop {
-        let resp = timeout(cfg.command_timeout, client.read_response())
+        let resp = timeout(cfg.command_timeout, async { read_bounded!(client) })
             .await
             .map_err(|_| UpstreamError::Timeout(what))?
             .map_err(UpstreamError::Io)?
@@ -778,7 +870,11 @@ impl std::fmt::Debug for ImapConn {
 /// because async-imap's response type cannot be named in a signature.
 macro_rules! next_response {
     ($conn:expr, $what:expr) => {
-        match timeout($conn.config.command_timeout, $conn.session.read_response()).await {
+        match timeout($conn.config.command_timeout, async {
+            read_bounded!($conn.session)
+        })
+        .await
+        {
             Err(_) => Err(UpstreamError::Timeout($what)),
             Ok(Err(e)) => Err(UpstreamError::Io(e)),
             Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
@@ -1821,6 +1917,8 @@ mod scripted {
     pub(super) enum Step {
         /// Write these bytes.
         Send(&'static str),
+        /// Write these bytes (built at run time).
+        SendOwned(String),
         /// Read one line (to LF) and record it.
         Read,
         /// Read exactly this many octets (a literal) and record them.
@@ -1844,6 +1942,11 @@ mod scripted {
             for step in script {
                 match step {
                     Send(s) => {
+                        if w.write_all(s.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    SendOwned(s) => {
                         if w.write_all(s.as_bytes()).await.is_err() {
                             break;
                         }
@@ -1994,5 +2097,231 @@ mod scripted {
         .await;
         let r = login(addr, "alice", b"pw").await;
         assert!(matches!(r, Err(UpstreamError::Throttled(_))), "{r:?}");
+    }
+
+    /// The login and snapshot of a mailbox holding UID 10 of `size` octets;
+    /// the session's next tag is pb5.
+    fn one_message(size: u64) -> Vec<Step> {
+        vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
+            Send(
+                "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 11] n\r\n\
+                 pb3 OK [READ-WRITE] selected\r\n",
+            ),
+            Read,
+            SendOwned(format!(
+                "* 1 FETCH (UID 10 RFC822.SIZE {size})\r\npb4 OK done\r\n"
+            )),
+        ]
+    }
+
+    /// Collects what a fetch delivers.
+    #[derive(Default)]
+    pub(super) struct Collect(pub Vec<u8>);
+
+    impl BodySink for Collect {
+        async fn chunk(&mut self, data: &[u8]) -> std::io::Result<Flow> {
+            self.0.extend_from_slice(data);
+            Ok(Flow::Continue)
+        }
+    }
+
+    async fn fetch_with(
+        script: Vec<Step>,
+        size: u64,
+    ) -> (
+        ImapConn,
+        Result<FetchEnd, UpstreamError>,
+        Vec<u8>,
+        tokio::task::JoinHandle<Vec<Vec<u8>>>,
+    ) {
+        let mut all = one_message(size);
+        all.extend(script);
+        let (addr, server) = serve(all).await;
+        let (mut conn, snap) = login(addr, "alice", b"pw").await.expect("login");
+        assert_eq!(snap.messages, vec![(10, size)]);
+        let mut sink = Collect::default();
+        let r = conn.fetch(10, size, false, &mut sink).await;
+        (conn, r, sink.0, server)
+    }
+
+    /// UID FETCH answered OK without an item: the message was expunged by
+    /// someone else; nothing was delivered.
+    #[tokio::test]
+    async fn fetch_with_no_item_is_gone() {
+        let (_c, r, got, _s) = fetch_with(vec![Read, Send("pb5 OK done\r\n")], 5).await;
+        assert!(matches!(r, Ok(FetchEnd::Gone)), "{r:?}");
+        assert!(got.is_empty());
+    }
+
+    /// Dovecot's answer for a message expunged meanwhile: BODY[] NIL.
+    #[tokio::test]
+    async fn fetch_body_nil_is_gone() {
+        let (_c, r, got, _s) = fetch_with(
+            vec![
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<0> NIL)\r\n* 1 EXPUNGE\r\npb5 OK [EXPUNGEISSUED] x\r\n"),
+            ],
+            5,
+        )
+        .await;
+        assert!(matches!(r, Ok(FetchEnd::Gone)), "{r:?}");
+        assert!(got.is_empty());
+    }
+
+    /// Pipelined chunks answered out of order arrive in order; the last
+    /// chunk asks one octet past the size.
+    #[tokio::test]
+    async fn fetch_chunks_out_of_order() {
+        let size = RETR_CHUNK + 10;
+        let first = "a".repeat(RETR_CHUNK as usize);
+        let (c, r, got, server) = fetch_with(
+            vec![
+                Read,
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<262144> {10}\r\nbbbbbbbbbb)\r\npb6 OK done\r\n"),
+                SendOwned(format!(
+                    "* 1 FETCH (UID 10 BODY[]<0> {{{}}}\r\n{first})\r\npb5 OK done\r\n",
+                    first.len()
+                )),
+            ],
+            size,
+        )
+        .await;
+        assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+        assert_eq!(got, format!("{first}bbbbbbbbbb").into_bytes());
+        drop(c);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..6]),
+            [
+                "pb5 UID FETCH 10 (UID BODY.PEEK[]<0.262144>)\r\n",
+                "pb6 UID FETCH 10 (UID BODY.PEEK[]<262144.11>)\r\n"
+            ]
+        );
+    }
+
+    /// A NO on the second chunk after the first was delivered: an error,
+    /// never a shorter Complete; the connection stays in step.
+    #[tokio::test]
+    async fn fetch_no_on_a_later_chunk_is_an_error() {
+        let first = "a".repeat(RETR_CHUNK as usize);
+        let (mut c, r, _got, _s) = fetch_with(
+            vec![
+                Read,
+                Read,
+                SendOwned(format!(
+                    "* 1 FETCH (UID 10 BODY[]<0> {{{}}}\r\n{first})\r\npb5 OK done\r\n",
+                    first.len()
+                )),
+                Send("pb6 NO [SERVERBUG] broken\r\n"),
+                Read,
+                Send("pb7 OK noop\r\n"),
+            ],
+            RETR_CHUNK + 10,
+        )
+        .await;
+        assert!(matches!(r, Err(UpstreamError::No { .. })), "{r:?}");
+        c.exec("NOOP", "NOOP", |_| {}).await.expect("in step");
+    }
+
+    /// A tagged reply to a tag we never sent: out of step, so the
+    /// connection is never used again.
+    #[tokio::test]
+    async fn fetch_reply_to_another_tag_poisons() {
+        let (mut c, r, _got, _s) =
+            fetch_with(vec![Read, Send("pb4 OK late\r\npb5 OK done\r\n")], 5).await;
+        assert!(matches!(r, Err(UpstreamError::Protocol(_))), "{r:?}");
+        let r = c.fetch(10, 5, false, &mut Collect::default()).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+        let r = c.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+    }
+
+    /// A timeout leaves a reply unread: the connection is not reused.
+    #[tokio::test]
+    async fn fetch_timeout_poisons() {
+        let (mut c, r, _got, _s) = fetch_with(vec![Read], 5).await;
+        assert!(matches!(r, Err(UpstreamError::Timeout(_))), "{r:?}");
+        let r = c.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+    }
+
+    /// The connection cut inside the literal: an error after whatever was
+    /// delivered, never Complete.
+    #[tokio::test]
+    async fn fetch_cut_mid_literal_is_an_error() {
+        let mut all = one_message(100);
+        all.extend([Read, Send("* 1 FETCH (UID 10 BODY[]<0> {100}\r\nabc")]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let mut sink = Collect::default();
+        let fetch = conn.fetch(10, 100, false, &mut sink);
+        // The server closes once the script is played.
+        let abort = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            server.abort();
+        };
+        let (r, _) = tokio::join!(fetch, abort);
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    /// More octets than RFC822.SIZE said: an error, not a silent cut.
+    #[tokio::test]
+    async fn fetch_longer_than_size_is_an_error() {
+        let (_c, r, _got, _s) = fetch_with(
+            vec![
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<0> {6}\r\nabcdef)\r\npb5 OK done\r\n"),
+            ],
+            5,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(UpstreamError::SizeMismatch { .. })),
+            "{r:?}"
+        );
+    }
+
+    /// One response longer than [`MAX_RESPONSE`] ends the session instead
+    /// of growing async-imap's buffer towards 512 MiB.
+    #[tokio::test]
+    async fn oversized_response_is_refused() {
+        let n = MAX_RESPONSE as usize + 1024;
+        let huge = format!(
+            "* 1 FETCH (UID 10 BODY[]<0> {{{n}}}\r\n{})\r\npb5 OK done\r\n",
+            "a".repeat(n)
+        );
+        let (_c, r, got, _s) = fetch_with(vec![Read, SendOwned(huge)], 5).await;
+        assert!(got.is_empty());
+        match r {
+            Err(UpstreamError::Io(e)) => assert!(e.to_string().contains("longer than"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Many responses that are each small add up to more than the limit
+    /// without tripping it (the count is per response).
+    #[tokio::test]
+    async fn many_small_responses_are_fine() {
+        let line = format!("* OK {}\r\n", "x".repeat(1000));
+        let many = line.repeat((MAX_RESPONSE / 1000) as usize + 100);
+        let (addr, _server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            SendOwned(many),
+            Send("* CAPABILITY IMAP4rev1\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        login(addr, "alice", b"pw").await.expect("login");
     }
 }
