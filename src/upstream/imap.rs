@@ -1403,14 +1403,38 @@ impl ImapConn {
                 NoUidplus::ExpungeIfAlone => return self.expunge_if_alone(delete).await,
             }
         }
-        self.store(delete, "+FLAGS.SILENT", "\\Deleted").await?;
-        // RFC 4315 §2.1: UID EXPUNGE removes only the listed messages, even
-        // if others are flagged \Deleted.
-        for set in uid_sets(delete) {
-            self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
-                .await?;
-        }
+        self.expunge_exactly(delete).await?;
         self.verify_removed(delete, None).await
+    }
+
+    /// Flags `uids` `\Deleted` and removes exactly them with `UID EXPUNGE`
+    /// (RFC 4315 §2.1: others flagged `\Deleted` stay). When the server
+    /// refuses a step (NO/BAD, the connection still in step), our
+    /// `\Deleted` is taken back before the error is returned: QUIT answers
+    /// -ERR, and another client's EXPUNGE must not remove these messages
+    /// later. (A message another client had flagged `\Deleted` loses the
+    /// flag too; that keeps mail, never loses it.)
+    async fn expunge_exactly(&mut self, uids: &[u32]) -> Result<(), UpstreamError> {
+        let r = async {
+            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
+            for set in uid_sets(uids) {
+                self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
+                    .await?;
+            }
+            Ok::<(), UpstreamError>(())
+        }
+        .await;
+        if let Err(e) = &r {
+            if !e.is_fatal() {
+                if let Err(undo) = self.store(uids, "-FLAGS.SILENT", "\\Deleted").await {
+                    warn!(error = %undo, "could not take \\Deleted back after a failed expunge");
+                    if undo.is_fatal() {
+                        self.poisoned = true;
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// `UID STORE <uids> <op> (<flags>)`, split into sets of bounded length.
@@ -1477,11 +1501,7 @@ impl ImapConn {
             }
         }
         if !self.has_move {
-            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
-            for set in &sets {
-                self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
-                    .await?;
-            }
+            self.expunge_exactly(uids).await?;
         }
         let mut report = self.verify_removed(uids, None).await?;
         if report.not_removed.is_empty() {
@@ -2323,5 +2343,67 @@ mod scripted {
         ])
         .await;
         login(addr, "alice", b"pw").await.expect("login");
+    }
+
+    /// UID EXPUNGE refused after our `\Deleted` was set: QUIT fails, and
+    /// the flag is taken back, so no other client's EXPUNGE removes mail
+    /// the POP3 client was told was not deleted.
+    #[tokio::test]
+    async fn refused_uid_expunge_takes_the_deleted_flag_back() {
+        let mut all = one_message(5);
+        all.extend([
+            Read,
+            Send("pb5 OK stored\r\n"),
+            Read,
+            Send("pb6 NO [SERVERBUG] cannot expunge\r\n"),
+            Read,
+            Send("pb7 OK stored\r\n"),
+        ]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let r = conn.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::No { .. })), "{r:?}");
+        drop(conn);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..7]),
+            [
+                "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+                "pb6 UID EXPUNGE 10\r\n",
+                "pb7 UID STORE 10 -FLAGS.SILENT (\\Deleted)\r\n",
+            ]
+        );
+    }
+
+    /// The happy path: STORE, UID EXPUNGE of exactly our UIDs, then the
+    /// check that they are gone; one still there is reported.
+    #[tokio::test]
+    async fn commit_reports_what_uid_expunge_left() {
+        let mut all = one_message(5);
+        all.extend([
+            Read,
+            Send("pb5 OK stored\r\n"),
+            Read,
+            Send("pb6 OK expunged\r\n"),
+            Read,
+            Send("* SEARCH 10\r\npb7 OK searched\r\n"),
+        ]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let r = conn
+            .commit(&[10], &[], &DeleteAction::Expunge)
+            .await
+            .expect("commit");
+        assert_eq!(r.not_removed, vec![10]);
+        drop(conn);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..7]),
+            [
+                "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+                "pb6 UID EXPUNGE 10\r\n",
+                "pb7 UID SEARCH UID 10\r\n",
+            ]
+        );
     }
 }
