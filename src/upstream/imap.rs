@@ -52,6 +52,13 @@ pub const RETR_WINDOW: usize = 2;
 /// and a few lines: `TOP n 0` of a 30 MB message costs one small fetch.
 pub const TOP_CHUNK: u64 = 32 * 1024;
 
+/// Octets the server may send for one response before the session is
+/// dropped. async-imap buffers each response whole and would grow its buffer
+/// to 512 MiB (imap_stream.rs `MAX_CAPACITY`); our own requests stay far
+/// below this: body chunks of [`RETR_CHUNK`], a header per FETCH response,
+/// a SEARCH of a maildrop of a million messages (about 8 MiB).
+pub const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
+
 /// Our commands are short; the write buffer only has to hold one.
 const UPSTREAM_WRITE_BUFFER: usize = 4 * 1024;
 
@@ -172,7 +179,86 @@ impl std::fmt::Debug for UpstreamTlsSetup {
 /// The connection to the IMAP server, plain or TLS.
 pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
-type Stream = BufWriter<UpstreamStream>;
+type Stream = BufWriter<Bounded<UpstreamStream>>;
+
+/// A reader that refuses more than [`MAX_RESPONSE`] octets between two
+/// parsed responses ([`Bounded::response_done`] resets the count), so a
+/// server cannot make async-imap buffer hundreds of MiB for one response.
+/// async-imap reads from the socket only when its buffer holds no whole
+/// response, so the count covers the current response plus one read ahead.
+#[derive(Debug)]
+pub struct Bounded<S> {
+    inner: S,
+    read: u64,
+    limit: u64,
+}
+
+impl<S> Bounded<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit: MAX_RESPONSE,
+        }
+    }
+
+    fn response_done(&mut self) {
+        self.read = 0;
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Bounded<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            this.read += (buf.filled().len() - before) as u64;
+            if this.read > this.limit {
+                return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                    "upstream response longer than {} octets",
+                    this.limit
+                ))));
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the next response, bounded by [`MAX_RESPONSE`] (not by time).
+macro_rules! read_bounded {
+    ($client:expr) => {{
+        let r = $client.read_response().await;
+        $client.get_mut().get_mut().response_done();
+        r
+    }};
+}
 
 /// Opens IMAP sessions from an [`ImapConfig`].
 #[derive(Debug, Clone)]
@@ -265,11 +351,14 @@ async fn open_session(
         .observe(started.elapsed().as_secs_f64());
     // async-imap writes tag, command and CRLF separately; the buffer makes
     // them one segment, sent at its flush.
-    let mut client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, stream));
+    let mut client = Client::new(BufWriter::with_capacity(
+        UPSTREAM_WRITE_BUFFER,
+        Bounded::new(stream),
+    ));
 
     // async-imap's login skips untagged lines, so a `* BYE` greeting would go
     // unnoticed: read the greeting ourselves.
-    let greeting = timeout(cfg.command_timeout, client.read_response())
+    let greeting = timeout(cfg.command_timeout, async { read_bounded!(client) })
         .await
         .map_err(|_| UpstreamError::Timeout("greeting"))?
         .map_err(UpstreamError::Io)?
@@ -305,11 +394,14 @@ async fn open_session(
         raw_command(&mut client, cfg, "STARTTLS", "STARTTLS").await?;
         // Whatever the server sent after its OK is dropped with the old
         // buffer (RFC 3501 §6.2.1: nothing may follow before the handshake).
-        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner() else {
+        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner().inner else {
             unreachable!("STARTTLS starts on a plain connection")
         };
         let tls = tls_handshake(connector, name, tcp).await?;
-        client = Client::new(BufWriter::with_capacity(UPSTREAM_WRITE_BUFFER, tls));
+        client = Client::new(BufWriter::with_capacity(
+            UPSTREAM_WRITE_BUFFER,
+            Bounded::new(tls),
+        ));
         // No greeting after STARTTLS; the capabilities may have changed.
         caps = Some(raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?);
     }
@@ -377,7 +469,7 @@ async fn open_session(
 /// macro, because async-imap's response type cannot be named.
 macro_rules! login_response {
     ($client:expr, $cfg:expr, $what:expr) => {
-        match timeout($cfg.command_timeout, $client.read_response()).await {
+        match timeout($cfg.command_timeout, async { read_bounded!($client) }).await {
             Err(_) => Err(UpstreamError::Timeout($what)),
             Ok(Err(e)) => Err(UpstreamError::Io(e)),
             Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
@@ -406,47 +498,117 @@ async fn password_login(
             "the IMAP server refuses LOGIN (LOGINDISABLED) and offers no AUTH=PLAIN".into(),
         ));
     }
-    // LOGIN sends both as quoted strings (RFC 3501 §4.3). A password that is
-    // not UTF-8 cannot be quoted, and CR/LF cannot be in a quoted string.
-    let Ok(pass) = std::str::from_utf8(pass.expose()) else {
-        return Err(UpstreamError::AuthFailed(
-            "password is not UTF-8 and the server offers no AUTH=PLAIN".into(),
-        ));
-    };
-    let (Some(user_q), Some(pass_q)) = (quote(user), quote(pass)) else {
+    // LOGIN sends each as a quoted string when it is 7-bit, otherwise as a
+    // synchronizing literal (RFC 3501 §4.3: a quoted string holds 7-bit
+    // characters only; a literal any octet but NUL). CR, LF and NUL are
+    // refused either way: they never reach the server.
+    let (Some(user_arg), Some(pass_arg)) = (login_arg(user.as_bytes()), login_arg(pass.expose()))
+    else {
         return Err(UpstreamError::AuthFailed(
             "user name or password holds CR, LF or NUL".into(),
         ));
     };
-    let mut line = Vec::with_capacity(16 + user_q.len() + pass_q.len());
-    line.extend_from_slice(format!("{AUTH_TAG} LOGIN ").as_bytes());
-    line.extend_from_slice(user_q.as_bytes());
-    line.push(b' ');
-    line.extend_from_slice(pass_q.as_bytes());
+    let mut line = format!("{AUTH_TAG} LOGIN ").into_bytes();
+    for (i, arg) in [user_arg, pass_arg].into_iter().enumerate() {
+        if i > 0 {
+            line.push(b' ');
+        }
+        match arg {
+            LoginArg::Quoted(q) => line.extend_from_slice(q.as_bytes()),
+            LoginArg::Literal(bytes) => {
+                line.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
+                write_secret(client, cfg, &line, "LOGIN").await?;
+                // RFC 3501 §7.5: the literal's octets go only after the
+                // server's `+`; a tagged reply instead ends the command.
+                loop {
+                    let resp = login_response!(client, cfg, "LOGIN")?;
+                    match resp.parsed() {
+                        Response::Continue { .. } => break,
+                        Response::Done {
+                            tag,
+                            status,
+                            outcome,
+                        } if tag.0 == AUTH_TAG => {
+                            let text = outcome_text(&outcome.code, &outcome.information);
+                            return Err(match login_status(status, text) {
+                                Ok(()) => UpstreamError::Protocol(
+                                    "LOGIN answered OK before its arguments were sent".into(),
+                                ),
+                                Err(e) => e,
+                            });
+                        }
+                        Response::Data {
+                            status: Status::Bye,
+                            outcome,
+                        } => return Err(login_bye(outcome.information.as_deref())),
+                        _ => {}
+                    }
+                }
+                line = bytes.to_vec();
+            }
+        }
+    }
     line.extend_from_slice(b"\r\n");
     write_secret(client, cfg, &line, "LOGIN").await?;
+    drop(line);
     loop {
         let resp = login_response!(client, cfg, "LOGIN")?;
-        if let Response::Done {
-            tag,
-            status,
-            outcome,
-        } = resp.parsed()
-        {
-            if tag.0 != AUTH_TAG {
-                continue;
+        match resp.parsed() {
+            Response::Done {
+                tag,
+                status,
+                outcome,
+            } if tag.0 == AUTH_TAG => {
+                let text = outcome_text(&outcome.code, &outcome.information);
+                return login_status(status, text);
             }
-            let text = outcome_text(&outcome.code, &outcome.information);
-            return match status {
-                Status::Ok => Ok(()),
-                Status::No if sasl::is_temporary(&text) => Err(UpstreamError::No {
-                    command: "LOGIN",
-                    text,
-                }),
-                Status::No => Err(UpstreamError::AuthFailed(text)),
-                _ => Err(UpstreamError::AuthFailed(format!("BAD {text}"))),
-            };
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => return Err(login_bye(outcome.information.as_deref())),
+            _ => {}
         }
+    }
+}
+
+/// A LOGIN argument (RFC 3501 §4.3): quoted when 7-bit, else a literal.
+enum LoginArg<'a> {
+    Quoted(String),
+    Literal(&'a [u8]),
+}
+
+/// `None` when `value` holds CR, LF or NUL.
+fn login_arg(value: &[u8]) -> Option<LoginArg<'_>> {
+    if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return None;
+    }
+    match std::str::from_utf8(value) {
+        Ok(s) if s.is_ascii() => quote(s).map(LoginArg::Quoted),
+        _ => Some(LoginArg::Literal(value)),
+    }
+}
+
+/// What LOGIN's tagged reply means.
+fn login_status(status: &Status, text: String) -> Result<(), UpstreamError> {
+    match status {
+        Status::Ok => Ok(()),
+        Status::No if sasl::is_temporary(&text) => Err(UpstreamError::No {
+            command: "LOGIN",
+            text,
+        }),
+        Status::No => Err(UpstreamError::AuthFailed(text)),
+        _ => Err(UpstreamError::AuthFailed(format!("BAD {text}"))),
+    }
+}
+
+/// An untagged BYE while logging in: the server's refusal, throttling
+/// included, rather than an anonymous lost connection.
+fn login_bye(text: Option<&str>) -> UpstreamError {
+    let text = text.unwrap_or("");
+    if sasl::is_throttled(text) {
+        UpstreamError::Throttled(format!("BYE {text}"))
+    } else {
+        UpstreamError::Greeting(format!("BYE {text}"))
     }
 }
 
@@ -630,7 +792,7 @@ async fn raw_command(
     .map_err(|_| UpstreamError::Timeout(what))??;
     let mut caps = Caps::default();
     loop {
-        let resp = timeout(cfg.command_timeout, client.read_response())
+        let resp = timeout(cfg.command_timeout, async { read_bounded!(client) })
             .await
             .map_err(|_| UpstreamError::Timeout(what))?
             .map_err(UpstreamError::Io)?
@@ -708,7 +870,11 @@ impl std::fmt::Debug for ImapConn {
 /// because async-imap's response type cannot be named in a signature.
 macro_rules! next_response {
     ($conn:expr, $what:expr) => {
-        match timeout($conn.config.command_timeout, $conn.session.read_response()).await {
+        match timeout($conn.config.command_timeout, async {
+            read_bounded!($conn.session)
+        })
+        .await
+        {
             Err(_) => Err(UpstreamError::Timeout($what)),
             Ok(Err(e)) => Err(UpstreamError::Io(e)),
             Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
@@ -1237,14 +1403,38 @@ impl ImapConn {
                 NoUidplus::ExpungeIfAlone => return self.expunge_if_alone(delete).await,
             }
         }
-        self.store(delete, "+FLAGS.SILENT", "\\Deleted").await?;
-        // RFC 4315 §2.1: UID EXPUNGE removes only the listed messages, even
-        // if others are flagged \Deleted.
-        for set in uid_sets(delete) {
-            self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
-                .await?;
-        }
+        self.expunge_exactly(delete).await?;
         self.verify_removed(delete, None).await
+    }
+
+    /// Flags `uids` `\Deleted` and removes exactly them with `UID EXPUNGE`
+    /// (RFC 4315 §2.1: others flagged `\Deleted` stay). When the server
+    /// refuses a step (NO/BAD, the connection still in step), our
+    /// `\Deleted` is taken back before the error is returned: QUIT answers
+    /// -ERR, and another client's EXPUNGE must not remove these messages
+    /// later. (A message another client had flagged `\Deleted` loses the
+    /// flag too; that keeps mail, never loses it.)
+    async fn expunge_exactly(&mut self, uids: &[u32]) -> Result<(), UpstreamError> {
+        let r = async {
+            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
+            for set in uid_sets(uids) {
+                self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
+                    .await?;
+            }
+            Ok::<(), UpstreamError>(())
+        }
+        .await;
+        if let Err(e) = &r {
+            if !e.is_fatal() {
+                if let Err(undo) = self.store(uids, "-FLAGS.SILENT", "\\Deleted").await {
+                    warn!(error = %undo, "could not take \\Deleted back after a failed expunge");
+                    if undo.is_fatal() {
+                        self.poisoned = true;
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// `UID STORE <uids> <op> (<flags>)`, split into sets of bounded length.
@@ -1311,11 +1501,7 @@ impl ImapConn {
             }
         }
         if !self.has_move {
-            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
-            for set in &sets {
-                self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
-                    .await?;
-            }
+            self.expunge_exactly(uids).await?;
         }
         let mut report = self.verify_removed(uids, None).await?;
         if report.not_removed.is_empty() {
@@ -1735,5 +1921,489 @@ mod tests {
         assert_eq!(modified_utf7("A&B"), "A&-B");
         assert_eq!(modified_utf7("Entwürfe"), "Entw&APw-rfe");
         assert!(quote_mailbox("a\r\nb").is_err());
+    }
+}
+
+/// Tests against a scripted in-process IMAP server: what popbridge writes is
+/// recorded line by line, and the server answers exactly as scripted.
+#[cfg(test)]
+mod scripted {
+    use super::*;
+    use crate::pop3::command::Secret;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// One step of the server's script.
+    pub(super) enum Step {
+        /// Write these bytes.
+        Send(&'static str),
+        /// Write these bytes (built at run time).
+        SendOwned(String),
+        /// Read one line (to LF) and record it.
+        Read,
+        /// Read exactly this many octets (a literal) and record them.
+        Literal(usize),
+    }
+    use Step::*;
+
+    /// Starts a server that plays `script` on one connection; the handle
+    /// gives back what was read. The server ends at the script's end or at
+    /// the client's EOF.
+    pub(super) async fn serve(
+        script: Vec<Step>,
+    ) -> (String, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut r = BufReader::new(r);
+            let mut got = Vec::new();
+            for step in script {
+                match step {
+                    Send(s) => {
+                        if w.write_all(s.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    SendOwned(s) => {
+                        if w.write_all(s.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Read => {
+                        let mut line = Vec::new();
+                        if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                            break;
+                        }
+                        got.push(line);
+                    }
+                    Literal(n) => {
+                        let mut buf = vec![0; n];
+                        if r.read_exact(&mut buf).await.is_err() {
+                            break;
+                        }
+                        got.push(buf);
+                    }
+                }
+            }
+            // Hold the connection until the client is done with it.
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest).await;
+            if !rest.is_empty() {
+                got.push(rest);
+            }
+            got
+        });
+        (addr, handle)
+    }
+
+    pub(super) fn config(address: String) -> ImapConfig {
+        ImapConfig {
+            address,
+            mailbox: "INBOX".into(),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(3),
+            no_uidplus: NoUidplus::Refuse,
+            tls: UpstreamTlsSetup::None,
+            cache: None,
+            send_client_id: false,
+            reuse_xuidl: false,
+        }
+    }
+
+    /// A SELECT answer for a mailbox of `exists` messages.
+    pub(super) const SELECT_EMPTY: &str = "* 0 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n\
+        * OK [UIDNEXT 1] n\r\npb3 OK [READ-WRITE] selected\r\n";
+
+    pub(super) async fn login(
+        addr: String,
+        user: &str,
+        pass: &[u8],
+    ) -> Result<(ImapConn, Snapshot), UpstreamError> {
+        let pass = Secret::new(pass.to_vec());
+        ImapConnector::new(config(addr))
+            .login(Credentials::Password { user, pass: &pass }, None, None)
+            .await
+    }
+
+    fn text(lines: &[Vec<u8>]) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    }
+
+    /// RFC 3501 §4.3: a quoted string holds 7-bit characters only, so a
+    /// non-ASCII password goes to LOGIN as a literal (§4.3, after the
+    /// server's continuation, §7.5), never raw inside quotes.
+    #[tokio::test]
+    async fn login_sends_non_ascii_credentials_as_literals() {
+        let pass = "pä\"ss\\wörd".as_bytes();
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read, // pb1 LOGIN "alice" {n}
+            Send("+ go on\r\n"),
+            Literal(pass.len()),
+            Read, // CRLF ending the command
+            Send("pb1 OK logged in\r\n"),
+            Read, // CAPABILITY
+            Read, // SELECT
+            Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        let r = login(addr, "alice", pass).await;
+        let (conn, snap) = r.expect("login");
+        assert!(snap.messages.is_empty());
+        drop(conn);
+        let got = server.await.unwrap();
+        assert_eq!(
+            got[0],
+            format!("pb1 LOGIN \"alice\" {{{}}}\r\n", pass.len()).into_bytes()
+        );
+        assert_eq!(got[1], pass);
+        assert_eq!(got[2], b"\r\n");
+        assert_eq!(
+            text(&got[3..5]),
+            ["pb2 CAPABILITY\r\n", "pb3 SELECT \"INBOX\"\r\n"]
+        );
+    }
+
+    /// ASCII credentials stay quoted, with `"` and `\` escaped.
+    #[tokio::test]
+    async fn login_quotes_ascii_credentials() {
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            Send("* CAPABILITY IMAP4rev1\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        login(addr, "al\"ice", b"p\\w").await.expect("login");
+        let got = server.await.unwrap();
+        assert_eq!(text(&got[..1]), ["pb1 LOGIN \"al\\\"ice\" \"p\\\\w\"\r\n"]);
+    }
+
+    /// A server that refuses the literal (tagged NO instead of `+`) fails
+    /// the login, and the password never goes out.
+    #[tokio::test]
+    async fn login_literal_refused_before_the_password() {
+        let (addr, server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 NO [AUTHENTICATIONFAILED] no\r\n"),
+        ])
+        .await;
+        let r = login(addr, "alice", "wörd".as_bytes()).await;
+        assert!(matches!(r, Err(UpstreamError::AuthFailed(_))), "{r:?}");
+        let got = server.await.unwrap();
+        let secret = "wörd".as_bytes();
+        assert!(!got.concat().windows(secret.len()).any(|w| w == secret));
+    }
+
+    /// An untagged BYE during LOGIN is the server's answer (Gmail throttles
+    /// this way), not an anonymous lost connection.
+    #[tokio::test]
+    async fn bye_during_login_is_reported() {
+        let (addr, _server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("* BYE [UNAVAILABLE] Too many simultaneous connections\r\n"),
+        ])
+        .await;
+        let r = login(addr, "alice", b"pw").await;
+        assert!(matches!(r, Err(UpstreamError::Throttled(_))), "{r:?}");
+    }
+
+    /// The login and snapshot of a mailbox holding UID 10 of `size` octets;
+    /// the session's next tag is pb5.
+    fn one_message(size: u64) -> Vec<Step> {
+        vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
+            Send(
+                "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 11] n\r\n\
+                 pb3 OK [READ-WRITE] selected\r\n",
+            ),
+            Read,
+            SendOwned(format!(
+                "* 1 FETCH (UID 10 RFC822.SIZE {size})\r\npb4 OK done\r\n"
+            )),
+        ]
+    }
+
+    /// Collects what a fetch delivers.
+    #[derive(Default)]
+    pub(super) struct Collect(pub Vec<u8>);
+
+    impl BodySink for Collect {
+        async fn chunk(&mut self, data: &[u8]) -> std::io::Result<Flow> {
+            self.0.extend_from_slice(data);
+            Ok(Flow::Continue)
+        }
+    }
+
+    async fn fetch_with(
+        script: Vec<Step>,
+        size: u64,
+    ) -> (
+        ImapConn,
+        Result<FetchEnd, UpstreamError>,
+        Vec<u8>,
+        tokio::task::JoinHandle<Vec<Vec<u8>>>,
+    ) {
+        let mut all = one_message(size);
+        all.extend(script);
+        let (addr, server) = serve(all).await;
+        let (mut conn, snap) = login(addr, "alice", b"pw").await.expect("login");
+        assert_eq!(snap.messages, vec![(10, size)]);
+        let mut sink = Collect::default();
+        let r = conn.fetch(10, size, false, &mut sink).await;
+        (conn, r, sink.0, server)
+    }
+
+    /// UID FETCH answered OK without an item: the message was expunged by
+    /// someone else; nothing was delivered.
+    #[tokio::test]
+    async fn fetch_with_no_item_is_gone() {
+        let (_c, r, got, _s) = fetch_with(vec![Read, Send("pb5 OK done\r\n")], 5).await;
+        assert!(matches!(r, Ok(FetchEnd::Gone)), "{r:?}");
+        assert!(got.is_empty());
+    }
+
+    /// Dovecot's answer for a message expunged meanwhile: BODY[] NIL.
+    #[tokio::test]
+    async fn fetch_body_nil_is_gone() {
+        let (_c, r, got, _s) = fetch_with(
+            vec![
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<0> NIL)\r\n* 1 EXPUNGE\r\npb5 OK [EXPUNGEISSUED] x\r\n"),
+            ],
+            5,
+        )
+        .await;
+        assert!(matches!(r, Ok(FetchEnd::Gone)), "{r:?}");
+        assert!(got.is_empty());
+    }
+
+    /// Pipelined chunks answered out of order arrive in order; the last
+    /// chunk asks one octet past the size.
+    #[tokio::test]
+    async fn fetch_chunks_out_of_order() {
+        let size = RETR_CHUNK + 10;
+        let first = "a".repeat(RETR_CHUNK as usize);
+        let (c, r, got, server) = fetch_with(
+            vec![
+                Read,
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<262144> {10}\r\nbbbbbbbbbb)\r\npb6 OK done\r\n"),
+                SendOwned(format!(
+                    "* 1 FETCH (UID 10 BODY[]<0> {{{}}}\r\n{first})\r\npb5 OK done\r\n",
+                    first.len()
+                )),
+            ],
+            size,
+        )
+        .await;
+        assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+        assert_eq!(got, format!("{first}bbbbbbbbbb").into_bytes());
+        drop(c);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..6]),
+            [
+                "pb5 UID FETCH 10 (UID BODY.PEEK[]<0.262144>)\r\n",
+                "pb6 UID FETCH 10 (UID BODY.PEEK[]<262144.11>)\r\n"
+            ]
+        );
+    }
+
+    /// A NO on the second chunk after the first was delivered: an error,
+    /// never a shorter Complete; the connection stays in step.
+    #[tokio::test]
+    async fn fetch_no_on_a_later_chunk_is_an_error() {
+        let first = "a".repeat(RETR_CHUNK as usize);
+        let (mut c, r, _got, _s) = fetch_with(
+            vec![
+                Read,
+                Read,
+                SendOwned(format!(
+                    "* 1 FETCH (UID 10 BODY[]<0> {{{}}}\r\n{first})\r\npb5 OK done\r\n",
+                    first.len()
+                )),
+                Send("pb6 NO [SERVERBUG] broken\r\n"),
+                Read,
+                Send("pb7 OK noop\r\n"),
+            ],
+            RETR_CHUNK + 10,
+        )
+        .await;
+        assert!(matches!(r, Err(UpstreamError::No { .. })), "{r:?}");
+        c.exec("NOOP", "NOOP", |_| {}).await.expect("in step");
+    }
+
+    /// A tagged reply to a tag we never sent: out of step, so the
+    /// connection is never used again.
+    #[tokio::test]
+    async fn fetch_reply_to_another_tag_poisons() {
+        let (mut c, r, _got, _s) =
+            fetch_with(vec![Read, Send("pb4 OK late\r\npb5 OK done\r\n")], 5).await;
+        assert!(matches!(r, Err(UpstreamError::Protocol(_))), "{r:?}");
+        let r = c.fetch(10, 5, false, &mut Collect::default()).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+        let r = c.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+    }
+
+    /// A timeout leaves a reply unread: the connection is not reused.
+    #[tokio::test]
+    async fn fetch_timeout_poisons() {
+        let (mut c, r, _got, _s) = fetch_with(vec![Read], 5).await;
+        assert!(matches!(r, Err(UpstreamError::Timeout(_))), "{r:?}");
+        let r = c.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
+    }
+
+    /// The connection cut inside the literal: an error after whatever was
+    /// delivered, never Complete.
+    #[tokio::test]
+    async fn fetch_cut_mid_literal_is_an_error() {
+        let mut all = one_message(100);
+        all.extend([Read, Send("* 1 FETCH (UID 10 BODY[]<0> {100}\r\nabc")]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let mut sink = Collect::default();
+        let fetch = conn.fetch(10, 100, false, &mut sink);
+        // The server closes once the script is played.
+        let abort = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            server.abort();
+        };
+        let (r, _) = tokio::join!(fetch, abort);
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    /// More octets than RFC822.SIZE said: an error, not a silent cut.
+    #[tokio::test]
+    async fn fetch_longer_than_size_is_an_error() {
+        let (_c, r, _got, _s) = fetch_with(
+            vec![
+                Read,
+                Send("* 1 FETCH (UID 10 BODY[]<0> {6}\r\nabcdef)\r\npb5 OK done\r\n"),
+            ],
+            5,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(UpstreamError::SizeMismatch { .. })),
+            "{r:?}"
+        );
+    }
+
+    /// One response longer than [`MAX_RESPONSE`] ends the session instead
+    /// of growing async-imap's buffer towards 512 MiB.
+    #[tokio::test]
+    async fn oversized_response_is_refused() {
+        let n = MAX_RESPONSE as usize + 1024;
+        let huge = format!(
+            "* 1 FETCH (UID 10 BODY[]<0> {{{n}}}\r\n{})\r\npb5 OK done\r\n",
+            "a".repeat(n)
+        );
+        let (_c, r, got, _s) = fetch_with(vec![Read, SendOwned(huge)], 5).await;
+        assert!(got.is_empty());
+        match r {
+            Err(UpstreamError::Io(e)) => assert!(e.to_string().contains("longer than"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Many responses that are each small add up to more than the limit
+    /// without tripping it (the count is per response).
+    #[tokio::test]
+    async fn many_small_responses_are_fine() {
+        let line = format!("* OK {}\r\n", "x".repeat(1000));
+        let many = line.repeat((MAX_RESPONSE / 1000) as usize + 100);
+        let (addr, _server) = serve(vec![
+            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+            Read,
+            Send("pb1 OK logged in\r\n"),
+            Read,
+            Read,
+            SendOwned(many),
+            Send("* CAPABILITY IMAP4rev1\r\npb2 OK done\r\n"),
+            Send(SELECT_EMPTY),
+        ])
+        .await;
+        login(addr, "alice", b"pw").await.expect("login");
+    }
+
+    /// UID EXPUNGE refused after our `\Deleted` was set: QUIT fails, and
+    /// the flag is taken back, so no other client's EXPUNGE removes mail
+    /// the POP3 client was told was not deleted.
+    #[tokio::test]
+    async fn refused_uid_expunge_takes_the_deleted_flag_back() {
+        let mut all = one_message(5);
+        all.extend([
+            Read,
+            Send("pb5 OK stored\r\n"),
+            Read,
+            Send("pb6 NO [SERVERBUG] cannot expunge\r\n"),
+            Read,
+            Send("pb7 OK stored\r\n"),
+        ]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let r = conn.commit(&[10], &[], &DeleteAction::Expunge).await;
+        assert!(matches!(r, Err(UpstreamError::No { .. })), "{r:?}");
+        drop(conn);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..7]),
+            [
+                "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+                "pb6 UID EXPUNGE 10\r\n",
+                "pb7 UID STORE 10 -FLAGS.SILENT (\\Deleted)\r\n",
+            ]
+        );
+    }
+
+    /// The happy path: STORE, UID EXPUNGE of exactly our UIDs, then the
+    /// check that they are gone; one still there is reported.
+    #[tokio::test]
+    async fn commit_reports_what_uid_expunge_left() {
+        let mut all = one_message(5);
+        all.extend([
+            Read,
+            Send("pb5 OK stored\r\n"),
+            Read,
+            Send("pb6 OK expunged\r\n"),
+            Read,
+            Send("* SEARCH 10\r\npb7 OK searched\r\n"),
+        ]);
+        let (addr, server) = serve(all).await;
+        let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+        let r = conn
+            .commit(&[10], &[], &DeleteAction::Expunge)
+            .await
+            .expect("commit");
+        assert_eq!(r.not_removed, vec![10]);
+        drop(conn);
+        let lines = server.await.unwrap();
+        assert_eq!(
+            text(&lines[4..7]),
+            [
+                "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+                "pb6 UID EXPUNGE 10\r\n",
+                "pb7 UID SEARCH UID 10\r\n",
+            ]
+        );
     }
 }
