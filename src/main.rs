@@ -434,8 +434,45 @@ fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net:
 
 /// Serves until SIGTERM or Ctrl-C and the drain that follows. Returns true
 /// on a clean drain.
+/// SIGHUP and SIGTERM streams, registered before any listener opens: a
+/// signal that arrives as soon as the port answers must be handled, not
+/// take the default action (which for both is to end the process).
+#[derive(Default)]
+struct Signals {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let hangup = signal(SignalKind::hangup())
+                .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP; configuration will not be reloaded"))
+                .ok();
+            let terminate = signal(SignalKind::terminate())
+                .inspect_err(|e| warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C drains"))
+                .ok();
+            Signals { hangup, terminate }
+        }
+        #[cfg(not(unix))]
+        Signals::default()
+    }
+}
+
 async fn run(valid: Validated, args: Args) -> Result<bool, String> {
     let cfg = valid.config.clone();
+    let signals = Signals::register();
+    #[cfg(unix)]
+    let Signals { hangup, terminate } = signals;
+    #[cfg(not(unix))]
+    let (hangup, terminate) = {
+        let _ = signals;
+        ((), ())
+    };
     let mut listeners = Vec::new();
     for (addr, implicit_tls) in
         std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
@@ -475,14 +512,14 @@ async fn run(valid: Validated, args: Args) -> Result<bool, String> {
             ));
         }
     }
-    tokio::spawn(reload_on_sighup(server.clone(), args, valid));
+    tokio::spawn(reload_on_sighup(server.clone(), args, valid, hangup));
 
     info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
     let drain = Duration::from_secs(cfg.lifecycle.drain_timeout_secs);
     let shutdown = {
         let ready = ready.clone();
         async move {
-            shutdown_signal().await;
+            shutdown_signal(terminate).await;
             ready.draining.store(true, Ordering::Relaxed);
             info!("shutdown requested");
         }
@@ -496,12 +533,16 @@ async fn run(valid: Validated, args: Args) -> Result<bool, String> {
 /// sessions; running sessions keep what they started with. An invalid new
 /// configuration is logged and the old one stays. Listener addresses cannot
 /// change without a restart.
-async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut current: Validated) {
+async fn reload_on_sighup(
+    server: Arc<Server<ImapConnector>>,
+    args: Args,
+    mut current: Validated,
+    #[cfg(unix)] hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] hangup: (),
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; configuration will not be reloaded");
+        let Some(mut hup) = hangup else {
             return;
         };
         while hup.recv().await.is_some() {
@@ -539,7 +580,7 @@ async fn reload_on_sighup(server: Arc<Server<ImapConnector>>, args: Args, mut cu
         }
     }
     #[cfg(not(unix))]
-    let _ = (server, args, current);
+    let _ = (server, args, current, hangup);
 }
 
 /// Each session holds two sockets (client and upstream): raise the soft
@@ -572,25 +613,27 @@ fn is_loopback(address: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(
+    #[cfg(unix)] terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] terminate: (),
+) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let Some(mut term) = terminate else {
+            let _ = ctrl_c.await;
+            return;
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = terminate;
+        let _ = ctrl_c.await;
+    }
 }
 
 #[cfg(test)]
