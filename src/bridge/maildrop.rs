@@ -90,7 +90,12 @@ impl Maildrop {
                 let base = uidl.clone();
                 while let Some(count) = seen.get_mut(&base) {
                     *count += 1;
-                    uidl = format!("{base}-{count}");
+                    // RFC 1939 §7: at most 70 characters, so a long UIDL
+                    // gives up its tail to the suffix (a map or X-UIDL value
+                    // of 70 characters would otherwise be served as 72).
+                    let suffix = format!("-{count}");
+                    let keep = crate::bridge::uidl::MAX_UIDL_LEN.saturating_sub(suffix.len());
+                    uidl = base.chars().take(keep).collect::<String>() + &suffix;
                     if !seen.contains_key(&uidl) {
                         break;
                     }
@@ -230,6 +235,28 @@ mod tests {
         m.set_uidls(x, &f);
         let all: Vec<String> = m.visible().map(|(_, e)| m.uidl(e, &f)).collect();
         assert_eq!(all, ["1", "abc", "abc-2", "1-2"]);
+    }
+
+    #[test]
+    fn renamed_duplicates_stay_valid_uidls() {
+        let f = UidlFormat::parse("%u").unwrap();
+        let long = "x".repeat(crate::bridge::uidl::MAX_UIDL_LEN);
+        let mut m = Maildrop::new(1, (1..=12).map(|u| (u, 1)).collect());
+        m.set_uidls((1..=12).map(|u| (u, long.clone())).collect(), &f);
+        let all: Vec<String> = m.visible().map(|(_, e)| m.uidl(e, &f)).collect();
+        let unique: std::collections::HashSet<&String> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "{all:?}");
+        for u in &all {
+            // RFC 1939 §7: 1 to 70 characters in 0x21-0x7E.
+            assert!(
+                (1..=crate::bridge::uidl::MAX_UIDL_LEN).contains(&u.len())
+                    && u.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+                "{u:?} ({} chars)",
+                u.len()
+            );
+        }
+        assert_eq!(all[0], long);
+        assert!(all[11].ends_with("-12"), "{}", all[11]);
     }
 
     #[test]

@@ -249,7 +249,8 @@ impl Pop3Client {
         } else if let Some(rest) = text.strip_prefix("-ERR") {
             Err(Pop3Error::Err {
                 command: what,
-                text: rest.trim().to_string(),
+                // From the server, bound for the log: no control characters.
+                text: rest.trim().chars().filter(|c| !c.is_control()).collect(),
             })
         } else {
             Err(bad(what, &text))
@@ -361,9 +362,19 @@ fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// Characters of a server's line kept in an error (it reaches the log).
+const MAX_ERROR_TEXT: usize = 200;
+
+/// A protocol error quoting (a bounded prefix of) what the server sent.
+/// The text comes from the old server: cut on a character boundary (a
+/// byte index could split a UTF-8 sequence and panic) and without control
+/// characters, so a hostile server cannot forge log lines.
 fn bad(command: &'static str, text: &str) -> Pop3Error {
-    let mut text = text.to_string();
-    text.truncate(200);
+    let text = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ERROR_TEXT)
+        .collect();
     Pop3Error::Protocol { command, text }
 }
 
@@ -480,5 +491,20 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("wrong password"), "{e}");
         assert!(!e.to_string().contains("pw"));
+    }
+
+    #[tokio::test]
+    async fn a_hostile_listing_line_is_an_error_not_a_panic() {
+        // 199 ASCII octets then a 2-octet character: a byte-index cut at 200
+        // would split it. No space, so the line is not a UIDL entry.
+        let mut answer = b"+OK\r\n".to_vec();
+        answer.extend_from_slice("a".repeat(199).as_bytes());
+        answer.extend_from_slice("\u{e9}\x1b[2J\r\n.\r\n".as_bytes());
+        let (addr, _task) = serve(vec![("UIDL", answer)]).await;
+        let mut c = Pop3Client::connect(&addr, &OldTls::None).await.unwrap();
+        let e = c.uidl().await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, Pop3Error::Protocol { .. }), "{e:?}");
+        assert!(!text.contains('\x1b'), "{text:?}");
     }
 }

@@ -3,7 +3,10 @@
 //! passwords.
 
 use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Semaphore;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -58,6 +61,67 @@ pub fn dummy_verify(password: &[u8]) {
     let _ = verify_password(password, phc);
 }
 
+/// argon2 checks running at once, at most. Each holds m = 19 MiB while it
+/// runs: unbounded, the default 1000 sessions (`server.max_sessions`)
+/// sending PASS together would ask for about 19 GiB, from clients that
+/// need no valid login. Further checks wait for a slot; their number is
+/// bounded by the session limit and the login throttle.
+pub const MAX_CONCURRENT_CHECKS: usize = 4;
+
+/// The slots for [`check`], and how many are in use (with the most ever in
+/// use, which a test reads).
+struct Gate {
+    slots: Arc<Semaphore>,
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+fn gate() -> &'static Gate {
+    static GATE: OnceLock<Gate> = OnceLock::new();
+    GATE.get_or_init(|| Gate {
+        slots: Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS)),
+        in_use: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+    })
+}
+
+/// The most argon2 checks that ever ran at once in this process.
+pub fn peak_concurrent_checks() -> usize {
+    gate().peak.load(Ordering::SeqCst)
+}
+
+/// Checks `password` against `phc` on a blocking thread, at most
+/// [`MAX_CONCURRENT_CHECKS`] at a time; `None` (an unknown login) spends
+/// the same work via [`dummy_verify`] and is `false`. The slot moves into
+/// the blocking task, so a session dropped mid-check does not free it
+/// before the memory is.
+pub async fn check(password: Vec<u8>, phc: Option<String>) -> Result<bool, String> {
+    let g = gate();
+    let permit = g
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| format!("verification slots: {e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let g = gate();
+        let now = g.in_use.fetch_add(1, Ordering::SeqCst) + 1;
+        g.peak.fetch_max(now, Ordering::SeqCst);
+        let ok = match phc {
+            Some(h) => verify_password(&password, &h),
+            None => {
+                dummy_verify(&password);
+                false
+            }
+        };
+        g.in_use.fetch_sub(1, Ordering::SeqCst);
+        drop(permit);
+        ok
+    })
+    .await
+    .map_err(|e| format!("verification task: {e}"))
+}
+
 /// `::ffff:a.b.c.d` is the IPv4 client a.b.c.d on a dual-stack socket.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -103,6 +167,28 @@ mod tests {
         let h2 = hash_password(b"correct horse battery").unwrap();
         assert_ne!(h, h2, "salts differ");
         dummy_verify(b"anything");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn argon2_checks_are_bounded() {
+        let h = hash_password(b"correct horse battery").unwrap();
+        let tasks: Vec<_> = (0..MAX_CONCURRENT_CHECKS * 4)
+            .map(|i| {
+                let phc = (i % 2 == 0).then(|| h.clone());
+                tokio::spawn(check(b"wrong password!".to_vec(), phc))
+            })
+            .collect();
+        for t in tasks {
+            assert!(!t.await.unwrap().unwrap());
+        }
+        assert!(check(b"correct horse battery".to_vec(), Some(h))
+            .await
+            .unwrap());
+        let peak = peak_concurrent_checks();
+        assert!(
+            (1..=MAX_CONCURRENT_CHECKS).contains(&peak),
+            "{peak} checks ran at once"
+        );
     }
 
     #[test]

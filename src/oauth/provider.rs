@@ -429,9 +429,9 @@ fn transport_text(url: &str, e: reqwest::Error) -> String {
     } else if e.is_connect() {
         "connection failed".to_string()
     } else {
-        let mut s = e.without_url().to_string();
-        s.truncate(MAX_ERROR_TEXT);
-        s
+        // Not String::truncate: a byte index inside a UTF-8 sequence
+        // panics. sanitise cuts on characters and drops control characters.
+        sanitise(&e.without_url().to_string())
     };
     format!("{}: {kind}", host_of(url))
 }

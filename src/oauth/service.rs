@@ -437,13 +437,13 @@ impl TokenService {
         let pw = password.expose().to_vec();
         let Some(rec) = rec else {
             // Same work as a real check: no timing oracle for names.
-            let _ = tokio::task::spawn_blocking(move || device::dummy_verify(&pw)).await;
+            let _ = device::check(pw, None).await;
             return Err(DeviceAuthError::UnknownDevice);
         };
-        let hash = rec.hash.clone();
-        let ok = tokio::task::spawn_blocking(move || device::verify_password(&pw, &hash))
+        // Bounded: at most device::MAX_CONCURRENT_CHECKS argon2 runs at once.
+        let ok = device::check(pw, Some(rec.hash.clone()))
             .await
-            .map_err(|e| DeviceAuthError::Store(format!("verification task: {e}")))?;
+            .map_err(DeviceAuthError::Store)?;
         if !ok {
             return Err(DeviceAuthError::BadPassword);
         }

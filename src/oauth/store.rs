@@ -500,7 +500,13 @@ pub struct FileStore {
 
 impl FileStore {
     pub fn open(dir: PathBuf) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir)
+        // 0700 from creation (no window in which a new directory is
+        // readable by others); an existing one is tightened below.
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(&dir)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         #[cfg(unix)]
         {
@@ -748,9 +754,21 @@ fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Sto
     if path.exists() {
         let backup = backup_path(&path);
         let btmp = dir.join(format!("{name}.bak-tmp-{}", hex::encode(rnd)));
-        let kept = std::fs::copy(&path, &btmp)
-            .and_then(|_| File::open(&btmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&btmp, &backup));
+        // Not std::fs::copy: it gives the copy the source's mode (a file
+        // restored by hand may be 0644), and follows a symlink in place of
+        // the temp name. The backup holds the same secrets: 0600 from
+        // creation, O_EXCL.
+        let kept = (|| {
+            let mut src = File::open(&path)?;
+            let mut o = OpenOptions::new();
+            o.create_new(true).write(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            let mut dst = o.open(&btmp)?;
+            std::io::copy(&mut src, &mut dst)?;
+            dst.sync_all()?;
+            std::fs::rename(&btmp, &backup)
+        })();
         if let Err(e) = kept {
             let _ = std::fs::remove_file(&btmp);
             let _ = std::fs::remove_file(&tmp);
@@ -826,6 +844,38 @@ mod tests {
         assert_eq!(s.list().await.unwrap().len(), 1);
         assert!(s.remove("alice@example.org").await.unwrap());
         assert!(s.get("alice@example.org").await.unwrap().is_none());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn store_files_and_backups_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("oauth");
+        let s = TokenStore::open_file(data.clone(), key(1)).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        let mut r = record("alice@example.org", "RT-ONE");
+        assert!(s.compare_and_set(&mut r, 0).await.unwrap());
+        let tokens = data.join(TOKENS_FILE);
+        assert_eq!(mode(&tokens), 0o600);
+        // Restored by hand with `cp` under umask 022: the next generation
+        // and its backup must still be private.
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut r2 = s.get("alice@example.org").await.unwrap().unwrap();
+        assert!(s.compare_and_set(&mut r2, 1).await.unwrap());
+        assert_eq!(mode(&tokens), 0o600);
+        assert_eq!(mode(&backup_path(&tokens)), 0o600);
+        s.add_device(DeviceRecord {
+            login: "phone".into(),
+            account: "alice@example.org".into(),
+            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA".into(),
+            allow: vec![],
+            created: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(mode(&data.join(DEVICES_FILE)), 0o600);
     }
 
     #[tokio::test]

@@ -454,7 +454,8 @@ async fn open_session(
                     let (host, port) = host_port(&cfg.address);
                     sasl::oauthbearer_response(account, host, port, token.expose())
                 }
-            };
+            }
+            .map_err(|e| UpstreamError::Unsupported(e.to_string()))?;
             // RFC 4959: the initial response may go with the command when
             // the server announced SASL-IR; Microsoft documents the two-step
             // exchange instead, and the provider says which.

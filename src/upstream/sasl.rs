@@ -40,23 +40,67 @@ pub fn plain_response(user: &str, pass: &[u8]) -> SecretBytes {
     SecretBytes(v)
 }
 
+/// Why a bearer response cannot be built. Names the field, never its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SaslFieldError {
+    /// RFC 7628 §3.1: key/value pairs are separated by %x01 and values are
+    /// `*(VCHAR / RWS)`; a control character (%x01 above all, or CR/LF)
+    /// in the account name or host would end the field early and let the
+    /// rest be read as further pairs.
+    #[error("the {0} contains a control character and cannot be sent in a SASL response")]
+    Control(&'static str),
+    /// RFC 6750 §2.1 `b64token`: a bearer token has no spaces or controls.
+    #[error("the access token contains characters a bearer token cannot have")]
+    BadToken,
+}
+
+fn no_controls(what: &'static str, s: &str) -> Result<(), SaslFieldError> {
+    if s.chars().any(char::is_control) {
+        return Err(SaslFieldError::Control(what));
+    }
+    Ok(())
+}
+
+/// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" /
+/// "+" / "/" ) *"="`; only the absence of spaces and controls is enforced
+/// (what keeps the framing intact), not the exact alphabet.
+fn check_token(token: &str) -> Result<(), SaslFieldError> {
+    if token.is_empty() || !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(SaslFieldError::BadToken);
+    }
+    Ok(())
+}
+
 /// Google's XOAUTH2 (developers.google.com/gmail/imap/xoauth2-protocol),
-/// also Microsoft's: `user=<account>^Aauth=Bearer <token>^A^A`.
-pub fn xoauth2_response(account: &str, token: &str) -> SecretBytes {
-    SecretBytes(format!("user={account}\x01auth=Bearer {token}\x01\x01").into_bytes())
+/// also Microsoft's: `user=<account>^Aauth=Bearer <token>^A^A`. XOAUTH2 has
+/// no escaping, so an account name with a control character is refused.
+pub fn xoauth2_response(account: &str, token: &str) -> Result<SecretBytes, SaslFieldError> {
+    no_controls("account name", account)?;
+    check_token(token)?;
+    Ok(SecretBytes(
+        format!("user={account}\x01auth=Bearer {token}\x01\x01").into_bytes(),
+    ))
 }
 
 /// RFC 7628 §3.1: a GS2 header without channel binding naming the account
 /// (`n,a=<saslname>,`), then `host`, `port` and `auth` key/value pairs,
 /// each ended by %x01, and a final %x01.
-pub fn oauthbearer_response(account: &str, host: &str, port: u16, token: &str) -> SecretBytes {
-    SecretBytes(
+pub fn oauthbearer_response(
+    account: &str,
+    host: &str,
+    port: u16,
+    token: &str,
+) -> Result<SecretBytes, SaslFieldError> {
+    no_controls("account name", account)?;
+    no_controls("host", host)?;
+    check_token(token)?;
+    Ok(SecretBytes(
         format!(
             "n,a={},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01",
             gs2_saslname(account)
         )
         .into_bytes(),
-    )
+    ))
 }
 
 /// RFC 5801 §4: in a GS2 `saslname`, `=` is written `=3D` and `,` `=2C`.
@@ -365,7 +409,8 @@ mod tests {
         let r = xoauth2_response(
             "someuser@example.com",
             "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg",
-        );
+        )
+        .unwrap();
         assert_eq!(
             r.expose(),
             b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
@@ -384,16 +429,47 @@ mod tests {
             "server.example.com",
             143,
             "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==",
-        );
+        )
+        .unwrap();
         assert_eq!(
             r.expose(),
             b"n,a=user@example.com,\x01host=server.example.com\x01port=143\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
         );
         // RFC 5801 §4 escaping of "=" and ",".
-        let r = oauthbearer_response("a=b,c", "h", 1, "t");
+        let r = oauthbearer_response("a=b,c", "h", 1, "t").unwrap();
         assert!(r
             .expose()
             .starts_with(b"n,a=a=3Db=2Cc,\x01host=h\x01port=1\x01"));
+    }
+
+    #[test]
+    fn control_characters_cannot_break_the_framing() {
+        // XOAUTH2 has no escaping: ^A would start a forged key/value pair.
+        for account in ["a\x01auth=Bearer forged", "a\r\nb", "a\nb", "a\x7f"] {
+            assert_eq!(
+                xoauth2_response(account, "t"),
+                Err(SaslFieldError::Control("account name")),
+                "{account:?}"
+            );
+            assert_eq!(
+                oauthbearer_response(account, "h", 1, "t"),
+                Err(SaslFieldError::Control("account name")),
+                "{account:?}"
+            );
+        }
+        assert_eq!(
+            oauthbearer_response("a", "h\x01auth=Bearer x", 1, "t"),
+            Err(SaslFieldError::Control("host"))
+        );
+        for token in ["", "t\x01", "t u", "t\r\n"] {
+            assert_eq!(
+                xoauth2_response("a", token),
+                Err(SaslFieldError::BadToken),
+                "{token:?}"
+            );
+        }
+        // Printable names, "," "=" and non-ASCII letters are fine.
+        assert!(xoauth2_response("j\u{f6}rg,x=y@example.org", "ya29.A-b_c~d+e/f==").is_ok());
     }
 
     #[test]
@@ -403,7 +479,7 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let r = xoauth2_response("a", "TOKEN");
+        let r = xoauth2_response("a", "TOKEN").unwrap();
         assert_eq!(format!("{r:?}"), "SecretBytes(***)");
         let mut x = Exchange::new(Mechanism::XOauth2, r);
         assert!(!format!("{x:?}").contains("TOKEN"));
@@ -412,7 +488,7 @@ mod tests {
 
     #[test]
     fn sasl_ir_sends_everything_with_the_command() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t"));
+        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         assert_eq!(
             cmd(x.start(true)),
             format!(
@@ -433,7 +509,7 @@ mod tests {
 
     #[test]
     fn two_step_waits_for_the_continuation() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t"));
+        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         assert_eq!(cmd(x.start(false)), b"AUTHENTICATE XOAUTH2");
         assert_eq!(
             line(x.step(ServerStep::Continue(""))),
@@ -453,7 +529,7 @@ mod tests {
     fn oauthbearer_error_challenge_gets_the_dummy_then_no_means_token_rejected() {
         let mut x = Exchange::new(
             Mechanism::OauthBearer,
-            oauthbearer_response("u", "h", 143, "t"),
+            oauthbearer_response("u", "h", 143, "t").unwrap(),
         );
         x.start(true);
         let challenge =
@@ -474,7 +550,7 @@ mod tests {
 
     #[test]
     fn xoauth2_error_challenge_gets_an_empty_line() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t"));
+        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         x.start(false);
         line(x.step(ServerStep::Continue("")));
         let challenge = B64
@@ -509,7 +585,7 @@ mod tests {
             ),
             ("[SERVERBUG] Internal error", false),
         ] {
-            let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t"));
+            let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
             x.start(true);
             let got = x.step(ServerStep::Done {
                 ok: false,
@@ -538,7 +614,7 @@ mod tests {
                 "[AUTHENTICATIONFAILED] Authentication failed.".into()
             ))
         );
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t"));
+        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         x.start(true);
         assert!(matches!(
             x.step(ServerStep::Done {
