@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::run_program as run;
+use super::Run;
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -43,6 +44,44 @@ fn maildir_count(maildir: &Path) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// Fails the test with `client`'s exit status and output unless `ok` (the
+/// caller's verdict on the exit status) holds.
+#[track_caller]
+fn assert_ran(client: &str, label: &str, r: &Run, ok: bool) {
+    assert!(
+        ok,
+        "{client} ({label}) failed ({}):\n{}\n{}",
+        r.status,
+        lossy(&r.stdout),
+        r.stderr
+    );
+}
+
+/// Writes a client's configuration (it holds the password) readable by
+/// its owner only; mpop and fetchmail refuse a configuration others can read.
+fn write_private(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// Messages in an mbox-style delivery file that `client` appended to,
+/// counted by their `Message-ID:` lines (every test message has one).
+fn message_ids_in(mbox: &Path, client: &str) -> usize {
+    lossy(&fs::read(mbox).unwrap_or_else(|e| panic!("read {client} delivery file: {e}")))
+        .lines()
+        .filter(|l| l.starts_with("Message-ID: <"))
+        .count()
+}
+
+/// How many messages a poll delivered, given the client's running total
+/// `now`; moves `delivered` (the total before the poll) up to `now`.
+fn newly_delivered(delivered: &mut usize, now: usize) -> usize {
+    let new = now - *delivered;
+    *delivered = now;
+    new
 }
 
 // ---------------------------------------------------------------------------
@@ -104,24 +143,14 @@ impl Keeper for Mpop {
             m = self.maildir.display(),
         );
         let path = self.dir.join("mpoprc");
-        fs::write(&path, conf).expect("write mpoprc");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod mpoprc");
+        write_private(&path, &conf);
         let r = run(
             Command::new("mpop").arg("-C").arg(&path).arg("acct"),
             &self.dir,
             &format!("mpop-{label}"),
         );
-        assert!(
-            r.status.success(),
-            "mpop ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
-        );
-        let now = maildir_count(&self.maildir);
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        assert_ran("mpop", label, &r, r.status.success());
+        newly_delivered(&mut self.delivered, maildir_count(&self.maildir))
     }
 }
 
@@ -155,10 +184,7 @@ impl Fetchmail {
 
     /// Messages in the delivery file, counted by their Message-ID lines.
     fn count(&self) -> usize {
-        lossy(&fs::read(&self.mbox).expect("read fetchmail delivery file"))
-            .lines()
-            .filter(|l| l.starts_with("Message-ID: <"))
-            .count()
+        message_ids_in(&self.mbox, "fetchmail")
     }
 }
 
@@ -177,8 +203,7 @@ impl Keeper for Fetchmail {
             self.mbox.display()
         );
         let rcfile = self.dir.join("fetchmailrc");
-        fs::write(&rcfile, rc).expect("write fetchmailrc");
-        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        write_private(&rcfile, &rc);
         let r = run(
             Command::new("fetchmail")
                 .arg("--nosyslog")
@@ -196,17 +221,14 @@ impl Keeper for Fetchmail {
             &format!("fetchmail-{label}"),
         );
         // 0: mail delivered, 1: no new mail.
-        assert!(
+        assert_ran(
+            "fetchmail",
+            label,
+            &r,
             matches!(r.status.code(), Some(0) | Some(1)),
-            "fetchmail ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
         );
         let now = self.count();
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        newly_delivered(&mut self.delivered, now)
     }
 }
 
@@ -276,10 +298,7 @@ impl Getmail {
 
     /// Messages in the delivery file, counted by their Message-ID lines.
     fn count(&self) -> usize {
-        lossy(&fs::read(&self.mbox).expect("read getmail delivery file"))
-            .lines()
-            .filter(|l| l.starts_with("Message-ID: <"))
-            .count()
+        message_ids_in(&self.mbox, "getmail")
     }
 }
 
@@ -318,8 +337,7 @@ impl Keeper for Getmail {
             self.dir.join("deliver.sh").display()
         );
         let rcfile = self.dir.join("getmailrc");
-        fs::write(&rcfile, rc).expect("write getmailrc");
-        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        write_private(&rcfile, &rc);
         let r = run(
             Command::new("getmail")
                 .arg("--getmaildir")
@@ -329,16 +347,8 @@ impl Keeper for Getmail {
             &self.dir,
             &format!("getmail-{label}"),
         );
-        assert!(
-            r.status.success(),
-            "getmail ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
-        );
+        assert_ran("getmail", label, &r, r.status.success());
         let now = self.count();
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        newly_delivered(&mut self.delivered, now)
     }
 }
