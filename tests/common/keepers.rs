@@ -7,13 +7,14 @@
 //! Counting: every test message carries a unique `Message-ID:`; a poll's
 //! result is how many more messages the client has delivered.
 
+use std::borrow::Borrow;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::run_program as run;
-use super::Run;
+use super::{Popbridge, Run};
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -33,6 +34,68 @@ pub fn all(dir: &Path, user: &str, pass: &str) -> Vec<Box<dyn Keeper>> {
         Box::new(Fetchmail::new(dir, user, pass)),
         Box::new(Getmail::new(dir, user, pass)),
     ]
+}
+
+/// What one client delivered over a cut-over: (client, first poll (the
+/// server it used before), right after the cut-over, new mail, again).
+pub type Row = (&'static str, usize, usize, usize, usize);
+
+/// Polls 127.0.0.1:`port` once with every client; what each delivered, in
+/// the clients' order.
+fn poll_all(clients: &mut [Box<dyn Keeper>], port: u16, label: &str) -> Vec<usize> {
+    clients.iter_mut().map(|c| c.poll(port, label)).collect()
+}
+
+/// The cut-over the keeper tests share: every client polls the server it
+/// used so far (`before`: its port, and a label for the output files);
+/// `switch` returns the popbridge they are pointed at next (kept up until
+/// the last poll); they poll it right after the cut-over, again after
+/// `deliver_new` delivered one message, and once more. One row a client.
+pub fn cut_over<B: Borrow<Popbridge>>(
+    clients: &mut [Box<dyn Keeper>],
+    before: (u16, &str),
+    switch: impl FnOnce() -> B,
+    deliver_new: impl FnOnce(),
+) -> Vec<Row> {
+    let first = poll_all(clients, before.0, before.1);
+    let bridge = switch();
+    let port = bridge.borrow().port;
+    let after = poll_all(clients, port, "cutover");
+    deliver_new();
+    let new = poll_all(clients, port, "new");
+    let again = poll_all(clients, port, "again");
+    clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name(), first[i], after[i], new[i], again[i]))
+        .collect()
+}
+
+/// Prints `rows` as a table under `title`; `first` heads the column of the
+/// first poll (the server the clients used before the cut-over).
+pub fn print_rows(title: &str, first: &str, rows: &[Row]) {
+    println!("{title}");
+    println!(
+        "{:<10} {first:>10} {:>15} {:>9} {:>6}",
+        "client", "after cut-over", "new mail", "again"
+    );
+    for (name, a, b, c, d) in rows {
+        println!("{name:<10} {a:>10} {b:>15} {c:>9} {d:>6}");
+    }
+}
+
+/// Asserts that every client fetched all `initial` messages on its first
+/// poll (`first` names it), nothing again after the cut-over, exactly the
+/// one new message, and then nothing.
+#[track_caller]
+pub fn assert_no_redownloads(rows: &[Row], initial: usize, first: &str) {
+    for &(name, first_poll, after, new, again) in rows {
+        assert_eq!(
+            (first_poll, after, new, again),
+            (initial, 0, 1, 0),
+            "{name}: ({first}, after cut-over (re-downloads), new mail, again)"
+        );
+    }
 }
 
 fn maildir_count(maildir: &Path) -> usize {
