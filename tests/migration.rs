@@ -28,6 +28,16 @@ fn old_isp() -> Dovecot {
     })
 }
 
+/// The old ISP with messages 0..N for alice, and the new (empty) mailbox.
+fn old_with_mail_and_new() -> (Dovecot, Dovecot) {
+    let old = old_isp();
+    let new = Dovecot::start();
+    for i in 0..N {
+        old.deliver("alice", &message(i));
+    }
+    (old, new)
+}
+
 /// A test message with a unique Message-ID. Every third carries the
 /// bookkeeping fields mbox-era servers write (volatile for the hash).
 fn message(i: usize) -> Vec<u8> {
@@ -173,11 +183,7 @@ fn assert_rows(rows: &[Row]) {
 
 #[test]
 fn capture_then_cut_over_downloads_nothing_again() {
-    let old = old_isp();
-    let new = Dovecot::start();
-    for i in 0..N {
-        old.deliver("alice", &message(i));
-    }
+    let (old, new) = old_with_mail_and_new();
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().unwrap().to_string();
     let rows = scenario("migrate capture + uidl_map", &old, &new, || {
@@ -207,11 +213,7 @@ fn capture_then_cut_over_downloads_nothing_again() {
 
 #[test]
 fn copy_twice_and_resumed_then_cut_over_downloads_nothing_again() {
-    let old = old_isp();
-    let new = Dovecot::start();
-    for i in 0..N {
-        old.deliver("alice", &message(i));
-    }
+    let (old, new) = old_with_mail_and_new();
     let dir = tempfile::tempdir().expect("temp dir");
     let rows = scenario("migrate copy + reuse_xuidl", &old, &new, || {
         // An operator spreading the copy over two runs (or a run that was
