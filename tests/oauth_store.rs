@@ -174,14 +174,7 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
     });
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
-    let other = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_popbridge"))
-            .args(["oauth", "generate-key"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
-    std::fs::write(&s.key_file, &other).unwrap();
+    let other = s.write_another_key();
     let r = s.run(&["oauth", "list"]);
     r.assert_code(1, "wrong key on Redis");
     assert!(r.stderr.contains("another key"), "{}", r.describe());

@@ -164,6 +164,14 @@ mechanism = "xoauth2"
         c.spawn().expect("spawn popbridge")
     }
 
+    /// Replaces the key file with a freshly generated other key (what an
+    /// operator pointing at the wrong key does); returns that key.
+    pub fn write_another_key(&self) -> String {
+        let other = random_key();
+        std::fs::write(&self.key_file, format!("{other}\n")).expect("write the other key");
+        other
+    }
+
     /// One round of the refresh race: two processes run
     /// `oauth test --token-only ACCOUNT --force-refresh` at once; both must
     /// succeed, and `oauth` must have seen no `invalid_grant` and no reuse
