@@ -50,9 +50,6 @@ const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 /// A loopback redirect URI (RFC 8252 §7.3); nothing needs to listen there
 /// because the test reads the 302 instead of following it.
 const REDIRECT: &str = "http://127.0.0.1:9/callback";
-/// Dovecot settings so failed logins answer at once (default: 2 s delay).
-const FAST_FAILURES: &str = "auth_failure_delay = 0\n\
-service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
 
 fn expect_error(result: Result<Tokens, OauthError>, error: &str) -> OauthError {
     match result {
@@ -384,17 +381,7 @@ fn client_authentication_throttling_and_revocation() {
 }
 
 fn oauth_dovecot(oauth: &OauthServer) -> Dovecot {
-    Dovecot::start_with_oauth2(
-        DovecotOptions {
-            users: vec![
-                (ACCOUNT.to_string(), "local-password".to_string()),
-                (OTHER.to_string(), "local-password".to_string()),
-            ],
-            extra_conf: FAST_FAILURES.to_string(),
-            ..DovecotOptions::default()
-        },
-        &oauth.introspect_url(),
-    )
+    oauth_dovecot_for(oauth, &[ACCOUNT, OTHER])
 }
 
 fn show(outcome: &SaslOutcome) -> String {
