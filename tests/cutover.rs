@@ -10,7 +10,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::keepers::{self, Keeper};
+use common::keepers::{self, Keeper, Row};
 use common::{Dovecot, DovecotOptions, Popbridge};
 
 /// Number of messages delivered before the first poll.
@@ -32,25 +32,11 @@ fn message(i: usize, x_uidl: Option<&str>) -> Vec<u8> {
     .into_bytes()
 }
 
-/// (client, first poll, after cut-over, new mail, again)
-type Row = (&'static str, usize, usize, usize, usize);
-
 fn clients(dir: &Path) -> Vec<Box<dyn Keeper>> {
     keepers::all(dir, "alice", "secret")
 }
 
-fn print_table(title: &str, rows: &[Row]) {
-    println!("{title}");
-    println!(
-        "{:<10} {:>10} {:>15} {:>9} {:>6}",
-        "client", "first poll", "after cut-over", "new mail", "again"
-    );
-    for (name, a, b, c, d) in rows {
-        println!("{name:<10} {a:>10} {b:>15} {c:>9} {d:>6}");
-    }
-}
-
-/// Runs the whole cut-over with both clients and returns their counts.
+/// Runs the whole cut-over with all clients and returns their counts.
 fn cut_over(
     dovecot: &Dovecot,
     bridge: &Popbridge,
@@ -61,39 +47,20 @@ fn cut_over(
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let mut clients = clients(dir.path());
-    let mut rows = Vec::new();
+    keepers::cut_over(
+        &mut clients,
+        (dovecot.pop3_port, "dovecot"),
+        || bridge,
+        || dovecot.deliver("alice", &message(INITIAL, x_uidl(INITIAL).as_deref())),
+    )
+}
 
-    let first: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(dovecot.pop3_port, "dovecot"))
-        .collect();
-    let after: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "cutover"))
-        .collect();
-    dovecot.deliver("alice", &message(INITIAL, x_uidl(INITIAL).as_deref()));
-    let new: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "new"))
-        .collect();
-    let again: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "again"))
-        .collect();
-    for (i, c) in clients.iter().enumerate() {
-        rows.push((c.name(), first[i], after[i], new[i], again[i]));
-    }
-    rows
+fn print_table(title: &str, rows: &[Row]) {
+    keepers::print_rows(title, "first poll", rows);
 }
 
 fn assert_rows(rows: &[Row]) {
-    for &(name, first, after, new, again) in rows {
-        assert_eq!(
-            (first, after, new, again),
-            (INITIAL, 0, 1, 0),
-            "{name}: (first poll, after cut-over, new mail, again)"
-        );
-    }
+    keepers::assert_no_redownloads(rows, INITIAL, "first poll");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::keepers::{self, Keeper};
+use common::keepers::{self, Keeper, Row};
 use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// Messages on the old server before the cut-over.
@@ -26,6 +26,16 @@ fn old_isp() -> Dovecot {
         extra_conf: "pop3_uidl_format = %v.%u\n".into(),
         ..DovecotOptions::default()
     })
+}
+
+/// The old ISP with messages 0..N for alice, and the new (empty) mailbox.
+fn old_with_mail_and_new() -> (Dovecot, Dovecot) {
+    let old = old_isp();
+    let new = Dovecot::start();
+    for i in 0..N {
+        old.deliver("alice", &message(i));
+    }
+    (old, new)
 }
 
 /// A test message with a unique Message-ID. Every third carries the
@@ -145,9 +155,6 @@ fn uidls(port: u16) -> Vec<String> {
     v
 }
 
-/// (client, first poll (old server), after cut-over, new mail, again)
-type Row = (&'static str, usize, usize, usize, usize);
-
 /// Clients poll the old server; `cut_over` moves the mail and returns the
 /// popbridge to switch to; then the polls that must download 0, 1, 0.
 fn scenario(
@@ -158,58 +165,25 @@ fn scenario(
 ) -> Vec<Row> {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut clients: Vec<Box<dyn Keeper>> = keepers::all(dir.path(), "alice", "secret");
-    let first: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(old.pop3_port, "old"))
-        .collect();
-    let bridge = cut_over();
-    let after: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "cutover"))
-        .collect();
-    new.deliver("alice", &message(N));
-    let new_mail: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "new"))
-        .collect();
-    let again: Vec<usize> = clients
-        .iter_mut()
-        .map(|c| c.poll(bridge.port, "again"))
-        .collect();
-    let rows: Vec<Row> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.name(), first[i], after[i], new_mail[i], again[i]))
-        .collect();
-    println!("{title} ({N} messages on the old server):");
-    println!(
-        "{:<10} {:>10} {:>15} {:>9} {:>6}",
-        "client", "old server", "after cut-over", "new mail", "again"
+    let rows = keepers::cut_over(&mut clients, (old.pop3_port, "old"), cut_over, || {
+        new.deliver("alice", &message(N))
+    });
+    keepers::print_rows(
+        &format!("{title} ({N} messages on the old server):"),
+        "old server",
+        &rows,
     );
-    for (name, a, b, c, d) in &rows {
-        println!("{name:<10} {a:>10} {b:>15} {c:>9} {d:>6}");
-    }
     rows
 }
 
 fn assert_rows(rows: &[Row]) {
     assert_eq!(rows.len(), 3, "mpop, fetchmail and getmail6");
-    for &(name, first, after, new, again) in rows {
-        assert_eq!(
-            (first, after, new, again),
-            (N, 0, 1, 0),
-            "{name}: (old server, after cut-over (re-downloads), new mail, again)"
-        );
-    }
+    keepers::assert_no_redownloads(rows, N, "old server");
 }
 
 #[test]
 fn capture_then_cut_over_downloads_nothing_again() {
-    let old = old_isp();
-    let new = Dovecot::start();
-    for i in 0..N {
-        old.deliver("alice", &message(i));
-    }
+    let (old, new) = old_with_mail_and_new();
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().unwrap().to_string();
     let rows = scenario("migrate capture + uidl_map", &old, &new, || {
@@ -239,11 +213,7 @@ fn capture_then_cut_over_downloads_nothing_again() {
 
 #[test]
 fn copy_twice_and_resumed_then_cut_over_downloads_nothing_again() {
-    let old = old_isp();
-    let new = Dovecot::start();
-    for i in 0..N {
-        old.deliver("alice", &message(i));
-    }
+    let (old, new) = old_with_mail_and_new();
     let dir = tempfile::tempdir().expect("temp dir");
     let rows = scenario("migrate copy + reuse_xuidl", &old, &new, || {
         // An operator spreading the copy over two runs (or a run that was

@@ -30,23 +30,8 @@ use popbridge::upstream::{Connector, Credentials, Upstream};
 
 const ACCOUNT: &str = "alice@example.org";
 const OTHER: &str = "bob@example.org";
-/// Dovecot answers failed logins at once (default: a 2 s delay) and does
-/// not penalise the loopback address for them.
-const FAST_FAILURES: &str = "auth_failure_delay = 0\n\
-service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
-
 fn oauth_dovecot(oauth: &OauthServer) -> Dovecot {
-    Dovecot::start_with_oauth2(
-        DovecotOptions {
-            users: vec![
-                (ACCOUNT.to_string(), "local-password".to_string()),
-                (OTHER.to_string(), "local-password".to_string()),
-            ],
-            extra_conf: FAST_FAILURES.to_string(),
-            ..DovecotOptions::default()
-        },
-        &oauth.introspect_url(),
-    )
+    oauth_dovecot_for(oauth, &[ACCOUNT, OTHER])
 }
 
 fn connector(imap_port: u16) -> ImapConnector {

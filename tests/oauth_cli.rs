@@ -255,14 +255,7 @@ fn wrong_missing_and_short_keys_are_refused_clearly() {
 
     // Another key: named as such, not as corruption, and nothing printed
     // from the store.
-    let other = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_popbridge"))
-            .args(["oauth", "generate-key"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
-    std::fs::write(&s.key_file, &other).unwrap();
+    let other = s.write_another_key();
     let r = s.run(&["oauth", "list"]);
     r.assert_code(1, "wrong key");
     assert!(

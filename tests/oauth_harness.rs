@@ -50,9 +50,6 @@ const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 /// A loopback redirect URI (RFC 8252 §7.3); nothing needs to listen there
 /// because the test reads the 302 instead of following it.
 const REDIRECT: &str = "http://127.0.0.1:9/callback";
-/// Dovecot settings so failed logins answer at once (default: 2 s delay).
-const FAST_FAILURES: &str = "auth_failure_delay = 0\n\
-service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
 
 fn expect_error(result: Result<Tokens, OauthError>, error: &str) -> OauthError {
     match result {
@@ -384,21 +381,32 @@ fn client_authentication_throttling_and_revocation() {
 }
 
 fn oauth_dovecot(oauth: &OauthServer) -> Dovecot {
-    Dovecot::start_with_oauth2(
-        DovecotOptions {
-            users: vec![
-                (ACCOUNT.to_string(), "local-password".to_string()),
-                (OTHER.to_string(), "local-password".to_string()),
-            ],
-            extra_conf: FAST_FAILURES.to_string(),
-            ..DovecotOptions::default()
-        },
-        &oauth.introspect_url(),
-    )
+    oauth_dovecot_for(oauth, &[ACCOUNT, OTHER])
 }
 
 fn show(outcome: &SaslOutcome) -> String {
     outcome.transcript.join("\n")
+}
+
+/// Dovecot's tagged answer to a refused AUTHENTICATE (RFC 5530 response code).
+const AUTH_FAILED: &str = "a1 NO [AUTHENTICATIONFAILED] Authentication failed.";
+
+/// Asserts that Dovecot refused a bogus token the way RFC 7628 §3.2.2 has
+/// it (XOAUTH2 works alike): the single error `challenge` (JSON), sent as
+/// the line `challenge_line` (base64), then the client's dummy answer
+/// `answer_line`, then the tagged NO.
+#[track_caller]
+fn assert_refused_after_challenge(
+    bad: &SaslOutcome,
+    challenge: &str,
+    challenge_line: &str,
+    answer_line: &str,
+) {
+    assert!(!bad.ok);
+    assert_eq!(bad.challenges, vec![challenge.to_string()], "{}", show(bad));
+    assert_eq!(bad.transcript[2], challenge_line);
+    assert_eq!(bad.transcript[3], answer_line);
+    assert_eq!(bad.tagged, AUTH_FAILED);
 }
 
 #[test]
@@ -448,21 +456,11 @@ fn dovecot_validates_bearer_tokens() {
         false,
     );
     eprintln!("XOAUTH2 failure:\n{}", show(&bad));
-    assert!(!bad.ok);
-    assert_eq!(
-        bad.challenges,
-        vec![r#"{"status":"401","schemes":"bearer","scope":"mail"}"#.to_string()],
-        "{}",
-        show(&bad)
-    );
-    assert_eq!(
-        bad.transcript[2],
-        "S: + eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0="
-    );
-    assert_eq!(bad.transcript[3], "C: ");
-    assert_eq!(
-        bad.tagged,
-        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert_refused_after_challenge(
+        &bad,
+        r#"{"status":"401","schemes":"bearer","scope":"mail"}"#,
+        "S: + eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=",
+        "C: ",
     );
 
     // OAUTHBEARER: RFC 7628 error JSON, the client's ^A, NO.
@@ -473,21 +471,11 @@ fn dovecot_validates_bearer_tokens() {
         true,
     );
     eprintln!("OAUTHBEARER failure:\n{}", show(&bad));
-    assert!(!bad.ok);
-    assert_eq!(
-        bad.challenges,
-        vec![r#"{"status":"invalid_token"}"#.to_string()],
-        "{}",
-        show(&bad)
-    );
-    assert_eq!(
-        bad.transcript[2],
-        "S: + eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0="
-    );
-    assert_eq!(bad.transcript[3], "C: AQ==");
-    assert_eq!(
-        bad.tagged,
-        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert_refused_after_challenge(
+        &bad,
+        r#"{"status":"invalid_token"}"#,
+        "S: + eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=",
+        "C: AQ==",
     );
 
     // Dovecot takes either dummy answer (empty or ^A) for either mechanism.
@@ -497,20 +485,14 @@ fn dovecot_validates_bearer_tokens() {
         &xoauth2_initial_response(ACCOUNT, "bogus"),
         true,
     );
-    assert_eq!(
-        swapped.tagged,
-        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
-    );
+    assert_eq!(swapped.tagged, AUTH_FAILED);
     let swapped = imap_sasl(
         port,
         "OAUTHBEARER",
         &oauthbearer_initial_response(ACCOUNT, "127.0.0.1", port, "bogus"),
         false,
     );
-    assert_eq!(
-        swapped.tagged,
-        "a1 NO [AUTHENTICATIONFAILED] Authentication failed."
-    );
+    assert_eq!(swapped.tagged, AUTH_FAILED);
 
     // A valid token of another account does not log in as this one.
     let (bobs, _) = oauth.device_flow_token(OTHER);

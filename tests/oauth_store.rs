@@ -149,16 +149,7 @@ fn redis_free_race_never_loses_the_rotated_token() {
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
     for round in 0..3 {
-        let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
-        let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
-        for (name, mut c) in [("a", a), ("b", b)] {
-            let out = c.stdout.take().unwrap();
-            finish(c, String::new(), std::io::BufReader::new(out))
-                .assert_ok(&format!("round {round}, process {name}"));
-        }
-        let stats = oauth.stats();
-        assert_eq!(stats.token_error("invalid_grant"), 0, "{}", stats.raw);
-        assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
+        let stats = s.race_two_refreshes(&oauth, round);
         assert_eq!(stats.active_refresh(ACCOUNT), 1, "{}", stats.raw);
     }
 }
@@ -169,16 +160,7 @@ fn file_store_race_between_processes_never_loses_the_rotated_token() {
     let s = Setup::new(&oauth, "");
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
     for round in 0..3 {
-        let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
-        let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
-        for (name, mut c) in [("a", a), ("b", b)] {
-            let out = c.stdout.take().unwrap();
-            finish(c, String::new(), std::io::BufReader::new(out))
-                .assert_ok(&format!("round {round}, process {name}"));
-        }
-        let stats = oauth.stats();
-        assert_eq!(stats.token_error("invalid_grant"), 0, "{}", stats.raw);
-        assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
+        s.race_two_refreshes(&oauth, round);
     }
     s.run(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"])
         .assert_ok("the stored token is the newest");
@@ -192,14 +174,7 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
     });
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
-    let other = {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_popbridge"))
-            .args(["oauth", "generate-key"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
-    std::fs::write(&s.key_file, &other).unwrap();
+    let other = s.write_another_key();
     let r = s.run(&["oauth", "list"]);
     r.assert_code(1, "wrong key on Redis");
     assert!(r.stderr.contains("another key"), "{}", r.describe());

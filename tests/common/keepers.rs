@@ -7,12 +7,14 @@
 //! Counting: every test message carries a unique `Message-ID:`; a poll's
 //! result is how many more messages the client has delivered.
 
+use std::borrow::Borrow;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::run_program as run;
+use super::{Popbridge, Run};
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -34,6 +36,68 @@ pub fn all(dir: &Path, user: &str, pass: &str) -> Vec<Box<dyn Keeper>> {
     ]
 }
 
+/// What one client delivered over a cut-over: (client, first poll (the
+/// server it used before), right after the cut-over, new mail, again).
+pub type Row = (&'static str, usize, usize, usize, usize);
+
+/// Polls 127.0.0.1:`port` once with every client; what each delivered, in
+/// the clients' order.
+fn poll_all(clients: &mut [Box<dyn Keeper>], port: u16, label: &str) -> Vec<usize> {
+    clients.iter_mut().map(|c| c.poll(port, label)).collect()
+}
+
+/// The cut-over the keeper tests share: every client polls the server it
+/// used so far (`before`: its port, and a label for the output files);
+/// `switch` returns the popbridge they are pointed at next (kept up until
+/// the last poll); they poll it right after the cut-over, again after
+/// `deliver_new` delivered one message, and once more. One row a client.
+pub fn cut_over<B: Borrow<Popbridge>>(
+    clients: &mut [Box<dyn Keeper>],
+    before: (u16, &str),
+    switch: impl FnOnce() -> B,
+    deliver_new: impl FnOnce(),
+) -> Vec<Row> {
+    let first = poll_all(clients, before.0, before.1);
+    let bridge = switch();
+    let port = bridge.borrow().port;
+    let after = poll_all(clients, port, "cutover");
+    deliver_new();
+    let new = poll_all(clients, port, "new");
+    let again = poll_all(clients, port, "again");
+    clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name(), first[i], after[i], new[i], again[i]))
+        .collect()
+}
+
+/// Prints `rows` as a table under `title`; `first` heads the column of the
+/// first poll (the server the clients used before the cut-over).
+pub fn print_rows(title: &str, first: &str, rows: &[Row]) {
+    println!("{title}");
+    println!(
+        "{:<10} {first:>10} {:>15} {:>9} {:>6}",
+        "client", "after cut-over", "new mail", "again"
+    );
+    for (name, a, b, c, d) in rows {
+        println!("{name:<10} {a:>10} {b:>15} {c:>9} {d:>6}");
+    }
+}
+
+/// Asserts that every client fetched all `initial` messages on its first
+/// poll (`first` names it), nothing again after the cut-over, exactly the
+/// one new message, and then nothing.
+#[track_caller]
+pub fn assert_no_redownloads(rows: &[Row], initial: usize, first: &str) {
+    for &(name, first_poll, after, new, again) in rows {
+        assert_eq!(
+            (first_poll, after, new, again),
+            (initial, 0, 1, 0),
+            "{name}: ({first}, after cut-over (re-downloads), new mail, again)"
+        );
+    }
+}
+
 fn maildir_count(maildir: &Path) -> usize {
     ["new", "cur"]
         .iter()
@@ -43,6 +107,44 @@ fn maildir_count(maildir: &Path) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// Fails the test with `client`'s exit status and output unless `ok` (the
+/// caller's verdict on the exit status) holds.
+#[track_caller]
+fn assert_ran(client: &str, label: &str, r: &Run, ok: bool) {
+    assert!(
+        ok,
+        "{client} ({label}) failed ({}):\n{}\n{}",
+        r.status,
+        lossy(&r.stdout),
+        r.stderr
+    );
+}
+
+/// Writes a client's configuration (it holds the password) readable by
+/// its owner only; mpop and fetchmail refuse a configuration others can read.
+fn write_private(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// Messages in an mbox-style delivery file that `client` appended to,
+/// counted by their `Message-ID:` lines (every test message has one).
+fn message_ids_in(mbox: &Path, client: &str) -> usize {
+    lossy(&fs::read(mbox).unwrap_or_else(|e| panic!("read {client} delivery file: {e}")))
+        .lines()
+        .filter(|l| l.starts_with("Message-ID: <"))
+        .count()
+}
+
+/// How many messages a poll delivered, given the client's running total
+/// `now`; moves `delivered` (the total before the poll) up to `now`.
+fn newly_delivered(delivered: &mut usize, now: usize) -> usize {
+    let new = now - *delivered;
+    *delivered = now;
+    new
 }
 
 // ---------------------------------------------------------------------------
@@ -104,24 +206,14 @@ impl Keeper for Mpop {
             m = self.maildir.display(),
         );
         let path = self.dir.join("mpoprc");
-        fs::write(&path, conf).expect("write mpoprc");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod mpoprc");
+        write_private(&path, &conf);
         let r = run(
             Command::new("mpop").arg("-C").arg(&path).arg("acct"),
             &self.dir,
             &format!("mpop-{label}"),
         );
-        assert!(
-            r.status.success(),
-            "mpop ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
-        );
-        let now = maildir_count(&self.maildir);
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        assert_ran("mpop", label, &r, r.status.success());
+        newly_delivered(&mut self.delivered, maildir_count(&self.maildir))
     }
 }
 
@@ -155,10 +247,7 @@ impl Fetchmail {
 
     /// Messages in the delivery file, counted by their Message-ID lines.
     fn count(&self) -> usize {
-        lossy(&fs::read(&self.mbox).expect("read fetchmail delivery file"))
-            .lines()
-            .filter(|l| l.starts_with("Message-ID: <"))
-            .count()
+        message_ids_in(&self.mbox, "fetchmail")
     }
 }
 
@@ -177,8 +266,7 @@ impl Keeper for Fetchmail {
             self.mbox.display()
         );
         let rcfile = self.dir.join("fetchmailrc");
-        fs::write(&rcfile, rc).expect("write fetchmailrc");
-        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        write_private(&rcfile, &rc);
         let r = run(
             Command::new("fetchmail")
                 .arg("--nosyslog")
@@ -196,17 +284,14 @@ impl Keeper for Fetchmail {
             &format!("fetchmail-{label}"),
         );
         // 0: mail delivered, 1: no new mail.
-        assert!(
+        assert_ran(
+            "fetchmail",
+            label,
+            &r,
             matches!(r.status.code(), Some(0) | Some(1)),
-            "fetchmail ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
         );
         let now = self.count();
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        newly_delivered(&mut self.delivered, now)
     }
 }
 
@@ -276,10 +361,7 @@ impl Getmail {
 
     /// Messages in the delivery file, counted by their Message-ID lines.
     fn count(&self) -> usize {
-        lossy(&fs::read(&self.mbox).expect("read getmail delivery file"))
-            .lines()
-            .filter(|l| l.starts_with("Message-ID: <"))
-            .count()
+        message_ids_in(&self.mbox, "getmail")
     }
 }
 
@@ -318,8 +400,7 @@ impl Keeper for Getmail {
             self.dir.join("deliver.sh").display()
         );
         let rcfile = self.dir.join("getmailrc");
-        fs::write(&rcfile, rc).expect("write getmailrc");
-        fs::set_permissions(&rcfile, fs::Permissions::from_mode(0o600)).expect("chmod rc");
+        write_private(&rcfile, &rc);
         let r = run(
             Command::new("getmail")
                 .arg("--getmaildir")
@@ -329,16 +410,8 @@ impl Keeper for Getmail {
             &self.dir,
             &format!("getmail-{label}"),
         );
-        assert!(
-            r.status.success(),
-            "getmail ({label}) failed ({}):\n{}\n{}",
-            r.status,
-            lossy(&r.stdout),
-            r.stderr
-        );
+        assert_ran("getmail", label, &r, r.status.success());
         let now = self.count();
-        let new = now - self.delivered;
-        self.delivered = now;
-        new
+        newly_delivered(&mut self.delivered, now)
     }
 }

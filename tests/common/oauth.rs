@@ -194,6 +194,28 @@ impl OauthStats {
     }
 }
 
+/// Dovecot settings so failed logins answer at once (default: a 2 s delay)
+/// and the loopback address is not penalised for them.
+const FAST_FAILURES: &str = "auth_failure_delay = 0\n\
+service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
+
+/// A Dovecot that checks bearer tokens at `oauth`'s introspection endpoint
+/// and answers failed logins at once; each of `accounts` also has the
+/// local password `local-password`.
+pub fn oauth_dovecot_for(oauth: &OauthServer, accounts: &[&str]) -> super::Dovecot {
+    super::Dovecot::start_with_oauth2(
+        super::DovecotOptions {
+            users: accounts
+                .iter()
+                .map(|a| (a.to_string(), "local-password".to_string()))
+                .collect(),
+            extra_conf: FAST_FAILURES.to_string(),
+            ..super::DovecotOptions::default()
+        },
+        &oauth.introspect_url(),
+    )
+}
+
 impl OauthServer {
     /// Start with [`OauthServerOptions::default`].
     pub fn start() -> OauthServer {

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::oauth::OauthServer;
+use crate::common::oauth::{OauthServer, OauthStats};
 
 /// One command must finish long before this (a device-flow enrolment polls
 /// once a second; argon2 hashing takes well under a second).
@@ -162,6 +162,35 @@ mechanism = "xoauth2"
         let mut c = self.command(args);
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         c.spawn().expect("spawn popbridge")
+    }
+
+    /// Replaces the key file with a freshly generated other key (what an
+    /// operator pointing at the wrong key does); returns that key.
+    pub fn write_another_key(&self) -> String {
+        let other = random_key();
+        std::fs::write(&self.key_file, format!("{other}\n")).expect("write the other key");
+        other
+    }
+
+    /// One round of the refresh race: two processes run
+    /// `oauth test --token-only ACCOUNT --force-refresh` at once; both must
+    /// succeed, and `oauth` must have seen no `invalid_grant` and no reuse
+    /// of a rotated refresh token (`round` names the round in a failure).
+    /// Returns the provider's statistics for further checks.
+    #[track_caller]
+    pub fn race_two_refreshes(&self, oauth: &OauthServer, round: usize) -> OauthStats {
+        let args = ["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"];
+        let a = self.spawn(&args);
+        let b = self.spawn(&args);
+        for (name, mut c) in [("a", a), ("b", b)] {
+            let out = c.stdout.take().unwrap();
+            finish(c, String::new(), BufReader::new(out))
+                .assert_ok(&format!("round {round}, process {name}"));
+        }
+        let stats = oauth.stats();
+        assert_eq!(stats.token_error("invalid_grant"), 0, "{}", stats.raw);
+        assert_eq!(stats.refresh_reuse, 0, "{}", stats.raw);
+        stats
     }
 
     /// `popbridge oauth add <account>` with the device flow, approved at
