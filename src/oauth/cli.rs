@@ -612,10 +612,13 @@ async fn device_flow(
     let _ = writeln!(
         out,
         "To let popbridge read {account}, sign in as {account} at:\n  {}\nand enter the code:\n  {}",
-        auth.verification_uri, auth.user_code
+        // The provider's words go to a terminal: printable ASCII only, so
+        // a hostile endpoint cannot send escape sequences.
+        printable(&auth.verification_uri),
+        printable(&auth.user_code)
     );
     if let Some(c) = &auth.verification_uri_complete {
-        let _ = writeln!(out, "(or open {c})");
+        let _ = writeln!(out, "(or open {})", printable(c));
     }
     let _ = writeln!(
         out,
@@ -953,13 +956,25 @@ async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
     }
 }
 
+/// Text from a provider, fit for a terminal: printable ASCII only (URLs
+/// and user codes are ASCII, RFC 8628 §3.2), at most 2,048 characters.
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|c| (' '..='~').contains(c))
+        .take(2048)
+        .collect()
+}
+
 /// The password from a file (first line), the environment, or a prompt.
 fn read_password(file: Option<&std::path::Path>) -> Result<String, Fail> {
     if let Some(f) = file {
         let fh = std::fs::File::open(f)
             .map_err(|e| usage(format!("--password-file {}: {e}", f.display())))?;
         let mut line = String::new();
-        BufReader::new(fh)
+        // One line of at most a password's length (plus CRLF): a wrong
+        // --password-file (a log, a device node) is not read whole.
+        let cap = (crate::oauth::device::MAX_PASSWORD_LEN + 2) as u64;
+        BufReader::new(std::io::Read::take(fh, cap))
             .read_line(&mut line)
             .map_err(|e| usage(format!("--password-file {}: {e}", f.display())))?;
         return Ok(line.trim_end_matches(['\r', '\n']).to_string());
@@ -1007,6 +1022,33 @@ pub fn format_time(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_text_for_the_terminal_has_no_escape_sequences() {
+        assert_eq!(
+            printable("https://example.org/device\x1b]0;pwned\x07\r\n"),
+            "https://example.org/device]0;pwned"
+        );
+        assert_eq!(printable("WDJB-MJHT"), "WDJB-MJHT");
+        assert_eq!(printable(&"a".repeat(5000)).len(), 2048);
+    }
+
+    #[test]
+    fn a_password_file_is_read_up_to_one_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "correct horse battery\nsecond line\n").unwrap();
+        assert_eq!(
+            read_password(Some(&f)).ok().as_deref(),
+            Some("correct horse battery")
+        );
+        // No newline in a huge file: only the first MAX+2 bytes are read,
+        // and the result is refused later as too long, not slurped whole.
+        let huge = "x".repeat(10 * crate::oauth::device::MAX_PASSWORD_LEN);
+        std::fs::write(&f, &huge).unwrap();
+        let got = read_password(Some(&f)).ok().unwrap_or_default();
+        assert_eq!(got.len(), crate::oauth::device::MAX_PASSWORD_LEN + 2);
+    }
 
     #[test]
     fn times_format_in_utc() {
