@@ -91,7 +91,7 @@ for i in 1 2 3; do
         "$i" "$i" "$i" "$i" "$i" "$i" | doveadm -c "$dir/dovecot.conf" save -u demo
 done
 
-./target/release/popbridge --listen "127.0.0.1:$POP3_PORT" \
+"${CARGO_TARGET_DIR:-target}/release/popbridge" --listen "127.0.0.1:$POP3_PORT" \
     --upstream "127.0.0.1:$IMAP_PORT" --upstream-tls none &
 pids+=($!)
 for _ in $(seq 100); do
