@@ -315,14 +315,19 @@ impl TokenStore {
     }
 
     /// Writes `record` if the stored version is still `expected` (0: no
-    /// record). The record's version becomes `expected + 1`. Returns false,
-    /// writing nothing, when someone else wrote in between.
+    /// record). The record's version becomes `expected + 1`, or for a new
+    /// record [`first_version`]. Returns false, writing nothing, when
+    /// someone else wrote in between.
     pub async fn compare_and_set(
         &self,
         record: &mut AccountRecord,
         expected: u64,
     ) -> Result<bool, StoreError> {
-        record.meta.version = expected + 1;
+        record.meta.version = if expected == 0 {
+            first_version()
+        } else {
+            expected + 1
+        };
         record.meta.updated = now_unix();
         let stored = self.encrypt(record)?;
         match &self.backend {
@@ -785,6 +790,21 @@ fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Sto
     Ok(())
 }
 
+/// The version a new account record starts at: the time in microseconds
+/// since 1970. An account removed and enrolled again then never reuses a
+/// version that a refresh still in flight for the old record expects, so
+/// that refresh loses its compare-and-set instead of overwriting the new
+/// enrolment (no ABA). Below 2^53, so Redis's Lua (doubles) compares it
+/// exactly.
+fn first_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX >> 11)
+        })
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -820,7 +840,8 @@ mod tests {
         let s = TokenStore::open_file(dir.path().into(), key(1)).unwrap();
         let mut r = record("alice@example.org", "RT-ONE-SECRET");
         assert!(s.compare_and_set(&mut r, 0).await.unwrap());
-        assert_eq!(r.meta.version, 1);
+        let v1 = r.meta.version;
+        assert!(v1 > 1, "a new record starts at a time-based version");
         let back = s.get("alice@example.org").await.unwrap().unwrap();
         assert_eq!(back.secrets.refresh_token, "RT-ONE-SECRET");
         // A stale writer loses.
@@ -828,7 +849,8 @@ mod tests {
         assert!(!s.compare_and_set(&mut stale, 0).await.unwrap());
         let mut newer = back.clone();
         newer.secrets.refresh_token = "RT-TWO".into();
-        assert!(s.compare_and_set(&mut newer, 1).await.unwrap());
+        assert!(s.compare_and_set(&mut newer, v1).await.unwrap());
+        assert_eq!(newer.meta.version, v1 + 1);
         assert_eq!(
             s.get("alice@example.org")
                 .await
@@ -844,6 +866,27 @@ mod tests {
         assert_eq!(s.list().await.unwrap().len(), 1);
         assert!(s.remove("alice@example.org").await.unwrap());
         assert!(s.get("alice@example.org").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_in_flight_cannot_overwrite_a_re_enrolment() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open_file(dir.path().into(), key(1)).unwrap();
+        let mut old = record("alice@example.org", "RT-OLD");
+        assert!(s.compare_and_set(&mut old, 0).await.unwrap());
+        // A refresh reads the record (and its version) ...
+        let mut in_flight = s.get("alice@example.org").await.unwrap().unwrap();
+        let expected = in_flight.meta.version;
+        // ... meanwhile the operator removes the account and enrols it anew.
+        assert!(s.remove("alice@example.org").await.unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut fresh = record("alice@example.org", "RT-NEW-ENROLMENT");
+        s.put(&mut fresh).await.unwrap();
+        // The refresh's compare-and-set must lose.
+        in_flight.secrets.refresh_token = "RT-FROM-OLD-FAMILY".into();
+        assert!(!s.compare_and_set(&mut in_flight, expected).await.unwrap());
+        let stored = s.get("alice@example.org").await.unwrap().unwrap();
+        assert_eq!(stored.secrets.refresh_token, "RT-NEW-ENROLMENT");
     }
 
     #[cfg(unix)]
@@ -863,7 +906,8 @@ mod tests {
         // and its backup must still be private.
         std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
         let mut r2 = s.get("alice@example.org").await.unwrap().unwrap();
-        assert!(s.compare_and_set(&mut r2, 1).await.unwrap());
+        let v = r2.meta.version;
+        assert!(s.compare_and_set(&mut r2, v).await.unwrap());
         assert_eq!(mode(&tokens), 0o600);
         assert_eq!(mode(&backup_path(&tokens)), 0o600);
         s.add_device(DeviceRecord {
