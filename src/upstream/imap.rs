@@ -1767,17 +1767,9 @@ fn quote_mailbox(name: &str) -> Result<String, UpstreamError> {
             "invalid mailbox name {name:?}"
         )));
     }
-    let encoded = modified_utf7(name);
-    let mut s = String::with_capacity(encoded.len() + 2);
-    s.push('"');
-    for c in encoded.chars() {
-        if c == '"' || c == '\\' {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    Ok(s)
+    // Modified UTF-7 is ASCII without CR, LF or NUL: `quote` accepts it.
+    quote(&modified_utf7(name))
+        .ok_or_else(|| UpstreamError::Unsupported(format!("invalid mailbox name {name:?}")))
 }
 
 /// RFC 3501 §5.1.3: printable ASCII stands for itself ("&" as "&-"); other
