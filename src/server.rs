@@ -662,14 +662,7 @@ impl<C: Connector> Connection<C> {
             RouteAuth::Passthrough => {
                 let view = match route.policy.view(user) {
                     Ok(v) => v,
-                    Err(why) => {
-                        info!(user, why, "login refused by the route's device policy");
-                        metrics().auth("refused");
-                        return LoginOutcome::Failed {
-                            code: "AUTH",
-                            text: why,
-                        };
-                    }
+                    Err(why) => return policy_refused(user, why),
                 };
                 let upstream_user = route.login.apply(&view.account).to_string();
                 let credentials = Credentials::Password {
@@ -730,14 +723,7 @@ impl<C: Connector> Connection<C> {
         };
         let view = match device_view(&route.policy, &grant) {
             Ok(v) => v,
-            Err(why) => {
-                info!(user, why, "login refused by the route's device policy");
-                metrics().auth("refused");
-                return LoginOutcome::Failed {
-                    code: "AUTH",
-                    text: why,
-                };
-            }
+            Err(why) => return policy_refused(user, why),
         };
         let account = grant.account.as_str();
         let result = bearer_login(
@@ -1158,6 +1144,17 @@ async fn imported_uidls(
             error!(error = %e, "imported UIDL map lookup failed; serving template UIDLs");
             Default::default()
         }
+    }
+}
+
+/// A login the route's device policy refuses (RFC 3206 AUTH): logged and
+/// counted, answered with the policy's reason.
+fn policy_refused(user: &str, why: &'static str) -> LoginOutcome {
+    info!(user, why, "login refused by the route's device policy");
+    metrics().auth("refused");
+    LoginOutcome::Failed {
+        code: "AUTH",
+        text: why,
     }
 }
 
