@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bridge::policy::{is_safe_atom, DeletePolicy, Policy, DEFAULT_DELETED_KEYWORD};
-use crate::bridge::uidl::UidlFormat;
 use crate::error::ConfigError;
+use crate::pop3::uidl::UidlFormat;
 use crate::routing::LoginName;
 use crate::upstream::imap::NoUidplus;
 

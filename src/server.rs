@@ -19,7 +19,6 @@ use tokio::time::timeout;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::bridge::lock::MailboxLock;
-use crate::bridge::maildrop::Maildrop;
 use crate::bridge::policy::DeleteAction;
 use crate::bridge::policy::{device_keyword, valid_device, DeletePolicy, Policy, SessionView};
 use crate::error::UpstreamError;
@@ -31,6 +30,7 @@ use crate::oauth::login::{bearer_login, BearerLoginError};
 use crate::oauth::{DeviceAuthError, DeviceGrant, OauthRuntime, TokenError};
 use crate::pop3::command::Secret;
 use crate::pop3::command::{Line, LineDecoder};
+use crate::pop3::maildrop::Maildrop;
 use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session, SessionConfig,

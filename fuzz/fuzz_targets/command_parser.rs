@@ -20,7 +20,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use popbridge::bridge::maildrop::Maildrop;
+use popbridge::pop3::maildrop::Maildrop;
 use popbridge::pop3::command::{Command, Line, LineDecoder};
 use popbridge::pop3::session::{
     Action, CommitOutcome, FetchFailure, LoginOutcome, Profile, Session, SessionConfig,

@@ -1,6 +1,4 @@
-//! POP3 meaning on top of IMAP: the maildrop snapshot and UIDL formats.
+//! POP3 meaning on top of IMAP: delete policies and the session lock.
 
 pub mod lock;
-pub mod maildrop;
 pub mod policy;
-pub mod uidl;

@@ -3,7 +3,7 @@
 //!
 //! Precedence, as in Dovecot's POP3 server: a valid `X-UIDL:` header (when
 //! `reuse_xuidl` is on) > the imported map > the template. Duplicates are
-//! then renamed by [`crate::bridge::maildrop::Maildrop::set_uidls`].
+//! then renamed by [`crate::pop3::maildrop::Maildrop::set_uidls`].
 //!
 //! Maps are read-mostly files; each is parsed once and kept in memory,
 //! keyed by path and re-read only when the file changes (a new `popbridge

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use super::hash::{is_hash, HeaderHash};
 use super::matching::OldMessage;
-use crate::bridge::uidl::MAX_UIDL_LEN;
+use crate::pop3::uidl::MAX_UIDL_LEN;
 
 /// Sub-directory of `data.dir` that holds the maps.
 pub const MAPS_DIR: &str = "uidl-maps";

@@ -5,8 +5,8 @@
 //! driver to do upstream work (log in, fetch a message, commit at QUIT). The
 //! driver reports back with the `*_result` methods, which write the reply.
 
-use crate::bridge::maildrop::{Lookup, Maildrop};
-use crate::bridge::uidl::UidlFormat;
+use crate::pop3::maildrop::{Lookup, Maildrop};
+use crate::pop3::uidl::UidlFormat;
 use base64::Engine as _;
 
 use crate::pop3::command::{

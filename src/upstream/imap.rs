@@ -1826,7 +1826,7 @@ pub fn x_uidl(header: &[u8]) -> Option<String> {
         .find(|l| l.len() > 7 && l[..7].eq_ignore_ascii_case("x-uidl:"))?;
     let value = line[7..].trim();
     let ok = !value.is_empty()
-        && value.len() <= crate::bridge::uidl::MAX_UIDL_LEN
+        && value.len() <= crate::pop3::uidl::MAX_UIDL_LEN
         && value.bytes().all(|b| (0x21..=0x7e).contains(&b));
     ok.then(|| value.to_string())
 }

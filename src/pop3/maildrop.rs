@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use crate::bridge::uidl::UidlFormat;
 use crate::pop3::command::MsgNum;
+use crate::pop3::uidl::UidlFormat;
 
 /// One message as POP3 sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl Maildrop {
                     // gives up its tail to the suffix (a map or X-UIDL value
                     // of 70 characters would otherwise be served as 72).
                     let suffix = format!("-{count}");
-                    let keep = crate::bridge::uidl::MAX_UIDL_LEN.saturating_sub(suffix.len());
+                    let keep = crate::pop3::uidl::MAX_UIDL_LEN.saturating_sub(suffix.len());
                     uidl = base.chars().take(keep).collect::<String>() + &suffix;
                     if !seen.contains_key(&uidl) {
                         break;
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn renamed_duplicates_stay_valid_uidls() {
         let f = UidlFormat::parse("%u").unwrap();
-        let long = "x".repeat(crate::bridge::uidl::MAX_UIDL_LEN);
+        let long = "x".repeat(crate::pop3::uidl::MAX_UIDL_LEN);
         let mut m = Maildrop::new(1, (1..=12).map(|u| (u, 1)).collect());
         m.set_uidls((1..=12).map(|u| (u, long.clone())).collect(), &f);
         let all: Vec<String> = m.visible().map(|(_, e)| m.uidl(e, &f)).collect();
@@ -249,7 +249,7 @@ mod tests {
         for u in &all {
             // RFC 1939 §7: 1 to 70 characters in 0x21-0x7E.
             assert!(
-                (1..=crate::bridge::uidl::MAX_UIDL_LEN).contains(&u.len())
+                (1..=crate::pop3::uidl::MAX_UIDL_LEN).contains(&u.len())
                     && u.bytes().all(|b| (0x21..=0x7e).contains(&b)),
                 "{u:?} ({} chars)",
                 u.len()
