@@ -1,48 +1,43 @@
 //! popbridge: a POP3 server that serves each session from an IMAP mailbox.
 //!
 //! # Layout
-//! - [`pop3`]: the protocol core with no I/O: command parsing
-//!   ([`pop3::command`]), the RFC 1939 state machine with STLS and SASL
-//!   ([`pop3::session`]) and response encoding with dot-stuffing
-//!   ([`pop3::response`]).
-//! - [`bridge`]: POP3 meaning on top of IMAP: the maildrop snapshot taken at
-//!   login, UIDLs built from UID and UIDVALIDITY (or reused `X-UIDL:`), the
-//!   delete policies for shared mailboxes and the optional session lock.
-//! - [`upstream`]: the IMAP side behind a narrow trait (log in and snapshot,
-//!   stream a message, commit at QUIT), implemented over async-imap, with the
-//!   listing cache shared across sessions; [`upstream::sasl`] holds the
-//!   login exchanges without I/O (PLAIN, XOAUTH2, OAUTHBEARER and what a
-//!   refusal means).
-//! - [`server`]: listeners and the per-connection driver, the only place
-//!   where sockets, the session and the upstream meet; drain on shutdown.
-//! - [`routing`]: which upstream serves a login. [`proxy`]: PROXY protocol
-//!   headers. [`tls`]: certificates (reloadable) and upstream verification.
-//!   [`stream`]: plain-or-TLS connections. [`limits`]: per-address caps and
-//!   failed-login throttling.
-//! - [`migrate`]: UIDLs carried over from an old POP3 server (the imported
-//!   map and `popbridge migrate`). [`oauth`]: OAuth2 upstreams, the token
-//!   store and device logins.
-//! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`config`]: the TOML file and its validation; [`logging`]: log output
-//!   with the libraries that would log secrets switched off; [`error`]: error types
-//!   tagged by source.
+//! The data path reads top to bottom: socket → POP3 command → bridge
+//! decision → IMAP operation → bytes back. Each module imports only the
+//! modules listed below it (a test, `layering`, holds the code to this):
 //!
-//! The data path: socket → `LineDecoder` → `Session::handle` → `Action` →
-//! `Upstream` → bytes back to the client.
+//! - [`cli`]: the command line: serve, `migrate`, `oauth`, `device`,
+//!   `--probe`; log output. May use everything below.
+//! - [`app`]: turns a configuration into the running service: checks it,
+//!   builds routes, bridge and listeners, reloads on SIGHUP.
+//! - [`server`]: listeners, connection limits, PROXY protocol, the admin
+//!   HTTP listener, and the per-connection driver, the one place where
+//!   sockets, the POP3 session and the upstream meet.
+//! - [`bridge`]: the decisions: which route a login takes, throttling, the
+//!   IMAP login, delete policies and the session lock, UIDL precedence, and
+//!   the one table of what the client is told when something fails.
+//! - [`oauth`] and [`migrate`]: OAuth2 upstreams (tokens, device logins)
+//!   and UIDL continuity from an old POP3 server (the imported maps). They
+//!   do not import each other.
+//! - [`imap`]: popbridge's IMAP client behind the narrow
+//!   [`imap::Connector`] / [`imap::Upstream`] interface: connect, log in,
+//!   snapshot, stream a message, commit at QUIT.
+//! - Leaves, importing nothing from popbridge: [`pop3`] (the protocol with
+//!   no I/O: commands, the state machine, responses, the maildrop snapshot,
+//!   UIDL formats), [`config`] (the TOML file, its small types and
+//!   validation without I/O), [`tls`] (certificates and plain-or-TLS
+//!   streams) and [`metrics`].
 
-pub mod admin;
+pub mod app;
 pub mod bridge;
+pub mod cli;
 pub mod config;
-pub mod error;
-pub mod limits;
-pub mod logging;
+pub mod imap;
 pub mod metrics;
 pub mod migrate;
 pub mod oauth;
 pub mod pop3;
-pub mod proxy;
-pub mod routing;
 pub mod server;
-pub mod stream;
 pub mod tls;
-pub mod upstream;
+
+#[cfg(test)]
+mod layering;

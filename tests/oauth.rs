@@ -23,10 +23,9 @@ use std::time::{Duration, Instant};
 
 use common::oauth::*;
 use common::*;
-use popbridge::error::UpstreamError;
-use popbridge::oauth::{AccessToken, ProviderSasl, SaslMechanism};
-use popbridge::upstream::imap::{ImapConfig, ImapConnector, NoUidplus, UpstreamTlsSetup};
-use popbridge::upstream::{Connector, Credentials, Upstream};
+use popbridge::config::{NoUidplus, ProviderSasl, SaslMechanism};
+use popbridge::imap::{AccessToken, Connector, Credentials, Upstream, UpstreamError};
+use popbridge::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
 
 const ACCOUNT: &str = "alice@example.org";
 const OTHER: &str = "bob@example.org";
@@ -750,7 +749,10 @@ fn pop3_enrol_two_devices_expire_rotate_revoke() {
     let r = pop3_pass(pb.port, &phone, "phone-pass-1");
     assert_eq!(
         r,
-        format!("-ERR [AUTH] {}", popbridge::server::NEEDS_ENROLMENT_TEXT)
+        format!(
+            "-ERR [AUTH] {}",
+            popbridge::bridge::replies::NEEDS_ENROLMENT_TEXT
+        )
     );
     assert!(s.oauth.stats().token_error("invalid_grant") >= 1);
     let log = pb.log();
@@ -1069,7 +1071,10 @@ fn pop3_gmail_throttled_backs_off_and_keeps_the_token() {
     let throttled_at = Instant::now();
     assert_eq!(
         r,
-        format!("-ERR [SYS/TEMP] {}", popbridge::server::THROTTLED_TEXT)
+        format!(
+            "-ERR [SYS/TEMP] {}",
+            popbridge::bridge::replies::THROTTLED_TEXT
+        )
     );
     assert_eq!(proxy.throttled(), 1);
     assert_eq!(
@@ -1115,7 +1120,10 @@ fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
     let refused_at = Instant::now();
     assert_eq!(
         r,
-        format!("-ERR [SYS/TEMP] {}", popbridge::server::TOKEN_REFUSED_TEXT)
+        format!(
+            "-ERR [SYS/TEMP] {}",
+            popbridge::bridge::replies::TOKEN_REFUSED_TEXT
+        )
     );
     // Exactly one retry: the stored token, then one fresh one.
     assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);

@@ -290,7 +290,7 @@ fn runtime_single_flight_refresh_devices_and_reenrolment() {
 
         // The enrolment's access token is used as is.
         let sasl = rt.sasl(PROVIDER).expect("provider SASL");
-        assert_eq!(sasl.mechanism, popbridge::oauth::SaslMechanism::XOauth2);
+        assert_eq!(sasl.mechanism, popbridge::config::SaslMechanism::XOauth2);
         let first = rt.access_token(PROVIDER, ACCOUNT).await.unwrap();
         assert_eq!(
             oauth

@@ -23,7 +23,7 @@ use libfuzzer_sys::fuzz_target;
 use popbridge::pop3::maildrop::Maildrop;
 use popbridge::pop3::command::{Command, Line, LineDecoder};
 use popbridge::pop3::session::{
-    Action, CommitOutcome, FetchFailure, LoginOutcome, Profile, Session, SessionConfig,
+    Action, CommitOutcome, FetchFailure, LoginFailure, LoginOutcome, Profile, Session, SessionConfig,
 };
 
 /// What one run produced, compared across chunkings.
@@ -177,7 +177,7 @@ fn run(stream: &[u8], chunks: &[usize], login_ok: bool) -> Transcript {
                     let outcome = if login_ok {
                         LoginOutcome::Ok(maildrop(), Profile::default())
                     } else {
-                        LoginOutcome::Refused
+                        LoginOutcome::Failed(LoginFailure::Refused)
                     };
                     let a = session.login_result(outcome, &mut extra);
                     assert_eq!(a, Action::Continue);

@@ -1,4 +1,14 @@
-//! POP3 meaning on top of IMAP: delete policies and the session lock.
+//! The bridge decisions: what a POP3 login and its session mean on the IMAP
+//! side. [`login`] turns a user name and password into a logged-in session
+//! or a refusal ([`replies`] is the one table of what the client is told),
+//! through [`routing`], the [`throttle`], the delete [`policy`] and the
+//! session [`lock`].
 
 pub mod lock;
+pub mod login;
 pub mod policy;
+pub mod replies;
+pub mod routing;
+pub mod throttle;
+
+pub use login::{Bridge, LoggedIn};

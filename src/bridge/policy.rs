@@ -1,81 +1,17 @@
 //! What DELE means on a shared mailbox: the operator's delete policy, and
 //! the per-device variant where several devices share one account.
 
-use serde::{Deserialize, Serialize};
-
-/// Dovecot's `pop3_deleted_flag` is commonly set to this keyword.
-pub const DEFAULT_DELETED_KEYWORD: &str = "$POP3Deleted";
+use crate::config::is_safe_atom;
+pub use crate::config::{DeletePolicy, Policy};
+use crate::imap::DeleteAction;
 
 /// Prefix of the keyword that hides a message from one device
 /// (`$POP3Del-scanner`).
 pub const DEVICE_KEYWORD_PREFIX: &str = "$POP3Del-";
 
-/// RFC 3501 §9 `atom`: no specials. Keywords and device tags must be atoms
-/// so they travel unquoted and can never become IMAP syntax.
+/// Device tags are at most this long (they become keywords, which must be
+/// atoms: RFC 3501 §9, no specials).
 pub const MAX_DEVICE_LEN: usize = 32;
-
-/// The operator's choice, per route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeletePolicy {
-    /// `\Deleted` and `UID EXPUNGE` of exactly the marked messages.
-    #[default]
-    Expunge,
-    /// Set a keyword; POP3 sessions stop listing those messages, IMAP users
-    /// still see them (Dovecot's `pop3_delete_type = flag`).
-    Flag,
-    /// Move the messages to another mailbox.
-    Move,
-    /// Accept DELE and QUIT, change nothing ("leave mail on server").
-    Keep,
-    /// Hide the messages from the device that deleted them only (a keyword
-    /// per device); other devices and IMAP users keep seeing them.
-    PerDevice,
-}
-
-/// What QUIT does with the marked messages, for one session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeleteAction {
-    Expunge,
-    /// Add this keyword.
-    Keyword(String),
-    /// Move to this mailbox, creating it first if `create`.
-    Move {
-        mailbox: String,
-        create: bool,
-    },
-    Keep,
-}
-
-/// A route's settings for shared mailboxes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub delete: DeletePolicy,
-    /// The keyword of the `flag` policy.
-    pub keyword: String,
-    /// The target of the `move` policy.
-    pub move_to: String,
-    /// Create `move_to` at QUIT when it does not exist.
-    pub create_move_target: bool,
-    /// Between account and device in a login (`alice+scanner`), for
-    /// `per-device`.
-    pub device_separator: String,
-    /// One POP3 session per account and mailbox at a time (in this process).
-    pub lock: bool,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            delete: DeletePolicy::Expunge,
-            keyword: DEFAULT_DELETED_KEYWORD.into(),
-            move_to: "Trash".into(),
-            create_move_target: false,
-            device_separator: "+".into(),
-            lock: false,
-        }
-    }
-}
 
 /// What one session's login means under a policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,55 +26,45 @@ pub struct SessionView {
     pub hide: Option<String>,
 }
 
-impl Policy {
-    /// The view for `login`, or why it is refused (an unusable device tag).
-    pub fn view(&self, login: &str) -> Result<SessionView, &'static str> {
-        let plain = |action, hide| SessionView {
-            account: login.to_string(),
-            device: None,
-            action,
-            hide,
-        };
-        Ok(match self.delete {
-            DeletePolicy::Expunge => plain(DeleteAction::Expunge, None),
-            DeletePolicy::Keep => plain(DeleteAction::Keep, None),
-            DeletePolicy::Flag => plain(
-                DeleteAction::Keyword(self.keyword.clone()),
-                Some(self.keyword.clone()),
-            ),
-            DeletePolicy::Move => plain(
-                DeleteAction::Move {
-                    mailbox: self.move_to.clone(),
-                    create: self.create_move_target,
-                },
-                None,
-            ),
-            DeletePolicy::PerDevice => {
-                let (account, device) = split_device(login, &self.device_separator);
-                // A login without a device tag is the device "default".
-                let device = device.unwrap_or("default");
-                if !valid_device(device) {
-                    return Err("Invalid device name: use letters, digits, '-', '_' or '.'.");
-                }
-                let keyword = device_keyword(device);
-                SessionView {
-                    account,
-                    device: Some(device.to_string()),
-                    action: DeleteAction::Keyword(keyword.clone()),
-                    hide: Some(keyword),
-                }
+/// The view of `login` under a route's policy, or why it is refused (an
+/// unusable device tag).
+pub fn session_view(policy: &Policy, login: &str) -> Result<SessionView, &'static str> {
+    let plain = |action, hide| SessionView {
+        account: login.to_string(),
+        device: None,
+        action,
+        hide,
+    };
+    Ok(match policy.delete {
+        DeletePolicy::Expunge => plain(DeleteAction::Expunge, None),
+        DeletePolicy::Keep => plain(DeleteAction::Keep, None),
+        DeletePolicy::Flag => plain(
+            DeleteAction::Keyword(policy.keyword.clone()),
+            Some(policy.keyword.clone()),
+        ),
+        DeletePolicy::Move => plain(
+            DeleteAction::Move {
+                mailbox: policy.move_to.clone(),
+                create: policy.create_move_target,
+            },
+            None,
+        ),
+        DeletePolicy::PerDevice => {
+            let (account, device) = split_device(login, &policy.device_separator);
+            // A login without a device tag is the device "default".
+            let device = device.unwrap_or("default");
+            if !valid_device(device) {
+                return Err("Invalid device name: use letters, digits, '-', '_' or '.'.");
             }
-        })
-    }
-}
-
-/// True for an IMAP atom made of letters, digits and `$ - _ .` (a strict
-/// subset of RFC 3501's atom-char, so it is safe everywhere).
-pub fn is_safe_atom(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'$' | b'-' | b'_' | b'.'))
+            let keyword = device_keyword(device);
+            SessionView {
+                account,
+                device: Some(device.to_string()),
+                action: DeleteAction::Keyword(keyword.clone()),
+                hide: Some(keyword),
+            }
+        }
+    })
 }
 
 /// Splits a login such as `alice+scanner@example.org` at `separator` into
@@ -207,20 +133,22 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(
-            p(DeletePolicy::Expunge).view("a@x").unwrap().action,
+            session_view(&p(DeletePolicy::Expunge), "a@x")
+                .unwrap()
+                .action,
             DeleteAction::Expunge
         );
-        let v = p(DeletePolicy::Flag).view("a@x").unwrap();
+        let v = session_view(&p(DeletePolicy::Flag), "a@x").unwrap();
         assert_eq!(v.hide.as_deref(), Some("$POP3Deleted"));
-        let v = p(DeletePolicy::PerDevice).view("alice+scan@x").unwrap();
+        let v = session_view(&p(DeletePolicy::PerDevice), "alice+scan@x").unwrap();
         assert_eq!(
             (v.account.as_str(), v.device.as_deref()),
             ("alice@x", Some("scan"))
         );
         assert_eq!(v.action, DeleteAction::Keyword("$POP3Del-scan".into()));
-        let v = p(DeletePolicy::PerDevice).view("alice@x").unwrap();
+        let v = session_view(&p(DeletePolicy::PerDevice), "alice@x").unwrap();
         assert_eq!(v.device.as_deref(), Some("default"));
-        assert!(p(DeletePolicy::PerDevice).view("alice+a)b@x").is_err());
+        assert!(session_view(&p(DeletePolicy::PerDevice), "alice+a)b@x").is_err());
     }
 
     #[test]

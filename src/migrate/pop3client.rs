@@ -14,7 +14,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::pop3::command::Secret;
-use crate::stream::MaybeTls;
+use crate::tls::MaybeTls;
 
 /// RFC 2449 §4: a response line (status or listing) is at most 512 octets
 /// with its CRLF.

@@ -10,7 +10,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::config::{KeyMaterial, KEY_LEN};
+use crate::config::oauth::{KeyMaterial, KEY_LEN};
 
 /// XChaCha20-Poly1305 nonce length (draft-irtf-cfrg-xchacha §2).
 const NONCE_LEN: usize = 24;

@@ -11,8 +11,7 @@ use std::net::SocketAddr;
 use tracing::{info, warn};
 
 use super::{OauthRuntime, TokenError};
-use crate::error::UpstreamError;
-use crate::upstream::{Connector, Credentials, Snapshot};
+use crate::imap::{Connector, Credentials, Snapshot, UpstreamError};
 
 /// Which bearer login this is: a token refused on the first try gets one
 /// retry with a fresh token, never more.

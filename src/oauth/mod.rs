@@ -1,16 +1,13 @@
-//! OAuth2 upstreams (issue 8): providers, the encrypted token store, device
-//! credentials and the `popbridge oauth` / `popbridge device` commands.
+//! OAuth2 upstreams: providers, the encrypted token store and device
+//! credentials. (`[oauth]` is `crate::config::oauth`; the `popbridge oauth`
+//! and `popbridge device` commands are in `cli`.)
 //!
-//! The rest of popbridge sees only [`OauthRuntime`]: it checks a device's
-//! login locally and hands out access tokens for the account behind it.
-//! Everything else (providers, HTTP, stores, enrolment) lives in submodules.
-//!
-//! INTERFACE CONTRACT (kept stable for the integration work on another
-//! branch): the items in this file, `config::OauthConfig` and the
-//! `SaslMechanism`/`ProviderSasl` types.
+//! The proxy sees only [`OauthRuntime`]: it checks a device's login locally
+//! and hands out access tokens for the account behind it, through
+//! [`login::bearer_login`]. Everything else (providers, HTTP, stores,
+//! enrolment) lives in submodules.
 //!
 //! # Layout
-//! - [`config`]: `[oauth]`, provider presets, key loading, validation.
 //! - [`crypto`]: sealing secrets at rest (XChaCha20-Poly1305, key id).
 //! - [`store`]: account and device records, the file backend;
 //!   [`redis_store`]: the Redis backend for several replicas.
@@ -19,18 +16,15 @@
 //!   re-enrolment state, throttling backoff, device checks.
 //! - [`login`]: the IMAP login with an access token and its one-retry
 //!   rule, shared by the server, `oauth test` and `migrate`.
-//! - [`device`]: argon2id device passwords. [`cli`]: the commands.
+//! - [`device`]: argon2id device passwords.
 
 use std::net::IpAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, ProviderSasl};
+use crate::imap::AccessToken;
 use crate::pop3::command::Secret;
 
-pub mod cli;
-pub mod config;
 pub mod crypto;
 pub mod device;
 pub mod login;
@@ -39,25 +33,11 @@ pub mod redis_store;
 pub mod service;
 pub mod store;
 
-pub use cli::{DeviceArgs, OauthArgs};
-
+use crate::config::oauth::{check_redis_url, OauthConfig, StoreKind};
 use crate::config::UpstreamAuth;
-use config::{OauthConfig, StoreKind};
 use crypto::StoreKey;
 use service::TokenService;
 use store::TokenStore;
-
-/// Run `popbridge oauth`; `config` is the loaded configuration file, if any.
-/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
-pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
-    cli::run_oauth(args, config)
-}
-
-/// Run `popbridge device`; `config` is the loaded configuration file, if any.
-/// Exit codes: 0 done, 1 failed, 2 usage or configuration error.
-pub fn run_device(args: DeviceArgs, config: Option<Config>) -> ExitCode {
-    cli::run_device(args, config)
-}
 
 /// Opens the configured store (file or Redis) with the configured key.
 /// Errors are startup errors and name files and keys, never secrets.
@@ -72,59 +52,13 @@ pub fn open_store(config: &Config) -> Result<TokenStore, String> {
             TokenStore::open_file(dir, key).map_err(|e| e.to_string())
         }
         StoreKind::Redis => {
-            config::check_redis_url(&oauth.redis_url)?;
+            check_redis_url(&oauth.redis_url)?;
             let password = oauth
                 .redis_password_source()
                 .read()
                 .map_err(|e| format!("oauth.redis_password_file: {e}"))?;
             TokenStore::open_redis(&oauth.redis_url, password, key).map_err(|e| e.to_string())
         }
-    }
-}
-
-/// The SASL mechanism a provider expects for IMAP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaslMechanism {
-    /// Google's and Microsoft's `XOAUTH2`.
-    XOauth2,
-    /// RFC 7628 `OAUTHBEARER`.
-    OauthBearer,
-}
-
-/// How to present a token to a provider's IMAP server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProviderSasl {
-    pub mechanism: SaslMechanism,
-    /// Send the initial response after a `+` continuation instead of with
-    /// the command (SASL-IR, RFC 4959). Microsoft's documented exchange.
-    pub two_step: bool,
-}
-
-/// A bearer token, never printed.
-#[derive(Clone)]
-pub struct AccessToken {
-    token: Arc<str>,
-    /// When popbridge stops using it (shortly before the provider's expiry).
-    pub expires_at: Instant,
-}
-
-impl AccessToken {
-    pub fn new(token: impl Into<Arc<str>>, expires_at: Instant) -> Self {
-        Self {
-            token: token.into(),
-            expires_at,
-        }
-    }
-
-    /// The token itself, for the SASL exchange only.
-    pub fn expose(&self) -> &str {
-        &self.token
-    }
-}
-
-impl std::fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AccessToken(***)")
     }
 }
 

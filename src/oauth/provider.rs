@@ -14,7 +14,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::config::Provider;
+use crate::config::oauth::Provider;
 
 /// Whole request budget for one call to a provider.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(20);

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 use tracing::{error, info, warn};
 
-use super::config::Provider;
 use super::device;
 use super::provider::{ProviderClient, ProviderError};
 use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
-use super::{AccessToken, DeviceAuthError, DeviceGrant, TokenError};
+use super::{DeviceAuthError, DeviceGrant, TokenError};
+use crate::config::oauth::Provider;
+use crate::imap::AccessToken;
 use crate::metrics::metrics;
 use crate::pop3::command::Secret;
 
@@ -494,7 +495,7 @@ mod tests {
     #[tokio::test]
     async fn upstream_throttling_backs_off_without_touching_the_provider() {
         let dir = tempfile::tempdir().unwrap();
-        let key = super::super::crypto::StoreKey::new(&super::super::config::KeyMaterial([1; 32]));
+        let key = super::super::crypto::StoreKey::new(&crate::config::oauth::KeyMaterial([1; 32]));
         let store = Arc::new(TokenStore::open_file(dir.path().into(), key).unwrap());
         // No provider is configured: any attempt to refresh would fail
         // with Unavailable, so Throttled proves nothing was attempted.

@@ -808,7 +808,7 @@ fn first_version() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oauth::config::KeyMaterial;
+    use crate::config::oauth::KeyMaterial;
 
     fn key(b: u8) -> StoreKey {
         StoreKey::new(&KeyMaterial([b; 32]))

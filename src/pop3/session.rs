@@ -34,16 +34,10 @@ pub const SASL_MECHANISMS: &[&str] = &["PLAIN", "LOGIN"];
 const PLAINTEXT_REFUSED: &str =
     "Plaintext authentication disallowed on non-secure connections: use STLS (or POP3S, port 995) first.";
 
-/// Settings that shape replies.
+/// Settings of the connection that shape replies before login (after
+/// login the route's [`Profile`] does).
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// How UIDLs are formed.
-    pub uidl: UidlFormat,
-    /// Mark messages `\Seen` at QUIT when RETR fetched them (Dovecot does).
-    /// TOP never marks, unless `mark_seen_on_top`.
-    pub mark_seen: bool,
-    /// TOP marks `\Seen` at QUIT too.
-    pub mark_seen_on_top: bool,
     /// STLS can be offered (a certificate is configured).
     pub stls_available: bool,
     /// Credentials may cross this connection without TLS: the operator allows
@@ -54,9 +48,6 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
-            uidl: UidlFormat::default(),
-            mark_seen: true,
-            mark_seen_on_top: false,
             stls_available: false,
             plaintext_ok: true,
         }
@@ -156,6 +147,13 @@ impl Default for Profile {
 pub enum LoginOutcome {
     /// Logged in: the snapshot, and the route's POP3 behaviour.
     Ok(Maildrop, Profile),
+    /// Not logged in.
+    Failed(LoginFailure),
+}
+
+/// Why a login did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
     /// The upstream refused the credentials.
     Refused,
     /// The upstream could not be used. `code` is an RFC 3206 response code;
@@ -193,6 +191,8 @@ pub enum CommitOutcome {
 pub struct Session {
     state: State,
     config: SessionConfig,
+    /// The route's POP3 behaviour, from the login on.
+    profile: Profile,
     /// TLS is active (POP3S, or after STLS).
     secure: bool,
     /// Bad commands in a row; see [`MAX_BAD_COMMANDS`].
@@ -208,6 +208,7 @@ impl Session {
         Self {
             state: State::Authorization { user: None },
             config,
+            profile: Profile::default(),
             secure,
             bad_commands: 0,
             last_command: None,
@@ -399,7 +400,7 @@ impl Session {
                     Err(())
                 }
             },
-            State::Transaction(drop) => transaction(drop, cmd, out, &self.config),
+            State::Transaction(drop) => transaction(drop, cmd, out, &self.profile),
             State::Sasl(_) | State::LoggingIn | State::Update | State::Closed => {
                 // The driver never feeds input while upstream work is pending.
                 err(out, None, "Command not allowed now.");
@@ -544,20 +545,18 @@ impl Session {
     pub fn login_result(&mut self, outcome: LoginOutcome, out: &mut Vec<u8>) -> Action {
         match outcome {
             LoginOutcome::Ok(maildrop, profile) => {
-                self.config.uidl = profile.uidl;
-                self.config.mark_seen = profile.mark_seen;
-                self.config.mark_seen_on_top = profile.mark_seen_on_top;
+                self.profile = profile;
                 self.state = State::Transaction(maildrop);
                 ok(out, "Logged in.");
                 Action::Continue
             }
-            LoginOutcome::Refused => {
+            LoginOutcome::Failed(LoginFailure::Refused) => {
                 self.state = State::Authorization { user: None };
                 // RFC 3206 §4: AUTH means the credentials were wrong.
                 err(out, Some("AUTH"), "Authentication failed.");
                 Action::Continue
             }
-            LoginOutcome::Failed { code, text } => {
+            LoginOutcome::Failed(LoginFailure::Failed { code, text }) => {
                 self.state = State::Authorization { user: None };
                 // RFC 3206 §4: SYS/TEMP means try again later, SYS/PERM
                 // that retrying will not help.
@@ -578,8 +577,8 @@ impl Session {
         match result {
             Ok(()) => {
                 let seen = match req.top_lines {
-                    None => self.config.mark_seen,
-                    Some(_) => self.config.mark_seen_on_top,
+                    None => self.profile.mark_seen,
+                    Some(_) => self.profile.mark_seen_on_top,
                 };
                 if seen {
                     if let State::Transaction(m) = &mut self.state {
@@ -659,7 +658,7 @@ fn transaction(
     drop: &mut Maildrop,
     cmd: Command,
     out: &mut Vec<u8>,
-    config: &SessionConfig,
+    profile: &Profile,
 ) -> Result<Action, ()> {
     let lookup = |drop: &Maildrop, n: MsgNum, out: &mut Vec<u8>| {
         drop.get(n).cloned().map_err(|e| lookup_error(out, e))
@@ -684,13 +683,15 @@ fn transaction(
         Command::Uidl(None) => {
             ok(out, "");
             for (n, e) in drop.visible() {
-                out.extend_from_slice(format!("{n} {}\r\n", drop.uidl(e, &config.uidl)).as_bytes());
+                out.extend_from_slice(
+                    format!("{n} {}\r\n", drop.uidl(e, &profile.uidl)).as_bytes(),
+                );
             }
             out.extend_from_slice(b".\r\n");
         }
         Command::Uidl(Some(n)) => {
             let e = lookup(drop, n, out)?;
-            ok(out, &format!("{n} {}", drop.uidl(&e, &config.uidl)));
+            ok(out, &format!("{n} {}", drop.uidl(&e, &profile.uidl)));
         }
         Command::Retr(n) => {
             let e = lookup(drop, n, out)?;
@@ -779,7 +780,7 @@ mod tests {
             }
         );
         let mut out = Vec::new();
-        s.login_result(LoginOutcome::Refused, &mut out);
+        s.login_result(LoginOutcome::Failed(LoginFailure::Refused), &mut out);
         assert_eq!(out, b"-ERR [AUTH] Authentication failed.\r\n");
         // USER must be given again after a failed PASS.
         assert_eq!(run(&mut s, "PASS x").1, "-ERR No username given.\r\n");
@@ -888,7 +889,6 @@ mod tests {
             SessionConfig {
                 stls_available: stls,
                 plaintext_ok: false,
-                ..SessionConfig::default()
             },
             false,
         )

@@ -1,8 +1,8 @@
-//! Errors, typed by where they come from.
+//! What can go wrong talking to the IMAP server.
 //!
 //! Upstream wording (an IMAP server's NO text, an I/O error) is for the log
-//! only: the POP3 client sees the fixed texts chosen in
-//! [`crate::pop3::session`], with RFC 3206 response codes.
+//! only: the POP3 client sees the fixed texts the bridge chooses, with
+//! RFC 3206 response codes.
 
 use std::io;
 
@@ -88,8 +88,3 @@ impl UpstreamError {
         }
     }
 }
-
-/// A configuration problem: the text says what and where.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);

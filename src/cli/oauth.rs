@@ -16,15 +16,15 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use sha2::Digest;
 
-use super::config::Provider;
-use super::device;
-use super::provider::{self, ProviderClient, ProviderError, TokenResponse};
-use super::service::TokenService;
-use super::store::{
+use crate::config::oauth::Provider;
+use crate::config::Config;
+use crate::oauth::device;
+use crate::oauth::provider::{self, ProviderClient, ProviderError, TokenResponse};
+use crate::oauth::service::TokenService;
+use crate::oauth::store::{
     now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
     TokenStore,
 };
-use crate::config::Config;
 
 /// Environment variable `device add` reads a password from.
 pub const DEVICE_PASSWORD_ENV: &str = "POPBRIDGE_DEVICE_PASSWORD";
@@ -152,7 +152,7 @@ fn finish(what: &str, r: Result<(), Fail>) -> ExitCode {
 }
 
 fn init_logging() {
-    crate::logging::init("warn", crate::config::LogFormat::Text);
+    super::logging::init("warn", crate::config::LogFormat::Text);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Fail> {
@@ -172,7 +172,7 @@ async fn store(config: &Config) -> Result<TokenStore, Fail> {
     if let Err(e) = config.oauth.load_key() {
         return Err(usage(e));
     }
-    let s = super::open_store(config).map_err(failed)?;
+    let s = crate::oauth::open_store(config).map_err(failed)?;
     s.check().await.map_err(|e| failed(e.to_string()))?;
     Ok(s)
 }
@@ -182,7 +182,7 @@ pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
     if let OauthCommand::GenerateKey = args.command {
         return finish(
             "oauth generate-key",
-            super::crypto::random_key_base64()
+            crate::oauth::crypto::random_key_base64()
                 .map(|k| println!("{k}"))
                 .map_err(failed),
         );
@@ -385,7 +385,7 @@ async fn test_account(
     } else {
         let routes = config.effective_routes().map_err(|e| usage(e.0))?;
         let route = account_route(&routes, account, &provider, route).map_err(usage)?;
-        let imap = crate::upstream::imap::ImapConfig::from_upstream(
+        let imap = crate::imap::ImapConfig::from_upstream(
             &crate::config::UpstreamConfig {
                 // A one-off operator command: no IMAP ID with a client address.
                 send_client_id: false,
@@ -403,7 +403,7 @@ async fn test_account(
     if force_refresh {
         service = service.with_fresh_since(started_ms);
     }
-    let runtime = super::OauthRuntime::from_service(service);
+    let runtime = crate::oauth::OauthRuntime::from_service(service);
     let before = rec.meta.version;
     let t = runtime
         .access_token(&provider, account)
@@ -430,16 +430,16 @@ async fn test_account(
     };
     let address = imap.address.clone();
     let mailbox = imap.mailbox.clone();
-    let connector = crate::upstream::imap::ImapConnector::new(imap);
+    let connector = crate::imap::ImapConnector::new(imap);
     let (conn, snap) =
-        super::login::bearer_login(&runtime, &connector, &provider, account, None, None)
+        crate::oauth::login::bearer_login(&runtime, &connector, &provider, account, None, None)
             .await
             .map_err(|e| {
                 failed(format!(
                     "IMAP login to {address} as {account} (route {route_name}) failed: {e}"
                 ))
             })?;
-    crate::upstream::Upstream::logout(conn).await;
+    crate::imap::Upstream::logout(conn).await;
     println!(
         "OK: IMAP login to {address} as {account} (route {route_name}): {mailbox} holds {} messages",
         snap.messages.len()
@@ -535,10 +535,10 @@ async fn enrol(
             "{} issued no refresh token{}",
             p.name,
             match p.preset {
-                super::config::Preset::Microsoft => " (the scopes need offline_access)",
-                super::config::Preset::Google =>
+                crate::config::oauth::Preset::Microsoft => " (the scopes need offline_access)",
+                crate::config::oauth::Preset::Google =>
                     " (Google issues one with access_type=offline and prompt=consent, which --browser sends)",
-                super::config::Preset::Generic => " (check the client's grant types and scopes)",
+                crate::config::oauth::Preset::Generic => " (check the client's grant types and scopes)",
             }
         )));
     };
@@ -600,7 +600,7 @@ async fn device_flow(
     let auth = match client.device_authorization(p, secret).await {
         Ok(a) => a,
         Err(e) => {
-            let hint = if p.preset == super::config::Preset::Google {
+            let hint = if p.preset == crate::config::oauth::Preset::Google {
                 " (Google's device flow does not grant the Gmail scope: use --browser)"
             } else {
                 ""

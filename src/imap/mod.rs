@@ -1,20 +1,91 @@
-//! The IMAP side, behind a narrow interface: log in and take a snapshot,
-//! stream one message, commit changes at QUIT, log out.
+//! The IMAP side: popbridge's client of the upstream server, behind a narrow
+//! interface: log in and take a snapshot, stream one message, commit changes
+//! at QUIT, log out.
 //!
 //! Everything POP3 needs from a mail store goes through [`Connector`] and
-//! [`Upstream`]; the IMAP implementation lives in [`imap`].
+//! [`Upstream`], and the credential types here; the implementation is
+//! [`ImapConnector`] / [`ImapConn`], split by concern:
+//! - [`settings`]: how one server is reached ([`ImapConfig`]);
+//! - [`connect`]: TCP, TLS or STARTTLS, greeting, capabilities, ID;
+//! - [`login`] and [`sasl`]: passwords and SASL exchanges;
+//! - [`conn`]: the session and its checked command loop;
+//! - [`snapshot`] (with the listing [`cache`]), [`fetch`], [`commit`]: what
+//!   a POP3 session asks of it; [`bulk`]: headers and APPEND for
+//!   `popbridge migrate`;
+//! - [`syntax`]: the IMAP syntax popbridge writes.
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::bridge::policy::DeleteAction;
-use crate::error::UpstreamError;
-use crate::oauth::{AccessToken, ProviderSasl};
+use crate::config::ProviderSasl;
 use crate::pop3::command::Secret;
 
 pub mod cache;
-pub mod imap;
+#[macro_use]
+mod conn;
+mod bulk;
+mod commit;
+mod connect;
+pub mod error;
+mod fetch;
+mod login;
 pub mod sasl;
+pub mod settings;
+mod snapshot;
+pub mod syntax;
+#[cfg(test)]
+mod tests;
+
+pub use conn::{ImapConn, ImapConnector, MAX_RESPONSE};
+pub use error::UpstreamError;
+pub use fetch::{RETR_CHUNK, RETR_WINDOW, TOP_CHUNK};
+pub use settings::{host_of, ImapConfig, UpstreamStream, UpstreamTlsSetup};
+pub use syntax::{modified_utf7, uid_sets, x_uidl, MAX_UID_SET_LEN};
+
+/// A bearer token, never printed.
+#[derive(Clone)]
+pub struct AccessToken {
+    token: Arc<str>,
+    /// When popbridge stops using it (shortly before the provider's expiry).
+    pub expires_at: Instant,
+}
+
+impl AccessToken {
+    pub fn new(token: impl Into<Arc<str>>, expires_at: Instant) -> Self {
+        Self {
+            token: token.into(),
+            expires_at,
+        }
+    }
+
+    /// The token itself, for the SASL exchange only.
+    pub fn expose(&self) -> &str {
+        &self.token
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessToken(***)")
+    }
+}
+
+/// What QUIT does with the marked messages, for one session (the route's
+/// delete policy applied to the login).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteAction {
+    Expunge,
+    /// Add this keyword.
+    Keyword(String),
+    /// Move to this mailbox, creating it first if `create`.
+    Move {
+        mailbox: String,
+        create: bool,
+    },
+    Keep,
+}
 
 /// How popbridge logs in to the IMAP server.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +148,16 @@ pub enum FetchEnd {
     Gone,
 }
 
+/// Why a fetch failed, by side: the IMAP server, or the sink the message
+/// was going to (the POP3 client).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("writing the message: {0}")]
+    Sink(io::Error),
+}
+
 /// What a commit achieved.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommitReport {
@@ -116,7 +197,7 @@ pub trait Upstream: Send + 'static {
         size: u64,
         prefix_only: bool,
         sink: &mut S,
-    ) -> impl Future<Output = Result<FetchEnd, UpstreamError>> + Send;
+    ) -> impl Future<Output = Result<FetchEnd, FetchError>> + Send;
 
     /// Marks `seen` as `\Seen`, then removes exactly the messages `delete`.
     /// `action` says what "remove" means (the delete policy).

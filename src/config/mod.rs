@@ -1,9 +1,15 @@
 //! Configuration: a TOML file, then `POPBRIDGE_*` environment variables and
-//! command-line flags on top (see `main.rs`), then [`Config::validate`].
+//! command-line flags on top (see `cli`), then [`Config::validate`].
 //!
 //! Every key has a default and a doc comment; unknown keys are errors, so a
 //! typo never silently falls back to a default. `config/popbridge.example.toml`
 //! documents every key and is parsed by a test.
+//!
+//! This module is a leaf: it owns the small types its keys hold and imports
+//! nothing else from popbridge. [`Config::validate`] checks what the file
+//! says without touching the file system; reading certificates, keys and
+//! secrets, and parsing UIDL templates, happens where they are used (see
+//! `app::check`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,11 +17,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bridge::policy::{is_safe_atom, DeletePolicy, Policy, DEFAULT_DELETED_KEYWORD};
-use crate::error::ConfigError;
-use crate::pop3::uidl::UidlFormat;
-use crate::routing::LoginName;
-use crate::upstream::imap::NoUidplus;
+pub mod oauth;
+pub mod routes;
+
+pub use routes::{EffectiveRoute, RouteConfig, RouteIndex};
+
+/// A configuration problem: the text says what and where.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
 
 /// RFC 1939 §3: "Such a timer MUST be of at least 10 minutes' duration."
 pub const MIN_IDLE_TIMEOUT_SECS: u64 = 600;
@@ -54,7 +64,7 @@ pub struct Config {
     pub data: DataConfig,
     /// OAuth2 providers and the token store, for routes with
     /// `auth = "oauth2"`.
-    pub oauth: crate::oauth::config::OauthConfig,
+    pub oauth: oauth::OauthConfig,
 }
 
 /// The POP3 listener.
@@ -205,6 +215,149 @@ pub enum UpstreamAuth {
     Oauth2,
 }
 
+/// How the POP3 login name is passed to the IMAP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoginName {
+    /// As the client sent it.
+    #[default]
+    Full,
+    /// Without `@domain`.
+    LocalPart,
+}
+
+impl LoginName {
+    /// The name to send upstream for `login`.
+    pub fn apply<'a>(&self, login: &'a str) -> &'a str {
+        match self {
+            LoginName::Full => login,
+            LoginName::LocalPart => login.rsplit_once('@').map_or(login, |(local, _)| local),
+        }
+    }
+}
+
+/// What to do at QUIT when the server lacks UIDPLUS (RFC 4315), so `UID
+/// EXPUNGE` is not available and a plain `EXPUNGE` would also remove messages
+/// that other clients flagged `\Deleted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoUidplus {
+    /// Delete nothing and answer QUIT with `-ERR` (the default: never risks
+    /// another client's mail).
+    #[default]
+    Refuse,
+    /// Flag the messages, and run `EXPUNGE` only if no other message in the
+    /// mailbox is flagged `\Deleted` at that moment. Another client could
+    /// flag a message between the check and the `EXPUNGE`.
+    ExpungeIfAlone,
+}
+
+/// A SASL mechanism popbridge uses to log in to an IMAP server (RFC 3501
+/// §6.2.2 `AUTHENTICATE`): PLAIN for passwords, XOAUTH2 or OAUTHBEARER for
+/// OAuth2 access tokens (`mechanism` of an `[[oauth.providers]]` entry,
+/// which takes only those two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SaslMechanism {
+    /// RFC 4616 `PLAIN`: the password logins.
+    #[serde(rename = "plain")]
+    Plain,
+    /// Google's and Microsoft's `XOAUTH2`.
+    #[serde(rename = "xoauth2")]
+    XOauth2,
+    /// RFC 7628 `OAUTHBEARER`.
+    #[serde(rename = "oauthbearer")]
+    OauthBearer,
+}
+
+impl SaslMechanism {
+    /// The name in `AUTHENTICATE` and in CAPABILITY's `AUTH=`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::XOauth2 => "XOAUTH2",
+            SaslMechanism::OauthBearer => "OAUTHBEARER",
+        }
+    }
+
+    /// True for the mechanisms that carry an OAuth2 bearer token.
+    pub fn is_bearer(self) -> bool {
+        !matches!(self, SaslMechanism::Plain)
+    }
+}
+
+/// How to present a token to a provider's IMAP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderSasl {
+    pub mechanism: SaslMechanism,
+    /// Send the initial response after a `+` continuation instead of with
+    /// the command (SASL-IR, RFC 4959). Microsoft's documented exchange.
+    pub two_step: bool,
+}
+
+/// Dovecot's `pop3_deleted_flag` is commonly set to this keyword.
+pub const DEFAULT_DELETED_KEYWORD: &str = "$POP3Deleted";
+
+/// What DELE + QUIT does, per route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeletePolicy {
+    /// `\Deleted` and `UID EXPUNGE` of exactly the marked messages.
+    #[default]
+    Expunge,
+    /// Set a keyword; POP3 sessions stop listing those messages, IMAP users
+    /// still see them (Dovecot's `pop3_delete_type = flag`).
+    Flag,
+    /// Move the messages to another mailbox.
+    Move,
+    /// Accept DELE and QUIT, change nothing ("leave mail on server").
+    Keep,
+    /// Hide the messages from the device that deleted them only (a keyword
+    /// per device); other devices and IMAP users keep seeing them.
+    PerDevice,
+}
+
+/// A route's settings for shared mailboxes, resolved from its keys and
+/// `[pop3]`'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub delete: DeletePolicy,
+    /// The keyword of the `flag` policy.
+    pub keyword: String,
+    /// The target of the `move` policy.
+    pub move_to: String,
+    /// Create `move_to` at QUIT when it does not exist.
+    pub create_move_target: bool,
+    /// Between account and device in a login (`alice+scanner`), for
+    /// `per-device`.
+    pub device_separator: String,
+    /// One POP3 session per account and mailbox at a time (in this process).
+    pub lock: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            delete: DeletePolicy::Expunge,
+            keyword: DEFAULT_DELETED_KEYWORD.into(),
+            move_to: "Trash".into(),
+            create_move_target: false,
+            device_separator: "+".into(),
+            lock: false,
+        }
+    }
+}
+
+/// True for an IMAP atom made of letters, digits and `$ - _ .` (a strict
+/// subset of RFC 3501's atom-char, so it is safe everywhere): what keywords
+/// and device tags must be, so they travel unquoted and can never become
+/// IMAP syntax.
+pub fn is_safe_atom(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'$' | b'-' | b'_' | b'.'))
+}
+
 /// How logins choose a route.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -220,58 +373,6 @@ impl Default for RoutingConfig {
             default_route: true,
         }
     }
-}
-
-/// One `[[routes]]` entry. Unset keys inherit from `[upstream]` / `[pop3]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// A name for logs.
-    pub name: String,
-    /// Login-name domains (after the last `@`), case-insensitive.
-    pub domains: Vec<String>,
-    /// Exact login names, case-insensitive; they win over domains.
-    pub users: Vec<String>,
-    pub address: Option<String>,
-    pub tls: Option<UpstreamTls>,
-    pub ca_file: Option<String>,
-    pub tls_name: Option<String>,
-    pub mailbox: Option<String>,
-    pub login: Option<LoginName>,
-    pub send_client_id: Option<bool>,
-    pub auth: Option<UpstreamAuth>,
-    pub oauth_provider: Option<String>,
-    pub no_uidplus: Option<NoUidplus>,
-    pub connect_timeout_secs: Option<u64>,
-    pub command_timeout_secs: Option<u64>,
-    pub uidl_format: Option<String>,
-    pub mark_seen_on_retr: Option<bool>,
-    pub mark_seen_on_top: Option<bool>,
-    pub reuse_xuidl: Option<bool>,
-    pub uidl_map: Option<bool>,
-    pub delete_policy: Option<DeletePolicy>,
-    pub deleted_keyword: Option<String>,
-    pub move_to: Option<String>,
-    pub create_move_target: Option<bool>,
-    pub device_separator: Option<String>,
-    pub lock: Option<bool>,
-}
-
-/// A route with everything inherited filled in and checked.
-#[derive(Debug, Clone)]
-pub struct EffectiveRoute {
-    pub name: String,
-    pub domains: Vec<String>,
-    pub users: Vec<String>,
-    pub upstream: UpstreamConfig,
-    pub uidl: UidlFormat,
-    pub mark_seen: bool,
-    pub mark_seen_on_top: bool,
-    pub reuse_xuidl: bool,
-    /// Serve old UIDLs from the imported map (`<data.dir>/uidl-maps/`).
-    pub uidl_map: bool,
-    pub policy: Policy,
-    pub is_default: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -479,7 +580,7 @@ impl Default for LogConfig {
 }
 
 /// Checks one upstream's settings; `at` names it in messages.
-fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+pub(crate) fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
     let a = &u.address;
     match a.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
@@ -519,154 +620,10 @@ fn check_upstream(at: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
             )));
         }
     }
-    if u.tls != UpstreamTls::None && !u.ca_file.is_empty() {
-        crate::tls::client_connector(Some(Path::new(&u.ca_file)))
-            .map_err(|e| ConfigError(format!("{at}: {}", e.0)))?;
-    }
     Ok(())
 }
 
 impl Config {
-    /// The routing table with inherited values filled in, checked: the
-    /// `[[routes]]` in order, then the default route (`[upstream]`).
-    pub fn effective_routes(&self) -> Result<Vec<EffectiveRoute>, ConfigError> {
-        let mut out = Vec::new();
-        let mut names = std::collections::HashSet::new();
-        let mut domains = std::collections::HashSet::new();
-        let mut users = std::collections::HashSet::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let at = format!("routes[{i}]");
-            if r.name.is_empty() {
-                return Err(ConfigError(format!("{at}.name must be set")));
-            }
-            if r.name == "default" || !names.insert(r.name.clone()) {
-                return Err(ConfigError(format!(
-                    "{at}.name {:?} is used twice (\"default\" is taken)",
-                    r.name
-                )));
-            }
-            if r.domains.is_empty() && r.users.is_empty() {
-                return Err(ConfigError(format!(
-                    "{at} ({}) has neither domains nor users",
-                    r.name
-                )));
-            }
-            for d in &r.domains {
-                if d.is_empty() || d.contains('@') || !domains.insert(d.to_lowercase()) {
-                    return Err(ConfigError(format!(
-                        "{at}.domains: {d:?} is empty, has an @, or is routed twice"
-                    )));
-                }
-            }
-            for u in &r.users {
-                if u.is_empty() || !users.insert(u.to_lowercase()) {
-                    return Err(ConfigError(format!(
-                        "{at}.users: {u:?} is empty or routed twice"
-                    )));
-                }
-            }
-            let base = &self.upstream;
-            let upstream = UpstreamConfig {
-                address: r.address.clone().unwrap_or_else(|| base.address.clone()),
-                tls: r.tls.unwrap_or(base.tls),
-                mailbox: r.mailbox.clone().unwrap_or_else(|| base.mailbox.clone()),
-                connect_timeout_secs: r.connect_timeout_secs.unwrap_or(base.connect_timeout_secs),
-                command_timeout_secs: r.command_timeout_secs.unwrap_or(base.command_timeout_secs),
-                no_uidplus: r.no_uidplus.unwrap_or(base.no_uidplus),
-                ca_file: r.ca_file.clone().unwrap_or_else(|| base.ca_file.clone()),
-                tls_name: r.tls_name.clone().unwrap_or_else(|| base.tls_name.clone()),
-                login: r.login.unwrap_or(base.login),
-                send_client_id: r.send_client_id.unwrap_or(base.send_client_id),
-                auth: r.auth.unwrap_or(base.auth),
-                oauth_provider: r
-                    .oauth_provider
-                    .clone()
-                    .unwrap_or_else(|| base.oauth_provider.clone()),
-            };
-            check_upstream(&at, &upstream)?;
-            let spec = r.uidl_format.as_deref().unwrap_or(&self.pop3.uidl_format);
-            let uidl = UidlFormat::parse(spec).map_err(|e| ConfigError(format!("{at}.{e}")))?;
-            out.push(EffectiveRoute {
-                name: r.name.clone(),
-                domains: r.domains.clone(),
-                users: r.users.clone(),
-                upstream,
-                uidl,
-                mark_seen: r.mark_seen_on_retr.unwrap_or(self.pop3.mark_seen_on_retr),
-                mark_seen_on_top: r.mark_seen_on_top.unwrap_or(self.pop3.mark_seen_on_top),
-                reuse_xuidl: r.reuse_xuidl.unwrap_or(self.pop3.reuse_xuidl),
-                uidl_map: r.uidl_map.unwrap_or(self.pop3.uidl_map),
-                policy: self.policy(&at, r)?,
-                is_default: false,
-            });
-        }
-        if self.routing.default_route {
-            check_upstream("upstream", &self.upstream)?;
-            let uidl = UidlFormat::parse(&self.pop3.uidl_format)
-                .map_err(|e| ConfigError(format!("pop3.{e}")))?;
-            out.push(EffectiveRoute {
-                name: "default".into(),
-                domains: Vec::new(),
-                users: Vec::new(),
-                upstream: self.upstream.clone(),
-                uidl,
-                mark_seen: self.pop3.mark_seen_on_retr,
-                mark_seen_on_top: self.pop3.mark_seen_on_top,
-                reuse_xuidl: self.pop3.reuse_xuidl,
-                uidl_map: self.pop3.uidl_map,
-                policy: self.policy("pop3", &RouteConfig::default())?,
-                is_default: true,
-            });
-        }
-        if out.is_empty() {
-            return Err(ConfigError(
-                "no route: add [[routes]] or set routing.default_route = true".into(),
-            ));
-        }
-        Ok(out)
-    }
-
-    /// A route's shared-mailbox policy: its own keys, else `[pop3]`'s.
-    fn policy(&self, at: &str, r: &RouteConfig) -> Result<Policy, ConfigError> {
-        let p = &self.pop3;
-        let policy = Policy {
-            delete: r.delete_policy.unwrap_or(p.delete_policy),
-            keyword: r
-                .deleted_keyword
-                .clone()
-                .unwrap_or_else(|| p.deleted_keyword.clone()),
-            move_to: r.move_to.clone().unwrap_or_else(|| p.move_to.clone()),
-            create_move_target: r.create_move_target.unwrap_or(p.create_move_target),
-            device_separator: r
-                .device_separator
-                .clone()
-                .unwrap_or_else(|| p.device_separator.clone()),
-            lock: r.lock.unwrap_or(p.lock),
-        };
-        // Keywords travel unquoted: only safe atoms (never \Flags or syntax).
-        if !is_safe_atom(&policy.keyword) {
-            return Err(ConfigError(format!(
-                "{at}.deleted_keyword {:?} must be letters, digits, '$', '-', '_' or '.'",
-                policy.keyword
-            )));
-        }
-        if policy.move_to.is_empty() || policy.move_to.contains(['\r', '\n', '\0']) {
-            return Err(ConfigError(format!(
-                "{at}.move_to {:?} is not a valid mailbox name",
-                policy.move_to
-            )));
-        }
-        if policy.delete == DeletePolicy::PerDevice
-            && (policy.device_separator.is_empty() || policy.device_separator.contains(['@', ' ']))
-        {
-            return Err(ConfigError(format!(
-                "{at}.device_separator {:?} must be non-empty, without '@' or spaces",
-                policy.device_separator
-            )));
-        }
-        Ok(policy)
-    }
-
     /// Reads and parses a TOML file (not yet validated).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -712,15 +669,8 @@ impl Config {
                 "listen.tls_address needs tls.cert_file and tls.key_file".into(),
             ));
         }
-        if has_cert {
-            // Load now so a bad file is reported by --check-config too.
-            crate::tls::server_config(
-                Path::new(&self.tls.cert_file),
-                Path::new(&self.tls.key_file),
-            )?;
-        }
         let routes = self.effective_routes()?;
-        if let Some(r) = routes.iter().find(|r| r.uidl_map) {
+        if let Some(r) = routes.iter().find(|r| r.pop3.uidl_map) {
             if self.data.dir.is_empty() {
                 let key = if r.is_default {
                     "pop3.uidl_map".to_string()
@@ -732,7 +682,8 @@ impl Config {
                 )));
             }
         }
-        // OAuth2 routes: providers defined, store key loadable (issue 8).
+        // OAuth2 routes name defined providers (the key and secrets are
+        // read where they are used).
         self.oauth.validate(&routes, &self.data.dir)?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
@@ -788,8 +739,6 @@ impl Config {
                 "admin.check_interval_secs must be greater than 0".into(),
             ));
         }
-        let uidl = UidlFormat::parse(&self.pop3.uidl_format)
-            .map_err(|e| ConfigError(format!("pop3.{e}")))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(Validated {
@@ -797,7 +746,6 @@ impl Config {
             admin,
             listen,
             tls_address,
-            uidl,
             idle_timeout: Duration::from_secs(self.pop3.idle_timeout_secs),
             login_timeout: Duration::from_secs(self.pop3.login_timeout_secs),
             config: self.clone(),
@@ -813,7 +761,6 @@ pub struct Validated {
     pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,
-    pub uidl: UidlFormat,
     pub idle_timeout: Duration,
     pub login_timeout: Duration,
     pub config: Config,
@@ -829,46 +776,7 @@ mod tests {
         let c = Config::default();
         let v = c.validate().unwrap();
         assert_eq!(v.listen.port(), 110);
-        assert_eq!(v.uidl.source(), "dovecot");
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_refused() {
-        assert!(Config::from_toml("[pop3]\nuidl_fromat = \"x\"").is_err());
-        assert!(Config::from_toml("bogus = 1").is_err());
-        let bad = |toml: &str| {
-            let c = Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}")).unwrap();
-            c.validate().unwrap_err().0
-        };
-        assert!(bad("address = \"nohost\"").contains("upstream.address"));
-        assert!(
-            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\naddress = \"bad\"")
-                .contains("routes[0].address")
-        );
-        assert!(bad("[[routes]]\nname = \"a\"").contains("neither domains nor users"));
-        assert!(bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\n[[routes]]\nname = \"b\"\ndomains = [\"X.org\"]").contains("routed twice"));
-        assert!(
-            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_format = \"%v\"")
-                .contains("routes[0].uidl_format")
-        );
-        assert!(bad("[routing]\ndefault_route = false").contains("no route"));
-        assert!(bad("address = \"h:0\"").contains("upstream.address"));
-        assert!(bad("command_timeout_secs = 0").contains("command_timeout_secs"));
-        assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));
-        assert!(bad("[pop3]\nuidl_format = \"%v\"").contains("uidl_format"));
-        assert!(bad("[listen]\naddress = \"x\"").contains("listen.address"));
-        assert!(bad("[listen]\ntls_address = \"127.0.0.1:995\"").contains("tls.cert_file"));
-        assert!(bad("[tls]\ncert_file = \"/nonexistent.pem\"").contains("together"));
-        assert!(
-            bad("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"")
-                .contains("/nonexistent.pem")
-        );
-        assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
-        assert!(bad("[pop3]\nuidl_map = true").contains("data.dir"));
-        assert!(
-            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
-                .contains("routes (a).uidl_map needs data.dir")
-        );
+        assert_eq!(v.routes[0].pop3.uidl_format, "dovecot");
     }
 
     #[test]

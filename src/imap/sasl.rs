@@ -3,15 +3,13 @@
 //! exchange, and what a failed exchange means (token refused, throttled,
 //! temporary, bad credentials).
 //!
-//! The driver in [`super::imap`] writes what [`Exchange`] says to write and
+//! The driver in [`super::login`] writes what [`Exchange`] says to write and
 //! feeds it what the server answers. Secrets live only in the
 //! [`SecretBytes`] the exchange hands out for writing; nothing here formats
 //! them into a string that could reach a log.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-
-use crate::oauth::SaslMechanism;
 
 /// Bytes that carry a credential (a SASL response). `Debug` is redacted.
 #[derive(Clone, PartialEq, Eq)]
@@ -120,44 +118,7 @@ fn gs2_saslname(name: &str) -> String {
 /// challenge and the client answers with a single %x01 ("AQ==" in base64).
 pub const OAUTHBEARER_DUMMY: &str = "AQ==";
 
-/// The name after `AUTHENTICATE`.
-pub fn mechanism_name(m: SaslMechanism) -> &'static str {
-    match m {
-        SaslMechanism::XOauth2 => "XOAUTH2",
-        SaslMechanism::OauthBearer => "OAUTHBEARER",
-    }
-}
-
-/// Which mechanism an exchange uses, as far as the protocol cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mechanism {
-    Plain,
-    XOauth2,
-    OauthBearer,
-}
-
-impl Mechanism {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mechanism::Plain => "PLAIN",
-            Mechanism::XOauth2 => "XOAUTH2",
-            Mechanism::OauthBearer => "OAUTHBEARER",
-        }
-    }
-
-    fn is_bearer(self) -> bool {
-        !matches!(self, Mechanism::Plain)
-    }
-}
-
-impl From<SaslMechanism> for Mechanism {
-    fn from(m: SaslMechanism) -> Self {
-        match m {
-            SaslMechanism::XOauth2 => Mechanism::XOauth2,
-            SaslMechanism::OauthBearer => Mechanism::OauthBearer,
-        }
-    }
-}
+use crate::config::SaslMechanism;
 
 /// Octets of a server's base64 error challenge we decode at most. Real
 /// ones are under 200 (`{"status":"401","schemes":"bearer","scope":"..."}`).
@@ -234,7 +195,7 @@ pub enum Failure {
 /// One AUTHENTICATE exchange as a state machine.
 #[derive(Debug)]
 pub struct Exchange {
-    mechanism: Mechanism,
+    mechanism: SaslMechanism,
     initial: SecretBytes,
     /// The initial response went with the command (RFC 4959 SASL-IR).
     sent_initial: bool,
@@ -268,7 +229,7 @@ pub enum Next {
 impl Exchange {
     /// `sasl_ir`: send the initial response with the command (the server
     /// announced SASL-IR and the provider does not want two steps).
-    pub fn new(mechanism: Mechanism, initial: SecretBytes) -> Self {
+    pub fn new(mechanism: SaslMechanism, initial: SecretBytes) -> Self {
         Self {
             mechanism,
             initial,
@@ -319,7 +280,7 @@ impl Exchange {
                 }));
                 self.answered_error = true;
                 let dummy: &[u8] = match self.mechanism {
-                    Mechanism::OauthBearer => OAUTHBEARER_DUMMY.as_bytes(),
+                    SaslMechanism::OauthBearer => OAUTHBEARER_DUMMY.as_bytes(),
                     // XOAUTH2: an empty response.
                     _ => b"",
                 };
@@ -481,14 +442,14 @@ mod tests {
     fn secrets_do_not_print() {
         let r = xoauth2_response("a", "TOKEN").unwrap();
         assert_eq!(format!("{r:?}"), "SecretBytes(***)");
-        let mut x = Exchange::new(Mechanism::XOauth2, r);
+        let mut x = Exchange::new(SaslMechanism::XOauth2, r);
         assert!(!format!("{x:?}").contains("TOKEN"));
         assert!(!format!("{:?}", x.start(true)).contains("VE9LRU4"));
     }
 
     #[test]
     fn sasl_ir_sends_everything_with_the_command() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
+        let mut x = Exchange::new(SaslMechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         assert_eq!(
             cmd(x.start(true)),
             format!(
@@ -509,7 +470,7 @@ mod tests {
 
     #[test]
     fn two_step_waits_for_the_continuation() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
+        let mut x = Exchange::new(SaslMechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         assert_eq!(cmd(x.start(false)), b"AUTHENTICATE XOAUTH2");
         assert_eq!(
             line(x.step(ServerStep::Continue(""))),
@@ -528,7 +489,7 @@ mod tests {
     #[test]
     fn oauthbearer_error_challenge_gets_the_dummy_then_no_means_token_rejected() {
         let mut x = Exchange::new(
-            Mechanism::OauthBearer,
+            SaslMechanism::OauthBearer,
             oauthbearer_response("u", "h", 143, "t").unwrap(),
         );
         x.start(true);
@@ -550,7 +511,7 @@ mod tests {
 
     #[test]
     fn xoauth2_error_challenge_gets_an_empty_line() {
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
+        let mut x = Exchange::new(SaslMechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         x.start(false);
         line(x.step(ServerStep::Continue("")));
         let challenge = B64
@@ -585,7 +546,7 @@ mod tests {
             ),
             ("[SERVERBUG] Internal error", false),
         ] {
-            let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
+            let mut x = Exchange::new(SaslMechanism::XOauth2, xoauth2_response("u", "t").unwrap());
             x.start(true);
             let got = x.step(ServerStep::Done {
                 ok: false,
@@ -602,7 +563,7 @@ mod tests {
 
     #[test]
     fn plain_no_is_refused_and_bad_is_never_a_token_problem() {
-        let mut x = Exchange::new(Mechanism::Plain, plain_response("u", b"p"));
+        let mut x = Exchange::new(SaslMechanism::Plain, plain_response("u", b"p"));
         x.start(true);
         assert_eq!(
             x.step(ServerStep::Done {
@@ -614,7 +575,7 @@ mod tests {
                 "[AUTHENTICATIONFAILED] Authentication failed.".into()
             ))
         );
-        let mut x = Exchange::new(Mechanism::XOauth2, xoauth2_response("u", "t").unwrap());
+        let mut x = Exchange::new(SaslMechanism::XOauth2, xoauth2_response("u", "t").unwrap());
         x.start(true);
         assert!(matches!(
             x.step(ServerStep::Done {
@@ -628,7 +589,7 @@ mod tests {
 
     #[test]
     fn empty_initial_response_is_an_equals_sign() {
-        let mut x = Exchange::new(Mechanism::Plain, SecretBytes(Vec::new()));
+        let mut x = Exchange::new(SaslMechanism::Plain, SecretBytes(Vec::new()));
         assert_eq!(cmd(x.start(true)), b"AUTHENTICATE PLAIN =");
     }
 

@@ -1,6 +1,7 @@
 //! TLS on both sides, with rustls: the server certificate that POP3S and
 //! STLS present (reloadable on SIGHUP), and the client configuration that
-//! verifies the IMAP server.
+//! verifies the IMAP server; and [`MaybeTls`], a connection that is plain
+//! or TLS.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -11,7 +12,15 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, warn};
 
-use crate::error::ConfigError;
+pub mod stream;
+
+pub use stream::MaybeTls;
+
+/// A certificate, key or CA file that cannot be used: the text names the
+/// file and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
 
 /// RFC 8996 deprecates TLS 1.0 and 1.1; RFC 8314 §4.1 wants at least 1.2.
 static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -22,25 +31,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Reads a PEM certificate chain and private key into a server config.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, ConfigError> {
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ConfigError(format!("TLS certificate {}: {e}", cert_file.display())))?;
+        .map_err(|e| TlsError(format!("TLS certificate {}: {e}", cert_file.display())))?;
     if certs.is_empty() {
-        return Err(ConfigError(format!(
+        return Err(TlsError(format!(
             "TLS certificate {}: no certificate found",
             cert_file.display()
         )));
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| ConfigError(format!("TLS key {}: {e}", key_file.display())))?;
+        .map_err(|e| TlsError(format!("TLS key {}: {e}", key_file.display())))?;
     ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)
-        .map_err(|e| ConfigError(format!("TLS: {e}")))?
+        .map_err(|e| TlsError(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| {
-            ConfigError(format!(
+            TlsError(format!(
                 "TLS certificate {} and key {}: {e}",
                 cert_file.display(),
                 key_file.display()
@@ -67,7 +76,7 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// Loads the certificate and key; an error here stops startup.
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, ConfigError> {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
         let config = server_config(cert_file, key_file)?;
         Ok(Self {
             cert_file: cert_file.to_path_buf(),
@@ -85,7 +94,7 @@ impl ServerTls {
     }
 
     /// Re-reads the files. A bad new pair keeps the old one and says why.
-    pub fn reload(&self) -> Result<(), ConfigError> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         match server_config(&self.cert_file, &self.key_file) {
             Ok(config) => {
                 let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -106,16 +115,16 @@ impl ServerTls {
 
 /// A connector that verifies the IMAP server against the system's roots, or
 /// against `ca_file` alone when one is given.
-pub fn client_connector(ca_file: Option<&Path>) -> Result<TlsConnector, ConfigError> {
+pub fn client_connector(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ConfigError(format!("upstream CA file {}: {e}", path.display())))?;
+                .map_err(|e| TlsError(format!("upstream CA file {}: {e}", path.display())))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(ConfigError(format!(
+                return Err(TlsError(format!(
                     "upstream CA file {}: no usable certificate",
                     path.display()
                 )));
@@ -128,7 +137,7 @@ pub fn client_connector(ca_file: Option<&Path>) -> Result<TlsConnector, ConfigEr
             }
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err(ConfigError(
+                return Err(TlsError(
                     "no system CA certificates found (install ca-certificates or set upstream.ca_file)".into(),
                 ));
             }
@@ -136,7 +145,7 @@ pub fn client_connector(ca_file: Option<&Path>) -> Result<TlsConnector, ConfigEr
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)
-        .map_err(|e| ConfigError(format!("TLS: {e}")))?
+        .map_err(|e| TlsError(format!("TLS: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))

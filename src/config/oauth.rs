@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ProviderSasl, SaslMechanism};
-use crate::config::{EffectiveRoute, UpstreamAuth};
-use crate::error::ConfigError;
+use super::{ConfigError, EffectiveRoute, ProviderSasl, SaslMechanism, UpstreamAuth};
 
 /// Environment variable holding the store key (base64 or hex of 32 bytes)
 /// when `oauth.key_file` is empty.
@@ -120,18 +118,10 @@ pub struct ProviderConfig {
     /// SASL mechanism for IMAP: `xoauth2` or `oauthbearer`. Empty: the
     /// preset's (`xoauth2` for google and microsoft, `oauthbearer` for
     /// generic).
-    pub mechanism: Option<MechanismName>,
+    pub mechanism: Option<SaslMechanism>,
     /// Send the SASL initial response after the server's `+` instead of with
     /// the AUTHENTICATE command. Empty: the preset's (true for microsoft).
     pub two_step: Option<bool>,
-}
-
-/// `mechanism` values.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum MechanismName {
-    Xoauth2,
-    Oauthbearer,
 }
 
 /// A provider with its preset applied and its URLs checked.
@@ -326,11 +316,12 @@ impl Provider {
                 )));
             }
         }
-        let mechanism = match p.mechanism {
-            Some(MechanismName::Xoauth2) => SaslMechanism::XOauth2,
-            Some(MechanismName::Oauthbearer) => SaslMechanism::OauthBearer,
-            None => mech,
-        };
+        let mechanism = p.mechanism.unwrap_or(mech);
+        if !mechanism.is_bearer() {
+            return Err(ConfigError(format!(
+                "{at}.mechanism must be \"xoauth2\" or \"oauthbearer\""
+            )));
+        }
         let client_secret = if p.client_secret_file.is_empty() {
             SecretSource::Env(client_secret_env(&p.name))
         } else {
@@ -505,9 +496,10 @@ impl OauthConfig {
         Provider::resolve(p)
     }
 
-    /// Checks the section against the routes: every oauth2 route names a
-    /// defined provider, and when any route uses oauth2 the key loads and
-    /// the store is usable. Messages name keys and files, never secrets.
+    /// Checks the section against the routes, without reading any file:
+    /// every oauth2 route names a defined provider, the providers resolve,
+    /// the store is described completely. Messages name keys and files,
+    /// never secrets. [`OauthConfig::check_secrets`] reads them.
     pub fn validate(&self, routes: &[EffectiveRoute], data_dir: &str) -> Result<(), ConfigError> {
         let providers = self.resolved_providers()?;
         let mut any = false;
@@ -537,13 +529,32 @@ impl OauthConfig {
         if !any {
             return Ok(());
         }
-        self.load_key().map_err(ConfigError)?;
         if self.store == StoreKind::File && data_dir.is_empty() {
             return Err(ConfigError(
                 "oauth.store = \"file\" needs data.dir (tokens are kept under <data.dir>/oauth/)"
                     .into(),
             ));
         }
+        if self.refresh_margin_secs > 3600 {
+            return Err(ConfigError(
+                "oauth.refresh_margin_secs must be at most 3600 (access tokens often live one hour)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads what [`OauthConfig::validate`] only names, when any route uses
+    /// OAuth2: the store key loads, and the Redis password and client
+    /// secret files (when files are named) can be read.
+    pub fn check_secrets(&self, routes: &[EffectiveRoute]) -> Result<(), ConfigError> {
+        if !routes
+            .iter()
+            .any(|r| r.upstream.auth == UpstreamAuth::Oauth2)
+        {
+            return Ok(());
+        }
+        self.load_key().map_err(ConfigError)?;
         if let SecretSource::File(_) = self.redis_password_source() {
             if self.store == StoreKind::Redis {
                 self.redis_password_source()
@@ -551,7 +562,7 @@ impl OauthConfig {
                     .map_err(|e| ConfigError(format!("oauth.redis_password_file: {e}")))?;
             }
         }
-        for p in &providers {
+        for p in &self.resolved_providers()? {
             if let SecretSource::File(_) = p.client_secret {
                 p.client_secret.read().map_err(|e| {
                     ConfigError(format!(
@@ -560,12 +571,6 @@ impl OauthConfig {
                     ))
                 })?;
             }
-        }
-        if self.refresh_margin_secs > 3600 {
-            return Err(ConfigError(
-                "oauth.refresh_margin_secs must be at most 3600 (access tokens often live one hour)"
-                    .into(),
-            ));
         }
         Ok(())
     }
@@ -684,6 +689,13 @@ mod tests {
         .unwrap()
     }
 
+    /// What `--check-config` checks of the section: validation, then the
+    /// secrets it names.
+    fn check(c: Config) -> Result<(), ConfigError> {
+        let v = c.validate()?;
+        c.oauth.check_secrets(&v.routes)
+    }
+
     #[test]
     fn validation_names_the_problem_without_secrets() {
         let dir = tempfile::tempdir().unwrap();
@@ -697,7 +709,7 @@ mod tests {
             dir.path().display(),
             key.display()
         );
-        config(&good).validate().unwrap();
+        check(config(&good)).unwrap();
         // Unknown provider.
         let e = Config::from_toml(&good.replace("name = \"p\"", "name = \"q\""))
             .and_then(|c| {
@@ -705,29 +717,28 @@ mod tests {
                 c.upstream.auth = UpstreamAuth::Oauth2;
                 c.upstream.oauth_provider = "p".into();
                 c.upstream.tls = crate::config::UpstreamTls::None;
-                c.validate().map(|_| ())
+                check(c)
             })
             .unwrap_err();
         assert!(e.0.contains("\"p\" is not defined"), "{e}");
         // Short key: named, not echoed.
-        let e = config(&good.replace(&key.display().to_string(), &short.display().to_string()))
-            .validate()
-            .unwrap_err();
+        let e = check(config(
+            &good.replace(&key.display().to_string(), &short.display().to_string()),
+        ))
+        .unwrap_err();
         assert!(e.0.contains("key_file") && !e.0.contains("c2VjcmV0"), "{e}");
         // No data dir.
-        let e = config(&format!(
+        let e = check(config(&format!(
             "[oauth]\nkey_file = \"{}\"\n{providers}",
             key.display()
-        ))
-        .validate()
+        )))
         .unwrap_err();
         assert!(e.0.contains("data.dir"), "{e}");
         // Redis URL with a password is refused and not echoed.
-        let e = config(&format!("{good}\n").replace(
+        let e = check(config(&format!("{good}\n").replace(
             "[oauth]\n",
             "[oauth]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@127.0.0.1/\"\n",
-        ))
-        .validate()
+        )))
         .unwrap_err();
         assert!(
             e.0.contains("credentials") && !e.0.contains("hunter2"),

@@ -1,0 +1,488 @@
+//! Turns a configuration into the running service: [`check`] is what
+//! `--check-config` checks (validation, then the files the configuration
+//! names and the templates it holds); [`serve`] builds the routes, the
+//! bridge and the listeners, and runs until SIGTERM, reloading on SIGHUP.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::bridge::routing::{Route, RouteAuth, Router, UidlMapSource};
+use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
+use crate::bridge::Bridge;
+use crate::config::{
+    Config, ConfigError, EffectiveRoute, RouteIndex, UpstreamAuth, UpstreamConfig, UpstreamTls,
+    Validated,
+};
+use crate::imap::cache::ListingCache;
+use crate::imap::{host_of, ImapConfig, ImapConnector};
+use crate::migrate::runtime::MapStore;
+use crate::oauth::OauthRuntime;
+use crate::pop3::session::{Profile, SessionConfig};
+use crate::pop3::uidl::UidlFormat;
+use crate::server::admin::Readiness;
+use crate::server::{Listener, Server, ServerSettings, Shared};
+use crate::tls::ServerTls;
+
+/// How a reload reads the configuration again (the file, variables and
+/// flags the process started with).
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Everything `--check-config` checks: [`Config::validate`], then what the
+/// configuration names: the server certificate and key load, upstream CA
+/// files load, every route's UIDL template parses, and the OAuth2 key and
+/// secret files can be read when a route uses OAuth2.
+pub fn check(config: &Config) -> Result<Validated, ConfigError> {
+    let valid = config.validate()?;
+    if !config.tls.cert_file.is_empty() {
+        crate::tls::server_config(
+            Path::new(&config.tls.cert_file),
+            Path::new(&config.tls.key_file),
+        )
+        .map_err(|e| ConfigError(e.0))?;
+    }
+    for (i, r) in valid.routes.iter().enumerate() {
+        let (up_at, pop3_at) = if r.is_default {
+            ("upstream".to_string(), "pop3".to_string())
+        } else {
+            (format!("routes[{i}]"), format!("routes[{i}]"))
+        };
+        if r.upstream.tls != UpstreamTls::None && !r.upstream.ca_file.is_empty() {
+            crate::tls::client_connector(Some(Path::new(&r.upstream.ca_file)))
+                .map_err(|e| ConfigError(format!("{up_at}: {}", e.0)))?;
+        }
+        uidl_format(r).map_err(|e| ConfigError(format!("{pop3_at}.{e}")))?;
+    }
+    config.oauth.check_secrets(&valid.routes)?;
+    Ok(valid)
+}
+
+/// A route's UIDL template, parsed.
+fn uidl_format(r: &EffectiveRoute) -> Result<UidlFormat, String> {
+    UidlFormat::parse(&r.pop3.uidl_format).map_err(|e| e.to_string())
+}
+
+/// Serves a checked configuration until SIGTERM or Ctrl-C and the drain
+/// that follows; SIGHUP reloads through `reload`. Exit code 0 on a clean
+/// drain.
+pub fn serve(valid: Validated, reload: Reload) -> ExitCode {
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("popbridge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(valid, reload)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("popbridge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a reload may carry over from the running configuration.
+struct Previous<'a> {
+    /// Failed-login memory, kept when the throttle settings are unchanged.
+    throttle: Arc<LoginThrottle>,
+    /// The OAuth2 runtime and the configuration it was built from, kept
+    /// (with its cached access tokens and refreshes in flight) when
+    /// `[oauth]` and `[data]` are unchanged.
+    oauth: Option<(&'a Config, Arc<OauthRuntime>)>,
+}
+
+/// Builds what sessions share from a validated configuration; on a reload,
+/// `previous` carries state over where the settings allow.
+fn build_shared(
+    valid: &Validated,
+    previous: Option<Previous<'_>>,
+) -> Result<Shared<ImapConnector>, String> {
+    let cfg = &valid.config;
+    let (throttle, old_oauth) = match previous {
+        Some(p) => (Some(p.throttle), p.oauth),
+        None => (None, None),
+    };
+    let oauth = match old_oauth {
+        Some((old, runtime)) if old.oauth == cfg.oauth && old.data == cfg.data => Some(runtime),
+        _ => OauthRuntime::from_config(cfg).map_err(|e| format!("oauth: {e}"))?,
+    };
+    let tls = if cfg.tls.cert_file.is_empty() {
+        None
+    } else {
+        let t = ServerTls::load(Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file))
+            .map_err(|e| e.to_string())?;
+        Some(Arc::new(t))
+    };
+    // One listing cache for every route: its key holds the upstream.
+    let cache = (cfg.cache.listing_mb > 0).then(|| {
+        Arc::new(ListingCache::new(
+            cfg.cache.listing_mb.saturating_mul(1024 * 1024),
+        ))
+    });
+    // One map store (and cache) for every route: its key holds the upstream.
+    let map_store = valid
+        .routes
+        .iter()
+        .any(|r| r.pop3.uidl_map)
+        .then(|| Arc::new(MapStore::new(Path::new(&cfg.data.dir))));
+    let mut routes = Vec::with_capacity(valid.routes.len());
+    for route in &valid.routes {
+        let auth = match route.upstream.auth {
+            UpstreamAuth::Passthrough => RouteAuth::Passthrough,
+            UpstreamAuth::Oauth2 => {
+                let provider = route.upstream.oauth_provider.clone();
+                let Some(runtime) = &oauth else {
+                    return Err(format!(
+                        "route {:?} uses auth = \"oauth2\" but no OAuth2 runtime was configured",
+                        route.name
+                    ));
+                };
+                if runtime.sasl(&provider).is_none() {
+                    return Err(format!(
+                        "route {:?}: oauth_provider {provider:?} is not an [[oauth.providers]] entry",
+                        route.name
+                    ));
+                }
+                RouteAuth::Oauth2 { provider }
+            }
+        };
+        let connector = Arc::new(ImapConnector::new(imap_config(
+            &route.upstream,
+            route.pop3.reuse_xuidl,
+            cache.clone(),
+        )?));
+        let profile = Profile {
+            uidl: uidl_format(route)?,
+            mark_seen: route.pop3.mark_seen_on_retr,
+            mark_seen_on_top: route.pop3.mark_seen_on_top,
+        };
+        routes.push(Route {
+            name: route.name.clone(),
+            connector,
+            login: route.upstream.login,
+            auth,
+            profile,
+            policy: route.policy.clone(),
+            lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
+            uidl_map: match (&map_store, route.pop3.uidl_map) {
+                (Some(store), true) => Some(UidlMapSource {
+                    store: store.clone(),
+                    upstream: route.upstream.address.clone(),
+                    mailbox: route.upstream.mailbox.clone(),
+                }),
+                _ => None,
+            },
+        });
+    }
+    let router = Router::new(routes, RouteIndex::new(&valid.routes));
+    let settings = Arc::new(ServerSettings {
+        session: SessionConfig {
+            stls_available: false,
+            plaintext_ok: false,
+        },
+        greeting: cfg.pop3.greeting.clone(),
+        idle_timeout: valid.idle_timeout,
+        login_timeout: valid.login_timeout,
+        max_sessions: cfg.limits.max_sessions,
+        max_sessions_per_ip: cfg.limits.max_sessions_per_ip,
+        allow_plaintext_auth: cfg.auth.allow_plaintext,
+        loopback_is_secure: cfg.auth.loopback_is_secure,
+        proxy_protocol: cfg.listen.proxy_protocol,
+        proxy_trusted: cfg.listen.proxy_trusted.clone(),
+    });
+    let throttle_config = ThrottleConfig {
+        failure_delay: Duration::from_millis(cfg.auth.failure_delay_ms),
+        max_failures_per_ip: cfg.auth.max_failures_per_ip,
+        max_failures_per_user: cfg.auth.max_failures_per_user,
+        window: Duration::from_secs(cfg.auth.failure_window_secs),
+        max_entries: cfg.auth.throttle_entries,
+    };
+    let throttle = match throttle {
+        Some(t) if t.config() == &throttle_config => t,
+        _ => Arc::new(LoginThrottle::new(throttle_config)),
+    };
+    Ok(Shared {
+        settings,
+        bridge: Bridge {
+            router,
+            throttle,
+            oauth,
+        },
+        tls,
+    })
+}
+
+/// The IMAP side of one route.
+fn imap_config(
+    up: &UpstreamConfig,
+    reuse_xuidl: bool,
+    cache: Option<Arc<ListingCache>>,
+) -> Result<ImapConfig, String> {
+    if up.tls == UpstreamTls::None && !is_loopback(&up.address) {
+        warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
+    }
+    ImapConfig::from_upstream(up, reuse_xuidl, cache)
+}
+
+/// Binds a listener with an explicit accept backlog. tokio's
+/// `TcpListener::bind` uses 128; when hundreds of clients connect at once
+/// the kernel's queue overflows, connections wait a second for a SYN retry,
+/// and with SYN cookies a client can even believe it is connected while no
+/// greeting ever comes (measured with 500 simultaneous clients).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// SIGHUP and SIGTERM streams, registered before any listener opens: a
+/// signal that arrives as soon as the port answers must be handled, not
+/// take the default action (which for both is to end the process).
+#[derive(Default)]
+struct Signals {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let hangup = signal(SignalKind::hangup())
+                .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP; configuration will not be reloaded"))
+                .ok();
+            let terminate = signal(SignalKind::terminate())
+                .inspect_err(|e| warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C drains"))
+                .ok();
+            Signals { hangup, terminate }
+        }
+        #[cfg(not(unix))]
+        Signals::default()
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C and the drain that follows. Returns true
+/// on a clean drain.
+async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
+    let cfg = valid.config.clone();
+    let signals = Signals::register();
+    #[cfg(unix)]
+    let Signals { hangup, terminate } = signals;
+    #[cfg(not(unix))]
+    let (hangup, terminate) = {
+        let _ = signals;
+        ((), ())
+    };
+    let mut listeners = Vec::new();
+    for (addr, implicit_tls) in
+        std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
+    {
+        let socket = bind(addr, cfg.limits.listen_backlog)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let local = socket.local_addr().map_err(|e| e.to_string())?;
+        info!(listen = %local, tls = if implicit_tls { "implicit" } else { "stls" }, "listening");
+        listeners.push(Listener {
+            socket,
+            implicit_tls,
+        });
+    }
+    let server = Server::new(build_shared(&valid, None)?);
+
+    let ready = Arc::new(Readiness::default());
+    ready.listeners_bound.store(true, Ordering::Relaxed);
+    if let Some(addr) = valid.admin {
+        let admin = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
+        let interval = Duration::from_secs(cfg.admin.check_interval_secs);
+        info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
+        tokio::spawn(crate::server::admin::serve(admin, ready.clone(), interval));
+        // Readiness follows the default route, or the first route.
+        let route = valid
+            .routes
+            .iter()
+            .find(|r| r.is_default)
+            .or(valid.routes.first());
+        if let Some(r) = route {
+            let address = r.upstream.address.clone();
+            tokio::spawn(crate::server::admin::watch_upstream(
+                address,
+                interval,
+                ready.clone(),
+            ));
+        }
+    }
+    tokio::spawn(reload_on_sighup(server.clone(), reload, valid, hangup));
+
+    info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
+    let drain = Duration::from_secs(cfg.lifecycle.drain_timeout_secs);
+    let shutdown = {
+        let ready = ready.clone();
+        async move {
+            shutdown_signal(terminate).await;
+            ready.draining.store(true, Ordering::Relaxed);
+            info!("shutdown requested");
+        }
+    };
+    let clean = server.clone().serve(listeners, shutdown, drain).await;
+    info!(clean, open = server.open_sessions(), "stopped");
+    Ok(clean)
+}
+
+/// SIGHUP reloads the configuration file (and certificates) for new
+/// sessions; running sessions keep what they started with. An invalid new
+/// configuration is logged and the old one stays. Listener addresses cannot
+/// change without a restart.
+async fn reload_on_sighup(
+    server: Arc<Server<ImapConnector>>,
+    reload: Reload,
+    mut current: Validated,
+    #[cfg(unix)] hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] hangup: (),
+) {
+    #[cfg(unix)]
+    {
+        let Some(mut hup) = hangup else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            let loaded = reload().and_then(|c| check(&c).map_err(|e| e.to_string()));
+            let valid = match loaded {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "reload failed: invalid configuration; keeping the current one");
+                    continue;
+                }
+            };
+            if valid.listen != current.listen
+                || valid.tls_address != current.tls_address
+                || valid.admin != current.admin
+            {
+                warn!("listener addresses changed: they take effect at the next restart");
+            }
+            let old = server.current();
+            let previous = Previous {
+                throttle: old.bridge.throttle.clone(),
+                oauth: old.bridge.oauth.clone().map(|o| (&current.config, o)),
+            };
+            match build_shared(&valid, Some(previous)) {
+                Ok(shared) => {
+                    server.reload(shared);
+                    info!("configuration reloaded");
+                    current = valid;
+                }
+                Err(e) => warn!(error = %e, "reload failed; keeping the current configuration"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (server, reload, current, hangup);
+}
+
+/// Each session holds two sockets (client and upstream): raise the soft
+/// limit on open files to the hard limit, as daemons commonly do.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => tracing::debug!(limit = now, "open-file limit"),
+        Err(e) => tracing::debug!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+fn is_loopback(address: &str) -> bool {
+    let host = host_of(address);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn shutdown_signal(
+    #[cfg(unix)] terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] terminate: (),
+) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Some(mut term) = terminate else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = terminate;
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `--check-config` refuses, validation and the files and
+    /// templates it names alike, and where the message points.
+    #[test]
+    fn check_config_refuses_unknown_keys_and_bad_values() {
+        assert!(Config::from_toml("[pop3]\nuidl_fromat = \"x\"").is_err());
+        assert!(Config::from_toml("bogus = 1").is_err());
+        let bad = |toml: &str| {
+            let c = Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}")).unwrap();
+            check(&c).unwrap_err().0
+        };
+        assert!(bad("address = \"nohost\"").contains("upstream.address"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\naddress = \"bad\"")
+                .contains("routes[0].address")
+        );
+        assert!(bad("[[routes]]\nname = \"a\"").contains("neither domains nor users"));
+        assert!(bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\n[[routes]]\nname = \"b\"\ndomains = [\"X.org\"]").contains("routed twice"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_format = \"%v\"")
+                .contains("routes[0].uidl_format")
+        );
+        assert!(bad("[routing]\ndefault_route = false").contains("no route"));
+        assert!(bad("address = \"h:0\"").contains("upstream.address"));
+        assert!(bad("command_timeout_secs = 0").contains("command_timeout_secs"));
+        assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));
+        assert!(bad("[pop3]\nuidl_format = \"%v\"").contains("uidl_format"));
+        assert!(bad("[listen]\naddress = \"x\"").contains("listen.address"));
+        assert!(bad("[listen]\ntls_address = \"127.0.0.1:995\"").contains("tls.cert_file"));
+        assert!(bad("[tls]\ncert_file = \"/nonexistent.pem\"").contains("together"));
+        assert!(
+            bad("[tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"")
+                .contains("/nonexistent.pem")
+        );
+        assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
+        assert!(bad("[pop3]\nuidl_map = true").contains("data.dir"));
+        assert!(
+            bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
+                .contains("routes (a).uidl_map needs data.dir")
+        );
+    }
+
+    #[test]
+    fn defaults_pass_the_check() {
+        let v = check(&Config::default()).unwrap();
+        assert_eq!(uidl_format(&v.routes[0]).unwrap().source(), "dovecot");
+    }
+}

@@ -1,0 +1,370 @@
+//! The login decision, from a POP3 user name and password to a logged-in
+//! session or a refusal: throttling, the route, the session view of the
+//! delete policy, the IMAP login (password passthrough or an OAuth2 device
+//! and token), the session lock, and the UIDLs (X-UIDL > imported map >
+//! template, as Dovecot does).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tracing::{debug, error, info, warn};
+
+use super::lock::MailboxLock;
+use super::policy::{device_keyword, session_view, valid_device, SessionView};
+use super::replies::{self, Refusal};
+use super::routing::{Route, RouteAuth, Router, UidlMapSource};
+use super::throttle::LoginThrottle;
+use crate::config::{DeletePolicy, Policy};
+use crate::imap::{Connector, Credentials, DeleteAction, Snapshot, Upstream, UpstreamError};
+use crate::metrics::metrics;
+use crate::migrate::runtime::Lookup as MapLookup;
+use crate::migrate::store::MapKey;
+use crate::oauth::login::{bearer_login, BearerLoginError};
+use crate::oauth::{DeviceAuthError, DeviceGrant, OauthRuntime};
+use crate::pop3::command::Secret;
+use crate::pop3::maildrop::Maildrop;
+use crate::pop3::session::{LoginFailure, Profile};
+
+/// What every login consults: the routes, the failed-login memory and the
+/// OAuth2 machinery (when a route uses it).
+pub struct Bridge<C: Connector> {
+    /// Which upstream serves which login.
+    pub router: Router<C>,
+    pub throttle: Arc<LoginThrottle>,
+    /// Device logins and access tokens, when a route uses `auth = "oauth2"`.
+    pub oauth: Option<Arc<OauthRuntime>>,
+}
+
+/// What a logged-in session holds besides its maildrop; these only make
+/// sense together, and exist only after a successful login.
+#[derive(Debug)]
+pub struct LoggedIn<U> {
+    /// The IMAP session, with the mailbox selected.
+    pub upstream: U,
+    /// What QUIT does with DELE'd messages (the route's delete policy).
+    pub delete_action: DeleteAction,
+    /// The session lock, when the route asks for one; released on drop.
+    pub lock: Option<MailboxLock>,
+}
+
+/// A successful login: the session, its snapshot, the route's behaviour.
+pub type Login<U> = (LoggedIn<U>, Maildrop, Profile);
+
+impl<C: Connector> Bridge<C> {
+    /// Logs `user` in from `peer`, unless throttling says no. Failed logins
+    /// are answered after a delay that grows with repeated failures from
+    /// the address.
+    pub async fn login(
+        &self,
+        user: &str,
+        pass: &Secret,
+        peer: SocketAddr,
+    ) -> Result<Login<C::Conn>, LoginFailure> {
+        let ip = peer.ip();
+        if let Err(which) = self.throttle.check(ip, user) {
+            // The upstream is not asked: guesses stop here.
+            warn!(throttled = ?which, "login refused: too many failures");
+            return Err(self.refuse(replies::throttled(which), peer, user).await);
+        }
+        let Some(route) = self.router.route(user) else {
+            // No route for this name's domain and no default: as good as a
+            // wrong password, and counted as one.
+            info!(user, "no route for this login");
+            metrics().auth("no_route");
+            tokio::time::sleep(self.throttle.failed(ip, user)).await;
+            return Err(LoginFailure::Refused);
+        };
+        match &route.auth {
+            RouteAuth::Passthrough => {
+                let view = match session_view(&route.policy, user) {
+                    Ok(v) => v,
+                    Err(why) => return Err(policy_refused(user, why)),
+                };
+                let upstream_user = route.login.apply(&view.account).to_string();
+                let credentials = Credentials::Password {
+                    user: &upstream_user,
+                    pass,
+                };
+                let result = route
+                    .connector
+                    .login(credentials, view.hide.as_deref(), Some(peer))
+                    .await;
+                let session = match result {
+                    Ok(s) => s,
+                    Err(e) => return Err(self.upstream_failed(&e, peer, user).await),
+                };
+                self.finish(&route, session, &upstream_user, view, user)
+                    .await
+            }
+            RouteAuth::Oauth2 { provider } => {
+                self.oauth_login(&route, provider, user, pass, peer).await
+            }
+        }
+    }
+
+    /// Login on an OAuth2 route: the device password is checked locally
+    /// (a failure is a failed login like a wrong password, and the provider
+    /// is never contacted); then the account's access token logs in
+    /// upstream, with one retry on a fresh token if the IMAP server refuses
+    /// it.
+    async fn oauth_login(
+        &self,
+        route: &Route<C>,
+        provider: &str,
+        user: &str,
+        pass: &Secret,
+        peer: SocketAddr,
+    ) -> Result<Login<C::Conn>, LoginFailure> {
+        let Some(oauth) = self.oauth.clone() else {
+            // Validation builds the runtime whenever a route needs it.
+            error!(route = %route.name, "OAuth2 route without an OAuth2 runtime");
+            return Err(self.refuse(replies::OAUTH_MISCONFIGURED, peer, user).await);
+        };
+        let grant = match oauth.authenticate_device(user, pass, peer.ip()).await {
+            Ok(g) => g,
+            Err(DeviceAuthError::Store(why)) => {
+                // Not the client's fault: not counted as a failed login.
+                warn!(user, error = %why, "device store unavailable");
+                return Err(self.refuse(replies::DEVICE_STORE_DOWN, peer, user).await);
+            }
+            Err(e) => {
+                info!(user, reason = %e, "device login refused");
+                return Err(self.refuse(replies::REFUSED, peer, user).await);
+            }
+        };
+        let view = match device_view(&route.policy, &grant) {
+            Ok(v) => v,
+            Err(why) => return Err(policy_refused(user, why)),
+        };
+        let account = grant.account.as_str();
+        let result = bearer_login(
+            &oauth,
+            &*route.connector,
+            provider,
+            account,
+            view.hide.as_deref(),
+            Some(peer),
+        )
+        .await;
+        let session = match result {
+            Ok(session) => session,
+            Err(BearerLoginError::Upstream(e)) => {
+                return Err(self.upstream_failed(&e, peer, user).await)
+            }
+            Err(e) => {
+                match &e {
+                    BearerLoginError::UnknownProvider(_) => {
+                        error!(provider, route = %route.name, "unknown OAuth2 provider")
+                    }
+                    BearerLoginError::Token(crate::oauth::TokenError::NeedsEnrolment {
+                        reason,
+                        ..
+                    }) => warn!(
+                        account,
+                        provider,
+                        reason = %reason,
+                        "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
+                    ),
+                    BearerLoginError::Token(crate::oauth::TokenError::Throttled {
+                        retry_after_secs,
+                    }) => warn!(
+                        account,
+                        provider, retry_after_secs, "OAuth2 provider throttles token requests"
+                    ),
+                    BearerLoginError::Token(crate::oauth::TokenError::Unavailable(why)) => {
+                        warn!(account, provider, error = %why, "no access token")
+                    }
+                    // bearer_login logged these and backed the account off.
+                    BearerLoginError::TokenRefused(_)
+                    | BearerLoginError::Throttled(_)
+                    | BearerLoginError::Upstream(_) => {}
+                }
+                return Err(self.refuse(replies::bearer(&e), peer, user).await);
+            }
+        };
+        let account = account.to_string();
+        self.finish(route, session, &account, view, user).await
+    }
+
+    /// The IMAP side said no: logged, counted, and (for a refused password)
+    /// throttled and delayed.
+    async fn upstream_failed(
+        &self,
+        e: &UpstreamError,
+        peer: SocketAddr,
+        user: &str,
+    ) -> LoginFailure {
+        match e {
+            UpstreamError::AuthFailed(text) => info!(user, upstream = %text, "login refused"),
+            UpstreamError::Throttled(_) => warn!(error = %e, "mail server throttles this account"),
+            UpstreamError::No {
+                command: "SELECT", ..
+            } => warn!(error = %e, "mailbox not available"),
+            _ => {
+                warn!(error = %e, kind = e.kind(), "upstream login failed");
+                metrics().upstream_error(e.kind());
+            }
+        }
+        self.refuse(replies::upstream(e), peer, user).await
+    }
+
+    /// Counts a refusal; a failed login (wrong credentials) also counts
+    /// against the throttle and waits its delay before the answer.
+    async fn refuse(&self, r: Refusal, peer: SocketAddr, user: &str) -> LoginFailure {
+        metrics().auth(r.metric);
+        if r.failed_login {
+            tokio::time::sleep(self.throttle.failed(peer.ip(), user)).await;
+        }
+        r.failure
+    }
+
+    /// After the IMAP login: the session lock, the maildrop with its UIDLs.
+    async fn finish(
+        &self,
+        route: &Route<C>,
+        (conn, snap): (C::Conn, Snapshot),
+        upstream_user: &str,
+        view: SessionView,
+        user: &str,
+    ) -> Result<Login<C::Conn>, LoginFailure> {
+        let lock = if route.policy.lock {
+            let key = format!("{}/{}", route.lock_scope, upstream_user.to_lowercase());
+            match MailboxLock::try_acquire(key) {
+                Some(lock) => Some(lock),
+                None => {
+                    info!(route = %route.name, "mailbox locked by another POP3 session");
+                    metrics().auth(replies::IN_USE.metric);
+                    tokio::spawn(conn.logout());
+                    // RFC 2449 §8.1.2: IN-USE, the maildrop is locked.
+                    return Err(replies::IN_USE.failure);
+                }
+            }
+        } else {
+            None
+        };
+        info!(route = %route.name, account = upstream_user, messages = snap.messages.len(), "logged in");
+        self.throttle.succeeded(user);
+        metrics().auth("ok");
+        let mut maildrop = Maildrop::new(snap.uidvalidity, snap.messages);
+        // Precedence as in Dovecot: X-UIDL > imported map > template.
+        let mut overrides = match &route.uidl_map {
+            Some(source) => imported_uidls(source, upstream_user, &maildrop).await,
+            None => HashMap::new(),
+        };
+        overrides.extend(snap.xuidl);
+        maildrop.set_uidls(overrides, &route.profile.uidl);
+        let session = LoggedIn {
+            upstream: conn,
+            delete_action: view.action,
+            lock,
+        };
+        Ok((session, maildrop, route.profile.clone()))
+    }
+}
+
+/// The session view of a device on an OAuth2 route: the account is the one
+/// the device belongs to; with the `per-device` policy the device's own
+/// view is named after its login's local part (devices are separate logins
+/// here, so no `+device` suffix is needed).
+pub fn device_view(policy: &Policy, grant: &DeviceGrant) -> Result<SessionView, &'static str> {
+    if policy.delete != DeletePolicy::PerDevice {
+        let mut view = session_view(policy, &grant.account)?;
+        view.account = grant.account.clone();
+        return Ok(view);
+    }
+    let device = grant
+        .device
+        .rsplit_once('@')
+        .map_or(grant.device.as_str(), |(local, _)| local);
+    if !valid_device(device) {
+        return Err("Invalid device name: use letters, digits, '-', '_' or '.'.");
+    }
+    let keyword = device_keyword(device);
+    Ok(SessionView {
+        account: grant.account.clone(),
+        device: Some(device.to_string()),
+        action: DeleteAction::Keyword(keyword.clone()),
+        hide: Some(keyword),
+    })
+}
+
+/// A login the route's device policy refuses (RFC 3206 AUTH): logged and
+/// counted, answered with the policy's reason.
+fn policy_refused(user: &str, why: &'static str) -> LoginFailure {
+    info!(user, why, "login refused by the route's device policy");
+    let r = replies::policy(why);
+    metrics().auth(r.metric);
+    r.failure
+}
+
+/// The imported map's UIDLs for this login's snapshot. Never fails the
+/// login: a missing map is normal, and a map that cannot be used (corrupt,
+/// unreadable, another UIDVALIDITY) is logged and the template serves.
+async fn imported_uidls(
+    source: &UidlMapSource,
+    account: &str,
+    maildrop: &Maildrop,
+) -> HashMap<u32, String> {
+    let key = MapKey::new(&source.upstream, account, &source.mailbox);
+    let store = source.store.clone();
+    let uidvalidity = maildrop.uidvalidity;
+    let uids: Vec<u32> = maildrop.visible().map(|(_, e)| e.uid).collect();
+    // File I/O (a stat, and a read when the file changed) off the runtime.
+    let found =
+        tokio::task::spawn_blocking(move || store.lookup(&key, uidvalidity, uids.into_iter()))
+            .await;
+    match found {
+        Ok(Ok(MapLookup::Overrides(o))) => {
+            debug!(entries = o.len(), "imported UIDL map applied");
+            o
+        }
+        Ok(Ok(MapLookup::None)) => HashMap::new(),
+        Ok(Ok(MapLookup::StaleUidvalidity { map, mailbox })) => {
+            warn!(
+                map_uidvalidity = map,
+                mailbox_uidvalidity = mailbox,
+                "imported UIDL map ignored: the mailbox's UIDVALIDITY changed since it was made"
+            );
+            HashMap::new()
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, "imported UIDL map unusable; serving template UIDLs");
+            HashMap::new()
+        }
+        Err(e) => {
+            error!(error = %e, "imported UIDL map lookup failed; serving template UIDLs");
+            HashMap::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_views_use_the_grants_account() {
+        let grant = DeviceGrant {
+            account: "alice+work@gmail.example".into(),
+            device: "phone@example.org".into(),
+        };
+        // Not split on the device separator: the account is the enrolled one.
+        let v = device_view(&Policy::default(), &grant).unwrap();
+        assert_eq!(v.account, "alice+work@gmail.example");
+        assert_eq!(v.action, DeleteAction::Expunge);
+        let per_device = Policy {
+            delete: DeletePolicy::PerDevice,
+            ..Policy::default()
+        };
+        let v = device_view(&per_device, &grant).unwrap();
+        assert_eq!(v.account, "alice+work@gmail.example");
+        assert_eq!(v.device.as_deref(), Some("phone"));
+        assert_eq!(v.hide.as_deref(), Some("$POP3Del-phone"));
+        let odd = DeviceGrant {
+            account: "a@b".into(),
+            device: "bad name@example.org".into(),
+        };
+        assert!(device_view(&per_device, &odd).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! For `popbridge migrate`: headers of many messages, and APPEND.
+
+use std::time::Duration;
+
+use async_imap::imap_proto::{AttributeValue, Response, Status};
+use tokio::time::timeout;
+
+use super::conn::{outcome_text, ImapConn};
+use super::syntax::{quote_mailbox, uid_sets};
+use super::UpstreamError;
+
+impl ImapConn {
+    /// `UID FETCH <uids> (UID RFC822.SIZE BODY.PEEK[HEADER])`, in sets of
+    /// bounded length, calling `each(uid, size, header)` per message as it
+    /// arrives (nothing is collected here).
+    pub async fn for_each_header(
+        &mut self,
+        uids: &[u32],
+        mut each: impl FnMut(u32, u64, &[u8]) + Send,
+    ) -> Result<(), UpstreamError> {
+        self.ensure_usable()?;
+        for set in uid_sets(uids) {
+            let cmd = format!("UID FETCH {set} (UID RFC822.SIZE BODY.PEEK[HEADER])");
+            let r = self
+                .exec(&cmd, "UID FETCH", |r| {
+                    if let Response::Fetch(_, attrs) = r {
+                        let (mut uid, mut size, mut header) = (None, None, None);
+                        for a in attrs {
+                            match a {
+                                AttributeValue::Uid(u) => uid = Some(*u),
+                                AttributeValue::Rfc822Size(n) => size = Some(u64::from(*n)),
+                                AttributeValue::BodySection { data: Some(d), .. } => {
+                                    header = Some(d.as_ref())
+                                }
+                                _ => {}
+                            }
+                        }
+                        if let (Some(u), Some(n), Some(h)) = (uid, size, header) {
+                            each(u, n, h);
+                        }
+                    }
+                })
+                .await;
+            self.note(r)?;
+        }
+        Ok(())
+    }
+
+    /// APPENDs `message` to the mailbox this connection serves (RFC 3501
+    /// §6.3.11), with optional flags (`(\\Seen)`) and internal date
+    /// (`"01-Jan-2024 12:00:00 +0000"`), through the checked loop so a
+    /// refusal keeps the server's words (`[OVERQUOTA] ...`). The literal is
+    /// sent after the server's continuation; the time allowed for it grows
+    /// with the size (the command timeout plus a second per MiB).
+    pub async fn append(
+        &mut self,
+        message: &[u8],
+        flags: Option<&str>,
+        internal_date: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        self.ensure_usable()?;
+        let r = self.append_inner(message, flags, internal_date).await;
+        self.note(r)
+    }
+
+    async fn append_inner(
+        &mut self,
+        message: &[u8],
+        flags: Option<&str>,
+        internal_date: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut cmd = format!("APPEND {}", quote_mailbox(&self.config.mailbox)?);
+        for extra in [flags, internal_date].into_iter().flatten() {
+            cmd.push(' ');
+            cmd.push_str(extra);
+        }
+        cmd.push_str(&format!(" {{{}}}", message.len()));
+        let tag = self.send(&cmd, "APPEND").await?;
+        loop {
+            let resp = next_response!(self, "APPEND")?;
+            match resp.parsed() {
+                Response::Continue { .. } => break,
+                // Refused before the literal (quota, no such mailbox): the
+                // tagged reply is read, the connection stays in step.
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    return Err(match status {
+                        Status::Ok => UpstreamError::Protocol(
+                            "APPEND answered OK before the message was sent".into(),
+                        ),
+                        Status::No => UpstreamError::No {
+                            command: "APPEND",
+                            text,
+                        },
+                        _ => UpstreamError::Bad {
+                            command: "APPEND",
+                            text,
+                        },
+                    });
+                }
+                _ => {}
+            }
+        }
+        let budget =
+            self.config.command_timeout + Duration::from_secs(message.len() as u64 / (1024 * 1024));
+        timeout(budget, async {
+            let w = self.session.get_mut();
+            w.write_all(message).await?;
+            w.write_all(b"\r\n").await?;
+            w.flush().await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout("APPEND"))??;
+        self.finish(&tag, "APPEND", |_| {}).await.map(|_| ())
+    }
+}
