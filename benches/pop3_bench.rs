@@ -12,6 +12,7 @@
 //!
 //! Scenarios: `bulk`, `poll`, `many`, `memory` (= `retr-memory` + `idle`).
 //! See docs/BENCHMARKS.md for what each measures.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -329,8 +330,10 @@ struct Expected {
 
 impl MailFiller {
     fn new() -> MailFiller {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        // Our own process directory is owned by our effective user.
+        let root = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata("/proc/self").expect("stat /proc/self"),
+        ) == 0;
         MailFiller {
             owner: root.then_some((MAIL_ID_AS_ROOT, MAIL_ID_AS_ROOT)),
             stamp: std::time::SystemTime::now()
@@ -943,8 +946,7 @@ fn children(parent: u32, comm: Option<&str>) -> Vec<u32> {
 
 /// CPU seconds a process used so far: (user, system).
 fn cpu_split(pid: u32) -> (f64, f64) {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = clock_ticks_per_second();
     proc_stat(pid).map_or((0.0, 0.0), |(_, _, (u, s))| (u as f64 / hz, s as f64 / hz))
 }
 
@@ -1037,20 +1039,27 @@ fn listen_counters() -> (u64, u64) {
 /// Raises the open-files limit to its hard maximum (inherited by Dovecot
 /// and popbridge); returns the new soft limit.
 fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid, initialised struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-            }
-        }
-    }
-    lim.rlim_cur
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+/// The kernel's clock ticks per second (`/proc/<pid>/stat` counts in
+/// them), from `getconf CLK_TCK`; 100 (Linux's USER_HZ) if that fails.
+fn clock_ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|hz| *hz > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules and their layer: a module may use modules of a lower
 /// layer, never of its own layer (but itself) or a higher one.
 const LAYERS: &[(&str, u8)] = &[
+    ("clock", 0),
     ("config", 0),
     ("metrics", 0),
     ("pop3", 0),

@@ -25,11 +25,12 @@
 //!   no I/O: commands, the state machine, responses, the maildrop snapshot,
 //!   UIDL formats), [`config`] (the TOML file, its small types and
 //!   validation without I/O), [`tls`] (certificates and plain-or-TLS
-//!   streams) and [`metrics`].
+//!   streams), [`metrics`] and [`clock`].
 
 pub mod app;
 pub mod bridge;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod imap;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! The listing cache: warm polls reuse the listing, new mail and expunges
 //! are seen, and every poll still answers exactly what Dovecot's own POP3
 //! server answers.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! `upstream.send_client_id`: the IMAP server learns the POP3 client's
 //! address through IMAP ID (RFC 2971), so its own logs and per-address
 //! limits see the real client, not popbridge.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

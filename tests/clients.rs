@@ -2,6 +2,7 @@
 //! python3 poplib, curl and mpop compared with Dovecot's own POP3 server on
 //! the same mailbox, malformed and over-long command lines, secrets kept
 //! out of the trace log, and the advertised capabilities.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! `POPBRIDGE_*` environment < flags, the example configuration and `--help`.
 //!
 //! Runs the real `popbridge` binary; no mail server needed.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! server, then the same clients (same UIDL memory) are pointed at popbridge
 //! in front of the same Dovecot. They must not fetch anything again, must
 //! fetch exactly the one new message, and then nothing.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

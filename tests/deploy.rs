@@ -9,6 +9,7 @@
 //!
 //! No container runtime or cluster is needed: the files are parsed here and
 //! the configurations are checked by the real `popbridge` binary.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! be told something false: no complete-looking message that is short, no
 //! "+OK" for a deletion that did not happen, no short maildrop at login, and
 //! an answer within a bounded time when the upstream stops responding.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Self-test of the integration-test harness against a real Dovecot
 //! (does not need the popbridge binary to work).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -7,6 +7,7 @@
 //! poll the old server first, the mail moves (by "another tool" plus
 //! `popbridge migrate capture`, or by `popbridge migrate copy`), the clients
 //! switch to popbridge, and their next poll must download nothing.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -13,6 +13,7 @@
 //! - `pop3_*`: the popbridge binary with `popbridge oauth add` (device flow,
 //!   approved through the server's control endpoint) and `popbridge device
 //!   add`, then POP3 clients logging in with device passwords.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! flow and PKCE enrolment, list, test (refresh with rotation), remove with
 //! revocation, invalid_grant turning into re-enrolment, device logins, and
 //! secrets staying out of every output.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 mod oauth_support;

@@ -35,6 +35,7 @@
 //! (RFC 5530 UNAVAILABLE: a temporary failure, not a bad token) — see
 //! `dovecot_introspection_failure_is_temporary`. So the client must accept
 //! either a `+` challenge or the tagged answer after its initial response.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

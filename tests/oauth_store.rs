@@ -4,6 +4,7 @@
 //! same race on the file backend, and the library's `OauthRuntime`: one
 //! refresh for many concurrent requests, device checks that never reach
 //! the provider, invalid_grant, and throttling backoff.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 mod oauth_support;

@@ -3,6 +3,7 @@
 //! readiness), SIGTERM drain, SIGHUP reload and JSON logs. Everything runs
 //! against real Dovecot instances; mailbox state is checked over IMAP or
 //! against Dovecot's own POP3 server.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The bytes a client receives from popbridge for STAT, LIST, UIDL, RETR and
 //! TOP equal what Dovecot's own POP3 server sends for the same mailbox.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

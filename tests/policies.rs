@@ -17,6 +17,7 @@
 //! kept durably: Dovecot accepts the 27th keyword with OK but keeps it only
 //! in its index, so it is lost when the index is rebuilt.
 //! `per_device_27th_device_on_maildir` shows exactly what happens.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

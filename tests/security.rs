@@ -2,6 +2,7 @@
 //! reach the IMAP server intact and never as IMAP syntax, session limits,
 //! failed-login throttling, hostile input, a client that stops reading, and
 //! passwords kept out of the logs.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

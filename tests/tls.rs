@@ -2,6 +2,7 @@
 //! ssl, curl, rustls) and a real IMAP server (Dovecot): POP3S, STLS and its
 //! command-injection rule, the plaintext policy, certificate reload on
 //! SIGHUP, TLS to the upstream, and SASL AUTH through to Dovecot.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! RSET, RETR, TOP and QUIT (or the lack of QUIT) do to the IMAP mailbox,
 //! concurrent changes by other IMAP clients, the no-UIDPLUS policies and
 //! login failures. Mailbox state is always checked over IMAP.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! `pop3.reuse_xuidl`: a message's `X-UIDL:` header is its UIDL, as with
 //! Dovecot's `pop3_reuse_xuidl`, duplicates are renamed (`-2`), and the
 //! answers equal Dovecot's own POP3 server configured the same way.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -368,3 +368,160 @@ mod tests {
         assert!(device_view(&per_device, &odd).is_err());
     }
 }
+
+/// The login decisions against an in-process mailbox
+/// ([`crate::imap::fake`]): no IMAP server, no real time.
+#[cfg(test)]
+mod with_fake_upstream {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bridge::throttle::ThrottleConfig;
+    use crate::config::{LoginName, RouteIndex};
+    use crate::imap::fake::FakeConnector;
+
+    const PEER: &str = "192.0.2.7:40000";
+
+    fn bridge(connector: &FakeConnector, policy: Policy) -> Bridge<FakeConnector> {
+        let route = Route {
+            name: "default".into(),
+            connector: Arc::new(connector.clone()),
+            login: LoginName::Full,
+            auth: RouteAuth::Passthrough,
+            profile: Profile::default(),
+            policy,
+            lock_scope: "fake/INBOX".into(),
+            uidl_map: None,
+        };
+        let mut index = RouteIndex::default();
+        index.add(0, &[], &[], true);
+        Bridge {
+            router: Router::new(vec![route], index),
+            throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
+                failure_delay: Duration::from_secs(2),
+                max_failures_per_ip: 20,
+                max_failures_per_user: 3,
+                window: Duration::from_secs(300),
+                max_entries: 100,
+            })),
+            oauth: None,
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        PEER.parse().unwrap()
+    }
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(s.as_bytes().to_vec())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_right_password_gives_the_snapshot() {
+        let up = FakeConnector::new(&[("alice", "pw")], &[b"a\r\n", b"bb\r\n"]);
+        let b = bridge(&up, Policy::default());
+        let (session, maildrop, _) = b.login("alice", &secret("pw"), peer()).await.unwrap();
+        assert_eq!(maildrop.stat(), (2, 7));
+        assert_eq!(session.delete_action, DeleteAction::Expunge);
+        assert!(session.lock.is_none());
+    }
+
+    /// Wrong passwords are failed logins: answered after the throttle's
+    /// delay, and after the per-user limit the IMAP server is not asked.
+    #[tokio::test(start_paused = true)]
+    async fn guesses_are_delayed_and_then_stop_at_the_throttle() {
+        let up = FakeConnector::new(&[("alice", "pw")], &[]);
+        let b = bridge(&up, Policy::default());
+        for _ in 0..3 {
+            let started = tokio::time::Instant::now();
+            let r = b.login("alice", &secret("guess"), peer()).await;
+            assert_eq!(r.err(), Some(LoginFailure::Refused));
+            assert!(started.elapsed() >= Duration::from_secs(2));
+        }
+        let r = b.login("alice", &secret("guess"), peer()).await;
+        assert!(
+            matches!(
+                r,
+                Err(LoginFailure::Failed {
+                    code: "SYS/TEMP",
+                    ..
+                })
+            ),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(
+            up.state().logins.len(),
+            3,
+            "the 4th guess never went upstream"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lock_refuses_a_second_session_until_the_first_ends() {
+        let up = FakeConnector::new(&[("alice", "pw")], &[b"x\r\n"]);
+        let b = bridge(
+            &up,
+            Policy {
+                lock: true,
+                ..Policy::default()
+            },
+        );
+        let first = b.login("alice", &secret("pw"), peer()).await.unwrap();
+        let second = b.login("alice", &secret("pw"), peer()).await;
+        assert_eq!(second.err(), Some(replies::IN_USE.failure));
+        drop(first);
+        assert!(b.login("alice", &secret("pw"), peer()).await.is_ok());
+    }
+
+    /// `per-device`: the device tag goes, the account logs in, and QUIT
+    /// hides rather than deletes; messages the device hid are not listed.
+    #[tokio::test(start_paused = true)]
+    async fn per_device_logins_see_their_own_view() {
+        let up = FakeConnector::new(&[("bob", "pw")], &[b"1\r\n", b"2\r\n"]);
+        up.state()
+            .messages
+            .get_mut(&1)
+            .unwrap()
+            .flags
+            .insert("$POP3Del-scanner".into());
+        let b = bridge(
+            &up,
+            Policy {
+                delete: DeletePolicy::PerDevice,
+                ..Policy::default()
+            },
+        );
+        let (session, maildrop, _) = b.login("bob+scanner", &secret("pw"), peer()).await.unwrap();
+        assert_eq!(up.state().logins, ["bob"]);
+        assert_eq!(maildrop.stat().0, 1);
+        assert_eq!(
+            session.delete_action,
+            DeleteAction::Keyword("$POP3Del-scanner".into())
+        );
+        let r = b.login("bob+a)b", &secret("pw"), peer()).await;
+        assert!(matches!(r, Err(LoginFailure::Failed { code: "AUTH", .. })));
+    }
+
+    /// An upstream that fails for another reason is SYS/TEMP, in fixed
+    /// words, and not a failed login.
+    #[tokio::test(start_paused = true)]
+    async fn upstream_failures_are_temporary_and_not_counted() {
+        let up = FakeConnector::new(&[("alice", "pw")], &[]);
+        let b = bridge(&up, Policy::default());
+        for _ in 0..5 {
+            up.state().fail_next_login = Some(UpstreamError::ConnectionLost);
+            let r = b.login("alice", &secret("pw"), peer()).await;
+            assert_eq!(
+                r.err(),
+                Some(LoginFailure::Failed {
+                    code: "SYS/TEMP",
+                    text: replies::UNAVAILABLE_TEXT
+                })
+            );
+        }
+        assert!(b.login("alice", &secret("pw"), peer()).await.is_ok());
+    }
+}

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use sha2::Digest;
 
 use crate::config::oauth::Provider;
 use crate::config::Config;
@@ -692,7 +691,8 @@ async fn browser_flow(
     getrandom::getrandom(&mut rnd).map_err(|e| failed(format!("no randomness: {e}")))?;
     // RFC 7636 §4.1: 32 octets base64url = 43 characters of verifier.
     let verifier = b64url(&rnd[..32]);
-    let challenge = b64url(&sha2::Sha256::digest(verifier.as_bytes()));
+    let challenge =
+        b64url(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref());
     let state = b64url(&rnd[32..]);
     let mut url = reqwest::Url::parse(auth_url).map_err(|e| usage(e.to_string()))?;
     {

@@ -29,6 +29,8 @@ mod bulk;
 mod commit;
 mod connect;
 pub mod error;
+#[cfg(test)]
+pub mod fake;
 mod fetch;
 mod login;
 pub mod sasl;

@@ -20,8 +20,6 @@
 //! white space are normalised, so a store that re-folds or converts line
 //! endings does not change the hash.
 
-use std::fmt::Write as _;
-
 /// Fields left out of the hash, lower case. `received` is handled here too
 /// (all of them, see the module documentation).
 pub const VOLATILE_FIELDS: &[&str] = &[
@@ -106,22 +104,12 @@ pub fn header_hash(message: &[u8]) -> HeaderHash {
         ctx.update(value.as_bytes());
         ctx.update(b"\n");
     }
-    hex(&ctx.finish().as_ref()[..HASH_BYTES])
+    hex::encode(&ctx.finish().as_ref()[..HASH_BYTES])
 }
 
 /// True when `s` looks like a stored hash (32 lower-case hex digits).
 pub fn is_hash(s: &str) -> bool {
     s.len() == HASH_BYTES * 2 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

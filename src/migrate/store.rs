@@ -101,7 +101,7 @@ impl MapKey {
             ctx.update(part.as_bytes());
             ctx.update(b"\0");
         }
-        super::hash::hex(&ctx.finish().as_ref()[..16])
+        hex::encode(&ctx.finish().as_ref()[..16])
     }
 
     /// `<dir>/uidl-maps/<stem>.map`.
@@ -474,12 +474,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result.map_err(io)
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::now_unix;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,6 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::oauth::{KeyMaterial, KEY_LEN};
 
@@ -55,10 +54,10 @@ pub enum OpenError {
 
 impl StoreKey {
     pub fn new(key: &KeyMaterial) -> Self {
-        let mut h = Sha256::new();
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
         h.update(KEY_ID_CONTEXT);
-        h.update(key.0);
-        let id = hex::encode(&h.finalize()[..KEY_ID_LEN]);
+        h.update(&key.0);
+        let id = hex::encode(&h.finish().as_ref()[..KEY_ID_LEN]);
         Self {
             cipher: XChaCha20Poly1305::new((&key.0).into()),
             id,

@@ -9,7 +9,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::Digest;
 use tracing::{error, info, warn};
 
 use super::device;
@@ -102,7 +101,9 @@ pub struct TokenService {
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
-    sha2::Sha256::digest(token.as_bytes()).into()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    out
 }
 
 impl TokenService {

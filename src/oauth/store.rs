@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -68,19 +68,7 @@ pub const REFRESH_LOCK_WAIT: Duration = Duration::from_secs(50);
 /// Poll interval while waiting for a refresh lock.
 pub const LOCK_POLL: Duration = Duration::from_millis(100);
 
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::{now_unix, now_unix_ms};
 
 /// Store failures. Messages name files and accounts, never secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -603,23 +591,21 @@ impl FileStore {
     /// One lock file per account (named by a hash, so any account name is
     /// a safe file name), held with `flock` until the returned file drops.
     fn lock_refresh(&self, account: &str) -> Result<RefreshLock, StoreError> {
-        use sha2::Digest;
         let name = format!(
             "refresh-{}.lock",
-            hex::encode(&sha2::Sha256::digest(account.as_bytes())[..16])
+            hex::encode(
+                &ring::digest::digest(&ring::digest::SHA256, account.as_bytes()).as_ref()[..16]
+            )
         );
         let file = open_lock_file(&self.path(&name))?;
         let deadline = std::time::Instant::now() + REFRESH_LOCK_WAIT;
         loop {
-            // SAFETY: flock on a file descriptor we own.
-            let rc = unsafe {
-                libc::flock(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::LOCK_EX | libc::LOCK_NB,
-                )
-            };
-            if rc == 0 {
-                return Ok(RefreshLock::File(file));
+            match file.try_lock() {
+                Ok(()) => return Ok(RefreshLock::File(file)),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(StoreError::Io(format!("cannot lock {name}: {e}")))
+                }
             }
             if std::time::Instant::now() >= deadline {
                 return Err(StoreError::LockTimeout(account.to_string()));
@@ -639,22 +625,14 @@ fn open_lock_file(path: &Path) -> Result<File, StoreError> {
 }
 
 fn flock(file: &File, exclusive: bool, dir: &Path) -> Result<(), StoreError> {
-    let op = if exclusive {
-        libc::LOCK_EX
+    // Blocking is fine here: the caller runs on a blocking thread and
+    // holders only do file I/O. (std's locks are flock(2) on Unix.)
+    let r = if exclusive {
+        file.lock()
     } else {
-        libc::LOCK_SH
+        file.lock_shared()
     };
-    // SAFETY: flock on a file descriptor we own; blocking is fine here, the
-    // caller runs on a blocking thread and holders only do file I/O.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), op) };
-    if rc != 0 {
-        return Err(StoreError::Io(format!(
-            "cannot lock the store in {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    r.map_err(|e| StoreError::Io(format!("cannot lock the store in {}: {e}", dir.display())))
 }
 
 /// Reads a JSON store file. Missing: `None`, unless its `.bak` exists
@@ -986,23 +964,14 @@ mod tests {
         // same file cannot take it while the first is held.
         let file = open_lock_file(&dir.path().join(format!(
             "refresh-{}.lock",
-            hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(b"a")[..16])
+            hex::encode(&ring::digest::digest(&ring::digest::SHA256, b"a").as_ref()[..16])
         )))
         .unwrap();
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        assert_ne!(rc, 0);
+        assert!(matches!(
+            file.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
         drop(l1);
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        assert_eq!(rc, 0);
+        file.try_lock().unwrap();
     }
 }

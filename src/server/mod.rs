@@ -307,3 +307,6 @@ async fn refuse<C: Connector>(
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests;
