@@ -12,7 +12,8 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use std::process::ExitCode;
 
-use crate::config::{Config, EffectiveRoute, LogFormat, UpstreamTls};
+use crate::config::routes::route_named;
+use crate::config::{Config, EffectiveRoute, LogFormat, RouteIndex, UpstreamTls};
 use crate::imap::{
     host_of, Connector, Credentials, ImapConfig, ImapConn, ImapConnector, Snapshot, Upstream,
     UpstreamError,
@@ -269,29 +270,12 @@ struct Target {
 impl Target {
     fn resolve(config: &Config, a: &NewServerArgs, needs_dir: bool) -> Result<Self, MigrateError> {
         let routes = config.effective_routes().map_err(|e| usage(e.0))?;
-        let lower = a.user.to_lowercase();
         let route = match &a.route {
-            Some(name) => routes.iter().find(|r| &r.name == name).ok_or_else(|| {
-                usage(format!(
-                    "no route named {name:?} (routes: {})",
-                    routes
-                        .iter()
-                        .map(|r| r.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?,
-            // The proxy's rule (routing::Router): user entry, domain, default.
-            None => routes
-                .iter()
-                .find(|r| r.users.iter().any(|u| u.to_lowercase() == lower))
-                .or_else(|| {
-                    let (_, domain) = lower.rsplit_once('@')?;
-                    routes
-                        .iter()
-                        .find(|r| r.domains.iter().any(|d| d.to_lowercase() == domain))
-                })
-                .or_else(|| routes.iter().find(|r| r.is_default))
+            Some(name) => route_named(&routes, name).map_err(usage)?,
+            // The proxy's rule: user entry, domain, default.
+            None => RouteIndex::new(&routes)
+                .find(&a.user)
+                .map(|i| &routes[i])
                 .ok_or_else(|| usage(format!("no route for {:?} and no default route", a.user)))?,
         };
         let mut route = route.clone();

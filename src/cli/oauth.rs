@@ -463,16 +463,7 @@ pub fn account_route<'a>(
         r.upstream.auth == UpstreamAuth::Oauth2 && r.upstream.oauth_provider == provider
     };
     if let Some(name) = name {
-        let r = routes.iter().find(|r| r.name == name).ok_or_else(|| {
-            format!(
-                "no route named {name:?} (routes: {})",
-                routes
-                    .iter()
-                    .map(|r| r.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
+        let r = crate::config::routes::route_named(routes, name)?;
         if r.upstream.auth != UpstreamAuth::Oauth2 {
             return Err(format!("route {name} does not use auth = \"oauth2\""));
         }
@@ -484,22 +475,16 @@ pub fn account_route<'a>(
         }
         return Ok(r);
     }
-    let lower = account.to_lowercase();
-    let domain = lower.rsplit_once('@').map(|(_, d)| d);
+    // The proxy's rule (user entry, domain, default) among the provider's
+    // routes, then the provider's only route.
     let ours: Vec<&crate::config::EffectiveRoute> = routes.iter().filter(serves).collect();
-    ours.iter()
-        .find(|r| r.users.iter().any(|u| u.to_lowercase() == lower))
-        .or_else(|| {
-            ours.iter().find(|r| {
-                domain.is_some_and(|d| r.domains.iter().any(|x| x.to_lowercase() == d))
-            })
-        })
-        .or_else(|| ours.iter().find(|r| r.is_default))
+    crate::config::RouteIndex::new(ours.iter().copied())
+        .find(account)
+        .map(|i| ours[i])
         .or(match ours.as_slice() {
-            [one] => Some(one),
+            [one] => Some(*one),
             _ => None,
         })
-        .copied()
         .ok_or_else(|| match ours.len() {
             0 => format!("no route uses auth = \"oauth2\" with oauth_provider = {provider:?}"),
             _ => format!(
