@@ -22,6 +22,7 @@ pub mod logs;
 pub mod oauth;
 pub mod raw_pop3;
 pub mod redis;
+pub mod servers;
 
 /// How long to wait for a server to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
