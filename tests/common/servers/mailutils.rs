@@ -24,7 +24,7 @@ use super::{
     deliver_by_append, mkdir_owned, private_dir, require_binary, run_ok, MailServer, MAIL_GID,
     MAIL_UID,
 };
-use super::{read_lossy, to_crlf};
+use super::{find, read_lossy, to_crlf};
 
 /// The IMAP server (mailutils-imap4d).
 const IMAP4D: &str = "/usr/sbin/imap4d";
@@ -226,12 +226,46 @@ impl MailServer for Mailutils {
     fn accepts_bare_lf(&self) -> bool {
         true
     }
-    /// mbox stores LF; BODY[] sends CRLF, and a last line without a line
-    /// ending gets one (measured; see QUIRKS.md).
+    /// mbox stores LF; BODY[] sends CRLF, a last line without a line
+    /// ending gets one, and an empty body becomes one empty line (a
+    /// header-only message also gets the blank line that ends its header)
+    /// (measured; see QUIRKS.md).
     fn served_form(&self, delivered: &[u8]) -> Vec<u8> {
         let mut out = to_crlf(delivered);
         if !out.is_empty() && !out.ends_with(b"\n") {
             out.extend_from_slice(b"\r\n");
+        }
+        let body_start = if out.starts_with(b"\r\n") {
+            Some(2)
+        } else {
+            find(&out, b"\r\n\r\n").map(|p| p + 4)
+        };
+        match body_start {
+            None => out.extend_from_slice(b"\r\n\r\n"),
+            Some(start) if start == out.len() => out.extend_from_slice(b"\r\n"),
+            Some(_) => {}
+        }
+        out
+    }
+    /// Drops the header lines imap4d writes into the mbox itself when it
+    /// rewrites it (after a session that changed anything): `X-IMAPbase:`
+    /// (first message only), `X-UID:` and `Status:`. They are part of
+    /// BODY[] and RFC822.SIZE from then on.
+    fn comparable(&self, served: &[u8]) -> Vec<u8> {
+        const ADDED: [&[u8]; 3] = [b"x-imapbase:", b"x-uid:", b"status:"];
+        let mut out = Vec::with_capacity(served.len());
+        let mut in_header = true;
+        for line in served.split_inclusive(|&b| b == b'\n') {
+            if in_header && (line == b"\r\n" || line == b"\n") {
+                in_header = false;
+            }
+            let added = in_header
+                && ADDED
+                    .iter()
+                    .any(|h| line.len() >= h.len() && line[..h.len()].eq_ignore_ascii_case(h));
+            if !added {
+                out.extend_from_slice(line);
+            }
         }
         out
     }

@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Private items of the shared harness, for the server files below.
-use super::{base64, free_port, imap_quote, poll_port, read_lossy, to_crlf, Imap};
+use super::{base64, find, free_port, imap_quote, poll_port, read_lossy, to_crlf, Imap};
 
 pub mod courier;
 pub mod cyrus;
@@ -87,8 +87,16 @@ pub trait MailServer: Send {
     /// True if a message with bare LF lines can be delivered.
     fn accepts_bare_lf(&self) -> bool;
     /// The bytes BODY[] (and its own POP3 RETR, before dot-stuffing)
-    /// returns for a message delivered as `delivered`.
+    /// returns for a message delivered as `delivered`, up to what
+    /// [`MailServer::comparable`] removes.
     fn served_form(&self, delivered: &[u8]) -> Vec<u8>;
+    /// `served` (BODY[] or RETR bytes) without what the server adds on its
+    /// own and changes over time (Mailutils' X-IMAPbase, X-UID and Status
+    /// headers); the bytes as they are for every other server. Compare
+    /// `comparable(served)` with `served_form(delivered)`.
+    fn comparable(&self, served: &[u8]) -> Vec<u8> {
+        served.to_vec()
+    }
     /// Its private directory (configuration, mail, logs).
     fn dir(&self) -> &Path;
     /// Whatever log it wrote (for failure reports; Cyrus logs only to
