@@ -365,3 +365,4 @@ fn dovecot_variant_advertises_no_uidplus() {
     assert!(caps.iter().any(|c| c == "MOVE"), "{caps:?}");
     imap.logout();
 }
+

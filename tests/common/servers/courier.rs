@@ -11,7 +11,11 @@
 //! on /run: its own config, userdb and socket, nothing system-wide is
 //! changed, instances run side by side, and killing the namespace's first
 //! process takes every process of the instance with it (including the
-//! gam_server that Courier's imapd starts on its own).
+//! gam_server that Courier's imapd starts on its own). The namespace also
+//! sees a copy of /etc/passwd with an entry for the mail uid: without one,
+//! Gamin (which imapd uses for locking and IDLE) fails after a 2.4 s
+//! timeout on every IMAP login, which then carries an untagged
+//! `* OK [ALERT] Filesystem notification initialization error` (QUIRKS.md).
 //!
 //! Users are userdb entries with `{SHA256}` passwords; delivery is IMAP
 //! APPEND as the user (Courier stores LF line endings).
@@ -161,6 +165,7 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
          set -e\n\
          mount --bind {r}/etc {SYSTEM_ETC}\n\
          mount --bind {r}/run /run\n\
+         mount --bind {r}/passwd /etc/passwd\n\
          {AUTHDAEMOND} >>{r}/authdaemond.log 2>&1 &\n\
          env -i {imap_env} {COURIERTCPD} {tcpd} -stderr={r}/imapd.log {imap_port} \
          {imaplogin} {imapd} Maildir &\n\
@@ -172,6 +177,9 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
         pop3login = unpacked("usr/lib/courier/courier/courierpop3login").display(),
         pop3d = unpacked("usr/lib/courier/courier/courierpop3d").display(),
     );
+    let mut passwd = fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    passwd.push_str(&format!("pbmail:x:{MAIL_UID}:{MAIL_GID}::/nonexistent:/usr/sbin/nologin\n"));
+    fs::write(root.join("passwd"), passwd).expect("write passwd");
     let script_path = root.join("start.sh");
     fs::write(&script_path, script).expect("write start.sh");
 
@@ -194,7 +202,7 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
             .stdout(out.try_clone().expect("dup"))
             .stderr(out),
         "Courier (unshare)",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
     );
     let ready = wait_ready(&mut daemon, &[imap_port, pop3_port]).and_then(|()| {
         // The listeners can be up before authdaemond has made its socket.
@@ -283,6 +291,17 @@ impl Drop for Courier {
     fn drop(&mut self) {
         if thread::panicking() {
             eprintln!("--- courier ({}) ---\n{}", self.dir.path().display(), self.log());
+        }
+        // couriertcpd and gam_server leave the process group, and unshare
+        // passes SIGTERM on to the namespace's init, which ignores it. So
+        // kill that init: the kernel then kills everything in the namespace
+        // before the init's exit completes, and unshare exits after it.
+        let leader = self.daemon.pid();
+        let children = fs::read_to_string(format!("/proc/{leader}/task/{leader}/children"))
+            .unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill(2) on a child of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         self.daemon.stop();
     }
