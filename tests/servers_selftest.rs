@@ -122,7 +122,11 @@ fn delivers_and_serves(server: &dyn MailServer) {
         assert_eq!(uids.len(), 3, "{name}/{user}: UIDs {uids:?}");
         for (uid, want) in uids.iter().zip(&expected) {
             let (size, body) = fetch_size_and_body(&mut imap, *uid);
-            assert_eq!(size, body.len() as u64, "{name}/{user}: RFC822.SIZE of UID {uid}");
+            assert_eq!(
+                size,
+                body.len() as u64,
+                "{name}/{user}: RFC822.SIZE of UID {uid}"
+            );
             let body = server.comparable(&body);
             assert_eq!(
                 String::from_utf8_lossy(&body),
@@ -166,8 +170,11 @@ fn delivers_and_serves(server: &dyn MailServer) {
     }
 }
 
+/// A `start_*` function behind the trait.
+type Start = fn(&[(&str, &str)]) -> Box<dyn MailServer>;
+
 /// Two instances of the same server at once: each has its own mail.
-fn side_by_side(start: fn(&[(&str, &str)]) -> Box<dyn MailServer>) {
+fn side_by_side(start: Start) {
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| start(STANDARD_USERS));
         let b = s.spawn(|| start(STANDARD_USERS));
@@ -272,7 +279,10 @@ fn report(server: &dyn MailServer) {
             .join("\n")
     };
     eprintln!("===== {name} (started in {:?}) =====", server.start_time());
-    eprintln!("  before login: {}", capabilities_before_login(port).join(" "));
+    eprintln!(
+        "  before login: {}",
+        capabilities_before_login(port).join(" ")
+    );
     for m in &three_messages()[..1] {
         server.deliver(BOB.0, m);
         server.deliver(BOB.0, m);
@@ -284,7 +294,10 @@ fn report(server: &dyn MailServer) {
     match plain.authenticate_plain(BOB.0, BOB.1) {
         Ok(lines) => eprintln!(
             "  AUTHENTICATE PLAIN: {:?}",
-            lines.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect::<Vec<_>>()
+            lines
+                .iter()
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+                .collect::<Vec<_>>()
         ),
         Err(e) => eprintln!("  AUTHENTICATE PLAIN refused: {e}"),
     }
@@ -304,7 +317,10 @@ fn report(server: &dyn MailServer) {
     b.logout();
     let fetch = a.command(&format!("UID FETCH {first} (RFC822.SIZE BODY.PEEK[])"));
     match fetch {
-        Ok(lines) => eprintln!("  UID FETCH of the UID expunged elsewhere: OK\n{}", show(&lines)),
+        Ok(lines) => eprintln!(
+            "  UID FETCH of the UID expunged elsewhere: OK\n{}",
+            show(&lines)
+        ),
         Err(e) => eprintln!("  UID FETCH of the UID expunged elsewhere: {e}"),
     }
     let noop = a.command("NOOP").expect("NOOP");
@@ -365,4 +381,3 @@ fn dovecot_variant_advertises_no_uidplus() {
     assert!(caps.iter().any(|c| c == "MOVE"), "{caps:?}");
     imap.logout();
 }
-

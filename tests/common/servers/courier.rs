@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::{base64, free_port, read_lossy};
 use super::{
     deliver_by_append, mkdir_owned, private_dir, require_binary, run_ok, start_with_retries,
     wait_ready, Daemon, MailServer, MAIL_GID, MAIL_UID, OPT_DIR,
 };
-use super::{base64, free_port, read_lossy};
 
 /// The authentication daemon binary (courier-authdaemon); the
 /// /usr/sbin/authdaemond wrapper would read the system authdaemonrc.
@@ -178,7 +178,9 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
         pop3d = unpacked("usr/lib/courier/courier/courierpop3d").display(),
     );
     let mut passwd = fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    passwd.push_str(&format!("pbmail:x:{MAIL_UID}:{MAIL_GID}::/nonexistent:/usr/sbin/nologin\n"));
+    passwd.push_str(&format!(
+        "pbmail:x:{MAIL_UID}:{MAIL_GID}::/nonexistent:/usr/sbin/nologin\n"
+    ));
     fs::write(root.join("passwd"), passwd).expect("write passwd");
     let script_path = root.join("start.sh");
     fs::write(&script_path, script).expect("write start.sh");
@@ -290,7 +292,11 @@ impl MailServer for Courier {
 impl Drop for Courier {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("--- courier ({}) ---\n{}", self.dir.path().display(), self.log());
+            eprintln!(
+                "--- courier ({}) ---\n{}",
+                self.dir.path().display(),
+                self.log()
+            );
         }
         // couriertcpd and gam_server leave the process group, and unshare
         // passes SIGTERM on to the namespace's init, which ignores it. So
@@ -299,7 +305,10 @@ impl Drop for Courier {
         let leader = self.daemon.pid();
         let children = fs::read_to_string(format!("/proc/{leader}/task/{leader}/children"))
             .unwrap_or_default();
-        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: kill(2) on a child of our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
