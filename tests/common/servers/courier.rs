@@ -31,8 +31,8 @@ use sha2::{Digest, Sha256};
 
 use super::{base64, free_port, read_lossy};
 use super::{
-    deliver_by_append, mkdir_owned, private_dir, require_binary, run_ok, start_with_retries,
-    wait_ready, Daemon, MailServer, MAIL_GID, MAIL_UID, OPT_DIR,
+    deliver_by_append, mkdir_owned, private_dir, require_binary, require_root, run_ok,
+    start_with_retries, wait_ready, Daemon, MailServer, MAIL_GID, MAIL_UID, OPT_DIR,
 };
 
 /// The authentication daemon binary (courier-authdaemon); the
@@ -76,6 +76,7 @@ fn sha256_password(pass: &str) -> String {
 /// Start Courier with `users` (login, password); logins may contain `@`.
 /// Panics (with the instance's logs) on failure.
 pub fn start_courier(users: &[(&str, &str)]) -> Courier {
+    require_root("Courier");
     for b in [
         PathBuf::from(AUTHDAEMOND),
         PathBuf::from(MAKEUSERDB),

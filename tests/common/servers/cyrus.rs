@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{
-    chown_tree, deliver_by_append, private_dir, require_binary, run_ok, run_with_stdin,
-    start_with_retries, wait_ready, Daemon, MailServer, OPT_DIR,
+    chown_tree, deliver_by_append, private_dir, require_binary, require_root, run_ok,
+    run_with_stdin, start_with_retries, wait_ready, Daemon, MailServer, OPT_DIR,
 };
 use super::{free_port, imap_quote, read_lossy, Imap};
 
@@ -64,6 +64,7 @@ fn cyrus_uid_gid() -> (u32, u32) {
 /// Start Cyrus with `users` (login, password); a login with `@domain` is a
 /// virtual-domain user. Panics (with the master's output) on failure.
 pub fn start_cyrus(users: &[(&str, &str)]) -> Cyrus {
+    require_root("Cyrus");
     for b in [
         PathBuf::from(MASTER),
         PathBuf::from(SASLPASSWD2),

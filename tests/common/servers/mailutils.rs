@@ -21,8 +21,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::{
-    deliver_by_append, mkdir_owned, private_dir, require_binary, run_ok, MailServer, MAIL_GID,
-    MAIL_UID,
+    deliver_by_append, mkdir_owned, private_dir, require_binary, require_root, run_ok, MailServer,
+    MAIL_GID, MAIL_UID,
 };
 use super::{find, read_lossy, to_crlf};
 
@@ -72,6 +72,7 @@ fn crypt_sha512(pass: &str) -> String {
 /// Start imap4d with `users` (login, password); a login with `@domain`
 /// is a user of that virtual domain. Panics on failure.
 pub fn start_mailutils(users: &[(&str, &str)]) -> Mailutils {
+    require_root("Mailutils imap4d");
     require_binary(Path::new(IMAP4D));
     let began = Instant::now();
     let dir = private_dir("pbmailutils-");

@@ -256,6 +256,14 @@ pub fn require_binary(path: &Path) {
     );
 }
 
+/// Panic with a clear message unless we are root: Cyrus, Courier and
+/// Mailutils need it (chown to service users, namespaces, setuid).
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid(2) has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "{what} needs root (we run as uid {euid})");
+}
+
 /// Run a helper program to completion, panicking with its output if it
 /// fails. Returns stdout.
 pub fn run_ok(cmd: &mut Command, what: &str) -> String {
