@@ -8,6 +8,8 @@
 //! and a printed report of the quirks in QUIRKS.md
 //! (`cargo test --test servers_selftest report -- --nocapture`).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 mod common;
 
 use std::fs;

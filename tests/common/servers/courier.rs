@@ -27,9 +27,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use super::{base64, free_port, read_lossy};
+use super::{base64, free_port, read_lossy, signal};
 use super::{
     deliver_by_append, mkdir_owned, private_dir, require_binary, require_root, run_ok,
     start_with_retries, wait_ready, Daemon, MailServer, MAIL_GID, MAIL_UID, OPT_DIR,
@@ -70,7 +68,8 @@ fn unpacked(rel: &str) -> PathBuf {
 
 /// `{SHA256}` + base64(SHA-256(password)), a scheme authlib checks.
 fn sha256_password(pass: &str) -> String {
-    format!("{{SHA256}}{}", base64(&Sha256::digest(pass.as_bytes())))
+    let digest = ring::digest::digest(&ring::digest::SHA256, pass.as_bytes());
+    format!("{{SHA256}}{}", base64(digest.as_ref()))
 }
 
 /// Start Courier with `users` (login, password); logins may contain `@`.
@@ -308,10 +307,9 @@ impl Drop for Courier {
             .unwrap_or_default();
         for pid in children
             .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
+            .filter_map(|p| p.parse::<u32>().ok())
         {
-            // SAFETY: kill(2) on a child of our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            signal(pid, "KILL");
         }
         self.daemon.stop();
     }

@@ -24,7 +24,7 @@ use super::{
     deliver_by_append, mkdir_owned, private_dir, require_binary, require_root, run_ok, MailServer,
     MAIL_GID, MAIL_UID,
 };
-use super::{find, read_lossy, to_crlf};
+use super::{find, read_lossy, signal_group, to_crlf};
 
 /// The IMAP server (mailutils-imap4d).
 const IMAP4D: &str = "/usr/sbin/imap4d";
@@ -298,9 +298,7 @@ impl Drop for Mailutils {
         }
         let mut running = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for child in running.iter_mut() {
-            let pgid = child.id() as libc::pid_t;
-            // SAFETY: kill(2) on the process group of our own child.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            signal_group(child.id(), "KILL");
             let _ = child.wait();
         }
         running.clear();

@@ -162,9 +162,8 @@ impl Daemon {
     /// Signal the group, wait for the leader, SIGKILL the group after
     /// `grace`. Idempotent.
     pub fn stop(&mut self) {
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) with a negative pid signals our own child's group.
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let pgid = self.child.id();
+        signal_group(pgid, "TERM");
         let deadline = Instant::now() + self.grace;
         while Instant::now() < deadline {
             if self.try_wait().is_some() {
@@ -173,8 +172,7 @@ impl Daemon {
             thread::sleep(Duration::from_millis(10));
         }
         // Stragglers in the group (a child that ignored SIGTERM) go too.
-        // SAFETY: as above.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        signal_group(pgid, "KILL");
         let _ = self.child.wait();
     }
 }
@@ -183,6 +181,25 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Send SIG`signal` to process `pid` with the `kill` command (the crate
+/// forbids unsafe code, so no kill(2) here).
+pub fn signal(pid: u32, signal: &str) {
+    kill_command(&pid.to_string(), signal);
+}
+
+/// Send SIG`signal` to every process of process group `pgid`.
+pub fn signal_group(pgid: u32, signal: &str) {
+    kill_command(&format!("-{pgid}"), signal);
+}
+
+fn kill_command(target: &str, signal: &str) {
+    let _ = Command::new("kill")
+        .args(["-s", signal, "--", target])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 /// Wait until every port accepts a connection; Err(reason) if the daemon
@@ -259,9 +276,8 @@ pub fn require_binary(path: &Path) {
 /// Panic with a clear message unless we are root: Cyrus, Courier and
 /// Mailutils need it (chown to service users, namespaces, setuid).
 pub fn require_root(what: &str) {
-    // SAFETY: geteuid(2) has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "{what} needs root (we run as uid {euid})");
+    let euid = run_ok(Command::new("id").arg("-u"), "id -u");
+    assert_eq!(euid.trim(), "0", "{what} needs root (we run as uid {euid})");
 }
 
 /// Run a helper program to completion, panicking with its output if it
