@@ -17,17 +17,32 @@ pub const CAPABILITY_WITHOUT_UIDPLUS: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS 
      QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE \
      SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ NOTIFY";
 
-/// A private Dovecot (IMAP + POP3) that does not advertise UIDPLUS.
+/// A private Dovecot (IMAP + POP3), as the reference upstream or (from
+/// [`start_dovecot_no_uidplus`]) not advertising UIDPLUS.
 pub struct DovecotNoUidplus {
     /// The harness's instance (stopped by its own Drop).
     pub dovecot: Dovecot,
     users: Vec<(String, String)>,
     started_in: Duration,
+    name: &'static str,
+}
+
+/// The reference Dovecot as a [`MailServer`], with `users`.
+pub fn start_dovecot(users: &[(&str, &str)]) -> DovecotNoUidplus {
+    start(users, None, "dovecot")
 }
 
 /// Start Dovecot without UIDPLUS in its CAPABILITY, with `users`
 /// (passwd-file: no ':' in logins or passwords).
 pub fn start_dovecot_no_uidplus(users: &[(&str, &str)]) -> DovecotNoUidplus {
+    start(
+        users,
+        Some(CAPABILITY_WITHOUT_UIDPLUS),
+        "dovecot-no-uidplus",
+    )
+}
+
+fn start(users: &[(&str, &str)], capability: Option<&str>, name: &'static str) -> DovecotNoUidplus {
     let began = Instant::now();
     let users: Vec<(String, String)> = users
         .iter()
@@ -35,19 +50,20 @@ pub fn start_dovecot_no_uidplus(users: &[(&str, &str)]) -> DovecotNoUidplus {
         .collect();
     let dovecot = Dovecot::start_with(DovecotOptions {
         users: users.clone(),
-        imap_capability: Some(CAPABILITY_WITHOUT_UIDPLUS.to_string()),
+        imap_capability: capability.map(str::to_string),
         extra_conf: String::new(),
     });
     DovecotNoUidplus {
         dovecot,
         users,
         started_in: began.elapsed(),
+        name,
     }
 }
 
 impl MailServer for DovecotNoUidplus {
     fn name(&self) -> &'static str {
-        "dovecot-no-uidplus"
+        self.name
     }
     fn imap_port(&self) -> u16 {
         self.dovecot.imap_port

@@ -39,7 +39,7 @@ pub use courier::{start_courier, Courier};
 #[allow(unused_imports)]
 pub use cyrus::{start_cyrus, Cyrus};
 #[allow(unused_imports)]
-pub use dovecot::{start_dovecot_no_uidplus, DovecotNoUidplus};
+pub use dovecot::{start_dovecot, start_dovecot_no_uidplus, DovecotNoUidplus};
 #[allow(unused_imports)]
 pub use mailutils::{start_mailutils, Mailutils};
 
