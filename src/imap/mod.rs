@@ -39,6 +39,7 @@ mod snapshot;
 pub mod syntax;
 #[cfg(test)]
 mod tests;
+pub mod wire;
 
 pub use conn::{ImapConn, ImapConnector, MAX_RESPONSE};
 pub use error::UpstreamError;
