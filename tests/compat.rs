@@ -205,11 +205,7 @@ fn scenario(server: &dyn MailServer, config: &str) {
     // An IMAP client appends and expunges during this POP3 session: the
     // session's listing stays as it was; the message gone answers -ERR (or,
     // where the server still serves it, arrives whole); QUIT works.
-    let extra = messages(server)[0]
-        .iter()
-        .copied()
-        .collect::<Vec<u8>>()
-        .replace_message_id("compat-9");
+    let extra = messages(server)[0].clone().replace_message_id("compat-9");
     server.deliver(ALICE.0, &extra);
     let mut imap = Imap::connect(server.imap_port(), ALICE.0, ALICE.1);
     let uids = imap.uids();
