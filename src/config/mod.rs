@@ -174,7 +174,9 @@ pub struct UpstreamConfig {
     pub mailbox: String,
     /// Seconds to wait for the TCP connection.
     pub connect_timeout_secs: u64,
-    /// Seconds to wait for any one IMAP response.
+    /// Seconds the IMAP server may stay silent while popbridge waits for a
+    /// response (or octets of a message): a timeout for inactivity, not for
+    /// a whole response, so a slow but steady server finishes a large RETR.
     pub command_timeout_secs: u64,
     /// At QUIT, when the server lacks UIDPLUS: `refuse` (delete nothing,
     /// answer -ERR) or `expunge-if-alone` (EXPUNGE only when no other message
@@ -202,6 +204,26 @@ pub struct UpstreamConfig {
     pub auth: UpstreamAuth,
     /// For `auth = "oauth2"`: the name of an `[[oauth.providers]]` entry.
     pub oauth_provider: String,
+    /// How passwords log in (`auth = "passthrough"`): `auto`
+    /// (AUTHENTICATE PLAIN when the server offers it, else LOGIN), `plain`
+    /// (AUTHENTICATE PLAIN even when not offered) or `login` (the LOGIN
+    /// command, for servers whose SASL is broken).
+    pub login_mechanism: LoginMechanism,
+}
+
+/// How a password logs in to the IMAP server.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginMechanism {
+    /// `AUTHENTICATE PLAIN` (RFC 4616) when CAPABILITY lists `AUTH=PLAIN`,
+    /// else `LOGIN` (RFC 3501 §6.2.3).
+    #[default]
+    Auto,
+    /// `AUTHENTICATE PLAIN` whether offered or not (Courier lists AUTH=
+    /// mechanisms only after STARTTLS, yet takes PLAIN).
+    Plain,
+    /// The `LOGIN` command.
+    Login,
 }
 
 /// How popbridge authenticates to the IMAP server.
@@ -390,6 +412,7 @@ impl Default for UpstreamConfig {
             send_client_id: false,
             auth: UpstreamAuth::Passthrough,
             oauth_provider: String::new(),
+            login_mechanism: LoginMechanism::Auto,
         }
     }
 }

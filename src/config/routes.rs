@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_upstream, is_safe_atom, Config, ConfigError, DeletePolicy, LoginName, NoUidplus, Policy,
-    Pop3Config, UpstreamAuth, UpstreamConfig, UpstreamTls,
+    check_upstream, is_safe_atom, Config, ConfigError, DeletePolicy, LoginMechanism, LoginName,
+    NoUidplus, Policy, Pop3Config, UpstreamAuth, UpstreamConfig, UpstreamTls,
 };
 
 /// Declares the keys a route may override, once: the [`RouteConfig`]
@@ -71,6 +71,7 @@ route_keys! {
         send_client_id: bool,
         auth: UpstreamAuth,
         oauth_provider: String,
+        login_mechanism: LoginMechanism,
     }
     pop3 {
         uidl_format: String,

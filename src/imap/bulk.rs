@@ -1,13 +1,15 @@
 //! For `popbridge migrate`: headers of many messages, and APPEND.
 
-use std::time::Duration;
+use async_imap::imap_proto::{AttributeValue, Response};
 
-use async_imap::imap_proto::{AttributeValue, Response, Status};
-use tokio::time::timeout;
-
-use super::conn::{outcome_text, ImapConn};
+use super::conn::ImapConn;
 use super::syntax::{quote_mailbox, uid_sets};
 use super::UpstreamError;
+
+/// The longest header `for_each_header` takes whole: what `popbridge
+/// migrate` hashes at most (its `MAX_HEADER_BYTES`). The framer's default
+/// bound on a buffered literal is smaller.
+pub const MAX_HEADER: usize = 1024 * 1024;
 
 impl ImapConn {
     /// `UID FETCH <uids> (UID RFC822.SIZE BODY.PEEK[HEADER])`, in sets of
@@ -19,6 +21,17 @@ impl ImapConn {
         mut each: impl FnMut(u32, u64, &[u8]) + Send,
     ) -> Result<(), UpstreamError> {
         self.ensure_usable()?;
+        self.wire.max_literal(Some(MAX_HEADER));
+        let r = self.headers(uids, &mut each).await;
+        self.wire.max_literal(None);
+        r
+    }
+
+    async fn headers(
+        &mut self,
+        uids: &[u32],
+        each: &mut (impl FnMut(u32, u64, &[u8]) + Send),
+    ) -> Result<(), UpstreamError> {
         for set in uid_sets(uids) {
             let cmd = format!("UID FETCH {set} (UID RFC822.SIZE BODY.PEEK[HEADER])");
             let r = self
@@ -69,53 +82,18 @@ impl ImapConn {
         flags: Option<&str>,
         internal_date: Option<&str>,
     ) -> Result<(), UpstreamError> {
-        use tokio::io::AsyncWriteExt as _;
         let mut cmd = format!("APPEND {}", quote_mailbox(&self.config.mailbox)?);
         for extra in [flags, internal_date].into_iter().flatten() {
             cmd.push(' ');
             cmd.push_str(extra);
         }
         cmd.push_str(&format!(" {{{}}}", message.len()));
-        let tag = self.send(&cmd, "APPEND").await?;
-        loop {
-            let resp = next_response!(self, "APPEND")?;
-            match resp.parsed() {
-                Response::Continue { .. } => break,
-                // Refused before the literal (quota, no such mailbox): the
-                // tagged reply is read, the connection stays in step.
-                Response::Done {
-                    tag: t,
-                    status,
-                    outcome,
-                } if *t == tag => {
-                    let text = outcome_text(&outcome.code, &outcome.information);
-                    return Err(match status {
-                        Status::Ok => UpstreamError::Protocol(
-                            "APPEND answered OK before the message was sent".into(),
-                        ),
-                        Status::No => UpstreamError::No {
-                            command: "APPEND",
-                            text,
-                        },
-                        _ => UpstreamError::Bad {
-                            command: "APPEND",
-                            text,
-                        },
-                    });
-                }
-                _ => {}
-            }
-        }
-        let budget =
-            self.config.command_timeout + Duration::from_secs(message.len() as u64 / (1024 * 1024));
-        timeout(budget, async {
-            let w = self.session.get_mut();
-            w.write_all(message).await?;
-            w.write_all(b"\r\n").await?;
-            w.flush().await
-        })
-        .await
-        .map_err(|_| UpstreamError::Timeout("APPEND"))??;
-        self.finish(&tag, "APPEND", |_| {}).await.map(|_| ())
+        let tag = self.wire.send(&cmd, "APPEND").await?;
+        // RFC 3501 §7.5: the literal goes after the server's `+`. A refusal
+        // before it (quota, no such mailbox) keeps the server's words.
+        self.wire.continuation(&tag, "APPEND").await?;
+        self.wire.write_long(message, "APPEND").await?;
+        self.wire.write(b"\r\n", "APPEND").await?;
+        self.wire.finish(&tag, "APPEND", |_| {}).await.map(|_| ())
     }
 }

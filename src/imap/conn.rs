@@ -1,114 +1,310 @@
-//! The authenticated IMAP session ([`ImapConn`]) and its checked command
-//! loop: every command goes through [`ImapConn::send`] and
-//! [`ImapConn::finish`], which read responses until *our* tagged reply and
-//! turn NO, BAD, EOF and timeouts into errors. Any error that may leave a
-//! reply unread poisons the connection: it is never used again.
+//! The IMAP session: [`Wire`], the socket and its checked command loop, and
+//! [`ImapConn`], an authenticated session with the POP3 mailbox selected.
+//!
+//! popbridge owns the socket: responses are cut by [`super::wire`] (bounded
+//! memory, bare LF tolerated, bodies streamed) and parsed by imap-proto
+//! (through async-imap's re-export) only as bounded, complete responses.
+//! Every command goes through [`Wire::send`] and [`Wire::finish`], which
+//! read responses until *our* tagged reply and turn NO, BAD, EOF and
+//! timeouts into errors; untagged responses nobody asked for, known or not,
+//! are passed on or skipped, never fatal. Any error that may leave a reply
+//! unread poisons the connection: it is never used again.
 
 use std::borrow::Cow;
 use std::time::Duration;
 
-use async_imap::imap_proto::{RequestId, Response, ResponseCode, Status};
-use async_imap::Client;
-use tokio::io::BufWriter;
+use async_imap::imap_proto::{Response, ResponseCode, Status};
+use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 use tracing::{debug, info_span, Instrument};
 
 use super::connect::open_session;
 use super::settings::{ImapConfig, UpstreamStream};
+use super::wire::{parse_response, Frame, Framer, ImapReader, Limits, Parsed, ReadError};
 use super::{
     BodySink, CommitReport, Connector, Credentials, DeleteAction, FetchEnd, FetchError, Snapshot,
     Upstream, UpstreamError,
 };
 use crate::metrics::metrics;
 
-/// dropped. async-imap buffers each response whole and would grow its buffer
-/// to 512 MiB (imap_stream.rs `MAX_CAPACITY`); our own requests stay far
-/// below this: body chunks of [`RETR_CHUNK`], a header per FETCH response,
-/// a SEARCH of a maildrop of a million messages (about 8 MiB).
-pub const MAX_RESPONSE: u64 = 32 * 1024 * 1024;
+pub use super::wire::MAX_RESPONSE;
 
-/// Our commands are short; the write buffer only has to hold one.
-pub(super) const UPSTREAM_WRITE_BUFFER: usize = 4 * 1024;
-
-pub(super) type Stream = BufWriter<Bounded<UpstreamStream>>;
-
-/// A reader that refuses more than [`MAX_RESPONSE`] octets between two
-/// parsed responses ([`Bounded::response_done`] resets the count), so a
-/// server cannot make async-imap buffer hundreds of MiB for one response.
-/// async-imap reads from the socket only when its buffer holds no whole
-/// response, so the count covers the current response plus one read ahead.
-#[derive(Debug)]
-pub(super) struct Bounded<S> {
-    pub(super) inner: S,
-    read: u64,
-    limit: u64,
+/// The socket to the IMAP server, and the one loop every command's
+/// responses are read through.
+pub(super) struct Wire {
+    reader: ImapReader<UpstreamStream>,
+    /// The number in the next command's tag (`pbN`); `pb0` is the tag of
+    /// every command before login and `pb1` the login's.
+    next_tag: u32,
+    /// The longest wait for the server's next octet, or for a write.
+    timeout: Duration,
 }
 
-impl<S> Bounded<S> {
-    pub(super) fn new(inner: S) -> Self {
+/// The tag of every command before the login (one at a time).
+pub(super) const PRE_LOGIN_TAG: &str = "pb0";
+/// The tag of the login command (LOGIN or AUTHENTICATE).
+pub(super) const AUTH_TAG: &str = "pb1";
+
+impl Wire {
+    /// A fresh command loop over `stream` (a new connection, or the TLS
+    /// stream after STARTTLS).
+    pub(super) fn new(stream: UpstreamStream, timeout: Duration) -> Self {
         Self {
-            inner,
-            read: 0,
-            limit: MAX_RESPONSE,
+            reader: ImapReader::new(stream, Framer::new(Limits::default()), timeout),
+            next_tag: 1,
+            timeout,
         }
     }
 
-    pub(super) fn response_done(&mut self) {
-        self.read = 0;
+    /// Writes `bytes` (one command line, or a literal) and flushes, under
+    /// the timeout. Lines that carry credentials go through here too:
+    /// nothing here logs them.
+    pub(super) async fn write(
+        &mut self,
+        bytes: &[u8],
+        what: &'static str,
+    ) -> Result<(), UpstreamError> {
+        let w = self.reader.get_mut();
+        timeout(self.timeout, async {
+            w.write_all(bytes).await?;
+            w.flush().await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout(what))??;
+        Ok(())
     }
-}
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Bounded<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            this.read += (buf.filled().len() - before) as u64;
-            if this.read > this.limit {
-                return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                    "upstream response longer than {} octets",
-                    this.limit
-                ))));
+    /// Writes a long payload (an APPEND literal) in pieces, each under the
+    /// timeout: a slow but steady server is not cut off.
+    pub(super) async fn write_long(
+        &mut self,
+        bytes: &[u8],
+        what: &'static str,
+    ) -> Result<(), UpstreamError> {
+        const PIECE: usize = 64 * 1024;
+        for piece in bytes.chunks(PIECE) {
+            let w = self.reader.get_mut();
+            timeout(self.timeout, w.write_all(piece))
+                .await
+                .map_err(|_| UpstreamError::Timeout(what))??;
+        }
+        self.write(b"", what).await
+    }
+
+    /// Reads until the server's continuation request (`+`) for command
+    /// `tag`; its tagged reply instead ends the command: a NO or BAD keeps
+    /// the server's words, an OK is out of step.
+    pub(super) async fn continuation(
+        &mut self,
+        tag: &str,
+        what: &'static str,
+    ) -> Result<(), UpstreamError> {
+        loop {
+            let Frame::Response(bytes) = self.next(what).await? else {
+                return Err(UpstreamError::Protocol(format!("{what}: a literal")));
+            };
+            match parse_response(bytes) {
+                Parsed::Known(Response::Continue(_)) => return Ok(()),
+                Parsed::Known(Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                }) if t.0 == tag => {
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    tagged_status(&status, text, what)?;
+                    return Err(UpstreamError::Protocol(format!(
+                        "{what} answered OK before its literal was sent"
+                    )));
+                }
+                Parsed::Known(Response::Done { tag: t, .. }) => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "reply to unknown tag {}",
+                        t.0
+                    )))
+                }
+                Parsed::Known(_) => {}
+                Parsed::Unknown(line) => skip_unknown(line),
             }
         }
-        r
+    }
+
+    /// Sends `cmd` with the next tag (`pb2`, `pb3`...).
+    pub(super) async fn send(
+        &mut self,
+        cmd: &str,
+        what: &'static str,
+    ) -> Result<String, UpstreamError> {
+        self.next_tag += 1;
+        let tag = format!("pb{}", self.next_tag);
+        self.send_tagged(&tag, cmd, what).await?;
+        Ok(tag)
+    }
+
+    /// Sends `cmd` with `tag`, in one write.
+    pub(super) async fn send_tagged(
+        &mut self,
+        tag: &str,
+        cmd: &str,
+        what: &'static str,
+    ) -> Result<(), UpstreamError> {
+        let line = format!("{tag} {cmd}\r\n");
+        self.write(line.as_bytes(), what).await
+    }
+
+    /// The next frame from the server, with read failures as errors.
+    pub(super) async fn next(&mut self, what: &'static str) -> Result<Frame<'_>, UpstreamError> {
+        self.reader
+            .next_frame()
+            .await
+            .map_err(|e| read_error(e, what))
+    }
+
+    /// Streams FETCH bodies instead of buffering them ([`Frame::BodyStart`]
+    /// and [`Frame::BodyPiece`]), until switched off.
+    pub(super) fn stream_bodies(&mut self, on: bool) {
+        self.reader.framer_mut().set_stream_bodies(on);
+    }
+
+    /// Buffered literals of the next responses may be up to `max` octets
+    /// (`None`: the default bound).
+    pub(super) fn max_literal(&mut self, max: Option<usize>) {
+        match max {
+            Some(n) => self.reader.framer_mut().set_max_literal(n),
+            None => self.reader.framer_mut().reset_max_literal(),
+        }
+    }
+
+    /// Reads until the tagged reply to `tag`, handing every response to
+    /// `each` (the tagged reply last, an untagged BYE too). NO and BAD
+    /// become errors; the connection stays usable.
+    pub(super) async fn finish(
+        &mut self,
+        tag: &str,
+        what: &'static str,
+        mut each: impl FnMut(&Response<'_>),
+    ) -> Result<String, UpstreamError> {
+        loop {
+            let frame = self.next(what).await?;
+            let Frame::Response(bytes) = frame else {
+                // Bodies stream only while a fetch reads them.
+                return Err(UpstreamError::Protocol(format!(
+                    "{what}: a message body where none was asked for"
+                )));
+            };
+            let response = match parse_response(bytes) {
+                Parsed::Known(r) => r,
+                Parsed::Unknown(line) => {
+                    skip_unknown(line);
+                    continue;
+                }
+            };
+            match &response {
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if t.0 == tag => {
+                    each(&response);
+                    let text = outcome_text(&outcome.code, &outcome.information);
+                    return tagged_status(status, text, what);
+                }
+                Response::Done { tag: t, .. } => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "reply to unknown tag {}",
+                        t.0
+                    )));
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    debug!(text = ?outcome.information, "server said BYE");
+                    each(&response);
+                }
+                other => each(other),
+            }
+        }
+    }
+
+    /// [`Wire::send`] then [`Wire::finish`].
+    pub(super) async fn exec(
+        &mut self,
+        cmd: &str,
+        what: &'static str,
+        each: impl FnMut(&Response<'_>),
+    ) -> Result<String, UpstreamError> {
+        let tag = self.send(cmd, what).await?;
+        self.finish(&tag, what, each).await
+    }
+
+    /// The stream, for STARTTLS. RFC 3501 §6.2.1: nothing may follow the
+    /// server's OK before the handshake; anything that did is an injection
+    /// attempt, and the connection is refused.
+    pub(super) fn into_stream(self) -> Result<UpstreamStream, UpstreamError> {
+        let (stream, mut framer) = self.reader.into_parts();
+        if framer.has_unread() {
+            return Err(UpstreamError::Protocol(
+                "data after the STARTTLS reply, before the TLS handshake".into(),
+            ));
+        }
+        Ok(stream)
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+/// An untagged response that no parser knows: logged at debug (a bounded
+/// prefix) and skipped. RFC 3501 §7 responses only grow with extensions,
+/// and a server's private ones (Mailutils' `* n EXPUNGED` is recognised;
+/// others exist) must not end a session.
+fn skip_unknown(line: &[u8]) {
+    const SHOWN: usize = 100;
+    let shown = &line[..line.len().min(SHOWN)];
+    debug!(response = %String::from_utf8_lossy(shown).trim_end(), "skipping a response popbridge does not know");
+}
+
+/// How a read failure reads as an upstream error.
+fn read_error(e: ReadError, what: &'static str) -> UpstreamError {
+    match e {
+        ReadError::Timeout(_) => UpstreamError::Timeout(what),
+        ReadError::Closed => UpstreamError::ConnectionLost,
+        ReadError::EofInResponse => UpstreamError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed inside a response",
+        )),
+        ReadError::Wire(w) => UpstreamError::Protocol(w.to_string()),
+        ReadError::Io(e) => UpstreamError::Io(e),
     }
 }
 
-/// Reads the next response, bounded by [`MAX_RESPONSE`] (not by time).
-macro_rules! read_bounded {
-    ($client:expr) => {{
-        let r = $client.read_response().await;
-        $client.get_mut().get_mut().response_done();
-        r
-    }};
+/// The one meaning of a tagged reply's status (RFC 3501 §7.1): OK is
+/// success with the text; NO and BAD are errors of `what`, which leave the
+/// connection in step.
+pub(super) fn tagged_status(
+    status: &Status,
+    text: String,
+    what: &'static str,
+) -> Result<String, UpstreamError> {
+    match status {
+        Status::Ok => Ok(text),
+        Status::No => Err(UpstreamError::No {
+            command: what,
+            text,
+        }),
+        _ => Err(UpstreamError::Bad {
+            command: what,
+            text,
+        }),
+    }
+}
+
+/// The text of a tagged reply: code (when imap-proto knows it) and text.
+pub(super) fn outcome_text(code: &Option<ResponseCode<'_>>, info: &Option<Cow<'_, str>>) -> String {
+    let info = info.as_deref().unwrap_or("");
+    match code {
+        // Codes imap-proto does not know (AUTHENTICATIONFAILED, EXPUNGEISSUED,
+        // UNAVAILABLE...) stay in the text as the server wrote them.
+        Some(c) => format!("[{c:?}] {info}"),
+        None => info.to_string(),
+    }
 }
 
 /// Opens IMAP sessions from an [`ImapConfig`].
@@ -138,10 +334,9 @@ impl Connector for ImapConnector {
         let span = info_span!("upstream", op = "login", addr = %cfg.address);
         async move {
             let started = std::time::Instant::now();
-            let session = open_session(&cfg, credentials, client).await?;
+            let wire = open_session(&cfg, credentials, client).await?;
             let mut conn = ImapConn {
-                session,
-                next_tag: 1,
+                wire,
                 config: cfg,
                 uidplus: false,
                 poisoned: false,
@@ -163,12 +358,8 @@ impl Connector for ImapConnector {
 
 /// An authenticated IMAP session with the POP3 mailbox selected.
 pub struct ImapConn {
-    /// async-imap parses responses; commands are written by
-    /// [`ImapConn::send`] with our own tags.
-    pub(super) session: Client<Stream>,
-    /// The number in the next command's tag (`pbN`; `pb0` and `pb1` are
-    /// used before login).
-    pub(super) next_tag: u32,
+    /// The socket and the command loop.
+    pub(super) wire: Wire,
     pub(super) config: std::sync::Arc<ImapConfig>,
     /// The server offers UIDPLUS (RFC 4315): `UID EXPUNGE` is safe.
     pub(super) uidplus: bool,
@@ -193,34 +384,6 @@ impl std::fmt::Debug for ImapConn {
     }
 }
 
-/// Reads the next response, turning timeout and EOF into errors. A macro,
-/// because async-imap's response type cannot be named in a signature.
-macro_rules! next_response {
-    ($conn:expr, $what:expr) => {
-        match timeout($conn.config.command_timeout, async {
-            read_bounded!($conn.session)
-        })
-        .await
-        {
-            Err(_) => Err(UpstreamError::Timeout($what)),
-            Ok(Err(e)) => Err(UpstreamError::Io(e)),
-            Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
-            Ok(Ok(Some(r))) => Ok(r),
-        }
-    };
-}
-
-/// The text of a tagged reply: code (when imap-proto knows it) and text.
-pub(super) fn outcome_text(code: &Option<ResponseCode<'_>>, info: &Option<Cow<'_, str>>) -> String {
-    let info = info.as_deref().unwrap_or("");
-    match code {
-        // Codes imap-proto does not know (AUTHENTICATIONFAILED, EXPUNGEISSUED,
-        // UNAVAILABLE...) stay in the text as the server wrote them.
-        Some(c) => format!("[{c:?}] {info}"),
-        None => info.to_string(),
-    }
-}
-
 impl ImapConn {
     /// Refuses to use a connection that an earlier error left out of step.
     pub(super) fn ensure_usable(&self) -> Result<(), UpstreamError> {
@@ -241,80 +404,14 @@ impl ImapConn {
         r
     }
 
-    /// Sends a tagged command (tags `pb2`, `pb3`...).
-    pub(super) async fn send(
-        &mut self,
-        cmd: &str,
-        what: &'static str,
-    ) -> Result<RequestId, UpstreamError> {
-        use tokio::io::AsyncWriteExt as _;
-        self.next_tag += 1;
-        let tag = format!("pb{}", self.next_tag);
-        let line = format!("{tag} {cmd}\r\n");
-        let w = self.session.get_mut();
-        timeout(self.config.command_timeout, async {
-            w.write_all(line.as_bytes()).await?;
-            w.flush().await
-        })
-        .await
-        .map_err(|_| UpstreamError::Timeout(what))??;
-        Ok(RequestId(tag))
-    }
-
-    /// Reads until the tagged reply to `tag`, handing every other response
-    /// to `each`. NO and BAD become errors; the connection stays usable.
-    pub(super) async fn finish(
-        &mut self,
-        tag: &RequestId,
-        what: &'static str,
-        mut each: impl FnMut(&Response<'_>),
-    ) -> Result<String, UpstreamError> {
-        loop {
-            let resp = next_response!(self, what)?;
-            match resp.parsed() {
-                Response::Done {
-                    tag: t,
-                    status,
-                    outcome,
-                } if t == tag => {
-                    let text = outcome_text(&outcome.code, &outcome.information);
-                    return match status {
-                        Status::Ok => Ok(text),
-                        Status::No => Err(UpstreamError::No {
-                            command: what,
-                            text,
-                        }),
-                        _ => Err(UpstreamError::Bad {
-                            command: what,
-                            text,
-                        }),
-                    };
-                }
-                Response::Done { tag: t, .. } => {
-                    return Err(UpstreamError::Protocol(format!(
-                        "reply to unknown tag {}",
-                        t.0
-                    )));
-                }
-                Response::Data {
-                    status: Status::Bye,
-                    outcome,
-                } => {
-                    debug!(text = ?outcome.information, "server said BYE");
-                }
-                other => each(other),
-            }
-        }
-    }
-
+    /// Runs one command to its tagged reply (see [`Wire::finish`]).
     pub(super) async fn exec(
         &mut self,
         cmd: &str,
         what: &'static str,
         each: impl FnMut(&Response<'_>),
     ) -> Result<String, UpstreamError> {
-        let tag = self.send(cmd, what).await?;
-        self.finish(&tag, what, each).await
+        self.wire.exec(cmd, what, each).await
     }
 }
 

@@ -2,33 +2,29 @@
 //! the login ([`super::login`]).
 
 use async_imap::imap_proto::{Capability, Response, ResponseCode, Status};
-use async_imap::Client;
-use tokio::io::BufWriter;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::conn::{outcome_text, Bounded, Stream, UPSTREAM_WRITE_BUFFER};
+use super::conn::{Wire, PRE_LOGIN_TAG};
 use super::login::{authenticate, host_port, password_login};
 use super::sasl;
 use super::settings::{ImapConfig, UpstreamStream, UpstreamTlsSetup};
+use super::wire::{parse_response, Frame, Parsed};
 use super::{Credentials, UpstreamError};
 use crate::config::SaslMechanism;
 use crate::metrics::metrics;
 
-/// Connects, reads the greeting and authenticates.
-///
-/// Everything up to and including the login is written by this module, not
-/// by async-imap: its `ImapStream::encode` logs every command line at trace
-/// level, and the login lines carry passwords and bearer tokens. async-imap
-/// only parses the server's responses here.
+/// Connects, reads the greeting and authenticates. Every line up to and
+/// including the login is written here and in [`super::login`], never by a
+/// library that logs commands (the login lines carry passwords and tokens).
 pub(super) async fn open_session(
     cfg: &ImapConfig,
     credentials: Credentials<'_>,
     client_addr: Option<std::net::SocketAddr>,
-) -> Result<Client<Stream>, UpstreamError> {
+) -> Result<Wire, UpstreamError> {
     let started = std::time::Instant::now();
     let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.address))
         .await
@@ -57,65 +53,36 @@ pub(super) async fn open_session(
     metrics()
         .upstream_connect_seconds
         .observe(started.elapsed().as_secs_f64());
-    // async-imap writes tag, command and CRLF separately; the buffer makes
-    // them one segment, sent at its flush.
-    let mut client = Client::new(BufWriter::with_capacity(
-        UPSTREAM_WRITE_BUFFER,
-        Bounded::new(stream),
-    ));
+    let mut wire = Wire::new(stream, cfg.command_timeout);
 
-    // async-imap's login skips untagged lines, so a `* BYE` greeting would go
-    // unnoticed: read the greeting ourselves.
-    let greeting = timeout(cfg.command_timeout, async { read_bounded!(client) })
-        .await
-        .map_err(|_| UpstreamError::Timeout("greeting"))?
-        .map_err(UpstreamError::Io)?
-        .ok_or(UpstreamError::ConnectionLost)?;
-    let mut caps = match greeting.parsed() {
-        Response::Data {
-            status: Status::Ok,
-            outcome,
-        } => match &outcome.code {
-            Some(ResponseCode::Capabilities(c)) => Some(Caps::from(c)),
-            _ => None,
-        },
-        Response::Data { status, outcome } => {
-            return Err(UpstreamError::Greeting(format!(
-                "{status:?} {}",
-                outcome.information.as_deref().unwrap_or("")
-            )))
-        }
-        other => return Err(UpstreamError::Protocol(format!("greeting: {other:?}"))),
-    };
-    drop(greeting);
+    // RFC 3501 §7.1.1/§7.1.5: the greeting is OK (perhaps with the
+    // capabilities), PREAUTH, or BYE.
+    let mut caps = greeting(&mut wire).await?;
 
     if let UpstreamTlsSetup::StartTls(connector, name) = &cfg.tls {
         let before = match caps {
             Some(c) => c,
-            None => raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?,
+            None => raw_command(&mut wire, "CAPABILITY", "CAPABILITY").await?,
         };
         if !before.starttls {
             return Err(UpstreamError::Unsupported(
                 "upstream.tls = starttls but the IMAP server does not offer STARTTLS".into(),
             ));
         }
-        raw_command(&mut client, cfg, "STARTTLS", "STARTTLS").await?;
-        // Whatever the server sent after its OK is dropped with the old
-        // buffer (RFC 3501 §6.2.1: nothing may follow before the handshake).
-        let UpstreamStream::Plain(tcp) = client.into_inner().into_inner().inner else {
-            unreachable!("STARTTLS starts on a plain connection")
+        raw_command(&mut wire, "STARTTLS", "STARTTLS").await?;
+        let UpstreamStream::Plain(tcp) = wire.into_stream()? else {
+            return Err(UpstreamError::Tls(
+                "STARTTLS on a connection that is not plain".into(),
+            ));
         };
         let tls = tls_handshake(connector, name, tcp).await?;
-        client = Client::new(BufWriter::with_capacity(
-            UPSTREAM_WRITE_BUFFER,
-            Bounded::new(tls),
-        ));
+        wire = Wire::new(tls, cfg.command_timeout);
         // No greeting after STARTTLS; the capabilities may have changed.
-        caps = Some(raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?);
+        caps = Some(raw_command(&mut wire, "CAPABILITY", "CAPABILITY").await?);
     }
     let caps = match caps {
         Some(c) => c,
-        None => raw_command(&mut client, cfg, "CAPABILITY", "CAPABILITY").await?,
+        None => raw_command(&mut wire, "CAPABILITY", "CAPABILITY").await?,
     };
 
     // RFC 2971 ID with the client's address, before login, so the IMAP
@@ -127,7 +94,7 @@ pub(super) async fn open_session(
             client_addr.ip(),
             client_addr.port()
         );
-        match raw_command(&mut client, cfg, &id, "ID").await {
+        match raw_command(&mut wire, &id, "ID").await {
             Ok(_) => {}
             Err(e @ (UpstreamError::No { .. } | UpstreamError::Bad { .. })) => {
                 debug!(error = %e, "upstream did not take ID")
@@ -138,7 +105,7 @@ pub(super) async fn open_session(
 
     match credentials {
         Credentials::Password { user, pass } => {
-            password_login(&mut client, cfg, &caps, user, pass).await?
+            password_login(&mut wire, cfg, &caps, user, pass).await?
         }
         Credentials::Bearer {
             account,
@@ -172,10 +139,10 @@ pub(super) async fn open_session(
             // the server announced SASL-IR; Microsoft documents the two-step
             // exchange instead, and the provider says which.
             let sasl_ir = caps.sasl_ir && !sasl.two_step;
-            authenticate(&mut client, cfg, mechanism, initial, sasl_ir).await?
+            authenticate(&mut wire, mechanism, initial, sasl_ir).await?
         }
     }
-    Ok(client)
+    Ok(wire)
 }
 
 /// What the server announced before login.
@@ -214,65 +181,63 @@ impl From<&Vec<Capability<'_>>> for Caps {
     }
 }
 
-/// Runs a command before login, where async-imap offers no checked command
-/// loop: writes it with our own tag and reads to the tagged reply.
-/// Returns the capabilities seen (from a CAPABILITY response or code).
+/// Reads the greeting: the capabilities when it carries them; an error
+/// for BYE (the server refuses the session) or anything else.
+async fn greeting(wire: &mut Wire) -> Result<Option<Caps>, UpstreamError> {
+    let Frame::Response(bytes) = wire.next("greeting").await? else {
+        return Err(UpstreamError::Protocol("greeting: a literal".into()));
+    };
+    match parse_response(bytes) {
+        Parsed::Known(Response::Data {
+            status: Status::Ok,
+            outcome,
+        }) => Ok(match &outcome.code {
+            Some(ResponseCode::Capabilities(c)) => Some(Caps::from(c)),
+            _ => None,
+        }),
+        Parsed::Known(Response::Data { status, outcome }) => Err(UpstreamError::Greeting(format!(
+            "{status:?} {}",
+            outcome.information.as_deref().unwrap_or("")
+        ))),
+        Parsed::Known(other) => Err(UpstreamError::Protocol(format!("greeting: {other:?}"))),
+        Parsed::Unknown(line) => Err(UpstreamError::Protocol(format!(
+            "greeting: {}",
+            String::from_utf8_lossy(&line[..line.len().min(100)]).trim_end()
+        ))),
+    }
+}
+
+/// Runs one command before login (tag `pb0`) to its tagged reply. Returns
+/// the capabilities seen (from a CAPABILITY response or code); an untagged
+/// BYE is the server's refusal.
 pub(super) async fn raw_command(
-    client: &mut Client<Stream>,
-    cfg: &ImapConfig,
+    wire: &mut Wire,
     cmd: &str,
     what: &'static str,
 ) -> Result<Caps, UpstreamError> {
-    use tokio::io::AsyncWriteExt as _;
-    const TAG: &str = "pb0";
-    let line = format!("{TAG} {cmd}\r\n");
-    timeout(cfg.command_timeout, async {
-        let w = client.get_mut();
-        w.write_all(line.as_bytes()).await?;
-        w.flush().await
-    })
-    .await
-    .map_err(|_| UpstreamError::Timeout(what))??;
+    wire.send_tagged(PRE_LOGIN_TAG, cmd, what).await?;
     let mut caps = Caps::default();
-    loop {
-        let resp = timeout(cfg.command_timeout, async { read_bounded!(client) })
-            .await
-            .map_err(|_| UpstreamError::Timeout(what))?
-            .map_err(UpstreamError::Io)?
-            .ok_or(UpstreamError::ConnectionLost)?;
-        match resp.parsed() {
+    let mut bye = None;
+    let r = wire
+        .finish(PRE_LOGIN_TAG, what, |r| match r {
             Response::Capabilities(c) => caps = Caps::from(c),
-            Response::Done {
-                tag,
-                status,
-                outcome,
-            } if tag.0 == TAG => {
+            Response::Done { outcome, .. } => {
                 if let Some(ResponseCode::Capabilities(c)) = &outcome.code {
                     caps = Caps::from(c);
                 }
-                let text = outcome_text(&outcome.code, &outcome.information);
-                return match status {
-                    Status::Ok => Ok(caps),
-                    Status::No => Err(UpstreamError::No {
-                        command: what,
-                        text,
-                    }),
-                    _ => Err(UpstreamError::Bad {
-                        command: what,
-                        text,
-                    }),
-                };
             }
             Response::Data {
                 status: Status::Bye,
                 outcome,
-            } => {
-                return Err(UpstreamError::Greeting(format!(
-                    "BYE {}",
-                    outcome.information.as_deref().unwrap_or("")
-                )))
-            }
+            } => bye = Some(outcome.information.as_deref().unwrap_or("").to_string()),
             _ => {}
+        })
+        .await;
+    match (r, bye) {
+        (Ok(_), _) => Ok(caps),
+        (Err(UpstreamError::ConnectionLost), Some(text)) => {
+            Err(UpstreamError::Greeting(format!("BYE {text}")))
         }
+        (Err(e), _) => Err(e),
     }
 }

@@ -1,36 +1,67 @@
 //! Logging in with a password (AUTHENTICATE PLAIN or LOGIN) or a SASL
-//! exchange ([`super::sasl`]), every line written here so no credential
+//! exchange ([`super::sasl`]). Every line is written here, so no credential
 //! passes through a library that logs commands.
 
 use async_imap::imap_proto::{Response, Status};
-use async_imap::Client;
-use tokio::time::timeout;
 
-use super::conn::{outcome_text, Stream};
+use super::conn::{outcome_text, Wire, AUTH_TAG};
 use super::connect::Caps;
 use super::sasl::{self, Failure, ServerStep};
 use super::settings::ImapConfig;
 use super::syntax::quote;
+use super::wire::{parse_response, Frame, Parsed};
 use super::UpstreamError;
-use crate::config::SaslMechanism;
+use crate::config::{LoginMechanism, SaslMechanism};
 use crate::pop3::command::Secret;
 
-/// The next response during login, with timeout and EOF as errors. A
-/// macro, because async-imap's response type cannot be named.
-macro_rules! login_response {
-    ($client:expr, $cfg:expr, $what:expr) => {
-        match timeout($cfg.command_timeout, async { read_bounded!($client) }).await {
-            Err(_) => Err(UpstreamError::Timeout($what)),
-            Ok(Err(e)) => Err(UpstreamError::Io(e)),
-            Ok(Ok(None)) => Err(UpstreamError::ConnectionLost),
-            Ok(Ok(Some(r))) => Ok(r),
-        }
-    };
+/// What the server said during a login, owned (the next write needs the
+/// connection back).
+enum Reply {
+    /// A continuation request (`+ text`).
+    Continue(String),
+    /// The login's tagged reply.
+    Done { status: Status, text: String },
+    /// An untagged BYE: the server's refusal, throttling included.
+    Bye(String),
+}
+
+/// The next login reply; other untagged responses are skipped.
+async fn reply(wire: &mut Wire, what: &'static str) -> Result<Reply, UpstreamError> {
+    loop {
+        let Frame::Response(bytes) = wire.next(what).await? else {
+            return Err(UpstreamError::Protocol(format!("{what}: a literal")));
+        };
+        let Parsed::Known(r) = parse_response(bytes) else {
+            continue;
+        };
+        return Ok(match r {
+            Response::Continue(o) => Reply::Continue(o.information.as_deref().unwrap_or("").into()),
+            Response::Done {
+                tag,
+                status,
+                outcome,
+            } if tag.0 == AUTH_TAG => Reply::Done {
+                status,
+                text: outcome_text(&outcome.code, &outcome.information),
+            },
+            Response::Done { tag, .. } => {
+                return Err(UpstreamError::Protocol(format!(
+                    "reply to unknown tag {}",
+                    tag.0
+                )))
+            }
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => Reply::Bye(outcome.information.as_deref().unwrap_or("").into()),
+            _ => continue,
+        });
+    }
 }
 
 /// Logs in with the POP3 client's password.
 pub(super) async fn password_login(
-    client: &mut Client<Stream>,
+    wire: &mut Wire,
     cfg: &ImapConfig,
     caps: &Caps,
     user: &str,
@@ -39,9 +70,14 @@ pub(super) async fn password_login(
     // Prefer AUTHENTICATE PLAIN: base64 carries any octet except NUL (which
     // the POP3 side already refused), so quotes, backslashes, braces and
     // non-ASCII reach the server intact and never as IMAP syntax.
-    if caps.auth_plain {
+    let plain = match cfg.login_mechanism {
+        LoginMechanism::Auto => caps.auth_plain,
+        LoginMechanism::Plain => true,
+        LoginMechanism::Login => false,
+    };
+    if plain {
         let initial = sasl::plain_response(user, pass.expose());
-        return authenticate(client, cfg, SaslMechanism::Plain, initial, caps.sasl_ir).await;
+        return authenticate(wire, SaslMechanism::Plain, initial, caps.sasl_ir).await;
     }
     if caps.login_disabled {
         return Err(UpstreamError::Unsupported(
@@ -67,56 +103,33 @@ pub(super) async fn password_login(
             LoginArg::Quoted(q) => line.extend_from_slice(q.as_bytes()),
             LoginArg::Literal(bytes) => {
                 line.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
-                write_secret(client, cfg, &line, "LOGIN").await?;
+                wire.write(&line, "LOGIN").await?;
                 // RFC 3501 §7.5: the literal's octets go only after the
                 // server's `+`; a tagged reply instead ends the command.
-                loop {
-                    let resp = login_response!(client, cfg, "LOGIN")?;
-                    match resp.parsed() {
-                        Response::Continue { .. } => break,
-                        Response::Done {
-                            tag,
-                            status,
-                            outcome,
-                        } if tag.0 == AUTH_TAG => {
-                            let text = outcome_text(&outcome.code, &outcome.information);
-                            return Err(match login_status(status, text) {
-                                Ok(()) => UpstreamError::Protocol(
-                                    "LOGIN answered OK before its arguments were sent".into(),
-                                ),
-                                Err(e) => e,
-                            });
-                        }
-                        Response::Data {
-                            status: Status::Bye,
-                            outcome,
-                        } => return Err(login_bye(outcome.information.as_deref())),
-                        _ => {}
+                match reply(wire, "LOGIN").await? {
+                    Reply::Continue(_) => {}
+                    Reply::Done { status, text } => {
+                        return Err(match login_status(&status, text) {
+                            Ok(()) => UpstreamError::Protocol(
+                                "LOGIN answered OK before its arguments were sent".into(),
+                            ),
+                            Err(e) => e,
+                        });
                     }
+                    Reply::Bye(text) => return Err(login_bye(&text)),
                 }
                 line = bytes.to_vec();
             }
         }
     }
     line.extend_from_slice(b"\r\n");
-    write_secret(client, cfg, &line, "LOGIN").await?;
+    wire.write(&line, "LOGIN").await?;
     drop(line);
     loop {
-        let resp = login_response!(client, cfg, "LOGIN")?;
-        match resp.parsed() {
-            Response::Done {
-                tag,
-                status,
-                outcome,
-            } if tag.0 == AUTH_TAG => {
-                let text = outcome_text(&outcome.code, &outcome.information);
-                return login_status(status, text);
-            }
-            Response::Data {
-                status: Status::Bye,
-                outcome,
-            } => return Err(login_bye(outcome.information.as_deref())),
-            _ => {}
+        match reply(wire, "LOGIN").await? {
+            Reply::Done { status, text } => return login_status(&status, text),
+            Reply::Bye(text) => return Err(login_bye(&text)),
+            Reply::Continue(_) => {}
         }
     }
 }
@@ -153,8 +166,7 @@ fn login_status(status: &Status, text: String) -> Result<(), UpstreamError> {
 
 /// An untagged BYE while logging in: the server's refusal, throttling
 /// included, rather than an anonymous lost connection.
-fn login_bye(text: Option<&str>) -> UpstreamError {
-    let text = text.unwrap_or("");
+fn login_bye(text: &str) -> UpstreamError {
     if sasl::is_throttled(text) {
         UpstreamError::Throttled(format!("BYE {text}"))
     } else {
@@ -162,33 +174,10 @@ fn login_bye(text: Option<&str>) -> UpstreamError {
     }
 }
 
-/// The tag of the login command (LOGIN or AUTHENTICATE).
-const AUTH_TAG: &str = "pb1";
-
-/// Writes a line that carries a credential, flushed, under the command
-/// timeout. Never logged.
-async fn write_secret(
-    client: &mut Client<Stream>,
-    cfg: &ImapConfig,
-    line: &[u8],
-    what: &'static str,
-) -> Result<(), UpstreamError> {
-    use tokio::io::AsyncWriteExt as _;
-    timeout(cfg.command_timeout, async {
-        let w = client.get_mut();
-        w.write_all(line).await?;
-        w.flush().await
-    })
-    .await
-    .map_err(|_| UpstreamError::Timeout(what))??;
-    Ok(())
-}
-
 /// Drives one AUTHENTICATE exchange ([`sasl::Exchange`]) to its tagged
 /// reply, writing every line itself.
 pub(super) async fn authenticate(
-    client: &mut Client<Stream>,
-    cfg: &ImapConfig,
+    wire: &mut Wire,
     mechanism: SaslMechanism,
     initial: sasl::SecretBytes,
     sasl_ir: bool,
@@ -202,44 +191,24 @@ pub(super) async fn authenticate(
     line.push(b' ');
     line.extend_from_slice(command.expose());
     line.extend_from_slice(b"\r\n");
-    write_secret(client, cfg, &line, "AUTHENTICATE").await?;
+    wire.write(&line, "AUTHENTICATE").await?;
+    drop(line);
     loop {
-        let resp = login_response!(client, cfg, "AUTHENTICATE")?;
-        let next = match resp.parsed() {
-            Response::Continue(outcome) => exchange.step(ServerStep::Continue(
-                outcome.information.as_deref().unwrap_or(""),
-            )),
-            Response::Done {
-                tag,
-                status,
-                outcome,
-            } if tag.0 == AUTH_TAG => {
-                let text = outcome_text(&outcome.code, &outcome.information);
-                exchange.step(ServerStep::Done {
-                    ok: matches!(status, Status::Ok),
-                    bad: matches!(status, Status::Bad),
-                    text: &text,
-                })
-            }
-            Response::Data {
-                status: Status::Bye,
-                outcome,
-            } => {
-                let text = outcome.information.as_deref().unwrap_or("").to_string();
-                return Err(if sasl::is_throttled(&text) {
-                    UpstreamError::Throttled(format!("BYE {text}"))
-                } else {
-                    UpstreamError::Greeting(format!("BYE {text}"))
-                });
-            }
-            _ => continue,
+        let next = match reply(wire, "AUTHENTICATE").await? {
+            Reply::Continue(text) => exchange.step(ServerStep::Continue(&text)),
+            Reply::Done { status, text } => exchange.step(ServerStep::Done {
+                ok: matches!(status, Status::Ok),
+                bad: matches!(status, Status::Bad),
+                text: &text,
+            }),
+            Reply::Bye(text) => return Err(login_bye(&text)),
         };
         match next {
             sasl::Next::Write(sasl::Write::Line(l) | sasl::Write::Command(l)) => {
                 let mut line = Vec::with_capacity(l.expose().len() + 2);
                 line.extend_from_slice(l.expose());
                 line.extend_from_slice(b"\r\n");
-                write_secret(client, cfg, &line, "AUTHENTICATE").await?;
+                wire.write(&line, "AUTHENTICATE").await?;
             }
             sasl::Next::Authenticated => return Ok(()),
             sasl::Next::Failed(f) => {

@@ -43,7 +43,7 @@ pub mod wire;
 
 pub use conn::{ImapConn, ImapConnector, MAX_RESPONSE};
 pub use error::UpstreamError;
-pub use fetch::{RETR_CHUNK, RETR_WINDOW, TOP_CHUNK};
+pub use fetch::{HOLD_MAX, TOP_CHUNK};
 pub use settings::{host_of, ImapConfig, UpstreamStream, UpstreamTlsSetup};
 pub use syntax::{modified_utf7, uid_sets, x_uidl, MAX_UID_SET_LEN};
 

@@ -8,7 +8,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::cache::ListingCache;
-use crate::config::{NoUidplus, UpstreamConfig, UpstreamTls};
+use crate::config::{LoginMechanism, NoUidplus, UpstreamConfig, UpstreamTls};
 use crate::tls::MaybeTls;
 
 /// How popbridge reaches and uses the IMAP server.
@@ -19,9 +19,13 @@ pub struct ImapConfig {
     /// The mailbox a POP3 session sees.
     pub mailbox: String,
     pub connect_timeout: Duration,
-    /// How long to wait for any single upstream response.
+    /// The longest wait for the server's next octet (or for a write):
+    /// inactivity, not a bound on a whole response, so a slow but steady
+    /// server completes a large message.
     pub command_timeout: Duration,
     pub no_uidplus: NoUidplus,
+    /// How passwords log in.
+    pub login_mechanism: LoginMechanism,
     /// TLS to the IMAP server.
     pub tls: UpstreamTlsSetup,
     /// Listings shared across sessions; `None` fetches every listing.
@@ -68,6 +72,7 @@ impl ImapConfig {
             connect_timeout: Duration::from_secs(up.connect_timeout_secs),
             command_timeout: Duration::from_secs(up.command_timeout_secs),
             no_uidplus: up.no_uidplus,
+            login_mechanism: up.login_mechanism,
             tls,
             cache,
             send_client_id: up.send_client_id,

@@ -17,40 +17,45 @@ impl ImapConn {
     pub(super) async fn select_and_snapshot(&mut self) -> Result<Snapshot, UpstreamError> {
         let mailbox = quote_mailbox(&self.config.mailbox)?;
         // The capabilities may change at login, so ask again.
-        let cap_tag = self.send("CAPABILITY", "CAPABILITY").await?;
-        let select_tag = self.send(&format!("SELECT {mailbox}"), "SELECT").await?;
+        let cap_tag = self.wire.send("CAPABILITY", "CAPABILITY").await?;
+        let select_tag = self
+            .wire
+            .send(&format!("SELECT {mailbox}"), "SELECT")
+            .await?;
         let mut uidplus = false;
         let mut has_move = false;
-        self.finish(&cap_tag, "CAPABILITY", |r| {
-            if let Response::Capabilities(caps) = r {
-                has_move = caps
-                    .iter()
-                    .any(|c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("MOVE")));
-                uidplus = caps
-                    .iter()
-                    .any(|c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("UIDPLUS")));
-            }
-        })
-        .await?;
+        self.wire
+            .finish(&cap_tag, "CAPABILITY", |r| {
+                if let Response::Capabilities(caps) = r {
+                    has_move = caps.iter().any(
+                        |c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("MOVE")),
+                    );
+                    uidplus = caps.iter().any(
+                        |c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("UIDPLUS")),
+                    );
+                }
+            })
+            .await?;
         self.uidplus = uidplus;
         self.has_move = has_move;
 
         let mut exists = None;
         let mut uidvalidity = None;
         let mut uidnext = None;
-        self.finish(&select_tag, "SELECT", |r| match r {
-            Response::MailboxData(MailboxDatum::Exists(n)) => exists = Some(*n),
-            Response::Data {
-                status: Status::Ok,
-                outcome,
-            } => match outcome.code {
-                Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
-                Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+        self.wire
+            .finish(&select_tag, "SELECT", |r| match r {
+                Response::MailboxData(MailboxDatum::Exists(n)) => exists = Some(*n),
+                Response::Data {
+                    status: Status::Ok,
+                    outcome,
+                } => match outcome.code {
+                    Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                    Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                    _ => {}
+                },
                 _ => {}
-            },
-            _ => {}
-        })
-        .await?;
+            })
+            .await?;
         let (Some(exists), Some(uidvalidity)) = (exists, uidvalidity) else {
             return Err(UpstreamError::Protocol(
                 "SELECT without EXISTS or UIDVALIDITY".into(),
