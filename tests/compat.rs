@@ -289,7 +289,11 @@ fn courier() {
 
 #[test]
 fn mailutils() {
-    scenario(&start_mailutils(STANDARD_USERS), "");
+    // No UIDPLUS (QUIRKS.md): deletions need expunge-if-alone.
+    scenario(
+        &start_mailutils(STANDARD_USERS),
+        "[upstream]\nno_uidplus = \"expunge-if-alone\"\n",
+    );
 }
 
 /// Without UIDPLUS, `expunge-if-alone` deletes (no other message is

@@ -499,7 +499,7 @@ async fn bare_lf_and_unknown_responses_are_tolerated() {
 #[tokio::test]
 async fn many_small_responses_are_fine() {
     let line = format!("* OK {}\r\n", "x".repeat(1000));
-    let many = line.repeat((MAX_RESPONSE / 1000) as usize + 100);
+    let many = line.repeat(MAX_RESPONSE / 1000 + 100);
     let (addr, _server) = serve(vec![
         Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
         Read,
