@@ -271,3 +271,128 @@ mod tests {
         assert!(by_size(&o, &n[..2]).is_none());
     }
 }
+
+/// The two failures of issue 18, as `capture` met them: each case is built
+/// from message bytes (old side as the old server's LIST and TOP/RETR show
+/// it, new side after the other tool moved it) and run through what
+/// `capture` does with them.
+#[cfg(test)]
+mod issue18 {
+    use super::*;
+    use crate::migrate::hash::header_hash;
+
+    /// What `capture` does with the two sides (on main: the size fast path,
+    /// then header hashes).
+    fn capture(old: &[(&str, Vec<u8>)], new: &[(u32, Vec<u8>)]) -> Outcome {
+        let old: Vec<OldMessage> = old
+            .iter()
+            .map(|(uidl, m)| OldMessage {
+                uidl: uidl.to_string(),
+                size: m.len() as u64,
+                hash: Some(header_hash(m)),
+            })
+            .collect();
+        let new: Vec<NewMessage> = new
+            .iter()
+            .map(|(uid, m)| NewMessage {
+                uid: *uid,
+                size: m.len() as u64,
+                hash: Some(header_hash(m)),
+            })
+            .collect();
+        by_size(&old, &new).unwrap_or_else(|| by_hash(&old, &new))
+    }
+
+    fn message(subject: &str, id: &str, body: &str) -> Vec<u8> {
+        format!(
+            "From: sender@example.org\r\nTo: alice@example.net\r\n\
+             Subject: {subject}\r\nMessage-ID: <{id}@example.org>\r\n\r\n{body}"
+        )
+        .into_bytes()
+    }
+
+    /// The Received field the other tool puts on top of every message it
+    /// moves (in case 2).
+    const RECEIVED: &str =
+        "Received: from old-isp.example by migrator.example; Tue, 2 Jan 2024 00:00:00 +0000\r\n";
+
+    fn received(m: &[u8]) -> Vec<u8> {
+        let mut out = RECEIVED.as_bytes().to_vec();
+        out.extend_from_slice(m);
+        out
+    }
+
+    /// Case 1: the other tool moved everything byte for byte and in order,
+    /// except two adjacent messages of equal size and different headers,
+    /// which it swapped. Each must keep its own old UIDL.
+    #[test]
+    fn swapped_equal_size_neighbours_keep_their_own_uidls() {
+        let m: Vec<Vec<u8>> = vec![
+            message("first", "1", "one\r\n"),
+            message("swap A", "A", "body A\r\n"),
+            message("swap B", "B", "body B\r\n"),
+            message("last", "4", "four, longer\r\n"),
+        ];
+        assert_eq!(m[1].len(), m[2].len(), "the swapped pair has one size");
+        let old = [
+            ("u1", m[0].clone()),
+            ("uA", m[1].clone()),
+            ("uB", m[2].clone()),
+            ("u4", m[3].clone()),
+        ];
+        let new = [
+            (11, m[0].clone()),
+            (12, m[2].clone()),
+            (13, m[1].clone()),
+            (14, m[3].clone()),
+        ];
+        let out = capture(&old, &new);
+        assert_eq!(
+            out.map,
+            BTreeMap::from([
+                (11, "u1".to_string()),
+                (12, "uB".to_string()),
+                (13, "uA".to_string()),
+                (14, "u4".to_string()),
+            ]),
+            "B must never be served under A's old UIDL (or A under B's)"
+        );
+    }
+
+    /// Case 2: two messages with identical headers; in the old order the
+    /// longer comes first, and it is longer by exactly the Received field
+    /// the other tool adds to every message. After the move the shorter one
+    /// has the longer one's old size. Each must keep its own old UIDL.
+    #[test]
+    fn identical_headers_longer_by_the_added_received_line_are_not_crossed() {
+        let short = message("twins", "twin", "short body\r\n");
+        let long = message(
+            "twins",
+            "twin",
+            &format!("short body\r\n{}", "x".repeat(RECEIVED.len() - 2) + "\r\n"),
+        );
+        assert_eq!(long.len(), short.len() + RECEIVED.len());
+        let other = message("other", "o", "other\r\n");
+        let old = [
+            ("uLong", long.clone()),
+            ("uShort", short.clone()),
+            ("uOther", other.clone()),
+        ];
+        let new = [
+            (1, received(&long)),
+            (2, received(&short)),
+            (3, received(&other)),
+        ];
+        assert_eq!(new[1].1.len(), long.len(), "short's new size = long's old");
+        let out = capture(&old, &new);
+        assert_eq!(
+            out.map,
+            BTreeMap::from([
+                (1, "uLong".to_string()),
+                (2, "uShort".to_string()),
+                (3, "uOther".to_string()),
+            ]),
+            "the short twin must never be served under the long twin's old UIDL"
+        );
+    }
+}
