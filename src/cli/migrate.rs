@@ -51,8 +51,10 @@ pub struct MigrateArgs {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Mode {
     /// The mail is already in the IMAP mailbox (moved by another tool): read
-    /// the old server's UIDL list and header hashes, match them to the IMAP
-    /// messages and store the map. Serve it with `uidl_map = true`.
+    /// the old server's UIDL list, hash every message's header and body on
+    /// both servers, give an IMAP message an old UIDL only when both are the
+    /// same, and store the map. Resumes where an interrupted run stopped.
+    /// Serve it with `uidl_map = true`.
     Capture {
         #[command(flatten)]
         old: OldServerArgs,
@@ -78,8 +80,9 @@ pub enum Mode {
         max_messages: Option<usize>,
     },
     /// Build the map without the old server: from a UIDL list file (one
-    /// `uidl size [header-hash]` per line, `#` comments), or, without
-    /// --uidl-file, from the list an earlier `capture` saved.
+    /// `uidl size [header-hash [body-hash]]` per line, `#` comments; only
+    /// lines with both hashes can be matched), or, without --uidl-file,
+    /// from the list an earlier `capture` saved.
     Import {
         /// The old server's list. Without it: the saved list of this account.
         #[arg(long, value_name = "FILE")]
