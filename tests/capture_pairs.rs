@@ -567,3 +567,83 @@ fn identical_headers_longer_by_the_received_line_from_dovecot_pop3() {
     };
     run(&server, &case_received_line_twins());
 }
+
+/// A capture cut short (here: its journal cut after the IMAP headers, the
+/// old headers and three old messages, with a torn line at the end, as a
+/// kill leaves it) is run again: it fetches only what it had not hashed,
+/// and writes the same map as an uninterrupted run.
+#[test]
+fn an_interrupted_capture_resumes_without_fetching_again() {
+    let old = dovecot_old_server();
+    let new = Dovecot::start();
+    let case = case_swapped_neighbours();
+    for m in &case.messages {
+        old.deliver(USER, m);
+    }
+    let deliver = |m: &[u8]| old.deliver(USER, m);
+    let server = OldServer {
+        name: "Dovecot POP3",
+        pop3_port: old.pop3_port,
+        deliver: &deliver,
+    };
+    move_with_other_tool(&read_old(&server, &case), &new, &case);
+    let data = tempfile::tempdir().unwrap();
+    let first = capture(&server, &new, data.path());
+    assert!(first.contains(", 0 from the journal"), "{first}");
+    let maps = data.path().join("uidl-maps");
+    let file = |ext: &str| {
+        fs::read_dir(&maps)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap()
+    };
+    let entries = |p: &Path| -> Vec<String> {
+        let text = fs::read_to_string(p).unwrap();
+        text.lines().skip(1).map(String::from).collect()
+    };
+    let map = file("map");
+    let before = entries(&map);
+    // The journal in the order a capture writes it: its header, the IMAP
+    // headers (8), the old headers (8), the old messages (8), the IMAP
+    // messages (8).
+    let journal = file("hashes");
+    let text = fs::read_to_string(&journal).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 4 * 8, "{text}");
+    let kept = lines[..1 + 8 + 8 + 3].join("\n");
+    fs::write(&journal, format!("{kept}\n{}", &lines[20][..30])).unwrap();
+    fs::remove_file(&map).unwrap();
+    let (ok, out, err) = {
+        let o = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+            .args(["migrate", "capture", "--old"])
+            .arg(format!("pop3://127.0.0.1:{}", old.pop3_port))
+            .args(["--user", USER, "--upstream"])
+            .arg(format!("127.0.0.1:{}", new.imap_port))
+            .args(["--upstream-tls", "none", "--data-dir"])
+            .arg(data.path())
+            .env("POPBRIDGE_NEW_PASSWORD", PASS)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    println!("{out}{err}");
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        err.contains("1 unreadable lines of the journal dropped"),
+        "{err}"
+    );
+    // Only the old messages and IMAP messages it had not hashed: 5 and 8.
+    for part in [
+        "hashed in this run: old server 0 headers + 5 messages (",
+        "IMAP 0 headers + 8 messages (",
+        ", 16 from the journal",
+    ] {
+        assert!(out.contains(part), "{part:?} in {out}");
+    }
+    assert_eq!(entries(&map), before, "the same map");
+}

@@ -294,9 +294,9 @@ fn identical_headers_are_told_apart_by_the_body_and_missing_messages_reported() 
         "downloaded once more at cut-over: 0\n".to_string(),
         // What was fetched: every header, and whole messages only where a
         // header is on both sides (3 of 4 on each).
-        "hashed in this run: 4 old headers, 3 old messages".to_string(),
-        "4 IMAP headers, 3 IMAP messages".to_string(),
-        "; 0 from the journal".to_string(),
+        "hashed in this run: old server 4 headers + 3 messages (".to_string(),
+        "IMAP 4 headers + 3 messages (".to_string(),
+        ", 0 from the journal".to_string(),
     ] {
         assert!(out.contains(&line), "missing {line:?} in:\n{out}");
     }
@@ -333,8 +333,8 @@ fn identical_headers_are_told_apart_by_the_body_and_missing_messages_reported() 
     let out = run_migrate("capture", &old, &new, &["--data-dir", &data_dir]);
     assert!(
         out.contains(
-            "hashed in this run: 0 old headers, 0 old messages (0 octets); \
-             0 IMAP headers, 0 IMAP messages (0 octets); 8 from the journal"
+            "hashed in this run: old server 0 headers + 0 messages (0 octets), \
+             IMAP 0 headers + 0 messages (0 octets), 8 from the journal"
         ),
         "{out}"
     );

@@ -1128,8 +1128,8 @@ fn print_match_summary(old: usize, new: usize, o: &Outcome, cost: &Fetched) {
         listed("UIDs", &uids(&again))
     );
     println!(
-        "  hashed in this run: {} old headers, {} old messages ({} octets); \
-         {} IMAP headers, {} IMAP messages ({} octets); {} from the journal",
+        "  hashed in this run: old server {} headers + {} messages ({} octets), \
+         IMAP {} headers + {} messages ({} octets), {} from the journal",
         cost.old_headers,
         cost.old_bodies,
         cost.old_octets,

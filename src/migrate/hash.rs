@@ -1,9 +1,10 @@
-//! Header hashes: how a message on the old POP3 server is recognised in the
-//! IMAP mailbox when sizes alone do not line up (the idea of Dovecot's
-//! pop3-migration plugin, written anew).
+//! Content hashes: how a message on the old POP3 server is recognised in the
+//! IMAP mailbox (the header hash is the idea of Dovecot's pop3-migration
+//! plugin, written anew; the body hash is what makes a match certain).
 //!
-//! The hash covers the header section only (POP3 `TOP n 0` on the old side,
-//! IMAP `BODY.PEEK[HEADER]` on the new side), with the fields that a
+//! The header hash covers the header section only (POP3 `TOP n 0` or
+//! `RETR` on the old side, IMAP `BODY.PEEK[HEADER]` or `BODY.PEEK[]` on the
+//! new side), with the fields that a
 //! migration or a mail store changes left out, so the same message hashes
 //! the same on both servers:
 //! - [`VOLATILE_FIELDS`]: flags and bookkeeping that mbox-era servers and
@@ -13,8 +14,8 @@
 //! - **every** `Received:` field. Dovecot drops only the Received fields the
 //!   migration added; we cannot tell which ones those are when the other tool
 //!   is unknown, so all are dropped. The cost: two copies of one message that
-//!   differ only in their Received chain hash the same, and are then reported
-//!   as ambiguous rather than matched (see [`super::matching`]).
+//!   differ only in their Received chain hash the same; with the same body
+//!   they are identical copies for [`super::matching`].
 //!
 //! Line endings (CRLF or bare LF), folding (RFC 5322 §2.2.3) and runs of
 //! white space are normalised, so a store that re-folds or converts line
