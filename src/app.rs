@@ -465,6 +465,10 @@ mod tests {
         assert!(bad("command_timeout_secs = 0").contains("command_timeout_secs"));
         assert!(bad("[pop3]\nidle_timeout_secs = 30").contains("RFC 1939"));
         assert!(bad("[pop3]\nuidl_format = \"%v\"").contains("uidl_format"));
+        // The removed courier preset says what to do instead.
+        let courier = bad("[pop3]\nuidl_format = \"courier\"");
+        assert!(courier.contains("pop3.uidl_format"), "{courier}");
+        assert!(courier.contains("popbridge migrate capture"), "{courier}");
         assert!(bad("[listen]\naddress = \"x\"").contains("listen.address"));
         assert!(bad("[listen]\ntls_address = \"127.0.0.1:995\"").contains("tls.cert_file"));
         assert!(bad("[tls]\ncert_file = \"/nonexistent.pem\"").contains("together"));

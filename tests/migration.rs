@@ -193,10 +193,12 @@ fn capture_then_cut_over_downloads_nothing_again() {
         for line in [
             &format!("old server messages: {N}"),
             &format!("IMAP mailbox messages: {N}"),
-            &format!("matched by header hash: {N}"),
-            "ambiguous (template UIDLs): 0",
+            &format!("matched by content (header and body): {N}"),
+            "identical messages (cannot be told apart): 0 groups",
+            "same header, other body (not paired): 0 groups",
             "only on the old server: 0",
             "only in the IMAP mailbox: 0",
+            "downloaded once more at cut-over: 0",
         ] {
             assert!(out.contains(line), "missing {line:?} in:\n{out}");
         }
@@ -255,11 +257,12 @@ fn copy_twice_and_resumed_then_cut_over_downloads_nothing_again() {
 }
 
 #[test]
-fn identical_headers_and_missing_messages_are_reported_not_guessed() {
+fn identical_headers_are_told_apart_by_the_body_and_missing_messages_reported() {
     let old = old_isp();
     let new = Dovecot::start();
-    // 0 and 1: identical header sections, different bodies. 2: mbox
-    // bookkeeping fields the other tool drops. 3: never moved.
+    // 0 and 1: identical header sections, different bodies (the body tells
+    // them apart). 2: mbox bookkeeping fields the other tool drops. 3:
+    // never moved.
     let twin = |body: &str| {
         format!(
             "From: a@example.org\r\nTo: alice@example.net\r\nSubject: twin\r\n\
@@ -285,14 +288,15 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
     let data_dir = data.path().to_str().unwrap().to_string();
     let out = run_migrate("capture", &old, &new, &["--data-dir", &data_dir]);
     for line in [
-        "matched by header hash: 1\n".to_string(),
-        format!(
-            "ambiguous (template UIDLs): 2 (UIDLs: {} {})",
-            old_list[0], old_list[1]
-        ),
+        "matched by content (header and body): 3\n".to_string(),
         format!("only on the old server: 1 (UIDLs: {})", old_list[3]),
-        "ambiguous IMAP messages: 2 (UIDs: 1 2)".to_string(),
         "only in the IMAP mailbox: 1 (UIDs: 4)".to_string(),
+        "downloaded once more at cut-over: 0\n".to_string(),
+        // What was fetched: every header, and whole messages only where a
+        // header is on both sides (3 of 4 on each).
+        "hashed in this run: old server 4 headers + 3 messages (".to_string(),
+        "IMAP 4 headers + 3 messages (".to_string(),
+        ", 0 from the journal".to_string(),
     ] {
         assert!(out.contains(&line), "missing {line:?} in:\n{out}");
     }
@@ -301,15 +305,38 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
         data.path(),
         &format!("[pop3]\nuidl_map = true\n[data]\ndir = {data_dir:?}\n"),
     );
-    let served = uidls(b.port);
-    // Message 2 keeps its old UIDL; the twins and the new-only message get
-    // template UIDLs: never each other's.
-    assert!(served.contains(&old_list[2]), "{served:?}");
-    let reused: Vec<&String> = served.iter().filter(|u| old_list.contains(u)).collect();
-    assert_eq!(
-        reused,
-        [&old_list[2]],
-        "only the matched message has an old UIDL"
+    // Each moved message keeps its own old UIDL (the twins never each
+    // other's); the new-only message gets a template UIDL.
+    let mut p = Pop3::connect(b.port);
+    p.login("alice", "secret");
+    let served = p.uidl();
+    assert_eq!(served.len(), 4);
+    for (n, uidl) in &served {
+        let text = String::from_utf8_lossy(&p.retr(*n)).into_owned();
+        let expected = if text.contains("\r\n\r\nfirst\r\n") {
+            Some(&old_list[0])
+        } else if text.contains("second, a longer body") {
+            Some(&old_list[1])
+        } else if text.contains("Body of message 3.") {
+            Some(&old_list[2])
+        } else {
+            assert!(text.contains("Body of message 99."), "{text}");
+            None
+        };
+        match expected {
+            Some(u) => assert_eq!(uidl, u, "{text}"),
+            None => assert!(!old_list.contains(uidl), "{uidl}"),
+        }
+    }
+    p.quit();
+    // Run again: everything comes from the journal, nothing is fetched.
+    let out = run_migrate("capture", &old, &new, &["--data-dir", &data_dir]);
+    assert!(
+        out.contains(
+            "hashed in this run: old server 0 headers + 0 messages (0 octets), \
+             IMAP 0 headers + 0 messages (0 octets), 8 from the journal"
+        ),
+        "{out}"
     );
 
     // Re-matching later without the old server gives the same map.
@@ -334,7 +361,10 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, out, err) = migrate(&refs);
     assert!(ok, "import from the saved list: {out}\n{err}");
-    assert!(out.contains("matched by header hash: 1\n"), "{out}");
+    assert!(
+        out.contains("matched by content (header and body): 3\n"),
+        "{out}"
+    );
     assert_eq!(entries(&map_files[0]), before);
 
     // The same list exported by another tool (`uidl size hash` per line).
@@ -352,7 +382,10 @@ fn identical_headers_and_missing_messages_are_reported_not_guessed() {
     with_file.extend(&refs[1..]);
     let (ok, out, err) = migrate(&with_file);
     assert!(ok, "import --uidl-file: {out}\n{err}");
-    assert!(out.contains("matched by header hash: 1\n"), "{out}");
+    assert!(
+        out.contains("matched by content (header and body): 3\n"),
+        "{out}"
+    );
     assert_eq!(entries(&map_files[0]), before);
 
     // A bad UIDL list file is a usage error (exit code 2) naming the line.
@@ -473,7 +506,10 @@ fn old_server_over_pop3s_and_stls_is_verified() {
         args.extend(&new_side);
         let (ok, out, err) = migrate(&args);
         assert!(ok, "{out}\n{err}");
-        assert!(out.contains("matched by header hash: 3\n"), "{out}");
+        assert!(
+            out.contains("matched by content (header and body): 3\n"),
+            "{out}"
+        );
     }
     // A certificate from another CA is refused before any password is sent.
     let other_ca = other.ca_path();

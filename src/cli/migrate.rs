@@ -5,7 +5,7 @@
 //! store ([`crate::migrate::store`]). Nothing is written until everything
 //! it depends on was read without error: a map is complete or absent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -15,12 +15,13 @@ use std::process::ExitCode;
 use crate::config::routes::route_named;
 use crate::config::{Config, EffectiveRoute, LogFormat, RouteIndex, UpstreamTls};
 use crate::imap::{
-    host_of, Connector, Credentials, ImapConfig, ImapConn, ImapConnector, Snapshot, Upstream,
-    UpstreamError,
+    host_of, BodySink, Connector, Credentials, FetchEnd, FetchError, Flow, ImapConfig, ImapConn,
+    ImapConnector, Snapshot, Upstream, UpstreamError,
 };
-use crate::migrate::hash::{header_hash, MAX_HEADER_BYTES};
-use crate::migrate::matching::{self, NewMessage, OldMessage, Outcome};
-use crate::migrate::pop3client::{OldTls, Pop3Client, Pop3Error, TOP_BATCH};
+use crate::migrate::hash::{header_hash, BodyHash, HeaderHash, MessageHasher, MAX_HEADER_BYTES};
+use crate::migrate::journal::{Hashes, Journal};
+use crate::migrate::matching::{self, Group, NewMessage, OldMessage, Outcome};
+use crate::migrate::pop3client::{OldTls, Pop3Client, Pop3Error, RETR_BATCH, TOP_BATCH};
 use crate::migrate::progress::Progress;
 use crate::migrate::store::{
     is_valid_uidl, now_unix, parse_old_line, write_atomic, MapKey, OldList, StoreError, UidlMap,
@@ -50,8 +51,10 @@ pub struct MigrateArgs {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Mode {
     /// The mail is already in the IMAP mailbox (moved by another tool): read
-    /// the old server's UIDL list and header hashes, match them to the IMAP
-    /// messages and store the map. Serve it with `uidl_map = true`.
+    /// the old server's UIDL list, hash every message's header and body on
+    /// both servers, give an IMAP message an old UIDL only when both are the
+    /// same, and store the map. Resumes where an interrupted run stopped.
+    /// Serve it with `uidl_map = true`.
     Capture {
         #[command(flatten)]
         old: OldServerArgs,
@@ -77,8 +80,9 @@ pub enum Mode {
         max_messages: Option<usize>,
     },
     /// Build the map without the old server: from a UIDL list file (one
-    /// `uidl size [header-hash]` per line, `#` comments), or, without
-    /// --uidl-file, from the list an earlier `capture` saved.
+    /// `uidl size [header-hash [body-hash]]` per line, `#` comments; only
+    /// lines with both hashes can be matched), or, without --uidl-file,
+    /// from the list an earlier `capture` saved.
     Import {
         /// The old server's list. Without it: the saved list of this account.
         #[arg(long, value_name = "FILE")]
@@ -565,45 +569,383 @@ async fn old_listing(c: &mut Pop3Client) -> Result<Vec<(u32, String, u64)>, Migr
     Ok(out)
 }
 
-/// `capture`: old list and header hashes, matched against the mailbox.
+/// Whole messages up to this size are fetched from the IMAP server many to
+/// a command (`UID FETCH set BODY.PEEK[]`, one response each, well under
+/// [`crate::imap::MAX_RESPONSE`]); larger ones are streamed in chunks like a
+/// RETR through the proxy.
+pub const BULK_MESSAGE_MAX: u64 = 1024 * 1024;
+
+/// Octets one bulk `UID FETCH ... BODY.PEEK[]` asks for at most (by
+/// RFC822.SIZE): a few round trips per thousand small messages, and what an
+/// interruption loses at most.
+pub const BULK_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+
+/// IMAP headers asked for in one `UID FETCH ... BODY.PEEK[HEADER]` (also
+/// how often the journal is written in that phase).
+pub const HEADER_BATCH: usize = 1000;
+
+/// What a capture (or import) fetched and hashed in this run, for the
+/// summary: the cost, and proof that a resumed run redid nothing.
+#[derive(Debug, Default)]
+struct Fetched {
+    old_headers: usize,
+    old_bodies: usize,
+    imap_headers: usize,
+    imap_bodies: usize,
+    old_octets: u64,
+    imap_octets: u64,
+    /// Hashes taken from the journal instead.
+    reused: usize,
+}
+
+/// `capture`: the old server's list and the messages' content hashes,
+/// matched against the mailbox by content ([`matching`]).
+///
+/// Cost per message, in octets transferred: every message's header once on
+/// each side (`TOP n 0`, `BODY.PEEK[HEADER]`); and, for each message whose
+/// header hash occurs on both sides (normally all of them), the whole
+/// message once more on each side (`RETR`, `BODY.PEEK[]`): about its size
+/// plus its header, from each server. Every hash is appended to the journal
+/// ([`Journal`]) as soon as it is made, so an interrupted capture run again
+/// fetches only what it had not hashed yet, and a later capture (after more
+/// mail was moved) only the new messages.
 async fn capture(old: &OldSide, target: &Target) -> Result<(), MigrateError> {
     println!("popbridge migrate capture: {}", target.describe());
+    let dir = target.data_dir.as_deref().unwrap_or(Path::new("."));
+    let key = target.key();
+    let mut journal = open_journal(dir, &key, Some(&old.source))?;
+    let mut cost = Fetched::default();
+    // The IMAP side first: its headers decide which old bodies are needed.
+    let (uidvalidity, mut new) = imap_headers(target, &mut journal, &mut cost).await?;
     let mut pop = old.open().await?;
     let listing = old_listing(&mut pop).await?;
-    // Header hashes of every old message, kept in the saved list so the map
-    // can be rebuilt later without the old server (`import`).
     let pipelining = pop
         .capabilities()
         .await?
         .iter()
         .any(|c| c.eq_ignore_ascii_case("PIPELINING"));
-    let batch = if pipelining { TOP_BATCH } else { 1 };
-    let mut messages = Vec::with_capacity(listing.len());
-    let mut progress = Progress::new("old server headers", listing.len());
-    for chunk in listing.chunks(batch) {
-        let ns: Vec<u32> = chunk.iter().map(|(n, _, _)| *n).collect();
-        let headers = pop.top_headers(&ns, MAX_HEADER_BYTES).await?;
-        for ((_, uidl, size), header) in chunk.iter().zip(headers) {
-            messages.push(OldMessage {
-                uidl: uidl.clone(),
-                size: *size,
-                hash: Some(header_hash(&header)),
-            });
-            progress.inc();
-        }
-    }
-    progress.finish();
+    let mut messages = old_headers(&mut pop, &listing, pipelining, &mut journal, &mut cost).await?;
+    let (old_need, _) = matching::needs_body(&messages, &new);
+    old_bodies(
+        &mut pop,
+        &listing,
+        &mut messages,
+        &old_need,
+        pipelining,
+        &mut journal,
+        &mut cost,
+    )
+    .await?;
     pop.quit().await;
+    // Recomputed: RETR's header hash is the one that counts.
+    let (_, new_need) = matching::needs_body(&messages, &new);
+    imap_bodies(
+        target,
+        uidvalidity,
+        &mut new,
+        &new_need,
+        &mut journal,
+        &mut cost,
+    )
+    .await?;
     let list = OldList {
-        key: target.key(),
+        key,
         source: old.source.clone(),
         created: now_unix(),
         messages,
     };
-    build_map(list, target, true).await
+    write_map(list, uidvalidity, &new, target, true, &cost)
 }
 
-/// `import`: the old list from a file or from an earlier capture.
+fn open_journal(dir: &Path, key: &MapKey, source: Option<&str>) -> Result<Journal, MigrateError> {
+    let journal = Journal::open(dir, key, source)?;
+    if journal.dropped > 0 {
+        eprintln!(
+            "popbridge migrate: {} unreadable lines of the journal dropped (an interrupted run); those messages are hashed again",
+            journal.dropped
+        );
+    }
+    Ok(journal)
+}
+
+/// The mailbox's UIDVALIDITY and messages with their header hashes (and
+/// any body hashes the journal has).
+async fn imap_headers(
+    target: &Target,
+    journal: &mut Journal,
+    cost: &mut Fetched,
+) -> Result<(u32, Vec<NewMessage>), MigrateError> {
+    let (mut conn, snap) = target.open(false).await?;
+    let v = snap.uidvalidity;
+    let mut new: Vec<NewMessage> = snap
+        .messages
+        .iter()
+        .map(|&(uid, size)| {
+            let cached = journal.imap(v, uid, size);
+            NewMessage {
+                uid,
+                size,
+                hash: cached.map(|h| h.header.clone()),
+                body: cached.and_then(|h| h.body.clone()),
+            }
+        })
+        .collect();
+    cost.reused += new.iter().filter(|m| m.hash.is_some()).count();
+    let index: HashMap<u32, usize> = new.iter().enumerate().map(|(i, m)| (m.uid, i)).collect();
+    let todo: Vec<u32> = new
+        .iter()
+        .filter(|m| m.hash.is_none())
+        .map(|m| m.uid)
+        .collect();
+    let mut progress = Progress::new("IMAP headers", todo.len());
+    for chunk in todo.chunks(HEADER_BATCH) {
+        let mut got = Vec::with_capacity(chunk.len());
+        conn.for_each_header(chunk, |uid, _, header| {
+            got.push((uid, header.len(), header_hash(header)));
+            progress.inc();
+        })
+        .await?;
+        for (uid, octets, hash) in got {
+            // A UID the server sent unasked is not in the snapshot: ignored.
+            let Some(&i) = index.get(&uid) else { continue };
+            let m = &mut new[i];
+            journal.record_new(
+                v,
+                uid,
+                Hashes {
+                    size: m.size,
+                    header: hash.clone(),
+                    body: None,
+                },
+            )?;
+            m.hash = Some(hash);
+            cost.imap_headers += 1;
+            cost.imap_octets += octets as u64;
+        }
+    }
+    progress.finish();
+    conn.logout().await;
+    Ok((v, new))
+}
+
+/// The old server's messages with their header hashes: from the journal,
+/// else `TOP n 0` (pipelined when the server allows).
+async fn old_headers(
+    pop: &mut Pop3Client,
+    listing: &[(u32, String, u64)],
+    pipelining: bool,
+    journal: &mut Journal,
+    cost: &mut Fetched,
+) -> Result<Vec<OldMessage>, MigrateError> {
+    let mut messages: Vec<OldMessage> = listing
+        .iter()
+        .map(|(_, uidl, size)| {
+            let cached = journal.pop3(uidl, *size);
+            OldMessage {
+                uidl: uidl.clone(),
+                size: *size,
+                hash: cached.map(|h| h.header.clone()),
+                body: cached.and_then(|h| h.body.clone()),
+            }
+        })
+        .collect();
+    cost.reused += messages.iter().filter(|m| m.hash.is_some()).count();
+    let todo: Vec<usize> = (0..listing.len())
+        .filter(|&i| messages[i].hash.is_none())
+        .collect();
+    let batch = if pipelining { TOP_BATCH } else { 1 };
+    let mut progress = Progress::new("old server headers", todo.len());
+    for chunk in todo.chunks(batch) {
+        let ns: Vec<u32> = chunk.iter().map(|&i| listing[i].0).collect();
+        let headers = pop.top_headers(&ns, MAX_HEADER_BYTES).await?;
+        for (&i, header) in chunk.iter().zip(headers) {
+            let m = &mut messages[i];
+            let hash = header_hash(&header);
+            journal.record_old(
+                &m.uidl,
+                Hashes {
+                    size: m.size,
+                    header: hash.clone(),
+                    body: None,
+                },
+            )?;
+            m.hash = Some(hash);
+            cost.old_headers += 1;
+            cost.old_octets += header.len() as u64;
+            progress.inc();
+        }
+    }
+    progress.finish();
+    Ok(messages)
+}
+
+/// Body hashes (and header hashes again, from the same octets) of the old
+/// messages `which` that the journal does not have: RETR, streamed.
+async fn old_bodies(
+    pop: &mut Pop3Client,
+    listing: &[(u32, String, u64)],
+    messages: &mut [OldMessage],
+    which: &[usize],
+    pipelining: bool,
+    journal: &mut Journal,
+    cost: &mut Fetched,
+) -> Result<(), MigrateError> {
+    let todo: Vec<usize> = which
+        .iter()
+        .copied()
+        .filter(|&i| messages[i].body.is_none())
+        .collect();
+    let batch = if pipelining { RETR_BATCH } else { 1 };
+    let mut progress = Progress::new("old server messages", todo.len());
+    for chunk in todo.chunks(batch) {
+        let ns: Vec<u32> = chunk.iter().map(|&i| listing[i].0).collect();
+        let mut hashers: Vec<MessageHasher> = chunk.iter().map(|_| MessageHasher::new()).collect();
+        let mut octets = 0u64;
+        pop.retr_each(&ns, |k, piece| {
+            octets += piece.len() as u64;
+            hashers[k].update(piece);
+        })
+        .await?;
+        cost.old_octets += octets;
+        for (&i, hasher) in chunk.iter().zip(hashers) {
+            let (header, body) = hasher.finish();
+            let m = &mut messages[i];
+            journal.record_old(
+                &m.uidl,
+                Hashes {
+                    size: m.size,
+                    header: header.clone(),
+                    body: Some(body.clone()),
+                },
+            )?;
+            m.hash = Some(header);
+            m.body = Some(body);
+            cost.old_bodies += 1;
+            progress.inc();
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// A [`BodySink`] that hashes what it is given.
+struct HashSink(MessageHasher);
+
+impl BodySink for HashSink {
+    async fn chunk(&mut self, data: &[u8]) -> std::io::Result<Flow> {
+        self.0.update(data);
+        Ok(Flow::Continue)
+    }
+}
+
+/// Body hashes of the IMAP messages `which` that the journal does not have:
+/// small ones many to a command, large ones streamed. Logs in again (the
+/// old server was read in between); a mailbox whose UIDVALIDITY changed
+/// meanwhile is an error, since the UIDs read before name nothing now.
+async fn imap_bodies(
+    target: &Target,
+    uidvalidity: u32,
+    new: &mut [NewMessage],
+    which: &[usize],
+    journal: &mut Journal,
+    cost: &mut Fetched,
+) -> Result<(), MigrateError> {
+    let todo: Vec<usize> = which
+        .iter()
+        .copied()
+        .filter(|&i| new[i].body.is_none())
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let (mut conn, snap) = target.open(false).await?;
+    if snap.uidvalidity != uidvalidity {
+        conn.logout().await;
+        return Err(MigrateError::New(UpstreamError::Protocol(format!(
+            "the mailbox's UIDVALIDITY changed from {uidvalidity} to {} during the capture \
+             (it was recreated): run the capture again",
+            snap.uidvalidity
+        ))));
+    }
+    let index: HashMap<u32, usize> = new.iter().enumerate().map(|(i, m)| (m.uid, i)).collect();
+    let mut progress = Progress::new("IMAP messages", todo.len());
+    let (small, large): (Vec<usize>, Vec<usize>) = todo
+        .into_iter()
+        .partition(|&i| new[i].size <= BULK_MESSAGE_MAX);
+    // Small messages: batches of at most BULK_BATCH_BYTES.
+    let mut batches: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0u64;
+    for i in small {
+        if batches.is_empty() || bytes + new[i].size > BULK_BATCH_BYTES {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += new[i].size;
+        if let Some(b) = batches.last_mut() {
+            b.push(new[i].uid);
+        }
+    }
+    let mut record = |uid: u32,
+                      (header, body): (HeaderHash, BodyHash),
+                      octets: u64,
+                      new: &mut [NewMessage],
+                      cost: &mut Fetched|
+     -> Result<(), MigrateError> {
+        let Some(&i) = index.get(&uid) else {
+            return Ok(());
+        };
+        let m = &mut new[i];
+        journal.record_new(
+            uidvalidity,
+            uid,
+            Hashes {
+                size: m.size,
+                header: header.clone(),
+                body: Some(body.clone()),
+            },
+        )?;
+        m.hash = Some(header);
+        m.body = Some(body);
+        cost.imap_bodies += 1;
+        cost.imap_octets += octets;
+        Ok(())
+    };
+    for uids in batches {
+        let mut got = Vec::with_capacity(uids.len());
+        conn.for_each_message(&uids, |uid, _, message| {
+            let mut h = MessageHasher::new();
+            h.update(message);
+            got.push((uid, h.finish(), message.len() as u64));
+            progress.inc();
+        })
+        .await?;
+        for (uid, hashes, octets) in got {
+            record(uid, hashes, octets, new, cost)?;
+        }
+    }
+    for i in large {
+        let (uid, size) = (new[i].uid, new[i].size);
+        let mut sink = HashSink(MessageHasher::new());
+        let end = conn
+            .fetch(uid, size, false, &mut sink)
+            .await
+            .map_err(|e| match e {
+                FetchError::Upstream(e) => MigrateError::New(e),
+                FetchError::Sink(e) => MigrateError::New(UpstreamError::Io(e)),
+            })?;
+        progress.inc();
+        // Expunged meanwhile: no hash, so never paired.
+        if end == FetchEnd::Complete {
+            record(uid, sink.0.finish(), size, new, cost)?;
+        }
+    }
+    progress.finish();
+    conn.logout().await;
+    Ok(())
+}
+
+/// `import`: the old list from a file or from an earlier capture, matched
+/// against the mailbox (whose hashes come from the journal or are made now).
 async fn import(file: Option<&Path>, target: &Target) -> Result<(), MigrateError> {
     println!("popbridge migrate import: {}", target.describe());
     let dir = target.data_dir.as_deref().unwrap_or(Path::new("."));
@@ -629,10 +971,32 @@ async fn import(file: Option<&Path>, target: &Target) -> Result<(), MigrateError
             (list, false)
         }
     };
-    build_map(list, target, save).await
+    let mut journal = open_journal(dir, &target.key(), None)?;
+    let mut cost = Fetched::default();
+    let (uidvalidity, mut new) = imap_headers(target, &mut journal, &mut cost).await?;
+    // Only old messages with a body hash can be paired: no other IMAP body
+    // is worth fetching.
+    let complete: Vec<OldMessage> = list
+        .messages
+        .iter()
+        .filter(|m| m.body.is_some())
+        .cloned()
+        .collect();
+    let (_, need) = matching::needs_body(&complete, &new);
+    imap_bodies(
+        target,
+        uidvalidity,
+        &mut new,
+        &need,
+        &mut journal,
+        &mut cost,
+    )
+    .await?;
+    write_map(list, uidvalidity, &new, target, save, &cost)
 }
 
-/// A UIDL list file: `uidl size [hash]` per line, `#` comments.
+/// A UIDL list file: `uidl size [header-hash [body-hash]]` per line, `#`
+/// comments.
 fn read_uidl_file(path: &Path, target: &Target) -> Result<OldList, MigrateError> {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -674,39 +1038,18 @@ fn read_uidl_file(path: &Path, target: &Target) -> Result<OldList, MigrateError>
     })
 }
 
-/// Matches `list` against the IMAP mailbox and writes the map (and the
-/// list, when `save_list`), then prints the summary.
-async fn build_map(list: OldList, target: &Target, save_list: bool) -> Result<(), MigrateError> {
-    let (mut conn, snap) = target.open(false).await?;
-    let mut new: Vec<NewMessage> = snap
-        .messages
-        .iter()
-        .map(|&(uid, size)| NewMessage {
-            uid,
-            size,
-            hash: None,
-        })
-        .collect();
-    let outcome = match matching::by_size(&list.messages, &new) {
-        Some(o) => o,
-        None => {
-            // Sizes do not line up: header hashes of the IMAP side too.
-            let uids: Vec<u32> = new.iter().map(|m| m.uid).collect();
-            let mut hashes = std::collections::HashMap::with_capacity(uids.len());
-            let mut progress = Progress::new("IMAP headers", uids.len());
-            conn.for_each_header(&uids, |uid, _, header| {
-                hashes.insert(uid, header_hash(header));
-                progress.inc();
-            })
-            .await?;
-            progress.finish();
-            for m in &mut new {
-                m.hash = hashes.remove(&m.uid);
-            }
-            matching::by_hash(&list.messages, &new)
-        }
-    };
-    conn.logout().await;
+/// Matches `list` against the mailbox's messages `new`, writes the map (and
+/// the list, when `save_list`) and prints the summary.
+fn write_map(
+    list: OldList,
+    uidvalidity: u32,
+    new: &[NewMessage],
+    target: &Target,
+    save_list: bool,
+    cost: &Fetched,
+) -> Result<(), MigrateError> {
+    let outcome = matching::pair(&list.messages, new);
+    let redownloads = outcome.redownloads();
     let dir = target.data_dir.as_deref().unwrap_or(Path::new("."));
     let key = target.key();
     if save_list {
@@ -714,70 +1057,123 @@ async fn build_map(list: OldList, target: &Target, save_list: bool) -> Result<()
     }
     let map = UidlMap {
         key: key.clone(),
-        uidvalidity: snap.uidvalidity,
+        uidvalidity,
         created: now_unix(),
+        redownloads: Some(redownloads.len() as u64),
         entries: outcome.map.clone(),
     };
     let path = key.map_path(dir);
     write_atomic(&path, &map.to_bytes())?;
-    print_match_summary(list.messages.len(), new.len(), &outcome);
+    print_match_summary(list.messages.len(), new.len(), &outcome, cost);
     println!(
-        "  map written: {} ({} entries, UIDVALIDITY {})",
+        "  map written: {} ({} entries, UIDVALIDITY {}, {} downloaded once more)",
         path.display(),
         map.entries.len(),
-        map.uidvalidity
+        map.uidvalidity,
+        redownloads.len()
     );
     Ok(())
 }
 
-fn print_match_summary(old: usize, new: usize, o: &Outcome) {
+/// Groups shown in the summary at most (the count says how many more).
+const GROUPS_SHOWN: usize = 20;
+
+fn print_match_summary(old: usize, new: usize, o: &Outcome, cost: &Fetched) {
+    let uids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>();
     println!("  old server messages: {old}");
     println!("  IMAP mailbox messages: {new}");
-    println!("  matched by size: {}", o.by_size);
-    println!("  matched by header hash: {}", o.by_hash);
+    println!("  matched by content (header and body): {}", o.by_content);
     println!(
-        "  ambiguous (template UIDLs): {}{}",
-        o.ambiguous_old.len(),
-        list_suffix(&o.ambiguous_old)
+        "  identical messages (cannot be told apart): {} groups, {} paired in order",
+        o.identical.len(),
+        o.identical_paired()
     );
+    print_groups(&o.identical, |g| {
+        if g.paired {
+            format!("paired in order ({} on each side)", g.old.len())
+        } else {
+            format!(
+                "not paired ({} old, {} IMAP): template UIDLs",
+                g.old.len(),
+                g.new.len()
+            )
+        }
+    });
+    println!(
+        "  same header, other body (not paired): {} groups",
+        o.other_body.len()
+    );
+    print_groups(&o.other_body, |_| "template UIDLs".to_string());
     if !o.no_hash.is_empty() {
         println!(
-            "  without a header hash (not matched): {}{}",
+            "  without content hashes (not matched; run capture for them): {}{}",
             o.no_hash.len(),
-            list_suffix(&o.no_hash)
+            listed("UIDLs", &o.no_hash)
         );
     }
-    let ambiguous: Vec<String> = o.ambiguous_new.iter().map(u32::to_string).collect();
-    println!(
-        "  ambiguous IMAP messages: {}{}",
-        ambiguous.len(),
-        list_suffix(&ambiguous).replace("UIDLs", "UIDs")
-    );
     println!(
         "  only on the old server: {}{}",
         o.missing_in_new.len(),
-        list_suffix(&o.missing_in_new)
+        listed("UIDLs", &o.missing_in_new)
     );
-    let uids: Vec<String> = o.missing_in_old.iter().map(u32::to_string).collect();
     println!(
         "  only in the IMAP mailbox: {}{}",
-        uids.len(),
-        list_suffix(&uids).replace("UIDLs", "UIDs")
+        o.missing_in_old.len(),
+        listed("UIDs", &uids(&o.missing_in_old))
+    );
+    let again = o.redownloads();
+    println!(
+        "  downloaded once more at cut-over: {}{}",
+        again.len(),
+        listed("UIDs", &uids(&again))
+    );
+    println!(
+        "  hashed in this run: old server {} headers + {} messages ({} octets), \
+         IMAP {} headers + {} messages ({} octets), {} from the journal",
+        cost.old_headers,
+        cost.old_bodies,
+        cost.old_octets,
+        cost.imap_headers,
+        cost.imap_bodies,
+        cost.imap_octets,
+        cost.reused
     );
 }
 
-/// " (UIDLs: a b c)" for a short list, the first 20 of a long one.
-fn list_suffix(items: &[String]) -> String {
-    const SHOWN: usize = 20;
-    if items.is_empty() {
-        return String::new();
+/// One line per group: its old UIDLs and IMAP UIDs together, and `what`.
+fn print_groups(groups: &[Group], what: impl Fn(&Group) -> String) {
+    for g in groups.iter().take(GROUPS_SHOWN) {
+        let uids: Vec<String> = g.new.iter().map(u32::to_string).collect();
+        println!(
+            "    old UIDLs {} = IMAP UIDs {}: {}",
+            shown(&g.old),
+            shown(&uids),
+            what(g)
+        );
     }
+    if groups.len() > GROUPS_SHOWN {
+        println!("    and {} more groups", groups.len() - GROUPS_SHOWN);
+    }
+}
+
+/// " (UIDLs: a b c)" for a non-empty list (`what` names the items).
+fn listed(what: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" ({what}: {})", shown(items))
+    }
+}
+
+/// "a b c", or the first 20 and "and N more".
+fn shown(items: &[String]) -> String {
+    const SHOWN: usize = 20;
     let more = items.len().saturating_sub(SHOWN);
     let shown = items[..items.len().min(SHOWN)].join(" ");
     if more > 0 {
-        format!(" (UIDLs: {shown} and {more} more)")
+        format!("{shown} and {more} more")
     } else {
-        format!(" (UIDLs: {shown})")
+        shown
     }
 }
 

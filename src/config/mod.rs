@@ -422,8 +422,8 @@ impl Default for UpstreamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Pop3Config {
     /// UIDL template (Dovecot `pop3_uidl_format` syntax: %u, %v, width, X/x)
-    /// or a preset: `dovecot` (%08Xu%08Xv), `cyrus` (%v.%u), `courier`
-    /// (%v-%u), `uw` (%08Xv%08Xu).
+    /// or a preset: `dovecot` (%08Xu%08Xv), `cyrus` (%v.%u), `uw`
+    /// (%08Xv%08Xu). (No `courier`: see [`crate::pop3::uidl::COURIER_REMOVED`].)
     pub uidl_format: String,
     /// Mark messages fetched with RETR as \Seen at QUIT.
     pub mark_seen_on_retr: bool,

@@ -1,4 +1,5 @@
-//! For `popbridge migrate`: headers of many messages, and APPEND.
+//! For `popbridge migrate`: headers or whole messages of many messages in
+//! few commands, and APPEND.
 
 use async_imap::imap_proto::{AttributeValue, Response};
 
@@ -18,6 +19,28 @@ impl ImapConn {
     pub async fn for_each_header(
         &mut self,
         uids: &[u32],
+        each: impl FnMut(u32, u64, &[u8]) + Send,
+    ) -> Result<(), UpstreamError> {
+        self.for_each_section(uids, "HEADER", each).await
+    }
+
+    /// `UID FETCH <uids> (UID RFC822.SIZE BODY.PEEK[])`: whole messages,
+    /// `each(uid, size, message)` per message as it arrives. Each message is
+    /// one response, so this is for messages well under [`super::MAX_RESPONSE`]
+    /// (larger ones go through [`super::Upstream::fetch`], in chunks); the
+    /// caller bounds how many octets one call asks for.
+    pub async fn for_each_message(
+        &mut self,
+        uids: &[u32],
+        each: impl FnMut(u32, u64, &[u8]) + Send,
+    ) -> Result<(), UpstreamError> {
+        self.for_each_section(uids, "", each).await
+    }
+
+    async fn for_each_section(
+        &mut self,
+        uids: &[u32],
+        section: &str,
         mut each: impl FnMut(u32, u64, &[u8]) + Send,
     ) -> Result<(), UpstreamError> {
         self.ensure_usable()?;
@@ -33,7 +56,7 @@ impl ImapConn {
         each: &mut (impl FnMut(u32, u64, &[u8]) + Send),
     ) -> Result<(), UpstreamError> {
         for set in uid_sets(uids) {
-            let cmd = format!("UID FETCH {set} (UID RFC822.SIZE BODY.PEEK[HEADER])");
+            let cmd = format!("UID FETCH {set} (UID RFC822.SIZE BODY.PEEK[{section}])");
             let r = self
                 .exec(&cmd, "UID FETCH", |r| {
                     if let Response::Fetch(_, attrs) = r {

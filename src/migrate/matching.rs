@@ -1,38 +1,74 @@
-//! Which IMAP message is which old POP3 message: sizes in order first, then
-//! header hashes (the approach of Dovecot's pop3-migration plugin).
+//! Which IMAP message is which old POP3 message: by content, header and
+//! body, never by position or size.
 //!
-//! No I/O: the caller lists both sides, fetches header hashes when
-//! [`by_size`] does not settle it, and stores the result.
+//! No I/O: the caller lists both sides, hashes headers, asks
+//! [`needs_body`] which messages need a body hash, hashes those bodies, and
+//! stores what [`pair`] returns.
 //!
-//! The rule that shapes this module: **never guess**. A wrong pairing would
-//! give a message another message's UIDL, so a client that already has the
-//! other message skips this one forever (lost mail, from the user's point of
-//! view). An unmatched message merely gets a template UIDL and is downloaded
-//! once more. So anything ambiguous stays unmatched and is reported.
+//! The rule that shapes this module: **a pairing can never hide a
+//! message**. A client that keeps mail on the server skips every message
+//! whose UIDL it has seen; serve message B under message A's old UIDL and a
+//! client that had A but not B never gets B. So a message is given an old
+//! UIDL only when the two carry the same content: the same header hash
+//! (volatile fields such as `Received:` left out, [`super::hash`]) **and**
+//! the same body hash. Sizes and positions are never evidence: another tool
+//! adds header lines (so sizes change) and may reorder (so positions lie),
+//! and two different messages can share a size. An unmatched message
+//! merely gets a template UIDL and is downloaded once more.
+//!
+//! Messages with the same content (same header hash and body hash) cannot
+//! be told apart. When a content occurs as often on the old server as in
+//! the mailbox, its copies are paired in order (POP3 order with UID order),
+//! which hides nothing: whichever copy a client gets under the old UIDL it
+//! remembers has exactly the content of the one it fetched, so a client
+//! that had *s* of the *k* copies skips *s* and downloads the other
+//! *k* − *s*, and ends with *k* copies of that content, as many as the
+//! mailbox holds. (What can differ between such copies are only the fields
+//! the header hash leaves out: trace fields such as `Received:` and
+//! `Return-Path:`, and mbox bookkeeping such as `Status:`.) When the counts
+//! differ (another tool dropped or added a copy), nothing in the group is
+//! paired: every copy keeps a template UIDL and is downloaded once more, and
+//! the summary names the group so an operator can look.
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::hash::HeaderHash;
+use super::hash::{BodyHash, HeaderHash};
 
 /// A message on the old POP3 server, in its POP3 order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OldMessage {
     /// Its UIDL on the old server (what clients remember).
     pub uidl: String,
-    /// Octets as the old server's LIST reported them.
+    /// Octets as the old server's LIST reported them (reported, and a
+    /// check on cached hashes; never evidence for a pairing).
     pub size: u64,
-    /// Header hash, when it was fetched (`TOP n 0`).
+    /// Header hash (`TOP n 0` or `RETR`).
     pub hash: Option<HeaderHash>,
+    /// Body hash (`RETR`), when it was needed.
+    pub body: Option<BodyHash>,
 }
 
 /// A message in the IMAP mailbox, in UID order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
     pub uid: u32,
-    /// RFC822.SIZE.
+    /// RFC822.SIZE (reported only).
     pub size: u64,
-    /// Header hash, when it was fetched (`BODY.PEEK[HEADER]`).
+    /// Header hash (`BODY.PEEK[HEADER]` or `BODY.PEEK[]`).
     pub hash: Option<HeaderHash>,
+    /// Body hash (`BODY.PEEK[]`), when it was needed.
+    pub body: Option<BodyHash>,
+}
+
+/// Old UIDLs and IMAP UIDs that [`pair`] reports together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    /// Old UIDLs, in POP3 order.
+    pub old: Vec<String>,
+    /// IMAP UIDs, ascending.
+    pub new: Vec<u32>,
+    /// Whether the group's messages were paired (in order).
+    pub paired: bool,
 }
 
 /// The result of matching, with everything the summary reports.
@@ -40,53 +76,76 @@ pub struct NewMessage {
 pub struct Outcome {
     /// UID → old UIDL, ascending by UID.
     pub map: BTreeMap<u32, String>,
-    /// Pairs made by the size-in-order fast path.
-    pub by_size: usize,
-    /// Pairs made by a unique header hash (or hash and size).
-    pub by_hash: usize,
-    /// Old UIDLs whose header hash is shared with another message and could
-    /// not be told apart by size either: left unmatched (template UIDL).
-    pub ambiguous_old: Vec<String>,
-    /// IMAP UIDs in the same situation.
-    pub ambiguous_new: Vec<u32>,
-    /// Old UIDLs with no counterpart in the IMAP mailbox.
+    /// Pairs of a content that occurs once on each side.
+    pub by_content: usize,
+    /// Contents that occur more than once on a side (and on both sides):
+    /// copies that cannot be told apart. Paired in order when the counts are
+    /// equal, else left unmatched. In POP3 order of their first old copy.
+    pub identical: Vec<Group>,
+    /// Messages with one header hash on both sides whose bodies match
+    /// nothing on the other side (another tool changed the body, or a
+    /// different message carries the same header): not paired.
+    pub other_body: Vec<Group>,
+    /// Old UIDLs whose header occurs nowhere in the IMAP mailbox, or whose
+    /// content does not while no IMAP message with that header is left.
     pub missing_in_new: Vec<String>,
-    /// Old UIDLs without a header hash (a UIDL list file without hashes),
-    /// which only the size fast path could have matched.
+    /// Old UIDLs without a header or body hash (an old list file without
+    /// them): never paired.
     pub no_hash: Vec<String>,
     /// IMAP UIDs with no counterpart on the old server (they keep the
     /// template UIDL, like new mail).
     pub missing_in_old: Vec<u32>,
 }
 
-/// The fast path: the same number of messages and the same size message by
-/// message (POP3 order against UID order) means the mailbox was copied in
-/// order, and message i is message i. `None` when that does not hold.
-pub fn by_size(old: &[OldMessage], new: &[NewMessage]) -> Option<Outcome> {
-    if old.len() != new.len() || old.iter().zip(new).any(|(o, n)| o.size != n.size) {
-        return None;
+impl Outcome {
+    /// Old UIDLs paired inside identical groups.
+    pub fn identical_paired(&self) -> usize {
+        self.identical
+            .iter()
+            .filter(|g| g.paired)
+            .map(|g| g.new.len())
+            .sum()
     }
-    let map: BTreeMap<u32, String> = old
-        .iter()
-        .zip(new)
-        .map(|(o, n)| (n.uid, o.uidl.clone()))
-        .collect();
-    Some(Outcome {
-        by_size: map.len(),
-        map,
-        ..Outcome::default()
-    })
+
+    /// IMAP messages that keep a template UIDL although a message with the
+    /// same header is on the old server: a client that had that one
+    /// downloads them once more at the cut-over. (Messages only in the
+    /// mailbox are downloaded too, as any new mail is.)
+    pub fn redownloads(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .identical
+            .iter()
+            .filter(|g| !g.paired)
+            .chain(&self.other_body)
+            .flat_map(|g| g.new.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v
+    }
 }
 
-/// Matches by header hash. Every message should carry a hash; an old one
-/// without is reported in `no_hash`, a new one without as missing on the
-/// old side. A hash that occurs once
-/// on each side pairs those two. A hash that occurs more than once on either
-/// side is split by size, and pairs only where (hash, size) is unique on
-/// both sides; the rest is ambiguous and stays unmatched.
-pub fn by_hash(old: &[OldMessage], new: &[NewMessage]) -> Outcome {
+/// The messages whose body must be hashed before [`pair`]: those whose
+/// header hash occurs on both sides (no other message can be paired, so no
+/// other body is worth fetching). Indexes into `old` and `new`.
+pub fn needs_body(old: &[OldMessage], new: &[NewMessage]) -> (Vec<usize>, Vec<usize>) {
+    let olds: std::collections::HashSet<&str> =
+        old.iter().filter_map(|m| m.hash.as_deref()).collect();
+    let news: std::collections::HashSet<&str> =
+        new.iter().filter_map(|m| m.hash.as_deref()).collect();
+    let o = (0..old.len())
+        .filter(|&i| old[i].hash.as_deref().is_some_and(|h| news.contains(h)))
+        .collect();
+    let n = (0..new.len())
+        .filter(|&i| new[i].hash.as_deref().is_some_and(|h| olds.contains(h)))
+        .collect();
+    (o, n)
+}
+
+/// Pairs old and new messages by content (header hash and body hash; see
+/// the module documentation). `old` in POP3 order, `new` in UID order.
+pub fn pair(old: &[OldMessage], new: &[NewMessage]) -> Outcome {
     let mut out = Outcome::default();
-    // hash → indexes, in order.
+    // Header hash → indexes, in order.
     let mut olds: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut news: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, o) in old.iter().enumerate() {
@@ -114,32 +173,7 @@ pub fn by_hash(old: &[OldMessage], new: &[NewMessage]) -> Outcome {
                 .extend(os.iter().map(|&i| old[i].uidl.clone()));
             continue;
         };
-        if os.len() == 1 && ns.len() == 1 {
-            out.map.insert(new[ns[0]].uid, old[os[0]].uidl.clone());
-            out.by_hash += 1;
-            continue;
-        }
-        // Several messages share this header: try (hash, size).
-        for &i in os {
-            let size = old[i].size;
-            let same_old = os.iter().filter(|&&k| old[k].size == size).count();
-            let same_new: Vec<usize> = ns
-                .iter()
-                .copied()
-                .filter(|&k| new[k].size == size)
-                .collect();
-            if same_old == 1 && same_new.len() == 1 {
-                out.map.insert(new[same_new[0]].uid, old[i].uidl.clone());
-                out.by_hash += 1;
-            } else {
-                out.ambiguous_old.push(old[i].uidl.clone());
-            }
-        }
-        for &k in ns {
-            if !out.map.contains_key(&new[k].uid) {
-                out.ambiguous_new.push(new[k].uid);
-            }
-        }
+        pair_header_group(old, new, os, ns, &mut out);
     }
     for n in new {
         if let Some(h) = n.hash.as_deref() {
@@ -149,125 +183,404 @@ pub fn by_hash(old: &[OldMessage], new: &[NewMessage]) -> Outcome {
         }
     }
     out.missing_in_old.sort_unstable();
-    out.ambiguous_new.sort_unstable();
     out
+}
+
+/// The messages of one header hash, present on both sides: pairs by body.
+fn pair_header_group(
+    old: &[OldMessage],
+    new: &[NewMessage],
+    os: &[usize],
+    ns: &[usize],
+    out: &mut Outcome,
+) {
+    // Body hash → indexes, in order; without a body hash: left over.
+    let mut by_body: Vec<(&str, Vec<usize>, Vec<usize>)> = Vec::new();
+    let mut slot: HashMap<&str, usize> = HashMap::new();
+    let mut old_left: Vec<usize> = Vec::new();
+    let mut new_left: Vec<usize> = Vec::new();
+    for &i in os {
+        match old[i].body.as_deref() {
+            Some(b) => {
+                let k = *slot.entry(b).or_insert_with(|| {
+                    by_body.push((b, Vec::new(), Vec::new()));
+                    by_body.len() - 1
+                });
+                by_body[k].1.push(i);
+            }
+            None => out.no_hash.push(old[i].uidl.clone()),
+        }
+    }
+    for &i in ns {
+        match new[i].body.as_deref().and_then(|b| slot.get(b)) {
+            Some(&k) => by_body[k].2.push(i),
+            None => new_left.push(i),
+        }
+    }
+    for (_, o, n) in by_body {
+        match (o.len(), n.len()) {
+            (_, 0) => old_left.extend(o),
+            (1, 1) => {
+                out.map.insert(new[n[0]].uid, old[o[0]].uidl.clone());
+                out.by_content += 1;
+            }
+            (k, m) => {
+                let paired = k == m;
+                if paired {
+                    for (&oi, &ni) in o.iter().zip(&n) {
+                        out.map.insert(new[ni].uid, old[oi].uidl.clone());
+                    }
+                }
+                out.identical.push(Group {
+                    old: o.iter().map(|&i| old[i].uidl.clone()).collect(),
+                    new: n.iter().map(|&i| new[i].uid).collect(),
+                    paired,
+                });
+            }
+        }
+    }
+    match (old_left.is_empty(), new_left.is_empty()) {
+        (_, true) => out
+            .missing_in_new
+            .extend(old_left.iter().map(|&i| old[i].uidl.clone())),
+        (true, false) => out
+            .missing_in_old
+            .extend(new_left.iter().map(|&i| new[i].uid)),
+        (false, false) => {
+            old_left.sort_unstable();
+            out.other_body.push(Group {
+                old: old_left.iter().map(|&i| old[i].uidl.clone()).collect(),
+                new: new_left.iter().map(|&i| new[i].uid).collect(),
+                paired: false,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn old(uidl: &str, size: u64, hash: Option<&str>) -> OldMessage {
+    fn old(uidl: &str, hash: Option<&str>, body: Option<&str>) -> OldMessage {
         OldMessage {
             uidl: uidl.into(),
-            size,
+            size: 0,
             hash: hash.map(str::to_string),
+            body: body.map(str::to_string),
         }
     }
 
-    fn new(uid: u32, size: u64, hash: Option<&str>) -> NewMessage {
+    fn new(uid: u32, hash: Option<&str>, body: Option<&str>) -> NewMessage {
         NewMessage {
             uid,
-            size,
+            size: 0,
             hash: hash.map(str::to_string),
+            body: body.map(str::to_string),
         }
     }
 
     #[test]
-    fn same_sizes_in_order_map_one_to_one() {
-        let o = [old("a", 10, None), old("b", 20, None), old("c", 10, None)];
-        let n = [new(5, 10, None), new(9, 20, None), new(12, 10, None)];
-        let out = by_size(&o, &n).unwrap();
-        assert_eq!(out.by_size, 3);
-        assert_eq!(
-            out.map.into_iter().collect::<Vec<_>>(),
-            [(5, "a".into()), (9, "b".into()), (12, "c".into())]
-        );
-        // One size differs, or the counts differ: no fast path.
-        assert!(by_size(&o, &[new(5, 10, None), new(9, 21, None), new(12, 10, None)]).is_none());
-        assert!(by_size(&o[..2], &n).is_none());
-        // Empty on both sides is trivially fine.
-        assert_eq!(by_size(&[], &[]).unwrap().map.len(), 0);
-    }
-
-    #[test]
-    fn hashes_match_out_of_order_and_with_different_sizes() {
+    fn content_pairs_out_of_order() {
         let o = [
-            old("a", 10, Some("h1")),
-            old("b", 20, Some("h2")),
-            old("c", 30, Some("h3")),
+            old("a", Some("h1"), Some("b1")),
+            old("b", Some("h2"), Some("b2")),
+            old("c", Some("h3"), Some("b3")),
         ];
-        // Reordered, and each grew by a Received header.
         let n = [
-            new(1, 75, Some("h3")),
-            new(2, 55, Some("h1")),
-            new(3, 65, Some("h2")),
+            new(1, Some("h3"), Some("b3")),
+            new(2, Some("h1"), Some("b1")),
+            new(3, Some("h2"), Some("b2")),
         ];
-        let out = by_hash(&o, &n);
-        assert_eq!(out.by_hash, 3);
+        let out = pair(&o, &n);
+        assert_eq!(out.by_content, 3);
         assert_eq!(out.map[&1], "c");
         assert_eq!(out.map[&2], "a");
         assert_eq!(out.map[&3], "b");
-        assert!(out.ambiguous_old.is_empty() && out.missing_in_new.is_empty());
+        assert!(out.identical.is_empty() && out.other_body.is_empty());
+        assert!(out.missing_in_new.is_empty() && out.missing_in_old.is_empty());
+        assert!(out.redownloads().is_empty());
     }
 
     #[test]
-    fn identical_headers_are_reported_never_swapped() {
-        // Two messages with the same header; sizes differ on the new side
-        // (a Received was added), so (hash, size) cannot tell them apart.
+    fn one_header_is_told_apart_by_the_body() {
         let o = [
-            old("a", 10, Some("dup")),
-            old("b", 20, Some("dup")),
-            old("c", 5, Some("h")),
+            old("a", Some("dup"), Some("x")),
+            old("b", Some("dup"), Some("y")),
         ];
         let n = [
-            new(1, 70, Some("dup")),
-            new(2, 60, Some("dup")),
-            new(3, 9, Some("h")),
+            new(1, Some("dup"), Some("y")),
+            new(2, Some("dup"), Some("x")),
         ];
-        let out = by_hash(&o, &n);
-        assert_eq!(out.map.len(), 1);
-        assert_eq!(out.map[&3], "c");
-        assert_eq!(out.ambiguous_old, ["a", "b"]);
-        assert_eq!(out.ambiguous_new, [1, 2]);
-        // Same header, sizes kept and distinct: (hash, size) settles it.
-        let n = [
-            new(1, 20, Some("dup")),
-            new(2, 10, Some("dup")),
-            new(3, 9, Some("h")),
-        ];
-        let out = by_hash(&o, &n);
+        let out = pair(&o, &n);
+        assert_eq!(out.by_content, 2);
         assert_eq!(out.map[&1], "b");
         assert_eq!(out.map[&2], "a");
-        assert!(out.ambiguous_old.is_empty());
-        // Same header and same size on both: ambiguous even though 2 = 2.
-        let o = [old("a", 10, Some("dup")), old("b", 10, Some("dup"))];
-        let n = [new(1, 10, Some("dup")), new(2, 10, Some("dup"))];
-        let out = by_hash(&o, &n);
-        assert!(out.map.is_empty());
-        assert_eq!(out.ambiguous_old, ["a", "b"]);
-        assert_eq!(out.ambiguous_new, [1, 2]);
     }
 
     #[test]
-    fn messages_missing_on_either_side_are_reported() {
+    fn one_header_without_a_matching_body_is_never_paired() {
+        // A unique header on both sides is not enough: the bodies differ
+        // (another tool changed it, or it is another message).
         let o = [
-            old("a", 10, Some("h1")),
-            old("gone", 20, Some("h2")),
-            old("nohash", 1, None),
+            old("a", Some("h"), Some("x")),
+            old("z", Some("h2"), Some("q")),
+        ];
+        let n = [new(1, Some("h"), Some("x2")), new(2, Some("h2"), Some("q"))];
+        let out = pair(&o, &n);
+        assert_eq!(out.map, BTreeMap::from([(2, "z".to_string())]));
+        assert_eq!(
+            out.other_body,
+            [Group {
+                old: vec!["a".into()],
+                new: vec![1],
+                paired: false
+            }]
+        );
+        assert_eq!(out.redownloads(), [1]);
+        // Partly: one body matches, the others are left over together.
+        let o = [
+            old("a", Some("h"), Some("x")),
+            old("b", Some("h"), Some("y")),
+            old("c", Some("h"), Some("z")),
         ];
         let n = [
-            new(1, 10, Some("h1")),
-            new(2, 30, Some("extra")),
-            new(3, 4, None),
+            new(1, Some("h"), Some("y")),
+            new(2, Some("h"), Some("w")),
+            new(3, Some("h"), Some("v")),
         ];
-        let out = by_hash(&o, &n);
-        assert_eq!(out.map.len(), 1);
-        assert_eq!(out.map[&1], "a");
+        let out = pair(&o, &n);
+        assert_eq!(out.map, BTreeMap::from([(1, "b".to_string())]));
+        assert_eq!(out.other_body[0].old, ["a", "c"]);
+        assert_eq!(out.other_body[0].new, [2, 3]);
+        // Left over on one side only: missing there, not "other body".
+        let n = [new(1, Some("h"), Some("y"))];
+        let out = pair(&o, &n);
+        assert_eq!(out.missing_in_new, ["a", "c"]);
+        assert!(out.other_body.is_empty() && out.redownloads().is_empty());
+        let out = pair(
+            &o[1..2],
+            &[new(1, Some("h"), Some("y")), new(2, Some("h"), Some("v"))],
+        );
+        assert_eq!(out.missing_in_old, [2]);
+    }
+
+    #[test]
+    fn identical_copies_pair_in_order_only_when_the_counts_agree() {
+        let o = [
+            old("a", Some("h"), Some("x")),
+            old("m", Some("k"), Some("k")),
+            old("b", Some("h"), Some("x")),
+        ];
+        let n = [
+            new(7, Some("h"), Some("x")),
+            new(8, Some("k"), Some("k")),
+            new(9, Some("h"), Some("x")),
+        ];
+        let out = pair(&o, &n);
+        assert_eq!(out.map[&7], "a");
+        assert_eq!(out.map[&9], "b");
+        assert_eq!(out.map[&8], "m");
+        assert_eq!(out.by_content, 1);
+        assert_eq!(out.identical_paired(), 2);
+        assert_eq!(
+            out.identical,
+            [Group {
+                old: vec!["a".into(), "b".into()],
+                new: vec![7, 9],
+                paired: true
+            }]
+        );
+        assert!(out.redownloads().is_empty());
+        // Another tool dropped a copy: 2 old, 1 new: nothing paired.
+        let out = pair(&o, &n[..2]);
+        assert_eq!(out.map, BTreeMap::from([(8, "m".to_string())]));
+        assert_eq!(
+            out.identical,
+            [Group {
+                old: vec!["a".into(), "b".into()],
+                new: vec![7],
+                paired: false
+            }]
+        );
+        assert_eq!(out.redownloads(), [7]);
+        // ... or added one: 1 old, 2 new.
+        let out = pair(&o[..2], &n);
+        assert_eq!(out.identical[0].old, ["a"]);
+        assert_eq!(out.identical[0].new, [7, 9]);
+        assert!(!out.identical[0].paired);
+        assert_eq!(out.redownloads(), [7, 9]);
+    }
+
+    #[test]
+    fn messages_missing_on_either_side_or_without_hashes_are_reported() {
+        let o = [
+            old("a", Some("h1"), Some("b1")),
+            old("gone", Some("h2"), None),
+            old("nohash", None, None),
+            old("nobody", Some("h3"), None),
+        ];
+        let n = [
+            new(1, Some("h1"), Some("b1")),
+            new(2, Some("extra"), None),
+            new(3, None, None),
+            new(4, Some("h3"), Some("b3")),
+        ];
+        let out = pair(&o, &n);
+        assert_eq!(out.map, BTreeMap::from([(1, "a".to_string())]));
         assert_eq!(out.missing_in_new, ["gone"]);
-        assert_eq!(out.no_hash, ["nohash"]);
-        assert_eq!(out.missing_in_old, [2, 3]);
-        // A size fast path cannot hide a missing message: counts differ.
-        assert!(by_size(&o, &n[..2]).is_none());
+        assert_eq!(out.no_hash, ["nohash", "nobody"]);
+        assert_eq!(out.missing_in_old, [2, 3, 4]);
+        assert!(out.redownloads().is_empty());
+    }
+
+    #[test]
+    fn only_messages_with_a_header_on_both_sides_need_a_body() {
+        let o = [
+            old("a", Some("h1"), None),
+            old("b", Some("h2"), None),
+            old("c", None, None),
+        ];
+        let n = [
+            new(1, Some("h2"), None),
+            new(2, Some("h9"), None),
+            new(3, None, None),
+        ];
+        assert_eq!(needs_body(&o, &n), (vec![1], vec![0]));
+    }
+}
+
+/// The two failures of issue 18, as `capture` met them: each case is built
+/// from message bytes (old side as the old server's LIST and TOP/RETR show
+/// it, new side after the other tool moved it) and run through what
+/// `capture` does with them.
+#[cfg(test)]
+mod issue18 {
+    use super::*;
+    use crate::migrate::hash::{body_hash, header_hash};
+
+    /// What `capture` does with the two sides: header hashes, then body
+    /// hashes where a header occurs on both sides, then [`pair`]. (On the
+    /// code before issue 18: a size-in-order fast path, then header
+    /// hashes split by size; both tests failed there.)
+    fn capture(old: &[(&str, Vec<u8>)], new: &[(u32, Vec<u8>)]) -> Outcome {
+        let mut o: Vec<OldMessage> = old
+            .iter()
+            .map(|(uidl, m)| OldMessage {
+                uidl: uidl.to_string(),
+                size: m.len() as u64,
+                hash: Some(header_hash(m)),
+                body: None,
+            })
+            .collect();
+        let mut n: Vec<NewMessage> = new
+            .iter()
+            .map(|(uid, m)| NewMessage {
+                uid: *uid,
+                size: m.len() as u64,
+                hash: Some(header_hash(m)),
+                body: None,
+            })
+            .collect();
+        let (oi, ni) = needs_body(&o, &n);
+        for i in oi {
+            o[i].body = Some(body_hash(&old[i].1));
+        }
+        for i in ni {
+            n[i].body = Some(body_hash(&new[i].1));
+        }
+        pair(&o, &n)
+    }
+
+    fn message(subject: &str, id: &str, body: &str) -> Vec<u8> {
+        format!(
+            "From: sender@example.org\r\nTo: alice@example.net\r\n\
+             Subject: {subject}\r\nMessage-ID: <{id}@example.org>\r\n\r\n{body}"
+        )
+        .into_bytes()
+    }
+
+    /// The Received field the other tool puts on top of every message it
+    /// moves (in case 2).
+    const RECEIVED: &str =
+        "Received: from old-isp.example by migrator.example; Tue, 2 Jan 2024 00:00:00 +0000\r\n";
+
+    fn received(m: &[u8]) -> Vec<u8> {
+        let mut out = RECEIVED.as_bytes().to_vec();
+        out.extend_from_slice(m);
+        out
+    }
+
+    /// Case 1: the other tool moved everything byte for byte and in order,
+    /// except two adjacent messages of equal size and different headers,
+    /// which it swapped. Each must keep its own old UIDL.
+    #[test]
+    fn swapped_equal_size_neighbours_keep_their_own_uidls() {
+        let m: Vec<Vec<u8>> = vec![
+            message("first", "1", "one\r\n"),
+            message("swap A", "A", "body A\r\n"),
+            message("swap B", "B", "body B\r\n"),
+            message("last", "4", "four, longer\r\n"),
+        ];
+        assert_eq!(m[1].len(), m[2].len(), "the swapped pair has one size");
+        let old = [
+            ("u1", m[0].clone()),
+            ("uA", m[1].clone()),
+            ("uB", m[2].clone()),
+            ("u4", m[3].clone()),
+        ];
+        let new = [
+            (11, m[0].clone()),
+            (12, m[2].clone()),
+            (13, m[1].clone()),
+            (14, m[3].clone()),
+        ];
+        let out = capture(&old, &new);
+        assert_eq!(
+            out.map,
+            BTreeMap::from([
+                (11, "u1".to_string()),
+                (12, "uB".to_string()),
+                (13, "uA".to_string()),
+                (14, "u4".to_string()),
+            ]),
+            "B must never be served under A's old UIDL (or A under B's)"
+        );
+    }
+
+    /// Case 2: two messages with identical headers; in the old order the
+    /// longer comes first, and it is longer by exactly the Received field
+    /// the other tool adds to every message. After the move the shorter one
+    /// has the longer one's old size. Each must keep its own old UIDL.
+    #[test]
+    fn identical_headers_longer_by_the_added_received_line_are_not_crossed() {
+        let short = message("twins", "twin", "short body\r\n");
+        let long = message(
+            "twins",
+            "twin",
+            &format!("short body\r\n{}", "x".repeat(RECEIVED.len() - 2) + "\r\n"),
+        );
+        assert_eq!(long.len(), short.len() + RECEIVED.len());
+        let other = message("other", "o", "other\r\n");
+        let old = [
+            ("uLong", long.clone()),
+            ("uShort", short.clone()),
+            ("uOther", other.clone()),
+        ];
+        let new = [
+            (1, received(&long)),
+            (2, received(&short)),
+            (3, received(&other)),
+        ];
+        assert_eq!(new[1].1.len(), long.len(), "short's new size = long's old");
+        let out = capture(&old, &new);
+        assert_eq!(
+            out.map,
+            BTreeMap::from([
+                (1, "uLong".to_string()),
+                (2, "uShort".to_string()),
+                (3, "uOther".to_string()),
+            ]),
+            "the short twin must never be served under the long twin's old UIDL"
+        );
     }
 }

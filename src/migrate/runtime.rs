@@ -166,6 +166,7 @@ mod tests {
             key: key.clone(),
             uidvalidity: 77,
             created: 1,
+            redownloads: Some(0),
             entries: entries
                 .iter()
                 .map(|&(u, s)| (u, s.to_string()))

@@ -7,17 +7,25 @@
 //! because account names may contain any character):
 //! - `<stem>.map`, read at login: which IMAP UID has which old UIDL.
 //!   ```text
-//!   popbridge-uidl-map<TAB>1<TAB>upstream=..<TAB>account=..<TAB>mailbox=..<TAB>uidvalidity=N<TAB>created=UNIX
+//!   popbridge-uidl-map<TAB>1<TAB>upstream=..<TAB>account=..<TAB>mailbox=..<TAB>uidvalidity=N<TAB>redownloads=N<TAB>created=UNIX
 //!   <uid><TAB><old uidl>            (ascending UIDs)
 //!   end<TAB><number of entries>
 //!   ```
+//!   `redownloads=` (since issue 18) counts the messages `capture` left
+//!   with template UIDLs although a message with their header is on the old
+//!   server: clients that had it download them once more. Maps written
+//!   before it have no such field; readers ignore header fields they do not
+//!   know, so a map with it loads in older popbridge versions too.
 //! - `<stem>.old`, read only by `popbridge migrate`: the old server's list as
 //!   captured, so the map can be rebuilt without the old server.
 //!   ```text
 //!   popbridge-uidl-old<TAB>1<TAB>upstream=..<TAB>account=..<TAB>mailbox=..<TAB>source=..<TAB>created=UNIX
-//!   <old uidl><TAB><size><TAB><header hash or ->   (POP3 order)
+//!   <old uidl><TAB><size><TAB><header hash or -><TAB><body hash or ->   (POP3 order)
 //!   end<TAB><number of messages>
 //!   ```
+//!
+//! - `<stem>.hashes`, read only by `popbridge migrate`: the hashes computed
+//!   so far, so an interrupted capture resumes ([`super::journal`]).
 //!
 //! Header values are percent-encoded (every octet outside 0x21-0x7E, and `%`
 //! and `=`). The `end` line makes a truncated file detectable: without it the
@@ -29,7 +37,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::hash::{is_hash, HeaderHash};
+use super::hash::{is_body_hash, is_hash, BodyHash, HeaderHash};
 use super::matching::OldMessage;
 use crate::pop3::uidl::MAX_UIDL_LEN;
 
@@ -44,8 +52,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// typically two million); a larger file is refused rather than read.
 pub const MAX_MAP_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Largest `.old` file read (an entry adds a size and a 32-digit hash).
-pub const MAX_OLD_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// Largest `.old` file read (an entry adds a size, a 32-digit header hash
+/// and a 64-digit body hash).
+pub const MAX_OLD_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
 const MAP_MAGIC: &str = "popbridge-uidl-map";
 const OLD_MAGIC: &str = "popbridge-uidl-old";
@@ -111,6 +120,14 @@ impl MapKey {
             .join(format!("{}.map", self.file_stem()))
     }
 
+    /// `<dir>/uidl-maps/<stem>.hashes`: the capture's journal
+    /// ([`super::journal`]).
+    pub fn journal_path(&self, data_dir: &Path) -> PathBuf {
+        data_dir
+            .join(MAPS_DIR)
+            .join(format!("{}.hashes", self.file_stem()))
+    }
+
     /// `<dir>/uidl-maps/<stem>.old`.
     pub fn old_path(&self, data_dir: &Path) -> PathBuf {
         data_dir
@@ -127,6 +144,9 @@ pub struct UidlMap {
     pub uidvalidity: u32,
     /// Seconds since the Unix epoch when the map was written.
     pub created: u64,
+    /// Messages that will be downloaded once more at the cut-over (see the
+    /// module documentation); `None` in maps written before it was kept.
+    pub redownloads: Option<u64>,
     /// UID → old UIDL.
     pub entries: BTreeMap<u32, String>,
 }
@@ -170,26 +190,33 @@ fn dec(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn header_line(magic: &str, key: &MapKey, extra: (&str, String), created: u64) -> String {
-    format!(
-        "{magic}\t{FORMAT_VERSION}\tupstream={}\taccount={}\tmailbox={}\t{}={}\tcreated={created}\n",
+pub(super) fn header_line(
+    magic: &str,
+    key: &MapKey,
+    extra: &[(&str, String)],
+    created: u64,
+) -> String {
+    let mut s = format!(
+        "{magic}\t{FORMAT_VERSION}\tupstream={}\taccount={}\tmailbox={}",
         enc(&key.upstream),
         enc(&key.account),
         enc(&key.mailbox),
-        extra.0,
-        enc(&extra.1),
-    )
+    );
+    for (k, v) in extra {
+        s.push_str(&format!("\t{k}={}", enc(v)));
+    }
+    s.push_str(&format!("\tcreated={created}\n"));
+    s
 }
 
 impl UidlMap {
     /// The file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut s = header_line(
-            MAP_MAGIC,
-            &self.key,
-            ("uidvalidity", self.uidvalidity.to_string()),
-            self.created,
-        );
+        let mut extra = vec![("uidvalidity", self.uidvalidity.to_string())];
+        if let Some(n) = self.redownloads {
+            extra.push(("redownloads", n.to_string()));
+        }
+        let mut s = header_line(MAP_MAGIC, &self.key, &extra, self.created);
         for (uid, uidl) in &self.entries {
             s.push_str(&format!("{uid}\t{uidl}\n"));
         }
@@ -210,6 +237,13 @@ impl UidlMap {
             .get("uidvalidity")
             .and_then(|v| v.parse::<u32>().ok())
             .ok_or_else(|| corrupt(1, "no valid uidvalidity".into()))?;
+        let redownloads = match head.extra.get("redownloads") {
+            None => None,
+            Some(v) => Some(
+                v.parse::<u64>()
+                    .map_err(|_| corrupt(1, "bad redownloads=".into()))?,
+            ),
+        };
         let mut entries = BTreeMap::new();
         let mut last = 0u32;
         for (n, line) in lines {
@@ -237,6 +271,7 @@ impl UidlMap {
             key: head.key,
             uidvalidity,
             created: head.created,
+            redownloads,
             entries,
         })
     }
@@ -257,15 +292,16 @@ impl OldList {
         let mut s = header_line(
             OLD_MAGIC,
             &self.key,
-            ("source", self.source.clone()),
+            &[("source", self.source.clone())],
             self.created,
         );
         for m in &self.messages {
             s.push_str(&format!(
-                "{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\n",
                 m.uidl,
                 m.size,
-                m.hash.as_deref().unwrap_or("-")
+                m.hash.as_deref().unwrap_or("-"),
+                m.body.as_deref().unwrap_or("-"),
             ));
         }
         s.push_str(&format!("end\t{}\n", self.messages.len()));
@@ -307,9 +343,10 @@ impl OldList {
     }
 }
 
-/// One old-list line: `uidl<TAB>size[<TAB>hash|-]` (also the format of the
-/// UIDL list files `popbridge migrate import` reads, where the separator
-/// may be any white space).
+/// One old-list line: `uidl<TAB>size[<TAB>hash|-[<TAB>body hash|-]]` (also
+/// the format of the UIDL list files `popbridge migrate import` reads, where
+/// the separator may be any white space). Lists written before body hashes
+/// existed have three fields.
 pub fn parse_old_line(line: &str) -> Result<OldMessage, String> {
     let mut parts = line.split(['\t', ' ']).filter(|p| !p.is_empty());
     let uidl = parts.next().ok_or("empty line")?;
@@ -319,11 +356,16 @@ pub fn parse_old_line(line: &str) -> Result<OldMessage, String> {
     let size = parts
         .next()
         .and_then(|s| s.parse::<u64>().ok())
-        .ok_or("expected <uidl> <size> [<header hash>]")?;
+        .ok_or("expected <uidl> <size> [<header hash> [<body hash>]]")?;
     let hash = match parts.next() {
         None | Some("-") => None,
         Some(h) if is_hash(h) => Some(h.to_string() as HeaderHash),
         Some(h) => return Err(format!("{h:?} is not a header hash (32 hex digits)")),
+    };
+    let body = match parts.next() {
+        None | Some("-") => None,
+        Some(h) if is_body_hash(h) => Some(h.to_string() as BodyHash),
+        Some(h) => return Err(format!("{h:?} is not a body hash (64 hex digits)")),
     };
     if parts.next().is_some() {
         return Err("too many fields".into());
@@ -332,6 +374,7 @@ pub fn parse_old_line(line: &str) -> Result<OldMessage, String> {
         uidl: uidl.to_string(),
         size,
         hash,
+        body,
     })
 }
 
@@ -369,6 +412,35 @@ fn split_file<'a>(
     }
     let (_, first) = lines.remove(0);
     let (end_line, last) = lines.pop().unwrap_or((0, ""));
+    let (key, extra, created) = parse_head(first, path, magic)?;
+    let count = last
+        .strip_prefix("end\t")
+        .and_then(|c| c.parse::<usize>().ok())
+        .ok_or_else(|| corrupt(end_line, "truncated (no end line)"))?;
+    Ok((
+        Head {
+            key,
+            extra,
+            created,
+            count,
+            end_line,
+        },
+        lines,
+    ))
+}
+
+/// A file's first line: magic, version, account, the other `name=value`
+/// fields (percent-decoded) and `created`.
+pub(super) fn parse_head(
+    first: &str,
+    path: &Path,
+    magic: &str,
+) -> Result<(MapKey, std::collections::HashMap<String, String>, u64), StoreError> {
+    let corrupt = |line: usize, why: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        why: why.to_string(),
+    };
     let mut fields = first.split('\t');
     if fields.next() != Some(magic) {
         return Err(corrupt(1, &format!("not a {magic} file")));
@@ -402,20 +474,7 @@ fn split_file<'a>(
     let created = take("created")?
         .parse()
         .map_err(|_| corrupt(1, "bad created="))?;
-    let count = last
-        .strip_prefix("end\t")
-        .and_then(|c| c.parse::<usize>().ok())
-        .ok_or_else(|| corrupt(end_line, "truncated (no end line)"))?;
-    Ok((
-        Head {
-            key,
-            extra,
-            created,
-            count,
-            end_line,
-        },
-        lines,
-    ))
+    Ok((key, extra, created))
 }
 
 /// Reads at most `limit` octets; `Ok(None)` when the file does not exist.
@@ -489,8 +548,34 @@ mod tests {
             key: key(),
             uidvalidity: 1234,
             created: 1_700_000_000,
+            redownloads: Some(3),
             entries: BTreeMap::from([(1, "old-1".into()), (7, "0000000100000002".into())]),
         }
+    }
+
+    #[test]
+    fn maps_without_redownloads_load_and_unknown_header_fields_are_ignored() {
+        let p = Path::new("m");
+        // A map as written before issue 18 (no redownloads=).
+        let before = "popbridge-uidl-map\t1\tupstream=h:143\taccount=alice\tmailbox=INBOX\t\
+                      uidvalidity=9\tcreated=5\n3\tx\nend\t1\n";
+        let m = UidlMap::parse(before.as_bytes(), p).unwrap();
+        assert_eq!(m.redownloads, None);
+        assert_eq!(m.entries, BTreeMap::from([(3, "x".to_string())]));
+        // Written back, it stays without the field.
+        assert_eq!(String::from_utf8(m.to_bytes()).unwrap(), before);
+        // The header now has redownloads=; a field this version does not
+        // know is ignored, as the reader has always done (so older
+        // popbridge versions read maps with redownloads= too).
+        let now = String::from_utf8(map().to_bytes()).unwrap();
+        assert!(
+            now.contains("\tuidvalidity=1234\tredownloads=3\tcreated="),
+            "{now}"
+        );
+        let later = now.replace("\tcreated=", "\tsomething-new=1\tcreated=");
+        assert_eq!(UidlMap::parse(later.as_bytes(), p).unwrap(), map());
+        let bad = now.replace("redownloads=3", "redownloads=x");
+        assert!(UidlMap::parse(bad.as_bytes(), p).is_err());
     }
 
     #[test]
@@ -532,15 +617,28 @@ mod tests {
                     uidl: "a".into(),
                     size: 10,
                     hash: Some("0123456789abcdef0123456789abcdef".into()),
+                    body: Some("ab".repeat(32)),
                 },
                 OldMessage {
                     uidl: "b".into(),
                     size: 20,
                     hash: None,
+                    body: None,
+                },
+                OldMessage {
+                    uidl: "c".into(),
+                    size: 30,
+                    hash: Some("0123456789abcdef0123456789abcdef".into()),
+                    body: None,
                 },
             ],
         };
         assert_eq!(OldList::parse(&l.to_bytes(), Path::new("o")).unwrap(), l);
+        // A list written before body hashes: three fields a line.
+        let old = parse_old_line("a\t10\t0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!((old.hash.is_some(), old.body), (true, None));
+        assert!(parse_old_line(&format!("a 10 - {}", "ab".repeat(31))).is_err());
+        assert!(parse_old_line(&format!("a 10 - {} x", "ab".repeat(32))).is_err());
         assert!(parse_old_line("a 10 notahash").is_err());
         assert!(parse_old_line("has\u{7f} 10").is_err());
         assert!(parse_old_line("a").is_err());

@@ -14,6 +14,17 @@ pub const MAX_UIDL_LEN: usize = 70;
 /// Dovecot's default `pop3_uidl_format`.
 pub const DOVECOT_FORMAT: &str = "%08Xu%08Xv";
 
+/// Why there is no `courier` preset (there was one, `%v-%u`, until issue
+/// 18): Courier's own POP3 server (courier-pop) serves UIDLs such as
+/// `UID12-1796201933` from counters of its own, not from the IMAP UID and
+/// UIDVALIDITY, so no template reproduces them, and a wrong one makes every
+/// client download everything again.
+pub const COURIER_REMOVED: &str = "there is no \"courier\" preset: Courier's own POP3 server \
+     serves UIDLs from its own counters (like UID12-1796201933), which no template over the \
+     IMAP UID and UIDVALIDITY reproduces. Migrate Courier users with `popbridge migrate capture` \
+     (mail already moved; serve with uidl_map = true) or `popbridge migrate copy` (serve with \
+     reuse_xuidl = true), and keep the default uidl_format";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Var {
     Uid,
@@ -49,8 +60,11 @@ pub struct UidlFormat {
 /// Why a template was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UidlFormatError {
-    #[error("uidl_format {0:?}: unknown variable or preset (use %u and %v, e.g. \"%08Xu%08Xv\", or a preset: dovecot, cyrus, courier, uw)")]
+    #[error("uidl_format {0:?}: unknown variable or preset (use %u and %v, e.g. \"%08Xu%08Xv\", or a preset: dovecot, cyrus, uw)")]
     UnknownVariable(String),
+    /// The `courier` preset is gone: see [`COURIER_REMOVED`].
+    #[error("uidl_format {0:?}: {COURIER_REMOVED}")]
+    Courier(String),
     #[error("uidl_format {0:?} does not contain the UID (%u): UIDLs would not be unique")]
     NoUid(String),
     #[error("uidl_format {0:?} contains a character outside 0x21-0x7E (RFC 1939 §7)")]
@@ -62,13 +76,13 @@ pub enum UidlFormatError {
 impl UidlFormat {
     /// Parses a preset name or a template such as `%08Xu%08Xv`.
     ///
-    /// Presets: `dovecot` (`%08Xu%08Xv`), `cyrus` (`%v.%u`), `courier`
-    /// (`%v-%u`), `uw` (`%08Xv%08Xu`).
+    /// Presets: `dovecot` (`%08Xu%08Xv`), `cyrus` (`%v.%u`), `uw`
+    /// (`%08Xv%08Xu`). `courier` is refused ([`COURIER_REMOVED`]).
     pub fn parse(spec: &str) -> Result<Self, UidlFormatError> {
         let template = match spec.to_ascii_lowercase().as_str() {
             "dovecot" => DOVECOT_FORMAT,
             "cyrus" => "%v.%u",
-            "courier" => "%v-%u",
+            "courier" => return Err(UidlFormatError::Courier(spec.to_string())),
             "uw" => "%08Xv%08Xu",
             _ => spec,
         };
@@ -195,10 +209,6 @@ mod tests {
             "1234.7"
         );
         assert_eq!(
-            UidlFormat::parse("courier").unwrap().render(7, 1234),
-            "1234-7"
-        );
-        assert_eq!(
             UidlFormat::parse("uw").unwrap().render(7, 0x1234),
             "0000123400000007"
         );
@@ -211,6 +221,23 @@ mod tests {
             "uff-%"
         );
         assert_eq!(UidlFormat::parse("%5u").unwrap().render(42, 1), "00042");
+    }
+
+    #[test]
+    fn the_courier_preset_is_refused_with_the_way_to_migrate() {
+        for spec in ["courier", "Courier"] {
+            let e = UidlFormat::parse(spec).unwrap_err();
+            assert_eq!(e, UidlFormatError::Courier(spec.into()));
+            let text = e.to_string();
+            for part in ["UID12-1796201933", "migrate capture", "migrate copy"] {
+                assert!(text.contains(part), "{text}");
+            }
+        }
+        // A template of that shape is still the operator's to choose.
+        assert_eq!(
+            UidlFormat::parse("%v-%u").unwrap().render(7, 1234),
+            "1234-7"
+        );
     }
 
     #[test]
@@ -248,7 +275,7 @@ mod tests {
     #[test]
     fn fixed_width_or_separator_keeps_uidls_distinct() {
         // "1"+"23" and "12"+"3" must not collide.
-        for spec in ["dovecot", "cyrus", "courier", "uw"] {
+        for spec in ["dovecot", "cyrus", "uw"] {
             let f = UidlFormat::parse(spec).unwrap();
             assert_ne!(f.render(23, 1), f.render(3, 12), "{spec}");
         }
