@@ -41,6 +41,7 @@ fn connector(imap_port: u16) -> ImapConnector {
         connect_timeout: Duration::from_secs(10),
         command_timeout: Duration::from_secs(30),
         no_uidplus: NoUidplus::Refuse,
+        login_mechanism: popbridge::config::LoginMechanism::Auto,
         tls: UpstreamTlsSetup::None,
         cache: None,
         send_client_id: false,

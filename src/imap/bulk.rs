@@ -7,10 +7,12 @@ use super::conn::ImapConn;
 use super::syntax::{quote_mailbox, uid_sets};
 use super::UpstreamError;
 
-/// The longest header `for_each_header` takes whole: what `popbridge
-/// migrate` hashes at most (its `MAX_HEADER_BYTES`). The framer's default
-/// bound on a buffered literal is smaller.
-pub const MAX_HEADER: usize = 1024 * 1024;
+/// The longest literal `for_each_header` and `for_each_message` take
+/// whole: a header (`popbridge migrate` hashes at most 1 MiB of one) or a
+/// message of a batch (at most 1 MiB by RFC822.SIZE there; twice that
+/// allows a size that is off). The framer's default bound on a buffered
+/// literal is smaller; a literal over this ends the session.
+pub const MAX_BULK_LITERAL: usize = 2 * 1024 * 1024;
 
 impl ImapConn {
     /// `UID FETCH <uids> (UID RFC822.SIZE BODY.PEEK[HEADER])`, in sets of
@@ -44,15 +46,16 @@ impl ImapConn {
         mut each: impl FnMut(u32, u64, &[u8]) + Send,
     ) -> Result<(), UpstreamError> {
         self.ensure_usable()?;
-        self.wire.max_literal(Some(MAX_HEADER));
-        let r = self.headers(uids, &mut each).await;
+        self.wire.max_literal(Some(MAX_BULK_LITERAL));
+        let r = self.sections(uids, section, &mut each).await;
         self.wire.max_literal(None);
         r
     }
 
-    async fn headers(
+    async fn sections(
         &mut self,
         uids: &[u32],
+        section: &str,
         each: &mut (impl FnMut(u32, u64, &[u8]) + Send),
     ) -> Result<(), UpstreamError> {
         for set in uid_sets(uids) {
