@@ -78,7 +78,7 @@ fn pop3_form(body: &[u8]) -> Vec<u8> {
 fn popbridge(server: &dyn MailServer, config: &str) -> (Popbridge, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("popbridge.toml");
-    std::fs::write(&path, format!("[pop3]\nidle_timeout_secs = 600\n{config}")).unwrap();
+    std::fs::write(&path, config).unwrap();
     let pb = Popbridge::start(server.imap_port(), &["--config", path.to_str().unwrap()]);
     (pb, dir)
 }
@@ -215,9 +215,10 @@ fn scenario(server: &dyn MailServer, config: &str) {
     assert_eq!(pop.stat().0, 2, "{name}: the snapshot is fixed");
     let (status, body) = pop.cmd_multi("RETR 1");
     if status.starts_with("+OK") {
+        // Compared without the headers Mailutils adds as flags change.
         assert_eq!(
-            dot_unstuff(&body),
-            pop3_form(&bodies[&message_id(&dot_unstuff(&body))]),
+            server.comparable(&dot_unstuff(&body)),
+            server.comparable(&pop3_form(&bodies[&message_id(&dot_unstuff(&body))])),
             "{name}: an expunged message served anyway must be whole"
         );
     } else {
@@ -235,15 +236,32 @@ fn scenario(server: &dyn MailServer, config: &str) {
     assert!(r.starts_with("+OK"), "{name}: QUIT after an expunge: {r}");
     let mut pop = Pop3::connect(pb.port);
     pop.login(ALICE.0, ALICE.1);
-    let ids: Vec<String> = (1..=pop.stat().0)
+    let mut ids: Vec<String> = (1..=pop.stat().0)
         .map(|n| message_id(&dot_unstuff(&pop.retr(n))))
         .collect();
-    assert_eq!(
-        ids,
-        ["compat-4@popbridge.test", "compat-9@popbridge.test"],
-        "{name}: the new session sees the append and not the expunged message"
-    );
     pop.quit();
+    let mut held: Vec<String> = imap_bodies(server, ALICE.0).into_keys().collect();
+    ids.sort();
+    held.sort();
+    assert_eq!(
+        ids, held,
+        "{name}: a new session shows what the mailbox holds"
+    );
+    assert!(
+        ids.contains(&"compat-9@popbridge.test".to_string()),
+        "{name}: the append"
+    );
+    // GNU Mailutils (mbox) brings an expunged message back when another
+    // session that had the mailbox selected logs out (measured without
+    // popbridge: tests/common/servers/QUIRKS.md); every other server keeps
+    // it gone.
+    if name != "mailutils" {
+        assert_eq!(
+            ids,
+            ["compat-4@popbridge.test", "compat-9@popbridge.test"],
+            "{name}: the expunged message stays gone"
+        );
+    }
 
     // bob@example.org, whose password holds a space and a double quote:
     // USER/PASS, then AUTH PLAIN.
