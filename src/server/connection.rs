@@ -410,26 +410,19 @@ impl<C: Connector> Connection<C> {
                 Some(n) => MessageEncoder::top(n),
             },
             status: status.into_bytes(),
-            started: false,
-            scratch: Vec::new(),
+            written: false,
+            pending: Vec::new(),
             write_timeout: self.settings.idle_timeout,
         };
         let mut ok = false;
         let result = up
             .fetch(req.uid, req.size, req.top_lines.is_some(), &mut sink)
             .await;
-        let started = sink.started;
+        let started = sink.written;
         match result {
             Ok(FetchEnd::Complete) => {
-                let ClientSink {
-                    encoder,
-                    mut scratch,
-                    ..
-                } = sink;
-                let octets = encoder.consumed();
-                scratch.clear();
-                encoder.finish(&mut scratch);
-                self.write(&scratch).await?;
+                let octets = sink.encoder.consumed();
+                sink.finish().await.map_err(Stop::Client)?;
                 match req.top_lines {
                     None => {
                         self.stats.retr += 1;
@@ -568,43 +561,119 @@ impl<C: Connector> Connection<C> {
 }
 
 /// Writes a message to the client as it arrives from the upstream.
-struct ClientSink<'a> {
-    writer: &'a mut BufWriter<ClientStream>,
+///
+/// One encoded piece is kept back until the next arrives, so the end of
+/// the message and its terminating `.` leave in one write (one TLS record
+/// and segment where they fit): a client library that reads the end of a
+/// body and the terminator separately can miscount (seen with node-pop3
+/// over POP3S), and Dovecot sends them together too.
+struct ClientSink<'a, W> {
+    writer: &'a mut BufWriter<W>,
     encoder: MessageEncoder,
-    /// The `+OK` line, sent only once the first chunk arrived, so a failure
-    /// before that can still be answered with `-ERR`.
+    /// The `+OK` line, sent with the first piece, so a failure before any
+    /// piece arrived can still be answered with `-ERR`.
     status: Vec<u8>,
-    started: bool,
-    scratch: Vec<u8>,
+    /// Something went to the client: after this, a failure can only end
+    /// the connection without the terminating `.`.
+    written: bool,
+    /// Encoded octets not yet written (the `+OK` line and the last piece).
+    pending: Vec<u8>,
     write_timeout: Duration,
 }
 
-impl ClientSink<'_> {
-    async fn write(&mut self, data_is_scratch: bool) -> std::io::Result<()> {
-        let data: &[u8] = if data_is_scratch {
-            &self.scratch
-        } else {
-            &self.status
-        };
-        timeout(self.write_timeout, self.writer.write_all(data))
+impl<W: tokio::io::AsyncWrite + Unpin + Send> ClientSink<'_, W> {
+    /// Writes what is pending, in one write.
+    async fn write_pending(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.written = true;
+        timeout(self.write_timeout, self.writer.write_all(&self.pending))
             .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The message is complete: its last piece and the terminator (RFC
+    /// 1939 §3), in one write.
+    async fn finish(mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() && !self.written {
+            // An empty message, never a piece: the status line still goes.
+            self.pending.extend_from_slice(&self.status);
+        }
+        let encoder = self.encoder.clone();
+        encoder.finish(&mut self.pending);
+        self.write_pending().await
     }
 }
 
-impl BodySink for ClientSink<'_> {
+impl<W: tokio::io::AsyncWrite + Unpin + Send> BodySink for ClientSink<'_, W> {
     async fn chunk(&mut self, data: &[u8]) -> std::io::Result<Flow> {
-        if !self.started {
-            self.started = true;
-            self.write(false).await?;
+        if !self.written && self.pending.is_empty() {
+            self.pending.extend_from_slice(&self.status);
+        } else {
+            self.write_pending().await?;
         }
-        self.scratch.clear();
-        self.encoder.encode(data, &mut self.scratch);
-        self.write(true).await?;
+        self.encoder.encode(data, &mut self.pending);
         Ok(if self.encoder.is_done() {
             Flow::Stop
         } else {
             Flow::Continue
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Records every write the socket side sees.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The last piece of a message (here 20 KiB, more than the writer's
+    /// buffer) and the terminating "." reach the socket in one write.
+    #[tokio::test]
+    async fn the_end_of_a_body_and_its_terminator_leave_together() {
+        let mut writer = BufWriter::with_capacity(WRITE_BUFFER, Writes::default());
+        let mut sink = ClientSink {
+            writer: &mut writer,
+            encoder: MessageEncoder::retr(),
+            status: b"+OK 40960 octets\r\n".to_vec(),
+            written: false,
+            pending: Vec::new(),
+            write_timeout: Duration::from_secs(5),
+        };
+        let piece = [b"x".repeat(20 * 1024 - 2), b"\r\n".to_vec()].concat();
+        sink.chunk(&piece).await.unwrap();
+        sink.chunk(&piece).await.unwrap();
+        sink.finish().await.unwrap();
+        writer.flush().await.unwrap();
+        let writes = &writer.get_ref().0;
+        let last = writes.last().unwrap();
+        assert!(last.ends_with(b"x\r\n.\r\n"), "{} writes", writes.len());
+        assert!(last.len() > 20 * 1024, "the whole last piece is in it");
+        assert!(writes[0].starts_with(b"+OK 40960 octets\r\nxxx"));
     }
 }
