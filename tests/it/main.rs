@@ -1,0 +1,52 @@
+//! popbridge's integration tests, as one test crate: the harness is compiled
+//! once, and every test runs in one process.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+//!
+//! # Layout
+//!
+//! - `common/`: the harness. Private Dovecot, redis-server and OAuth2
+//!   servers, other IMAP upstreams (`common/servers`: Cyrus, Courier,
+//!   Mailutils imap4d, Dovecot without UIDPLUS), the popbridge binary as a
+//!   server or a command, byte-exact POP3 and minimal IMAP clients, real
+//!   POP3 clients that keep mail, a corpus of awkward messages, test
+//!   certificates.
+//! - `oauth_support`: a data directory, store key and configuration for
+//!   the `popbridge oauth|device` commands (`oauth_cli`, `oauth_store`).
+//! - one module per area, each against real servers:
+//!   - the POP3 session: `transactions`, `parity`, `cache`, `xuidl`,
+//!     `policies`;
+//!   - real clients and hostile input: `clients`, `security`;
+//!   - the upstream side: `faults`, `client_id`, `tls`;
+//!   - running it: `config_cli`, `operations`, `deploy`;
+//!   - moving users: `cutover`, `migration`;
+//!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
+//!     `oauth_harness`;
+//!   - the harness itself: `harness_selftest`, `servers_selftest`.
+//!
+//! Files the tests read from the repository: `config/` (the example
+//! configuration), `deploy/` and `tests/oauth_server.py`.
+
+mod common;
+mod oauth_support;
+
+mod cache;
+mod client_id;
+mod clients;
+mod config_cli;
+mod cutover;
+mod deploy;
+mod faults;
+mod harness_selftest;
+mod migration;
+mod oauth;
+mod oauth_cli;
+mod oauth_harness;
+mod oauth_store;
+mod operations;
+mod parity;
+mod policies;
+mod security;
+mod servers_selftest;
+mod tls;
+mod transactions;
+mod xuidl;
