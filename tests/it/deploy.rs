@@ -21,6 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::cli::{clear_popbridge_env, BinRun};
+use crate::common::ports::ClosedPort;
 use popbridge::config::Config;
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -1413,11 +1414,8 @@ fn healthcheck_command_reports_health() {
         run.describe()
     );
 
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let argv = healthcheck_against(closed);
+    let closed = ClosedPort::new();
+    let argv = healthcheck_against(closed.port());
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let run = popbridge(&args, &[]);
     assert_eq!(run.code, Some(1), "probe of nothing\n{}", run.describe());

@@ -1,5 +1,5 @@
 //! Self-test of the integration-test harness against a real Dovecot
-//! (does not need the popbridge binary to work).
+//! (does not need the popbridge binary to work), and of its loopback ports.
 
 use crate::common::*;
 use std::collections::HashSet;
@@ -249,4 +249,25 @@ fn one_hundred_concurrent_sessions() {
             Session::Imap(imap) => imap.logout(),
         }
     }
+}
+
+/// Ports allocated from many threads at once are all different, none is
+/// in Linux's ephemeral range, and a [`ports::ClosedPort`] refuses
+/// connections.
+#[test]
+fn allocated_ports_are_distinct_and_a_closed_port_refuses() {
+    let handles: Vec<_> = (0..4)
+        .map(|_| thread::spawn(|| (0..50).map(|_| ports::allocate()).collect::<Vec<u16>>()))
+        .collect();
+    let all: Vec<u16> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let distinct: HashSet<u16> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "a port was handed out twice");
+    assert!(all.iter().all(|&p| p < 32768), "{all:?}");
+
+    let closed = ports::ClosedPort::new();
+    let err = std::net::TcpStream::connect(closed.addr).expect_err("nothing listens there");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
 }

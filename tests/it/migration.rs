@@ -462,18 +462,15 @@ fn bad_invocations_fail_with_clear_errors() {
 fn old_server_over_pop3s_and_stls_is_verified() {
     let pki = common::certs::Pki::new("old ISP test CA");
     let other = common::certs::Pki::new("unrelated CA");
-    let pop3s = common::free_port();
-    let old = Dovecot::start_with(DovecotOptions {
-        extra_conf: format!(
+    let (old, pop3s) = Dovecot::start_with_listener(DovecotOptions::default(), |pop3s| {
+        format!(
             "pop3_uidl_format = %v.%u\nssl = yes\nssl_cert = <{}\nssl_key = <{}\n\
              ssl_min_protocol = TLSv1.2\n\
              service pop3-login {{\n  inet_listener pop3s {{\n    port = {pop3s}\n  }}\n}}\n",
             pki.cert_path().display(),
             pki.key_path().display()
-        ),
-        ..DovecotOptions::default()
+        )
     });
-    common::wait_for_port(pop3s, std::time::Duration::from_secs(20));
     let new = Dovecot::start();
     for i in 0..3 {
         old.deliver("alice", &message(i));

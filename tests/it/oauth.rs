@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::oauth::*;
+use crate::common::ports::ClosedPort;
 use crate::common::*;
 use popbridge::config::{NoUidplus, ProviderSasl, SaslMechanism};
 use popbridge::imap::{AccessToken, Connector, Credentials, Upstream, UpstreamError};
@@ -1220,7 +1221,8 @@ fn oauth_test_fails_clearly_when_the_imap_server_refuses_the_token() {
     assert_eq!(s.refreshes(), refreshes + 1, "{}", s.oauth.stats().raw);
     assert_log_has_no_secrets(&format!("{out}\n{}", r.stderr), &[]);
     // An unreachable IMAP server fails too (exit 1), naming the address.
-    let dead = format!("127.0.0.1:{}", free_port());
+    let nothing = ClosedPort::new();
+    let dead = nothing.addr.to_string();
     let r = s.run(
         "oauth-test-dead",
         &["--upstream", &dead, "oauth", "test", ACCOUNT],
@@ -1242,17 +1244,16 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_refreshes_cache_hits_and_reenrolments_by_provider_only() {
-    let admin = free_port();
     // The [admin] table ends the corp route's keys; the next [[routes]]
     // continues the array.
-    let s = Setup::with_corp_route(&format!("[admin]\naddress = \"127.0.0.1:{admin}\"\n"));
+    let s = Setup::with_corp_route("[admin]\naddress = \"127.0.0.1:0\"\n");
     s.enrol(ACCOUNT, CORP);
     let phone = format!("phone@{CORP_DEVICES}");
     s.add_device(&phone, ACCOUNT, "phone-pass-1");
     let first = message("m");
     s.dovecot.deliver(ACCOUNT, &first);
     let pb = s.popbridge();
-    wait_for_port(admin, Duration::from_secs(30));
+    let admin = pb.admin_port();
     // 1: the token from enrolment, read from the store (a cache miss).
     // 2: from the cache.
     pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);

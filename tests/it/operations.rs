@@ -575,13 +575,10 @@ fn proxy_protocol_headers_give_the_real_client_address() {
 fn admin_listener_serves_metrics_health_and_readiness() {
     let d = dovecot(&[("alice", "secret")], "");
     deliver(&d, "alice", "metrics", 2, 3);
-    let admin = common::free_port();
-    let toml = format!(
-        "[admin]\naddress = \"127.0.0.1:{admin}\"\ncheck_interval_secs = 1\n\n\
-         [auth]\nfailure_delay_ms = 50\n"
-    );
-    let (pb, _dir, _) = start(d.imap_port, &toml, &[]);
-    common::wait_for_port(admin, POLL);
+    let toml = "[admin]\naddress = \"127.0.0.1:0\"\ncheck_interval_secs = 1\n\n\
+         [auth]\nfailure_delay_ms = 50\n";
+    let (pb, _dir, _) = start(d.imap_port, toml, &[]);
+    let admin = pb.admin_port();
 
     let (status, body) = http_get(admin, "/healthz");
     assert_eq!(status, 200, "/healthz: {body}");

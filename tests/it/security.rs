@@ -14,8 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::logs::wait_for_log;
+use crate::common::ports::ClosedPort;
 use crate::common::{
-    corpus_message, find, free_port, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
+    corpus_message, find, literal_len, Dovecot, DovecotOptions, Imap, Pop3, Popbridge,
 };
 use base64::Engine as _;
 
@@ -528,7 +529,9 @@ impl LoginExpect for Pop3 {
 fn check_session_limit(config: &str, limit: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), config);
-    let pb = Popbridge::start(free_port(), &["--config", cfg.to_str().unwrap()]);
+    // No login happens: the upstream is never used.
+    let nothing = ClosedPort::new();
+    let pb = Popbridge::start(nothing.port(), &["--config", cfg.to_str().unwrap()]);
     // The harness's readiness probe is a session too; let it end first.
     wait_for_log(|| pb.log(), "session ended", 1);
     let mut open: Vec<Pop3> = (0..limit).map(|_| Pop3::connect(pb.port)).collect();
@@ -679,7 +682,8 @@ fn failed_logins_are_throttled_per_user_and_per_address() {
 
 #[test]
 fn huge_line_without_lf_then_close_does_not_hurt() {
-    let mut pb = Popbridge::start(free_port(), &[]);
+    let nothing = ClosedPort::new();
+    let mut pb = Popbridge::start(nothing.port(), &[]);
     // In AUTHORIZATION, and inside a SASL exchange (longer line limit).
     for prefix in [&b""[..], b"AUTH PLAIN\r\n"] {
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, pb.port)).unwrap();

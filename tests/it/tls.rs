@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common;
 use crate::common::certs::{write_world_readable, Pki};
 use crate::common::logs::wait_for_log;
-use crate::common::{corpus_message, free_port, Dovecot, DovecotOptions, Pop3, Popbridge};
+use crate::common::ports::ClosedPort;
+use crate::common::{corpus_message, Dovecot, DovecotOptions, Pop3, Popbridge};
 use base64::Engine as _;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -103,71 +103,13 @@ fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitSt
     }
 }
 
-/// popbridge started with exactly `--listen 127.0.0.1:PORT` plus `args`
-/// (the harness always adds `--upstream-tls none`, which cannot be given
-/// twice). Killed on drop; its log is printed if the test panics.
-struct Bridge {
-    port: u16,
-    log_path: PathBuf,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Bridge {
-    fn start(args: &[&str]) -> Bridge {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log_path = dir.path().join("popbridge.log");
-        let log = fs::File::create(&log_path).expect("create log");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_popbridge"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn popbridge");
-        let b = Bridge {
-            port,
-            log_path,
-            child,
-            _dir: dir,
-        };
-        wait_for_log(|| b.log(), "popbridge ready", 1);
-        b
-    }
-
-    fn log(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("--- popbridge log ---\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until popbridge logged that it listens on `port`.
-fn wait_listening(pb: &Popbridge, port: u16) {
-    wait_for_log(|| pb.log(), &format!("listen=127.0.0.1:{port} "), 1);
-}
-
 /// popbridge on Dovecot's plain IMAP port with a POP3S listener.
 fn popbridge_with_tls(dovecot: &Dovecot, pki: &Pki, extra: &[&str]) -> (Popbridge, u16) {
-    let tls_port = free_port();
-    let listen = format!("127.0.0.1:{tls_port}");
     let cert = pki.cert_path();
     let key = pki.key_path();
     let mut args = vec![
         "--tls-listen",
-        listen.as_str(),
+        "127.0.0.1:0",
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
@@ -175,7 +117,7 @@ fn popbridge_with_tls(dovecot: &Dovecot, pki: &Pki, extra: &[&str]) -> (Popbridg
     ];
     args.extend_from_slice(extra);
     let pb = Popbridge::start(dovecot.imap_port, &args);
-    wait_listening(&pb, tls_port);
+    let tls_port = pb.tls_port();
     (pb, tls_port)
 }
 
@@ -552,15 +494,14 @@ fn stls_with_python_poplib() {
 #[test]
 fn stls_discards_commands_pipelined_before_the_handshake() {
     let pki = Pki::new("injection test CA");
-    // No login happens: the upstream port is never used.
-    let tls_port = free_port();
-    let listen = format!("127.0.0.1:{tls_port}");
+    // No login happens: the upstream is never used.
+    let nothing = ClosedPort::new();
     let (cert, key) = (pki.cert_path(), pki.key_path());
     let pb = Popbridge::start(
-        free_port(),
+        nothing.port(),
         &[
             "--tls-listen",
-            &listen,
+            "127.0.0.1:0",
             "--tls-cert",
             cert.to_str().unwrap(),
             "--tls-key",
@@ -690,20 +631,18 @@ fn sighup_reloads_the_certificate_and_keeps_it_when_the_new_one_is_bad() {
     let cert = live.path().join("cert.pem");
     let key = live.path().join("key.pem");
     a.leaf.write(&cert, &key);
-    let tls_port = free_port();
-    let listen = format!("127.0.0.1:{tls_port}");
     let pb = Popbridge::start(
         dovecot.imap_port,
         &[
             "--tls-listen",
-            &listen,
+            "127.0.0.1:0",
             "--tls-cert",
             cert.to_str().unwrap(),
             "--tls-key",
             key.to_str().unwrap(),
         ],
     );
-    wait_listening(&pb, tls_port);
+    let tls_port = pb.tls_port();
     let trust_both = client_config(&[&a.ca_path(), &b.ca_path()]);
 
     let mut s1 = Client::implicit(tls_port, client_config(&[&a.ca_path()]));
@@ -808,12 +747,9 @@ fn try_login(port: u16, user: &str, pass: &str) -> (Client<TcpStream>, String) {
 fn upstream_tls_implicit_and_starttls_verify_the_server() {
     let pki = Pki::new("upstream test CA");
     let other = Pki::new("unrelated CA");
-    let imaps = free_port();
-    let dovecot = Dovecot::start_with(DovecotOptions {
-        extra_conf: dovecot_tls_conf(&pki, imaps),
-        ..DovecotOptions::default()
+    let (dovecot, imaps) = Dovecot::start_with_listener(DovecotOptions::default(), |port| {
+        dovecot_tls_conf(&pki, port)
     });
-    common::wait_for_port(imaps, POLL_LIMIT);
     let message = corpus_message("dot_lines");
     dovecot.deliver("alice", &message);
     let mut native = Pop3::connect(dovecot.pop3_port);
@@ -869,7 +805,7 @@ fn upstream_tls_implicit_and_starttls_verify_the_server() {
         ),
     ];
     for (i, (label, args)) in good.iter().enumerate() {
-        let bridge = Bridge::start(args);
+        let bridge = Popbridge::start_exact(args);
         let (mut c, r) = try_login(bridge.port, "alice", "secret");
         assert!(r.starts_with("+OK"), "{label}: PASS answered {r}");
         assert_eq!(c.stat(), format!("+OK 1 {}", message.len()), "{label}");
@@ -944,7 +880,7 @@ fn upstream_tls_implicit_and_starttls_verify_the_server() {
         ),
     ];
     for (label, args) in &bad {
-        let bridge = Bridge::start(args);
+        let bridge = Popbridge::start_exact(args);
         let (_c, r) = try_login(bridge.port, "bob", "secret");
         assert!(
             r.starts_with("-ERR [SYS/TEMP]"),
@@ -970,7 +906,7 @@ fn upstream_starttls_never_falls_back_to_plaintext() {
     let dovecot = Dovecot::start();
     let ca = pki.ca_path();
     let upstream = format!("127.0.0.1:{}", dovecot.imap_port);
-    let bridge = Bridge::start(&[
+    let bridge = Popbridge::start_exact(&[
         "--upstream",
         &upstream,
         "--upstream-tls",

@@ -7,6 +7,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
 
 use crate::common;
+use crate::common::ports::ClosedPort;
 use crate::common::raw_pop3::RawPop3;
 use crate::common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
@@ -588,7 +589,8 @@ fn wrong_password_gives_auth_error_and_a_retry_can_log_in() {
 
 #[test]
 fn unreachable_upstream_gives_sys_temp_at_pass() {
-    let pb = Popbridge::start(common::free_port(), &[]);
+    let nothing = ClosedPort::new();
+    let pb = Popbridge::start(nothing.port(), &[]);
     let mut pop = Pop3::connect(pb.port);
     let r = pop.cmd(&format!("USER {USER}"));
     assert!(r.starts_with("+OK"), "USER: {r}");

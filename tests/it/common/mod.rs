@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,6 +18,7 @@ pub mod cli;
 pub mod keepers;
 pub mod logs;
 pub mod oauth;
+pub mod ports;
 pub mod raw_pop3;
 pub mod redis;
 pub mod servers;
@@ -30,20 +31,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Ports
 // ---------------------------------------------------------------------------
-
-/// A currently free TCP port on 127.0.0.1 (bind to port 0, read it, drop).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
-}
-
-/// Poll-connect to 127.0.0.1:`port` until it succeeds; panic on timeout.
-pub fn wait_for_port(port: u16, timeout: Duration) {
-    match poll_port(port, timeout, || None) {
-        Ok(true) => {}
-        _ => panic!("nothing is listening on 127.0.0.1:{port} after {timeout:?}"),
-    }
-}
 
 /// Poll until the port accepts a connection (Ok(true)), the deadline
 /// passes (Ok(false)), or `give_up` returns a reason (Err(reason)).
@@ -194,7 +181,20 @@ impl Dovecot {
     /// Start a private instance; panics (with Dovecot's log) if it does not
     /// come up. Retries with new ports if a port was taken meanwhile.
     pub fn start_with(opts: DovecotOptions) -> Dovecot {
-        Dovecot::start_inner(opts, None)
+        Dovecot::start_inner(opts, None, None).0
+    }
+
+    /// Like [`Dovecot::start_with`], with one more listener on a port the
+    /// harness allocates: `listener(port)` is appended to `opts.extra_conf`
+    /// (e.g. a `service imap-login { inet_listener imaps { port = PORT } }`
+    /// with its `ssl` settings). Returns the instance and that port, which
+    /// accepts connections by then.
+    pub fn start_with_listener(
+        opts: DovecotOptions,
+        listener: impl Fn(u16) -> String,
+    ) -> (Dovecot, u16) {
+        let (dovecot, port) = Dovecot::start_inner(opts, None, Some(&listener));
+        (dovecot, port.expect("the extra listener's port"))
     }
 
     /// Start a private instance that also accepts SASL XOAUTH2 and
@@ -206,14 +206,30 @@ impl Dovecot {
     /// the OAuth2 mechanisms). A separate constructor rather than a field of
     /// [`DovecotOptions`] because some tests build that struct exhaustively.
     pub fn start_with_oauth2(opts: DovecotOptions, introspection_url: &str) -> Dovecot {
-        Dovecot::start_inner(opts, Some(introspection_url))
+        Dovecot::start_inner(opts, Some(introspection_url), None).0
     }
 
-    fn start_inner(opts: DovecotOptions, oauth2_introspection_url: Option<&str>) -> Dovecot {
+    /// Starts Dovecot on newly allocated ports until it comes up (at most
+    /// five times); returns it and the extra listener's port, if any.
+    fn start_inner(
+        opts: DovecotOptions,
+        oauth2_introspection_url: Option<&str>,
+        listener: Option<&dyn Fn(u16) -> String>,
+    ) -> (Dovecot, Option<u16>) {
         let mut last_failure = String::new();
         for _attempt in 0..5 {
-            match Dovecot::try_start(&opts, oauth2_introspection_url) {
-                Ok(d) => return d,
+            let ports = DovecotPorts {
+                imap: ports::allocate(),
+                pop3: ports::allocate(),
+                extra: listener.map(|_| ports::allocate()),
+            };
+            let mut opts = opts.clone();
+            if let (Some(listener), Some(port)) = (listener, ports.extra) {
+                opts.extra_conf.push('\n');
+                opts.extra_conf.push_str(&listener(port));
+            }
+            match Dovecot::try_start(&opts, oauth2_introspection_url, &ports) {
+                Ok(d) => return (d, ports.extra),
                 Err((msg, retry)) => {
                     if !retry {
                         panic!("{msg}");
@@ -229,6 +245,7 @@ impl Dovecot {
     fn try_start(
         opts: &DovecotOptions,
         oauth2_introspection_url: Option<&str>,
+        ports: &DovecotPorts,
     ) -> Result<Dovecot, (String, bool)> {
         let dir = tempfile::Builder::new()
             .prefix("pbdc-")
@@ -254,12 +271,7 @@ impl Dovecot {
         fs::set_permissions(&users_path, fs::Permissions::from_mode(0o644))
             .expect("chmod passwd-file");
 
-        let imap_port = free_port();
-        let mut pop3_port = free_port();
-        while pop3_port == imap_port {
-            pop3_port = free_port();
-        }
-
+        let (imap_port, pop3_port) = (ports.imap, ports.pop3);
         let ident = mail_identity();
         let n = INSTANCE_COUNTER.fetch_add(1, Ordering::SeqCst);
         let instance = format!(
@@ -373,7 +385,24 @@ service auth {{
         };
 
         let deadline = Instant::now() + START_TIMEOUT;
-        for port in [imap_port, pop3_port] {
+        // The master logs "starting up" once it holds all its listeners;
+        // before that, a port may answer because another program has it.
+        loop {
+            if let Ok(Some(status)) = dovecot.child.try_wait() {
+                let report = dovecot.failure_report(&format!("Dovecot exited with {status}"));
+                let retry = report.contains("Address already in use");
+                return Err((report, retry));
+            }
+            if dovecot.log().contains(" starting up for ") {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let what = format!("Dovecot did not log \"starting up\" within {START_TIMEOUT:?}");
+                return Err((dovecot.failure_report(&what), false));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        for port in [imap_port, pop3_port].into_iter().chain(ports.extra) {
             let child = &mut dovecot.child;
             let left = deadline.saturating_duration_since(Instant::now());
             match poll_port(port, left, || match child.try_wait() {
@@ -495,6 +524,14 @@ service auth {{
     }
 }
 
+/// The ports of one attempt to start Dovecot.
+struct DovecotPorts {
+    imap: u16,
+    pop3: u16,
+    /// For [`Dovecot::start_with_listener`].
+    extra: Option<u16>,
+}
+
 /// The Dovecot settings for [`Dovecot::start_with_oauth2`]; writes
 /// `root/dovecot-oauth2.conf.ext`. A later `auth_mechanisms` overrides the
 /// earlier one in dovecot.conf; each passdb has a `mechanisms =` filter, so
@@ -541,9 +578,12 @@ impl Drop for Dovecot {
 // popbridge
 // ---------------------------------------------------------------------------
 
-/// The popbridge binary, listening on a free port, logging to a file.
-/// Killed on drop; its log is printed if the test is panicking.
+/// The popbridge binary serving on loopback ports it chose itself (every
+/// listener is given port 0; the ports are read back from its log),
+/// logging to a file. Killed on drop; its log is printed if the test is
+/// panicking.
 pub struct Popbridge {
+    /// The plain POP3 (STLS) listener's port.
     pub port: u16,
     pub log_path: PathBuf,
     child: Child,
@@ -553,45 +593,24 @@ pub struct Popbridge {
 impl Popbridge {
     /// Start with `RUST_LOG=debug` (or `$POPBRIDGE_TEST_LOG` if set).
     pub fn start(upstream_imap_port: u16, extra_args: &[&str]) -> Popbridge {
-        let level = std::env::var("POPBRIDGE_TEST_LOG").unwrap_or_else(|_| "debug".to_string());
-        Popbridge::start_with_log(upstream_imap_port, extra_args, &level)
+        Popbridge::start_with_log(upstream_imap_port, extra_args, &test_log_level())
     }
 
-    /// Spawn `popbridge --listen 127.0.0.1:PORT --upstream 127.0.0.1:IMAP
-    /// --upstream-tls none EXTRA...` with `RUST_LOG=log_level`, stdout and
-    /// stderr going to `log_path`; waits until the port accepts connections.
+    /// Spawn `popbridge --listen 127.0.0.1:0 --upstream 127.0.0.1:IMAP
+    /// --upstream-tls none EXTRA...` with `RUST_LOG=log_level` (it must
+    /// show info lines), stdout and stderr going to `log_path`; returns
+    /// once the POP3 port accepted a connection (that probe is a session
+    /// in popbridge's log).
     pub fn start_with_log(
         upstream_imap_port: u16,
         extra_args: &[&str],
         log_level: &str,
     ) -> Popbridge {
-        let dir = tempfile::Builder::new()
-            .prefix("pbproxy-")
-            .tempdir()
-            .expect("create popbridge temp dir");
-        let log_path = dir.path().join("popbridge.log");
-        let log = fs::File::create(&log_path).expect("create popbridge.log");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_popbridge"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--upstream")
-            .arg(format!("127.0.0.1:{upstream_imap_port}"))
-            .arg("--upstream-tls")
-            .arg("none")
-            .args(extra_args)
-            .env("RUST_LOG", log_level)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn popbridge");
-        let mut pb = Popbridge {
-            port,
-            log_path,
-            child,
-            _dir: dir,
-        };
+        let upstream = format!("127.0.0.1:{upstream_imap_port}");
+        let mut args = vec!["--upstream", &upstream, "--upstream-tls", "none"];
+        args.extend_from_slice(extra_args);
+        let mut pb = Popbridge::spawn(&args, log_level);
+        let port = pb.port;
         let child = &mut pb.child;
         match poll_port(port, START_TIMEOUT, || match child.try_wait() {
             Ok(Some(status)) => Some(format!("popbridge exited with {status}")),
@@ -600,11 +619,91 @@ impl Popbridge {
             Ok(true) => {}
             // Drop prints the log while panicking.
             Ok(false) => {
-                panic!("popbridge is not listening on 127.0.0.1:{port} after {START_TIMEOUT:?}")
+                panic!("popbridge does not accept connections on 127.0.0.1:{port} after {START_TIMEOUT:?}")
             }
-            Err(reason) => panic!("{reason} before listening on 127.0.0.1:{port}"),
+            Err(reason) => panic!("{reason} before accepting a connection on 127.0.0.1:{port}"),
         }
         pb
+    }
+
+    /// Spawn `popbridge --listen 127.0.0.1:0 ARGS...` exactly (no upstream
+    /// arguments added), logging like [`Popbridge::start`]; returns once
+    /// it logged its POP3 port, without connecting to it.
+    pub fn start_exact(args: &[&str]) -> Popbridge {
+        Popbridge::spawn(args, &test_log_level())
+    }
+
+    fn spawn(args: &[&str], log_level: &str) -> Popbridge {
+        let dir = tempfile::Builder::new()
+            .prefix("pbproxy-")
+            .tempdir()
+            .expect("create popbridge temp dir");
+        let log_path = dir.path().join("popbridge.log");
+        let log = fs::File::create(&log_path).expect("create popbridge.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_popbridge"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", log_level)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn popbridge");
+        let mut pb = Popbridge {
+            port: 0,
+            log_path,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        pb.port = loop {
+            if let Some(port) = listener_port(&pb.log(), "stls") {
+                break port;
+            }
+            // Drop prints the log while panicking.
+            if let Ok(Some(status)) = pb.child.try_wait() {
+                panic!("popbridge exited with {status} before listening");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "popbridge logged no \"listening\" line within {START_TIMEOUT:?} (RUST_LOG={log_level} must show info lines)"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        pb
+    }
+
+    /// The implicit-TLS (POP3S) listener's port; popbridge must have been
+    /// given one on port 0 (`--tls-listen 127.0.0.1:0` or
+    /// `listen.tls_address`). Waits until it is logged.
+    pub fn tls_port(&self) -> u16 {
+        self.wait_logged_port("POP3S listener", |log| listener_port(log, "implicit"))
+    }
+
+    /// The admin listener's port; popbridge must have been given one on
+    /// port 0 (`admin.address = "127.0.0.1:0"`). Waits until it is logged.
+    pub fn admin_port(&self) -> u16 {
+        self.wait_logged_port("admin listener", |log| {
+            log.lines()
+                .filter(|l| l.contains("admin listener"))
+                .find_map(|l| logged_port(l, "admin"))
+        })
+    }
+
+    /// Polls the log until `find` returns a port; panics after
+    /// [`START_TIMEOUT`].
+    fn wait_logged_port(&self, what: &str, find: impl Fn(&str) -> Option<u16>) -> u16 {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(port) = find(&self.log()) {
+                return port;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "popbridge logged no {what} within {START_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The whole log so far (lossy UTF-8).
@@ -620,6 +719,40 @@ impl Popbridge {
     /// `Some(status)` if the proxy has exited.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+}
+
+/// `$POPBRIDGE_TEST_LOG`, else "debug".
+fn test_log_level() -> String {
+    std::env::var("POPBRIDGE_TEST_LOG").unwrap_or_else(|_| "debug".to_string())
+}
+
+/// The port of the listener popbridge logged as `listening` with
+/// `tls=<kind>` ("stls": plain POP3, "implicit": POP3S).
+fn listener_port(log: &str, kind: &str) -> Option<u16> {
+    log.lines()
+        .filter(|l| logged_field(l, "tls") == Some(kind))
+        .find_map(|l| logged_port(l, "listen"))
+}
+
+/// The port of the `ip:port` address in field `name` of a log line.
+fn logged_port(line: &str, name: &str) -> Option<u16> {
+    let addr: SocketAddr = logged_field(line, name)?.parse().ok()?;
+    Some(addr.port())
+}
+
+/// The value of field `name` in a log line of popbridge's text format
+/// (`name=value` or `name="value"`) or JSON format (`"name":"value"`).
+fn logged_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    if let Some(at) = line.find(&format!("\"{name}\":\"")) {
+        let rest = &line[at + name.len() + 4..];
+        return rest.split('"').next();
+    }
+    let at = line.find(&format!(" {name}="))?;
+    let rest = &line[at + name.len() + 2..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next(),
+        None => rest.split_whitespace().next(),
     }
 }
 

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{free_port, read_lossy, START_TIMEOUT};
+use super::{ports, read_lossy, START_TIMEOUT};
 
 /// Read timeout of the RESP client.
 const RESP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,8 +64,9 @@ impl Redis {
         Redis::start_with(RedisOptions::default())
     }
 
-    /// Start on a free port (retrying if it was taken meanwhile) and wait
-    /// until it answers PING; panics with its log if it does not.
+    /// Start on an allocated port (retrying with another if it was taken
+    /// meanwhile) and wait until it answers PING; panics with its log if
+    /// it does not.
     pub fn start_with(opts: RedisOptions) -> Redis {
         let mut last = String::new();
         for _attempt in 0..5 {
@@ -89,7 +90,7 @@ impl Redis {
             .expect("create redis temp dir");
         let log_path = dir.path().join("redis.log");
         let log = fs::File::create(&log_path).expect("create redis.log");
-        let port = free_port();
+        let port = ports::allocate();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -127,10 +128,12 @@ impl Redis {
                 let retry = log.contains("Address already in use");
                 return Err((format!("redis-server exited with {status}:\n{log}"), retry));
             }
-            if let Ok(Resp::Simple(pong)) = redis.try_command(&["PING"]) {
-                if pong == "PONG" {
-                    return Ok(redis);
-                }
+            // Until it logs that it listens, the port may answer because
+            // another program has it.
+            if redis.log().contains("Ready to accept connections")
+                && matches!(redis.try_command(&["PING"]), Ok(Resp::Simple(pong)) if pong == "PONG")
+            {
+                return Ok(redis);
             }
             if Instant::now() >= deadline {
                 return Err((

@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{base64, free_port, read_lossy, signal};
+use super::{base64, ports, read_lossy, signal};
 use super::{
     deliver_by_append, mkdir_owned, private_dir, require_binary, require_root, run_ok,
     start_with_retries, wait_ready, Daemon, MailServer, MAIL_GID, MAIL_UID, OPT_DIR,
@@ -138,11 +138,7 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
         "makeuserdb",
     );
 
-    let imap_port = free_port();
-    let mut pop3_port = free_port();
-    while pop3_port == imap_port {
-        pop3_port = free_port();
-    }
+    let (imap_port, pop3_port) = (ports::allocate(), ports::allocate());
     let r = root.display();
     // Each listener gets the clean environment Debian's init scripts give
     // it (env -i plus the settings of /etc/courier/imapd and pop3d).
@@ -229,6 +225,15 @@ fn try_start(users: &[(&str, &str)]) -> Result<Courier, String> {
         started_in: began.elapsed(),
         dir,
     };
+    // couriertcpd exits with "bind: Address already in use" when another
+    // program took its port; the port then answers, but not for us.
+    let ready = ready.and_then(|()| {
+        if courier.log().contains("Address already in use") {
+            Err("a port was taken".to_string())
+        } else {
+            Ok(())
+        }
+    });
     match ready {
         Ok(()) => Ok(courier),
         Err(reason) => Err(format!("Courier: {reason}\n{}", courier.log())),

@@ -18,7 +18,7 @@ use super::{
     chown_tree, deliver_by_append, private_dir, require_binary, require_root, run_ok,
     run_with_stdin, start_with_retries, wait_ready, Daemon, MailServer, OPT_DIR,
 };
-use super::{free_port, imap_quote, read_lossy, Imap};
+use super::{imap_quote, ports, read_lossy, Imap};
 
 /// Cyrus's process manager (installed by cyrus-common).
 const MASTER: &str = "/usr/lib/cyrus/bin/master";
@@ -90,11 +90,7 @@ fn try_start(users: &[(&str, &str)]) -> Result<Cyrus, String> {
     for sub in CONFIG_SUBDIRS {
         fs::create_dir_all(root.join("config").join(sub)).expect("mkdir config");
     }
-    let imap_port = free_port();
-    let mut pop3_port = free_port();
-    while pop3_port == imap_port {
-        pop3_port = free_port();
-    }
+    let (imap_port, pop3_port) = (ports::allocate(), ports::allocate());
     let r = root.display();
     let conf = root.join("imapd.conf");
     fs::write(
@@ -187,6 +183,8 @@ fn try_start(users: &[(&str, &str)]) -> Result<Cyrus, String> {
             read_lossy(&root.join("master.log"))
         ));
     }
+    // The instance's own admin password also proves that the port is this
+    // master's, not another program's.
     let mut admin = Imap::connect_only(imap_port);
     admin
         .command(&format!("LOGIN cyrus {}", imap_quote(&admin_pass)))

@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Private items of the shared harness, for the server files below.
-use super::{base64, find, free_port, imap_quote, poll_port, read_lossy, to_crlf, Imap};
+use super::{base64, find, imap_quote, poll_port, ports, read_lossy, to_crlf, Imap};
 
 pub mod courier;
 pub mod cyrus;
@@ -65,8 +65,8 @@ pub const MAIL_GID: u32 = 5000;
 /// How long a server may take to listen (they take 0.05–0.5 s here; the
 /// margin is for a loaded 2-core machine).
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often a start is retried when a port from `free_port` was taken
-/// meanwhile.
+/// How often a start is retried when a port from [`ports::allocate`] was
+/// taken meanwhile.
 const START_ATTEMPTS: usize = 4;
 
 /// A running IMAP server with users and mail, the same for every kind.
@@ -208,9 +208,9 @@ pub fn wait_ready(daemon: &mut Daemon, ports: &[u16]) -> Result<(), String> {
     Ok(())
 }
 
-/// Call `attempt` with fresh ports until it works (a port from
-/// `free_port` can be taken by a parallel test before the server binds
-/// it); panics with the last failure.
+/// Call `attempt` with fresh ports until it works (another program can
+/// take a port from [`ports::allocate`] before the server binds it);
+/// panics with the last failure.
 pub fn start_with_retries<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
     let mut last = String::new();
     for _ in 0..START_ATTEMPTS {
