@@ -164,6 +164,8 @@ impl<S: Read + Write> Client<S> {
                         break;
                     }
                 }
+                // See common::connect_client.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!(
                     "read failed: {e} (partial {:?})",
                     String::from_utf8_lossy(&line)

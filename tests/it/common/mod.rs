@@ -785,6 +785,11 @@ pub struct Pop3 {
 /// protocol in the panic if nothing listens): TCP_NODELAY, reads time out
 /// after [`CLIENT_TIMEOUT`] (so a missing reply fails instead of hanging),
 /// and a buffered reader over a clone of the stream.
+///
+/// With a read timeout, a read fails with EINTR when the process is stopped
+/// and continued, even without signal handlers (signal(7)); that happened
+/// on the shared test machine. `read_until`, `read_exact` and `read_to_end`
+/// retry it; a loop over bare `read` calls must do so itself.
 pub fn connect_client(port: u16, what: &str) -> (TcpStream, BufReader<TcpStream>) {
     let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         .unwrap_or_else(|e| panic!("{what} connect to 127.0.0.1:{port}: {e}"));
@@ -935,12 +940,18 @@ impl Pop3 {
     /// True when the server has closed the connection (read returns 0 or
     /// the connection was reset). False if data arrives or the read times out.
     pub fn eof(&mut self) -> bool {
-        match self.reader.fill_buf() {
-            Ok(buf) => buf.is_empty(),
-            Err(e) => matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ),
+        loop {
+            return match self.reader.fill_buf() {
+                Ok(buf) => buf.is_empty(),
+                // See connect_client.
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                ),
+            };
         }
     }
 }

@@ -127,6 +127,8 @@ impl RawPop3 {
             match self.reader.read(&mut buf) {
                 Ok(0) => return out,
                 Ok(n) => out.extend_from_slice(&buf[..n]),
+                // See super::connect_client.
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if is_reset(&e) => return out,
                 Err(e) => panic!(
                     "read failed: {e} (received so far: {:?})",
