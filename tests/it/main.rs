@@ -1,6 +1,6 @@
 //! popbridge's integration tests, as one test crate: the harness is compiled
-//! once, and every test runs in one process.
-#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+//! once, and every test runs in one process, so one port allocator
+//! (`common/ports`) hands out every port the tests choose.
 //!
 //! # Layout
 //!
@@ -9,7 +9,7 @@
 //!   Mailutils imap4d, Dovecot without UIDPLUS), the popbridge binary as a
 //!   server or a command, byte-exact POP3 and minimal IMAP clients, real
 //!   POP3 clients that keep mail, a corpus of awkward messages, test
-//!   certificates.
+//!   certificates, loopback ports.
 //! - `oauth_support`: a data directory, store key and configuration for
 //!   the `popbridge oauth|device` commands (`oauth_cli`, `oauth_store`).
 //! - one module per area, each against real servers:
@@ -25,6 +25,8 @@
 //!
 //! Files the tests read from the repository: `config/` (the example
 //! configuration), `deploy/` and `tests/oauth_server.py`.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 mod oauth_support;
