@@ -18,7 +18,7 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `faults`, `client_id`, `tls`;
 //!   - running it: `config_cli`, `operations`, `deploy`;
-//!   - moving users: `cutover`, `migration`;
+//!   - moving users: `cutover`, `migration`, `capture_pairs`;
 //!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
 //!     `oauth_harness`;
 //!   - the harness itself: `harness_selftest`, `servers_selftest`.
@@ -32,6 +32,7 @@ mod common;
 mod oauth_support;
 
 mod cache;
+mod capture_pairs;
 mod client_id;
 mod clients;
 mod config_cli;

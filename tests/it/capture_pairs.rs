@@ -25,20 +25,17 @@
 //! The old server is a parameter ([`OldServer`]: a POP3 port with the
 //! login alice/secret, since the clients keep one configuration across the
 //! switch, and a way to deliver a message to that mailbox): Dovecot's own
-//! POP3, Cyrus's and Courier's (tests/common/servers/). The new mailbox is
+//! POP3, Cyrus's and Courier's (common/servers/). The new mailbox is
 //! always a Dovecot behind popbridge.
-#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::keepers::{self, Keeper, Row};
-use common::servers::{start_courier, start_cyrus, MailServer, ALICE};
-use common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
+use crate::common::keepers::{self, Keeper, Row};
+use crate::common::servers::{start_courier, start_cyrus, MailServer, ALICE};
+use crate::common::{Dovecot, DovecotOptions, Imap, Pop3, Popbridge};
 
 /// The login on both servers (and in the clients' configuration).
 const USER: &str = "alice";
@@ -239,7 +236,7 @@ fn token_of(m: &[u8]) -> String {
 /// The old server's messages as its POP3 serves them: token → (LIST size,
 /// RETR bytes) of each copy. By content, not position: Courier's POP3
 /// numbers messages that arrived within one second by file name, not in
-/// arrival order (tests/common/servers/QUIRKS.md).
+/// arrival order (tests/it/common/servers/QUIRKS.md).
 fn read_old(old: &OldServer, case: &Case) -> BTreeMap<String, Vec<(u64, Vec<u8>)>> {
     let mut pop = Pop3::connect(old.pop3_port);
     pop.login(USER, PASS);
