@@ -96,12 +96,27 @@ fn redis_two_processes_refreshing_at_once_make_one_refresh_and_keep_the_newest_t
     let before = redis_clients(&redis);
     let a = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
     let b = s.spawn(&["oauth", "test", "--token-only", ACCOUNT, "--force-refresh"]);
+    let finish_child = |mut c: std::process::Child| {
+        let out = c.stdout.take().unwrap();
+        finish(c, String::new(), std::io::BufReader::new(out))
+    };
     let deadline = Instant::now() + CONNECT_WAIT;
     while redis_clients(&redis) < before + 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the two processes never reached Redis"
-        );
+        if Instant::now() >= deadline {
+            // What the processes and Redis were doing, for the report.
+            let clients = redis.command(&["CLIENT", "LIST"]);
+            let runs: Vec<String> = [a, b]
+                .into_iter()
+                .map(|mut c| {
+                    let _ = c.kill();
+                    finish_child(c).describe()
+                })
+                .collect();
+            panic!(
+                "the two processes never reached Redis ({before} clients before, now {clients:?})\n{}",
+                runs.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
@@ -110,10 +125,6 @@ fn redis_two_processes_refreshing_at_once_make_one_refresh_and_keep_the_newest_t
         "nobody refreshed under our lock"
     );
     redis.command(&["DEL", &lock]);
-    let finish_child = |mut c: std::process::Child| {
-        let out = c.stdout.take().unwrap();
-        finish(c, String::new(), std::io::BufReader::new(out))
-    };
     let ra = finish_child(a);
     let rb = finish_child(b);
     ra.assert_ok("first process");
