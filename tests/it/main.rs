@@ -16,7 +16,8 @@
 //!   - the POP3 session: `transactions`, `parity`, `cache`, `xuidl`,
 //!     `policies`;
 //!   - real clients and hostile input: `clients`, `security`;
-//!   - the upstream side: `faults`, `client_id`, `tls`;
+//!   - the upstream side: `compat` (one scenario on every IMAP server of
+//!     `common/servers`), `faults`, `client_id`, `tls`;
 //!   - running it: `config_cli`, `operations`, `deploy`;
 //!   - moving users: `cutover`, `migration`, `capture_pairs`;
 //!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
@@ -35,6 +36,7 @@ mod cache;
 mod capture_pairs;
 mod client_id;
 mod clients;
+mod compat;
 mod config_cli;
 mod cutover;
 mod deploy;

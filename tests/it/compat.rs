@@ -1,7 +1,7 @@
 //! One core POP3 scenario through popbridge against each IMAP server we
 //! claim to work with: Dovecot, Cyrus 3.6, Courier-IMAP, GNU Mailutils
 //! imap4d, and Dovecot advertising no UIDPLUS. Each server runs privately
-//! on loopback (tests/common/servers).
+//! on loopback (common/servers).
 //!
 //! The scenario: USER/PASS and AUTH PLAIN (alice, and `bob@example.org`
 //! whose password holds a space and a double quote); STAT, LIST, UIDL,
@@ -11,17 +11,14 @@
 //! session sees the same UIDLs; an IMAP client appends and expunges during
 //! a POP3 session; a wrong password is refused.
 
-#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-
-mod common;
-
 use std::collections::HashMap;
 
-use common::servers::{
+use crate::common;
+use crate::common::servers::{
     start_courier, start_cyrus, start_dovecot, start_dovecot_no_uidplus, start_mailutils,
     MailServer, ALICE, BOB, STANDARD_USERS,
 };
-use common::{base64, dot_unstuff, find, Imap, Pop3, Popbridge};
+use crate::common::{base64, dot_unstuff, find, Imap, Pop3, Popbridge};
 
 /// Four messages: plain CRLF, bare LF lines (CRLF for servers that refuse
 /// bare LF), lines starting with ".", and a longer one.
@@ -253,7 +250,7 @@ fn scenario(server: &dyn MailServer, config: &str) {
     );
     // GNU Mailutils (mbox) brings an expunged message back when another
     // session that had the mailbox selected logs out (measured without
-    // popbridge: tests/common/servers/QUIRKS.md); every other server keeps
+    // popbridge: tests/it/common/servers/QUIRKS.md); every other server keeps
     // it gone.
     if name != "mailutils" {
         assert_eq!(
