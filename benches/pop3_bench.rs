@@ -14,7 +14,10 @@
 //! See docs/BENCHMARKS.md for what each measures.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-#[path = "../tests/common/mod.rs"]
+// The integration tests' harness (tests/it/common); the benchmark uses a
+// few of its helpers, the tests (where unused ones are caught) all of them.
+#[allow(dead_code)]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;
