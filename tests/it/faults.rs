@@ -43,12 +43,16 @@ enum Trigger {
 }
 
 /// What a fault does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {
     /// Close both connections (FIN to popbridge and to Dovecot).
     Cut,
     /// Stop forwarding in both directions, keeping both connections open.
     Stall,
+    /// With [`Trigger::ClientSends`]: send these octets to popbridge, as if
+    /// from the server, then forward the command that triggered it (so
+    /// they arrive before the server's answer).
+    Inject(Vec<u8>),
 }
 
 #[derive(Clone, Debug)]
@@ -100,11 +104,14 @@ impl Conn {
             return;
         }
         shared.fired.fetch_add(1, Ordering::SeqCst);
-        match self.fault.as_ref().map(|f| f.action) {
+        match self.fault.as_ref().map(|f| &f.action) {
             Some(Action::Cut) => {
                 self.cut();
             }
             Some(Action::Stall) => self.stalled.store(true, Ordering::SeqCst),
+            Some(Action::Inject(bytes)) => {
+                let _ = (&self.client).write_all(bytes);
+            }
             None => {}
         }
     }
@@ -314,7 +321,13 @@ fn client_to_server(conn: &Conn, shared: &Shared) {
                 match &conn.fault.as_ref().expect("fault").trigger {
                     Trigger::ClientSends(_) => {
                         conn.fire(shared);
-                        continue; // never forwarded
+                        let inject = matches!(
+                            conn.fault.as_ref().map(|f| &f.action),
+                            Some(Action::Inject(_))
+                        );
+                        if !inject {
+                            continue; // never forwarded
+                        }
                     }
                     Trigger::ServerBytes { bytes, .. } => {
                         if conn.limit.load(Ordering::SeqCst) == u64::MAX {
@@ -879,4 +892,314 @@ fn stalled_upstream_mid_message_closes_in_bounded_time() {
     let (got, ending) = c.rest();
     assert_eq!(relay.fired(), 1, "the relay never stalled");
     assert_truncated_retr(&got, &ending, &expected);
+}
+
+/// Cuts at every interesting offset of the FETCH response (inside the
+/// literal's announcement, just before and after the first body octet, in
+/// the middle, just before and after the last, between the body and the
+/// tagged reply, inside the tagged reply): each RETR either arrives whole
+/// with its terminating ".", or ends without one (an -ERR, or a close).
+#[test]
+fn retr_cut_at_every_interesting_offset_never_ends_a_short_message() {
+    let dovecot = Dovecot::start();
+    let message = corpus_message("dot_lines");
+    dovecot.deliver("alice", &message);
+    let expected = native_retr(&dovecot, 1);
+    // Dovecot answers `* 1 FETCH (UID 1 BODY[] {n}\r\n<n octets>)\r\n` and
+    // then the tagged OK; n is the CRLF size of the message.
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    let uid = imap.uids()[0];
+    let n = imap.size(uid);
+    imap.logout();
+    let head = format!("* 1 FETCH (UID 1 BODY[] {{{n}}}\r\n").len() as u64;
+    let offsets = [
+        0,
+        5,
+        head - 3,
+        head - 1,
+        head,
+        head + 1,
+        head + n / 2,
+        head + n - 1,
+        head + n,
+        head + n + 1,
+        head + n + 3,
+        head + n + 8,
+    ];
+    let faults = offsets
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| {
+            (
+                i + 1,
+                Fault::server_bytes_after(b"BODY.PEEK[]", at, false, Action::Cut),
+            )
+        })
+        .collect();
+    let relay = Relay::start(dovecot.imap_port, faults);
+    let bridge = Popbridge::start(relay.port, &[]);
+    for (i, at) in offsets.iter().enumerate() {
+        let mut c = Client::connect(bridge.port);
+        c.login("alice", "secret");
+        c.send("RETR 1");
+        let (got, ending) = c.rest();
+        assert_eq!(relay.fired(), i + 1, "cut at {at}: the relay never cut");
+        if got == expected {
+            continue; // whole (the cut came after popbridge had it all)
+        }
+        if got.starts_with(b"-ERR") {
+            assert!(
+                !got.windows(5).any(|w| w == b"\r\n.\r\n"),
+                "cut at {at}: -ERR and then a terminator: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            continue;
+        }
+        assert_truncated_retr(&got, &ending, &expected);
+    }
+}
+
+/// Untagged responses popbridge does not know (a vendor's, an unknown
+/// response code, a number with an unknown keyword) arrive before the
+/// answer to the FETCH: they are skipped and the message arrives whole.
+#[test]
+fn unknown_untagged_responses_are_skipped() {
+    let dovecot = Dovecot::start();
+    dovecot.deliver("alice", &corpus_message("dot_lines"));
+    let expected = native_retr(&dovecot, 1);
+    let noise = b"* XAPPLEPUSHSERVICE aps-version 2\r\n* 1 XFROBNICATED now\r\n\
+* OK [X-UNHEARD-OF 7] something\r\n* 1 EXPUNGED\n* NO [ALERT] mind the gap\r\n"
+        .to_vec();
+    let relay = Relay::start(
+        dovecot.imap_port,
+        vec![(
+            1,
+            Fault::client_sends(b"BODY.PEEK[]", Action::Inject(noise)),
+        )],
+    );
+    let bridge = Popbridge::start(relay.port, &[]);
+    let mut c = Client::connect(bridge.port);
+    c.login("alice", "secret");
+    c.send("RETR 1");
+    let mut got = Vec::new();
+    loop {
+        let line = c
+            .line()
+            .unwrap_or_else(|(partial, how)| panic!("RETR ended early ({how:?}) {partial:?}"));
+        got.extend_from_slice(&line);
+        if line == b".\r\n" {
+            break;
+        }
+    }
+    assert_eq!(relay.fired(), 1);
+    assert!(got == expected, "{}", prefix_report(&got, &expected));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+}
+
+/// Garbage from the upstream where a response belongs: never a message
+/// that looks complete; an -ERR (or a close), and popbridge goes on serving
+/// other sessions.
+#[test]
+fn garbage_from_the_upstream_is_never_a_message() {
+    let dovecot = Dovecot::start();
+    dovecot.deliver("alice", &corpus_message("plain_crlf"));
+    let expected = native_retr(&dovecot, 1);
+    let garbage: Vec<Vec<u8>> = vec![
+        // A literal announced where none may be, larger than any bound.
+        b"* 1 FETCH (UID 1 FLAGS {900000}\r\nxyz".to_vec(),
+        // A tagged reply to a command never sent.
+        b"pb99 OK what?\r\n".to_vec(),
+        // Binary noise with NULs and a bare CR.
+        (0u8..=255).chain(*b"\r\n").collect(),
+        // A body under another UID.
+        b"* 1 FETCH (UID 7 BODY[] {5}\r\nabcde)\r\n".to_vec(),
+    ];
+    let faults = garbage
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            (
+                i + 1,
+                Fault::client_sends(b"BODY.PEEK[]", Action::Inject(g.clone())),
+            )
+        })
+        .collect();
+    let relay = Relay::start(dovecot.imap_port, faults);
+    let (_dir, config) = short_timeout_config();
+    let bridge = Popbridge::start(relay.port, &["--config", config.to_str().unwrap()]);
+    for (i, g) in garbage.iter().enumerate() {
+        let mut c = Client::connect(bridge.port);
+        c.login("alice", "secret");
+        c.send("RETR 1");
+        let (got, _ending) = c.rest();
+        assert_eq!(relay.fired(), i + 1);
+        let what = String::from_utf8_lossy(&g[..g.len().min(40)]).into_owned();
+        if got == expected {
+            // Skipped as an unknown untagged line, and the message whole.
+            continue;
+        }
+        assert!(
+            !got.windows(5).any(|w| w == b"\r\n.\r\n") && !got.starts_with(b"+OK"),
+            "{what:?}: {:?}",
+            String::from_utf8_lossy(&got[..got.len().min(300)])
+        );
+    }
+    // And popbridge serves a clean session afterwards.
+    let relay2 = Relay::start(dovecot.imap_port, vec![]);
+    let bridge2 = Popbridge::start(relay2.port, &[]);
+    let mut c = Client::connect(bridge2.port);
+    c.login("alice", "secret");
+    assert!(c.cmd("STAT").starts_with("+OK 1 "));
+    drop(bridge);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile upstream: a huge literal announced and never sent
+// ---------------------------------------------------------------------------
+
+/// A scripted IMAP server that logs anybody in, shows one message of 100
+/// octets, and answers every FETCH of its body with the 40-odd octets
+/// `* 1 FETCH (UID 1 BODY[]<0> {500000000}` and then nothing. Counts the
+/// body FETCHes it received.
+struct HugeLiteralServer {
+    port: u16,
+    fetches: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HugeLiteralServer {
+    fn start() -> HugeLiteralServer {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, st) = (fetches.clone(), stop.clone());
+        thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let (f, st) = (f.clone(), st.clone());
+                        thread::spawn(move || huge_literal_session(s, &f, &st));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        HugeLiteralServer {
+            port,
+            fetches,
+            stop,
+        }
+    }
+}
+
+impl Drop for HugeLiteralServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn huge_literal_session(s: TcpStream, fetches: &AtomicUsize, stop: &AtomicBool) {
+    s.set_nonblocking(false).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let _ = w.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR UIDPLUS] hostile\r\n");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let tag = line.split(' ').next().unwrap_or("*").to_string();
+        let upper = line.to_ascii_uppercase();
+        let answer = if upper.contains("AUTHENTICATE") {
+            format!("{tag} OK logged in\r\n")
+        } else if upper.contains(" CAPABILITY") {
+            format!("* CAPABILITY IMAP4rev1 UIDPLUS\r\n{tag} OK done\r\n")
+        } else if upper.contains(" SELECT") {
+            format!(
+                "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 2] n\r\n{tag} OK [READ-WRITE] done\r\n"
+            )
+        } else if upper.contains("BODY.PEEK[]") {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            let _ = w.write_all(b"* 1 FETCH (UID 1 BODY[]<0> {500000000}\r\n");
+            // ...and never another octet: hold the connection open.
+            while !stop.load(Ordering::SeqCst) {
+                thread::sleep(POLL);
+            }
+            return;
+        } else if upper.contains("FETCH") {
+            format!("* 1 FETCH (UID 1 RFC822.SIZE 100)\r\n{tag} OK done\r\n")
+        } else if upper.contains("LOGOUT") {
+            let _ = w.write_all(format!("* BYE bye\r\n{tag} OK bye\r\n").as_bytes());
+            return;
+        } else {
+            format!("{tag} OK done\r\n")
+        };
+        if w.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A `/proc/PID/status` field in kB.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Four sessions whose upstream announced a 500 MB body and then sent
+/// nothing: popbridge's memory grows by at most a few MiB per session (it
+/// used to reserve the announced size, ~480 MB a session). Measured, not
+/// timed: the RSS once all four FETCHes are waiting.
+#[test]
+fn an_announced_500_mb_literal_costs_a_few_mib_not_500() {
+    const SESSIONS: usize = 4;
+    /// "A few MiB per session".
+    const MAX_ADDED_KIB: u64 = SESSIONS as u64 * 3 * 1024;
+    let server = HugeLiteralServer::start();
+    let bridge = Popbridge::start(server.port, &[]);
+    // One whole session first, so the baseline includes what any session
+    // allocates once (TLS-free here, runtime threads, the listing cache).
+    let mut warm = Client::connect(bridge.port);
+    warm.login("alice", "secret");
+    assert!(warm.cmd("STAT").starts_with("+OK 1 100"));
+    assert!(warm.cmd("QUIT").starts_with("+OK"));
+    let before = status_kb(bridge.pid(), "VmRSS:");
+    let mut clients = Vec::new();
+    for _ in 0..SESSIONS {
+        let mut c = Client::connect(bridge.port);
+        c.login("alice", "secret");
+        c.send("RETR 1");
+        clients.push(c);
+    }
+    let deadline = std::time::Instant::now() + ANSWER_BOUND;
+    while server.fetches.load(Ordering::SeqCst) < SESSIONS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the FETCHes never came"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Let popbridge read what there is to read.
+    thread::sleep(Duration::from_millis(300));
+    let after = status_kb(bridge.pid(), "VmRSS:");
+    let peak = status_kb(bridge.pid(), "VmHWM:");
+    let added = after.saturating_sub(before);
+    assert!(
+        added <= MAX_ADDED_KIB && peak.saturating_sub(before) <= MAX_ADDED_KIB,
+        "{SESSIONS} sessions waiting on a 500 MB literal added {added} KiB (peak {peak} KiB, before {before} KiB)"
+    );
+    drop(clients);
 }
