@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::bridge::pool::{sweep_forever, Pool, Reuse};
 use crate::bridge::routing::{Route, RouteAuth, Router, UidlMapSource};
 use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
 use crate::bridge::Bridge;
@@ -19,7 +20,7 @@ use crate::config::{
     Validated,
 };
 use crate::imap::cache::ListingCache;
-use crate::imap::{host_of, ImapConfig, ImapConnector};
+use crate::imap::{host_of, ImapConfig, ImapConn, ImapConnector};
 use crate::migrate::runtime::MapStore;
 use crate::oauth::OauthRuntime;
 use crate::pop3::session::{Profile, SessionConfig};
@@ -96,6 +97,43 @@ struct Previous<'a> {
     /// (with its cached access tokens and refreshes in flight) when
     /// `[oauth]` and `[data]` are unchanged.
     oauth: Option<(&'a Config, Arc<OauthRuntime>)>,
+    /// Idle upstream sessions, kept for the routes whose upstream settings
+    /// are unchanged (the others' are logged out).
+    pool: Arc<Pool<ImapConn>>,
+    /// The running configuration.
+    config: &'a Validated,
+}
+
+/// How often idle upstream sessions are checked for expiry.
+const POOL_SWEEP: Duration = Duration::from_secs(15);
+
+/// The pool for a new configuration: the previous one when its size is
+/// unchanged (its sessions of routes whose upstream changed are logged
+/// out), else a new one (and the previous one's sessions are logged out).
+fn pool_for(
+    valid: &Validated,
+    previous: Option<(Arc<Pool<ImapConn>>, &Validated)>,
+) -> Result<Arc<Pool<ImapConn>>, String> {
+    let total = valid.config.limits.max_idle_upstream;
+    if let Some((old, old_valid)) = previous {
+        if old_valid.config.limits.max_idle_upstream == total {
+            for r in &old_valid.routes {
+                let same = valid
+                    .routes
+                    .iter()
+                    .any(|n| n.name == r.name && n.upstream == r.upstream && n.pop3 == r.pop3);
+                if !same {
+                    let (pool, name) = (old.clone(), r.name.clone());
+                    tokio::spawn(async move { pool.drain(Some(&name)).await });
+                }
+            }
+            return Ok(old);
+        }
+        tokio::spawn(async move { old.drain(None).await });
+    }
+    let pool = Arc::new(Pool::new(total)?);
+    tokio::spawn(sweep_forever(Arc::downgrade(&pool), POOL_SWEEP));
+    Ok(pool)
 }
 
 /// Builds what sessions share from a validated configuration; on a reload,
@@ -105,10 +143,11 @@ fn build_shared(
     previous: Option<Previous<'_>>,
 ) -> Result<Shared<ImapConnector>, String> {
     let cfg = &valid.config;
-    let (throttle, old_oauth) = match previous {
-        Some(p) => (Some(p.throttle), p.oauth),
-        None => (None, None),
+    let (throttle, old_oauth, old_pool) = match previous {
+        Some(p) => (Some(p.throttle), p.oauth, Some((p.pool, p.config))),
+        None => (None, None, None),
     };
+    let pool = pool_for(valid, old_pool)?;
     let oauth = match old_oauth {
         Some((old, runtime)) if old.oauth == cfg.oauth && old.data == cfg.data => Some(runtime),
         _ => OauthRuntime::from_config(cfg).map_err(|e| format!("oauth: {e}"))?,
@@ -179,6 +218,10 @@ fn build_shared(
                 }),
                 _ => None,
             },
+            reuse: Reuse {
+                idle: Duration::from_secs(route.upstream.reuse_idle_secs),
+                per_account: route.upstream.reuse_max_per_account,
+            },
         });
     }
     let router = Router::new(routes, RouteIndex::new(&valid.routes));
@@ -214,6 +257,7 @@ fn build_shared(
             router,
             throttle,
             oauth,
+            pool,
         },
         tls,
     })
@@ -340,7 +384,14 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
         }
     };
     let clean = server.clone().serve(listeners, shutdown, drain).await;
-    info!(clean, open = server.open_sessions(), "stopped");
+    // Idle upstream sessions are logged out politely.
+    let idle = server.current().bridge.pool.drain(None).await;
+    info!(
+        clean,
+        open = server.open_sessions(),
+        idle_upstream_logged_out = idle,
+        "stopped"
+    );
     Ok(clean)
 }
 
@@ -380,6 +431,8 @@ async fn reload_on_sighup(
             let previous = Previous {
                 throttle: old.bridge.throttle.clone(),
                 oauth: old.bridge.oauth.clone().map(|o| (&current.config, o)),
+                pool: old.bridge.pool.clone(),
+                config: &current,
             };
             match build_shared(&valid, Some(previous)) {
                 Ok(shared) => {

@@ -95,6 +95,14 @@ pub struct Metrics {
     pub oauth_reenrolments: Family<ProviderLabels, Counter>,
     /// Access tokens handed out from the in-memory cache.
     pub oauth_cache_hits: Family<ProviderLabels, Counter>,
+    /// Upstream sessions by what happened with the reuse pool: `opened`
+    /// (a new IMAP login), `reused`, `stale` (a pooled session that no
+    /// longer worked or whose UIDVALIDITY changed, discarded), `evicted`
+    /// (pool limits), `expired` (idle too long), `drained` (shutdown,
+    /// reload).
+    pub pool_events: Family<KindLabels, Counter>,
+    /// Idle upstream sessions in the pool now.
+    pub pool_idle: Gauge,
 }
 
 impl Metrics {
@@ -120,6 +128,8 @@ impl Metrics {
             oauth_refreshes: Family::default(),
             oauth_reenrolments: Family::default(),
             oauth_cache_hits: Family::default(),
+            pool_events: Family::default(),
+            pool_idle: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -186,6 +196,16 @@ impl Metrics {
             m.cache_misses.clone(),
         );
         r.register(
+            "upstream_sessions",
+            "Upstream IMAP sessions by what the reuse pool did: opened, reused, stale, evicted, expired, drained",
+            m.pool_events.clone(),
+        );
+        r.register(
+            "upstream_sessions_idle",
+            "Idle upstream IMAP sessions kept for reuse",
+            m.pool_idle.clone(),
+        );
+        r.register(
             "connections_refused",
             "Connections refused by limits or a bad PROXY header",
             m.connections_refused.clone(),
@@ -232,6 +252,13 @@ impl Metrics {
     }
 
     /// Counts an upstream error.
+    /// Counts what the upstream session pool did.
+    pub fn pool(&self, event: &'static str) {
+        self.pool_events
+            .get_or_create(&KindLabels { kind: event })
+            .inc();
+    }
+
     pub fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })

@@ -12,6 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::lock::MailboxLock;
 use super::policy::{device_keyword, session_view, valid_device, SessionView};
+use super::pool::{Credential, Pool, PoolKey, Reuse};
 use super::replies::{self, Refusal};
 use super::routing::{Route, RouteAuth, Router, UidlMapSource};
 use super::throttle::LoginThrottle;
@@ -34,18 +35,60 @@ pub struct Bridge<C: Connector> {
     pub throttle: Arc<LoginThrottle>,
     /// Device logins and access tokens, when a route uses `auth = "oauth2"`.
     pub oauth: Option<Arc<OauthRuntime>>,
+    /// Upstream sessions kept from ended POP3 sessions, for reuse.
+    pub pool: Arc<Pool<C::Conn>>,
 }
 
 /// What a logged-in session holds besides its maildrop; these only make
 /// sense together, and exist only after a successful login.
-#[derive(Debug)]
-pub struct LoggedIn<U> {
+pub struct LoggedIn<U: Upstream> {
     /// The IMAP session, with the mailbox selected.
     pub upstream: U,
     /// What QUIT does with DELE'd messages (the route's delete policy).
     pub delete_action: DeleteAction,
     /// The session lock, when the route asks for one; released on drop.
     pub lock: Option<MailboxLock>,
+    /// Where the upstream session goes when the POP3 session ends.
+    keep: Option<Keep<U>>,
+}
+
+/// How an upstream session returns to the pool.
+struct Keep<U: Upstream> {
+    pool: Arc<Pool<U>>,
+    key: PoolKey,
+    tag: ring::hmac::Tag,
+    reuse: Reuse,
+}
+
+impl<U: Upstream> std::fmt::Debug for LoggedIn<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggedIn")
+            .field("delete_action", &self.delete_action)
+            .field("lock", &self.lock)
+            .field("keeps", &self.keep.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<U: Upstream> LoggedIn<U> {
+    /// The POP3 session ended (after QUIT's commit, or any other way: RFC
+    /// 1939 §6, nothing more is changed). The lock goes first, so a client
+    /// that reconnects at once is not refused [IN-USE]; then the upstream
+    /// session waits in the pool for the account's next login when it is
+    /// in step, or logs out.
+    pub async fn end(self) {
+        let LoggedIn {
+            upstream,
+            lock,
+            keep,
+            ..
+        } = self;
+        drop(lock);
+        match keep {
+            Some(k) if upstream.reusable() => k.pool.put(k.key, k.tag, upstream, k.reuse),
+            _ => upstream.logout().await,
+        }
+    }
 }
 
 /// A successful login: the session, its snapshot, the route's behaviour.
@@ -82,19 +125,35 @@ impl<C: Connector> Bridge<C> {
                     Err(why) => return Err(policy_refused(user, why)),
                 };
                 let upstream_user = route.login.apply(&view.account).to_string();
-                let credentials = Credentials::Password {
-                    user: &upstream_user,
-                    pass,
+                let key = PoolKey {
+                    route: route.name.clone(),
+                    account: upstream_user.to_lowercase(),
+                    hide: view.hide.clone(),
+                    device: None,
                 };
-                let result = route
-                    .connector
-                    .login(credentials, view.hide.as_deref(), Some(peer))
-                    .await;
-                let session = match result {
-                    Ok(s) => s,
-                    Err(e) => return Err(self.upstream_failed(&e, peer, user).await),
+                let credential = Credential(pass.expose());
+                let session = match self.reuse(&route, &key, &credential).await {
+                    Some(s) => s,
+                    None => {
+                        let credentials = Credentials::Password {
+                            user: &upstream_user,
+                            pass,
+                        };
+                        let result = route
+                            .connector
+                            .login(credentials, view.hide.as_deref(), Some(peer))
+                            .await;
+                        match result {
+                            Ok(s) => {
+                                metrics().pool("opened");
+                                s
+                            }
+                            Err(e) => return Err(self.upstream_failed(&e, peer, user).await),
+                        }
+                    }
                 };
-                self.finish(&route, session, &upstream_user, view, user)
+                let keep = self.keep(&route, key, &credential);
+                self.finish(&route, session, &upstream_user, view, user, keep)
                     .await
             }
             RouteAuth::Oauth2 { provider } => {
@@ -138,6 +197,22 @@ impl<C: Connector> Bridge<C> {
             Err(why) => return Err(policy_refused(user, why)),
         };
         let account = grant.account.as_str();
+        // The device's password was checked above: the pool keys by
+        // account and device.
+        let key = PoolKey {
+            route: route.name.clone(),
+            account: account.to_lowercase(),
+            hide: view.hide.clone(),
+            device: Some(grant.device.to_lowercase()),
+        };
+        let credential = Credential(b"");
+        if let Some(session) = self.reuse(route, &key, &credential).await {
+            let keep = self.keep(route, key, &credential);
+            let account = account.to_string();
+            return self
+                .finish(route, session, &account, view, user, keep)
+                .await;
+        }
         let result = bearer_login(
             &oauth,
             &*route.connector,
@@ -148,7 +223,10 @@ impl<C: Connector> Bridge<C> {
         )
         .await;
         let session = match result {
-            Ok(session) => session,
+            Ok(session) => {
+                metrics().pool("opened");
+                session
+            }
             Err(BearerLoginError::Upstream(e)) => {
                 return Err(self.upstream_failed(&e, peer, user).await)
             }
@@ -183,8 +261,68 @@ impl<C: Connector> Bridge<C> {
                 return Err(self.refuse(replies::bearer(&e), peer, user).await);
             }
         };
+        let keep = self.keep(route, key, &credential);
         let account = account.to_string();
-        self.finish(route, session, &account, view, user).await
+        self.finish(route, session, &account, view, user, keep)
+            .await
+    }
+
+    /// A pooled session of `key` opened with `credential`, made current
+    /// (re-SELECT, listing): `None` when there is none, or it no longer
+    /// works, or the mailbox's UIDVALIDITY changed (then it is discarded).
+    async fn reuse(
+        &self,
+        route: &Route<C>,
+        key: &PoolKey,
+        credential: &Credential<'_>,
+    ) -> Option<(C::Conn, Snapshot)> {
+        if route.reuse.idle.is_zero() {
+            return None;
+        }
+        let mut conn = self.pool.take(key, credential)?;
+        match conn.refresh().await {
+            Ok(Some(snapshot)) => {
+                metrics().pool("reused");
+                debug!("upstream session reused");
+                Some((conn, snapshot))
+            }
+            Ok(None) => {
+                info!("pooled upstream session discarded: the mailbox's UIDVALIDITY changed");
+                metrics().pool("stale");
+                tokio::spawn(conn.logout());
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "pooled upstream session no longer works");
+                metrics().pool("stale");
+                if conn.reusable() {
+                    tokio::spawn(conn.logout());
+                }
+                None
+            }
+        }
+    }
+
+    /// Where this login's upstream session goes when its POP3 session
+    /// ends; idle sessions of the key opened with another password are
+    /// dropped now (the password changed).
+    fn keep(
+        &self,
+        route: &Route<C>,
+        key: PoolKey,
+        credential: &Credential<'_>,
+    ) -> Option<Keep<C::Conn>> {
+        if route.reuse.idle.is_zero() {
+            return None;
+        }
+        self.pool.forget_other_passwords(&key, credential);
+        let tag = self.pool.tag(credential);
+        Some(Keep {
+            pool: self.pool.clone(),
+            key,
+            tag,
+            reuse: route.reuse,
+        })
     }
 
     /// The IMAP side said no: logged, counted, and (for a refused password)
@@ -227,6 +365,7 @@ impl<C: Connector> Bridge<C> {
         upstream_user: &str,
         view: SessionView,
         user: &str,
+        keep: Option<Keep<C::Conn>>,
     ) -> Result<Login<C::Conn>, LoginFailure> {
         let lock = if route.policy.lock {
             let key = format!("{}/{}", route.lock_scope, upstream_user.to_lowercase());
@@ -258,6 +397,7 @@ impl<C: Connector> Bridge<C> {
             upstream: conn,
             delete_action: view.action,
             lock,
+            keep,
         };
         Ok((session, maildrop, route.profile.clone()))
     }
@@ -378,6 +518,7 @@ mod with_fake_upstream {
     use std::time::Duration;
 
     use super::*;
+    use crate::bridge::pool::{Pool, Reuse};
     use crate::bridge::throttle::ThrottleConfig;
     use crate::config::{LoginName, RouteIndex};
     use crate::imap::fake::FakeConnector;
@@ -394,6 +535,10 @@ mod with_fake_upstream {
             policy,
             lock_scope: "fake/INBOX".into(),
             uidl_map: None,
+            reuse: Reuse {
+                idle: Duration::from_secs(300),
+                per_account: 2,
+            },
         };
         let mut index = RouteIndex::default();
         index.add(0, &[], &[], true);
@@ -407,6 +552,7 @@ mod with_fake_upstream {
                 max_entries: 100,
             })),
             oauth: None,
+            pool: Arc::new(Pool::new(10).unwrap()),
         }
     }
 
@@ -523,5 +669,41 @@ mod with_fake_upstream {
             );
         }
         assert!(b.login("alice", &secret("pw"), peer()).await.is_ok());
+    }
+
+    /// An ended session's upstream session serves the account's next login
+    /// with the same password: no second IMAP login, and the snapshot is
+    /// current (mail that arrived meanwhile is there, mail expunged
+    /// meanwhile is not).
+    #[tokio::test(start_paused = true)]
+    async fn the_next_login_reuses_the_upstream_session() {
+        let up = FakeConnector::new(&[("alice", "pw")], &[b"a\r\n", b"b\r\n"]);
+        let b = bridge(&up, Policy::default());
+        let (session, maildrop, _) = b.login("alice", &secret("pw"), peer()).await.unwrap();
+        assert_eq!(maildrop.stat().0, 2);
+        session.end().await;
+        assert_eq!(b.pool.idle(), 1);
+        up.deliver(b"c\r\n");
+        up.state().messages.remove(&1);
+        let (session, maildrop, _) = b.login("alice", &secret("pw"), peer()).await.unwrap();
+        assert_eq!(up.state().logins.len(), 1, "no second IMAP login");
+        let uids: Vec<u32> = maildrop.visible().map(|(_, e)| e.uid).collect();
+        assert_eq!(uids, [2, 3]);
+        session.end().await;
+        // A wrong password never gets the pooled session: it logs in
+        // upstream, and fails there.
+        let r = b.login("alice", &secret("nope"), peer()).await;
+        assert_eq!(r.err(), Some(LoginFailure::Refused));
+        assert_eq!(up.state().logins.len(), 2);
+        assert_eq!(b.pool.idle(), 1, "the pooled session is untouched");
+        // A changed UIDVALIDITY discards it.
+        up.state().uidvalidity = 8;
+        let (_session, maildrop, _) = b.login("alice", &secret("pw"), peer()).await.unwrap();
+        assert_eq!(
+            up.state().logins.len(),
+            3,
+            "a fresh login after UIDVALIDITY changed"
+        );
+        assert_eq!(maildrop.uidvalidity, 8);
     }
 }

@@ -7,6 +7,7 @@
 pub mod lock;
 pub mod login;
 pub mod policy;
+pub mod pool;
 pub mod replies;
 pub mod routing;
 pub mod throttle;

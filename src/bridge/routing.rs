@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use super::pool::Reuse;
 use crate::config::{LoginName, Policy, RouteIndex};
 use crate::migrate::runtime::MapStore;
 use crate::pop3::session::Profile;
@@ -40,6 +41,8 @@ pub struct Route<C> {
     pub lock_scope: String,
     /// Where imported UIDL maps are looked up (`uidl_map = true`).
     pub uidl_map: Option<UidlMapSource>,
+    /// How long, and how many, idle upstream sessions wait for reuse.
+    pub reuse: Reuse,
 }
 
 /// A route's imported UIDL maps: the store and the part of the key that
@@ -97,6 +100,10 @@ mod tests {
             policy: Policy::default(),
             lock_scope: String::new(),
             uidl_map: None,
+            reuse: Reuse {
+                idle: std::time::Duration::ZERO,
+                per_account: 0,
+            },
         }
     }
 

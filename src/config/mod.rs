@@ -27,6 +27,12 @@ pub use routes::{EffectiveRoute, RouteConfig, RouteIndex};
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Default for `upstream.reuse_idle_secs`: devices that poll every one to
+/// five minutes (printers, scanners, fetchmail's common 300 s) find their
+/// session still open, while an idle upstream session, and a password
+/// changed meanwhile, last at most five minutes after the last use.
+pub const DEFAULT_REUSE_IDLE_SECS: u64 = 300;
+
 /// RFC 1939 §3: "Such a timer MUST be of at least 10 minutes' duration."
 pub const MIN_IDLE_TIMEOUT_SECS: u64 = 600;
 
@@ -204,6 +210,14 @@ pub struct UpstreamConfig {
     pub auth: UpstreamAuth,
     /// For `auth = "oauth2"`: the name of an `[[oauth.providers]]` entry.
     pub oauth_provider: String,
+    /// Seconds an upstream session stays open after its POP3 session ended,
+    /// for the next login of the same account (same password, same route)
+    /// to take instead of connecting and logging in again. 0 turns reuse
+    /// off. A pooled session outlives a password change by at most this
+    /// long after its last use.
+    pub reuse_idle_secs: u64,
+    /// Idle upstream sessions kept per account (on this route).
+    pub reuse_max_per_account: usize,
     /// How passwords log in (`auth = "passthrough"`): `auto`
     /// (AUTHENTICATE PLAIN when the server offers it, else LOGIN), `plain`
     /// (AUTHENTICATE PLAIN even when not offered) or `login` (the LOGIN
@@ -413,6 +427,8 @@ impl Default for UpstreamConfig {
             auth: UpstreamAuth::Passthrough,
             oauth_provider: String::new(),
             login_mechanism: LoginMechanism::Auto,
+            reuse_idle_secs: DEFAULT_REUSE_IDLE_SECS,
+            reuse_max_per_account: 2,
         }
     }
 }
@@ -496,6 +512,9 @@ pub struct LimitsConfig {
     /// Connections the kernel may queue before popbridge accepts them
     /// (listen(2) backlog; the kernel caps it at net.core.somaxconn).
     pub listen_backlog: u32,
+    /// Idle upstream sessions kept for reuse, all routes together (the
+    /// least recently used leaves first).
+    pub max_idle_upstream: usize,
 }
 
 impl Default for LimitsConfig {
@@ -504,6 +523,7 @@ impl Default for LimitsConfig {
             max_sessions: 1000,
             max_sessions_per_ip: 50,
             listen_backlog: 1024,
+            max_idle_upstream: 1000,
         }
     }
 }

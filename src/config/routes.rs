@@ -72,6 +72,8 @@ route_keys! {
         auth: UpstreamAuth,
         oauth_provider: String,
         login_mechanism: LoginMechanism,
+        reuse_idle_secs: u64,
+        reuse_max_per_account: usize,
     }
     pop3 {
         uidl_format: String,

@@ -343,6 +343,7 @@ impl Connector for ImapConnector {
                 account: credentials.user().to_string(),
                 has_move: false,
                 hide_keyword: hide_keyword.map(str::to_string),
+                uidvalidity: None,
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -372,6 +373,8 @@ pub struct ImapConn {
     /// Messages carrying this keyword are left out of the snapshot (the
     /// `flag` and `per-device` delete policies).
     pub(super) hide_keyword: Option<String>,
+    /// The mailbox's UIDVALIDITY at the last snapshot.
+    pub(super) uidvalidity: Option<u32>,
 }
 
 impl std::fmt::Debug for ImapConn {
@@ -465,6 +468,23 @@ impl Upstream for ImapConn {
         }
         .instrument(span)
         .await
+    }
+
+    async fn refresh(&mut self) -> Result<Option<Snapshot>, UpstreamError> {
+        let span = info_span!("upstream", op = "refresh", addr = %self.config.address);
+        async move {
+            self.ensure_usable()?;
+            let before = self.uidvalidity;
+            let r = self.select_and_snapshot().await;
+            let snapshot = self.note(r)?;
+            Ok((before == Some(snapshot.uidvalidity)).then_some(snapshot))
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn reusable(&self) -> bool {
+        !self.poisoned
     }
 
     async fn logout(mut self) {

@@ -91,6 +91,8 @@ impl FakeConnector {
 #[derive(Debug)]
 pub struct FakeConn {
     state: Arc<Mutex<FakeState>>,
+    hide: Option<String>,
+    uidvalidity: u32,
 }
 
 impl Connector for FakeConnector {
@@ -119,23 +121,29 @@ impl Connector for FakeConnector {
                 "[AUTHENTICATIONFAILED] no".into(),
             ));
         }
-        let messages = s
-            .messages
-            .iter()
-            .filter(|(_, m)| hide_keyword.is_none_or(|k| !m.flags.contains(k)))
-            .map(|(uid, m)| (*uid, m.body.len() as u64))
-            .collect();
-        let snapshot = Snapshot {
-            uidvalidity: s.uidvalidity,
-            messages,
-            xuidl: HashMap::new(),
-        };
+        let snapshot = snapshot(&s, hide_keyword);
         Ok((
             FakeConn {
                 state: self.state.clone(),
+                hide: hide_keyword.map(str::to_string),
+                uidvalidity: s.uidvalidity,
             },
             snapshot,
         ))
+    }
+}
+
+/// The mailbox as a session that hides `hide` sees it.
+fn snapshot(s: &FakeState, hide: Option<&str>) -> Snapshot {
+    Snapshot {
+        uidvalidity: s.uidvalidity,
+        messages: s
+            .messages
+            .iter()
+            .filter(|(_, m)| hide.is_none_or(|k| !m.flags.contains(k)))
+            .map(|(uid, m)| (*uid, m.body.len() as u64))
+            .collect(),
+        xuidl: HashMap::new(),
     }
 }
 
@@ -203,5 +211,14 @@ impl Upstream for FakeConn {
 
     async fn logout(self) {
         self.state().logouts += 1;
+    }
+
+    async fn refresh(&mut self) -> Result<Option<Snapshot>, UpstreamError> {
+        let s = self.state();
+        Ok((s.uidvalidity == self.uidvalidity).then(|| snapshot(&s, self.hide.as_deref())))
+    }
+
+    fn reusable(&self) -> bool {
+        true
     }
 }

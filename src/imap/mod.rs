@@ -213,4 +213,14 @@ pub trait Upstream: Send + 'static {
 
     /// Ends the session politely; errors are ignored.
     fn logout(self) -> impl Future<Output = ()> + Send;
+
+    /// A fresh snapshot for a session kept from an earlier POP3 session
+    /// (the mailbox selected again, the listing through the cache).
+    /// `Ok(None)` when the mailbox's UIDVALIDITY changed meanwhile: the
+    /// caller must not use this session for the new one.
+    fn refresh(&mut self) -> impl Future<Output = Result<Option<Snapshot>, UpstreamError>> + Send;
+
+    /// Whether the session is in step and idle, so it may be kept for the
+    /// next POP3 session.
+    fn reusable(&self) -> bool;
 }

@@ -166,6 +166,7 @@ impl ImapConn {
                 messages.retain(|m| hidden.binary_search(&m.0).is_err());
             }
         }
+        self.uidvalidity = Some(uidvalidity);
         debug!(
             exists,
             uidvalidity,

@@ -98,12 +98,10 @@ pub(super) async fn handle<C: Connector>(
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
-    if let Some(LoggedIn { upstream, lock, .. }) = conn.logged_in.take() {
-        // Free the mailbox before the (up to 5 s) upstream logout, so a
-        // client that reconnects at once is not refused [IN-USE].
-        drop(lock);
-        // RFC 1939 §6: without QUIT nothing is removed; just log out.
-        upstream.logout().await;
+    if let Some(logged_in) = conn.logged_in.take() {
+        // RFC 1939 §6: without QUIT nothing is removed. The lock is freed
+        // first; the upstream session waits for reuse or logs out.
+        logged_in.end().await;
     }
     if let End::ClientError(e) = &end {
         debug!(error = %e, "client connection error");

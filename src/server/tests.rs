@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::bridge::pool::{Pool, Reuse};
 use crate::bridge::routing::{Route, RouteAuth, Router};
 use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
 use crate::config::{LoginName, Policy, RouteIndex};
@@ -27,6 +28,10 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
         policy: Policy::default(),
         lock_scope: "fake/INBOX".into(),
         uidl_map: None,
+        reuse: Reuse {
+            idle: Duration::ZERO,
+            per_account: 0,
+        },
     };
     let mut index = RouteIndex::default();
     index.add(0, &[], &[], true);
@@ -56,6 +61,7 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
                 max_entries: 100,
             })),
             oauth: None,
+            pool: Arc::new(Pool::new(0).unwrap()),
         },
         tls: None,
     };

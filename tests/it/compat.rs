@@ -304,10 +304,12 @@ fn courier() {
 
 #[test]
 fn mailutils() {
-    // No UIDPLUS (QUIRKS.md): deletions need expunge-if-alone.
+    // No UIDPLUS (QUIRKS.md): deletions need expunge-if-alone; and no
+    // session reuse: an idle session that keeps INBOX selected brings back
+    // what others expunge when it ends (QUIRKS.md).
     scenario(
         &start_mailutils(STANDARD_USERS),
-        "[upstream]\nno_uidplus = \"expunge-if-alone\"\n",
+        "[upstream]\nno_uidplus = \"expunge-if-alone\"\nreuse_idle_secs = 0\n",
     );
 }
 

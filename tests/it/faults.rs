@@ -609,7 +609,12 @@ fn deliver_small_messages(dovecot: &Dovecot, user: &str, count: usize) {
 fn short_timeout_config() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("popbridge.toml");
-    std::fs::write(&path, "[upstream]\ncommand_timeout_secs = 2\n").expect("write config");
+    // No session reuse: each POP3 session is its own relayed connection.
+    std::fs::write(
+        &path,
+        "[upstream]\ncommand_timeout_secs = 2\nreuse_idle_secs = 0\n",
+    )
+    .expect("write config");
     (dir, path)
 }
 

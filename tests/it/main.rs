@@ -50,6 +50,7 @@ mod oauth_store;
 mod operations;
 mod parity;
 mod policies;
+mod reuse;
 mod security;
 mod servers_selftest;
 mod tls;

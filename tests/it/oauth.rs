@@ -451,9 +451,12 @@ impl Setup {
             )
         };
         let config = dir.path().join("popbridge.toml");
+        // Session reuse off: these tests follow each POP3 login to its own
+        // bearer login (the reuse test turns it on).
         let text = format!(
             "[upstream]\n\
              tls = \"none\"\n\
+             reuse_idle_secs = 0\n\
              [routing]\n\
              default_route = false\n\
              [[routes]]\n\

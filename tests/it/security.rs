@@ -424,14 +424,17 @@ fn awkward_credentials_arrive_intact_and_never_as_syntax() {
     for (user, _, _) in AWKWARD {
         dovecot.deliver(user, &corpus_message("plain_crlf"));
     }
-    // AUTHENTICATE PLAIN (Dovecot offers AUTH=PLAIN).
+    // AUTHENTICATE PLAIN (Dovecot offers AUTH=PLAIN). One IMAP login per
+    // POP3 login: no session reuse.
+    let (_dir, no_reuse) = crate::common::no_reuse_config();
+    let no_reuse = ["--config", no_reuse.to_str().unwrap()];
     let relay = Relay::start(dovecot.imap_port, false);
-    let pb = Popbridge::start(relay.port, &[]);
+    let pb = Popbridge::start(relay.port, &no_reuse);
     login_all(&pb, &relay, &dovecot, false);
     drop(pb);
     // LOGIN with quoted strings (AUTH=PLAIN hidden by the relay).
     let relay = Relay::start(dovecot.imap_port, true);
-    let pb = Popbridge::start(relay.port, &[]);
+    let pb = Popbridge::start(relay.port, &no_reuse);
     login_all(&pb, &relay, &dovecot, true);
     let logins = AWKWARD.len() * 4;
     let log = wait_for_log(|| dovecot.log(), "imap-login: Info: Login: ", logins);

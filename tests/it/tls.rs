@@ -942,7 +942,9 @@ fn auth_plain_and_login_reach_dovecot() {
     let m2 = corpus_message("three_body_lines");
     dovecot.deliver("alice", &m1);
     dovecot.deliver("alice", &m2);
-    let pb = Popbridge::start(dovecot.imap_port, &[]);
+    // Every POP3 login must reach Dovecot: no session reuse.
+    let (_dir, no_reuse) = crate::common::no_reuse_config();
+    let pb = Popbridge::start(dovecot.imap_port, &["--config", no_reuse.to_str().unwrap()]);
     let want_stat = format!("+OK 2 {}", m1.len() + m2.len());
     let mut logins = 0;
 

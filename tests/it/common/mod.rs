@@ -578,6 +578,17 @@ impl Drop for Dovecot {
 // popbridge
 // ---------------------------------------------------------------------------
 
+/// A configuration file that turns upstream session reuse off, for tests
+/// that follow each POP3 login to its own IMAP login (what reaches the
+/// server, which connection a relay cuts). Keep the directory alive while
+/// popbridge runs.
+pub fn no_reuse_config() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("no-reuse.toml");
+    fs::write(&path, "[upstream]\nreuse_idle_secs = 0\n").expect("write config");
+    (dir, path)
+}
+
 /// The popbridge binary serving on loopback ports it chose itself (every
 /// listener is given port 0; the ports are read back from its log),
 /// logging to a file. Killed on drop; its log is printed if the test is
