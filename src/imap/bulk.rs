@@ -114,6 +114,7 @@ impl ImapConn {
             cmd.push_str(extra);
         }
         cmd.push_str(&format!(" {{{}}}", message.len()));
+        self.settle().await?;
         let tag = self.wire.send(&cmd, "APPEND").await?;
         // RFC 3501 §7.5: the literal goes after the server's `+`. A refusal
         // before it (quota, no such mailbox) keeps the server's words.

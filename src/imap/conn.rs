@@ -22,8 +22,8 @@ use super::connect::open_session;
 use super::settings::{ImapConfig, UpstreamStream};
 use super::wire::{parse_response, Frame, Framer, ImapReader, Limits, Parsed, ReadError};
 use super::{
-    BodySink, CommitReport, Connector, Credentials, DeleteAction, FetchEnd, FetchError, Snapshot,
-    Upstream, UpstreamError,
+    BodySink, CommitReport, Connector, Credentials, DeleteAction, FetchEnd, FetchError, NextFetch,
+    Snapshot, Upstream, UpstreamError,
 };
 use crate::metrics::metrics;
 
@@ -344,6 +344,8 @@ impl Connector for ImapConnector {
                 has_move: false,
                 hide_keyword: hide_keyword.map(str::to_string),
                 uidvalidity: None,
+                next: None,
+                ahead: None,
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -375,6 +377,24 @@ pub struct ImapConn {
     pub(super) hide_keyword: Option<String>,
     /// The mailbox's UIDVALIDITY at the last snapshot.
     pub(super) uidvalidity: Option<u32>,
+    /// What the client will fetch next, from [`Upstream::fetch_next`].
+    pub(super) next: Option<NextFetch>,
+    /// A FETCH sent ahead for the next message, not yet read.
+    pub(super) ahead: Option<Ahead>,
+}
+
+/// A body FETCH sent ahead of time (pipelined, RFC 3501 §5.5).
+#[derive(Debug)]
+pub(super) struct Ahead {
+    pub(super) uid: u32,
+    /// The section's origin and length; `None` for the whole message.
+    pub(super) range: Option<(u64, u64)>,
+    pub(super) tag: String,
+    /// Its body arrived before it was asked for (a server that answered
+    /// out of order) and was dropped: it must be fetched again.
+    pub(super) dropped: bool,
+    /// Its tagged reply was read already.
+    pub(super) done: bool,
 }
 
 impl std::fmt::Debug for ImapConn {
@@ -407,14 +427,48 @@ impl ImapConn {
         r
     }
 
-    /// Runs one command to its tagged reply (see [`Wire::finish`]).
+    /// Runs one command to its tagged reply (see [`Wire::finish`]), after
+    /// any FETCH sent ahead was read.
     pub(super) async fn exec(
         &mut self,
         cmd: &str,
         what: &'static str,
         each: impl FnMut(&Response<'_>),
     ) -> Result<String, UpstreamError> {
+        self.settle().await?;
         self.wire.exec(cmd, what, each).await
+    }
+
+    /// Reads to the end of a FETCH sent ahead and not used (its body is
+    /// dropped), so the next command's responses are its own.
+    pub(super) async fn settle(&mut self) -> Result<(), UpstreamError> {
+        let Some(ahead) = self.ahead.take() else {
+            return Ok(());
+        };
+        if ahead.done {
+            return Ok(());
+        }
+        self.wire.stream_bodies(true);
+        let r = self.drop_until(&ahead.tag).await;
+        self.wire.stream_bodies(false);
+        r
+    }
+
+    /// Reads and drops everything up to the tagged reply to `tag`.
+    async fn drop_until(&mut self, tag: &str) -> Result<(), UpstreamError> {
+        loop {
+            if let Frame::Response(bytes) = self.wire.next("UID FETCH").await? {
+                if let Parsed::Known(Response::Done { tag: t, .. }) = parse_response(bytes) {
+                    if t.0 == tag {
+                        return Ok(());
+                    }
+                    return Err(UpstreamError::Protocol(format!(
+                        "reply to unknown tag {}",
+                        t.0
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -484,7 +538,11 @@ impl Upstream for ImapConn {
     }
 
     fn reusable(&self) -> bool {
-        !self.poisoned
+        !self.poisoned && self.ahead.is_none()
+    }
+
+    fn fetch_next(&mut self, next: Option<NextFetch>) {
+        self.next = next;
     }
 
     async fn logout(mut self) {

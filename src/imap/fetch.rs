@@ -15,7 +15,7 @@ use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, Status};
 use tracing::{debug, warn};
 
 use super::cache::ListingKey;
-use super::conn::{outcome_text, tagged_status, ImapConn};
+use super::conn::{outcome_text, tagged_status, Ahead, ImapConn};
 use super::wire::{parse_response, Frame, Parsed};
 use super::{BodySink, FetchEnd, FetchError, Flow, UpstreamError};
 
@@ -42,6 +42,19 @@ enum Got {
 
 impl ImapConn {
     pub(super) async fn fetch_inner<S: BodySink>(
+        &mut self,
+        uid: u32,
+        size: u64,
+        prefix_only: bool,
+        sink: &mut S,
+    ) -> Result<FetchEnd, FetchError> {
+        let r = self.fetch_message(uid, size, prefix_only, sink).await;
+        // The hint was for this fetch only.
+        self.next = None;
+        r
+    }
+
+    async fn fetch_message<S: BodySink>(
         &mut self,
         uid: u32,
         size: u64,
@@ -100,10 +113,20 @@ impl ImapConn {
             Some((origin, len)) => format!("BODY.PEEK[]<{origin}.{len}>"),
         };
         let first = range.is_none_or(|(origin, _)| origin == 0);
-        let cmd = format!("UID FETCH {uid} (UID {section})");
-        let tag = self.wire.send(&cmd, "UID FETCH").await?;
+        // Asked for ahead, while the previous body went out?
+        let tag = match self.ahead.take() {
+            Some(a) if a.uid == uid && a.range == range && !a.dropped && !a.done => a.tag,
+            other => {
+                self.ahead = other;
+                self.settle().await?;
+                let cmd = format!("UID FETCH {uid} (UID {section})");
+                self.wire.send(&cmd, "UID FETCH").await?
+            }
+        };
         self.wire.stream_bodies(true);
-        let r = self.read_body(&tag, uid, expected, first, sink).await;
+        let r = self
+            .read_body(&tag, uid, range, expected, first, sink)
+            .await;
         self.wire.stream_bodies(false);
         let read = r?;
         if let Some(e) = read.sink_error {
@@ -137,10 +160,12 @@ impl ImapConn {
 
     /// Reads the responses to one body fetch (tag `tag`) to its tagged
     /// reply, streaming the body to `sink` or holding it.
+    #[allow(clippy::too_many_arguments)]
     async fn read_body<S: BodySink>(
         &mut self,
         tag: &str,
         uid: u32,
+        range: Option<(u64, u64)>,
         expected: u64,
         first: bool,
         sink: &mut S,
@@ -150,10 +175,23 @@ impl ImapConn {
             match self.wire.next("UID FETCH").await? {
                 Frame::BodyStart { len } => {
                     if r.len.is_some() {
-                        return Err(UpstreamError::Protocol(
-                            "two message bodies in one fetch".into(),
-                        )
-                        .into());
+                        // Another body after ours: the one asked for ahead,
+                        // answered before our tagged reply. Dropped as it
+                        // arrives (memory stays bounded) and asked for again
+                        // when the client wants it.
+                        match self.ahead.as_mut() {
+                            Some(a) if r.dropping == 0 => {
+                                a.dropped = true;
+                                r.dropping = len;
+                                continue;
+                            }
+                            _ => {
+                                return Err(UpstreamError::Protocol(
+                                    "two message bodies in one fetch".into(),
+                                )
+                                .into())
+                            }
+                        }
                     }
                     r.len = Some(len);
                     if first && len != expected && len <= HOLD_MAX {
@@ -163,11 +201,25 @@ impl ImapConn {
                     } else if len == 0 {
                         r.deliver(sink, &[]).await;
                     }
+                    if len == 0 {
+                        self.send_ahead(range, len).await?;
+                    }
                 }
-                Frame::BodyPiece(piece) => match r.held.as_mut() {
-                    Some(held) => held.extend_from_slice(piece),
-                    None => r.deliver(sink, piece).await,
-                },
+                Frame::BodyPiece(piece) => {
+                    if r.dropping > 0 {
+                        r.dropping -= piece.len() as u64;
+                        continue;
+                    }
+                    match r.held.as_mut() {
+                        Some(held) => held.extend_from_slice(piece),
+                        None => r.deliver(sink, piece).await,
+                    }
+                    if let Some(len) = r.len {
+                        if r.delivered + held(&r) == len {
+                            self.send_ahead(range, len).await?;
+                        }
+                    }
+                }
                 Frame::Response(bytes) => {
                     let response = match parse_response(bytes) {
                         Parsed::Known(response) => response,
@@ -181,6 +233,18 @@ impl ImapConn {
                             let body = attrs
                                 .iter()
                                 .find(|a| matches!(a, AttributeValue::BodySection { .. }));
+                            let ahead = self.ahead.as_mut().filter(|a| {
+                                attrs
+                                    .iter()
+                                    .any(|x| matches!(x, AttributeValue::Uid(u) if *u == a.uid))
+                            });
+                            if let Some(a) = ahead {
+                                // The one asked for ahead (its body, if it
+                                // had one, was dropped above); `NIL` means
+                                // it is gone: ask again to find out.
+                                a.dropped |= body.is_some();
+                                continue;
+                            }
                             match (ours, body) {
                                 // `BODY[] NIL`: Dovecot's answer for a message
                                 // expunged by another session.
@@ -216,6 +280,13 @@ impl ImapConn {
                             }
                             return Ok(r);
                         }
+                        Response::Done { tag: t, .. }
+                            if self.ahead.as_ref().is_some_and(|a| a.tag == t.0) =>
+                        {
+                            if let Some(a) = self.ahead.as_mut() {
+                                a.done = true;
+                            }
+                        }
                         Response::Done { tag: t, .. } => {
                             return Err(UpstreamError::Protocol(format!(
                                 "reply to unknown tag {}",
@@ -232,6 +303,45 @@ impl ImapConn {
                 }
             }
         }
+    }
+
+    /// This fetch's body is all in (`len` octets of a request for `range`):
+    /// when it was the message's last (the whole message, or a prefix that
+    /// came short) and the client already asked for another message, the
+    /// FETCH for that one goes out now, so its answer follows this one's
+    /// without a round trip in between.
+    async fn send_ahead(
+        &mut self,
+        range: Option<(u64, u64)>,
+        len: u64,
+    ) -> Result<(), UpstreamError> {
+        let last = range.is_none_or(|(_, asked)| len < asked);
+        if !last || self.ahead.is_some() {
+            return Ok(());
+        }
+        let Some(next) = self.next.take() else {
+            return Ok(());
+        };
+        let range = next.prefix_only.then_some((0, TOP_CHUNK));
+        let section = match range {
+            None => "BODY.PEEK[]".to_string(),
+            Some((origin, len)) => format!("BODY.PEEK[]<{origin}.{len}>"),
+        };
+        let tag = self
+            .wire
+            .send(
+                &format!("UID FETCH {} (UID {section})", next.uid),
+                "UID FETCH",
+            )
+            .await?;
+        self.ahead = Some(Ahead {
+            uid: next.uid,
+            range,
+            tag,
+            dropped: false,
+            done: false,
+        });
+        Ok(())
     }
 
     /// NOOP (so the server tells what other sessions expunged), then
@@ -281,6 +391,8 @@ struct BodyRead {
     held: Option<Vec<u8>>,
     /// The server said the message is gone.
     nil: bool,
+    /// Octets still to drop of a body asked for ahead that arrived early.
+    dropping: u64,
 }
 
 impl BodyRead {

@@ -125,6 +125,14 @@ pub struct Snapshot {
     pub xuidl: std::collections::HashMap<u32, String>,
 }
 
+/// A message the client will ask for next (see [`Upstream::fetch_next`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextFetch {
+    pub uid: u32,
+    /// TOP rather than RETR.
+    pub prefix_only: bool,
+}
+
 /// Whether the consumer of a message wants more of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -201,6 +209,15 @@ pub trait Upstream: Send + 'static {
         prefix_only: bool,
         sink: &mut S,
     ) -> impl Future<Output = Result<FetchEnd, FetchError>> + Send;
+
+    /// The POP3 client has already sent the command after the next fetch:
+    /// a fetch of `next` (RFC 2449 PIPELINING). The next [`Upstream::fetch`]
+    /// may ask the server for it ahead, while the current body is still
+    /// going out, so it is on its way when asked for. A hint: without it
+    /// nothing changes.
+    fn fetch_next(&mut self, next: Option<NextFetch>) {
+        let _ = next;
+    }
 
     /// Marks `seen` as `\Seen`, then removes exactly the messages `delete`.
     /// `action` says what "remove" means (the delete policy).

@@ -15,6 +15,7 @@ use crate::metrics::metrics;
 impl ImapConn {
     /// CAPABILITY (pipelined with SELECT), then the snapshot.
     pub(super) async fn select_and_snapshot(&mut self) -> Result<Snapshot, UpstreamError> {
+        self.settle().await?;
         let mailbox = quote_mailbox(&self.config.mailbox)?;
         // The capabilities may change at login, so ask again.
         let cap_tag = self.wire.send("CAPABILITY", "CAPABILITY").await?;

@@ -575,3 +575,128 @@ async fn commit_reports_what_uid_expunge_left() {
         ]
     );
 }
+
+/// The login and snapshot of a mailbox holding UIDs 10 and 11 of 5 octets
+/// each; the session's next tag is pb5.
+fn two_messages() -> Vec<Step> {
+    vec![
+        Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
+        Read,
+        Send("pb1 OK logged in\r\n"),
+        Read,
+        Read,
+        Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
+        Send(
+            "* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 12] n\r\n\
+             pb3 OK [READ-WRITE] selected\r\n",
+        ),
+        Read,
+        Send("* 1 FETCH (UID 10 RFC822.SIZE 5)\r\n* 2 FETCH (UID 11 RFC822.SIZE 5)\r\npb4 OK done\r\n"),
+    ]
+}
+
+/// With the next message announced (a pipelining client), its FETCH goes
+/// out as soon as the current body is in, and the next fetch reads that
+/// answer instead of asking again.
+#[tokio::test]
+async fn the_next_fetch_goes_out_while_the_current_body_is_read() {
+    let mut all = two_messages();
+    all.extend([
+        Read,
+        Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
+        Read,
+        Send("pb5 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\n"),
+    ]);
+    let (addr, server) = serve(all).await;
+    let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+    let mut first = Collect::default();
+    conn.fetch_next(Some(NextFetch {
+        uid: 11,
+        prefix_only: false,
+    }));
+    let r = upstream_side(conn.fetch(10, 5, false, &mut first).await);
+    assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+    let mut second = Collect::default();
+    let r = upstream_side(conn.fetch(11, 5, false, &mut second).await);
+    assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+    assert_eq!((first.0, second.0), (b"aaaaa".to_vec(), b"bbbbb".to_vec()));
+    assert!(conn.reusable());
+    drop(conn);
+    let lines = server.await.unwrap();
+    assert_eq!(
+        text(&lines[4..]),
+        [
+            "pb5 UID FETCH 10 (UID BODY.PEEK[])\r\n",
+            "pb6 UID FETCH 11 (UID BODY.PEEK[])\r\n"
+        ]
+    );
+}
+
+/// A server that answers the FETCH sent ahead before the current one's
+/// tagged reply: that body is dropped (memory stays bounded) and fetched
+/// again when asked for; the current message is unharmed.
+#[tokio::test]
+async fn an_early_answer_to_the_fetch_sent_ahead_is_dropped_and_fetched_again() {
+    let mut all = two_messages();
+    all.extend([
+        Read,
+        Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
+        Read,
+        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\npb5 OK done\r\n"),
+        Read,
+        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb7 OK done\r\n"),
+    ]);
+    let (addr, server) = serve(all).await;
+    let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+    let mut first = Collect::default();
+    conn.fetch_next(Some(NextFetch {
+        uid: 11,
+        prefix_only: false,
+    }));
+    let r = upstream_side(conn.fetch(10, 5, false, &mut first).await);
+    assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+    let mut second = Collect::default();
+    let r = upstream_side(conn.fetch(11, 5, false, &mut second).await);
+    assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+    assert_eq!((first.0, second.0), (b"aaaaa".to_vec(), b"bbbbb".to_vec()));
+    drop(conn);
+    let lines = server.await.unwrap();
+    assert_eq!(
+        text(&lines[6..]),
+        ["pb7 UID FETCH 11 (UID BODY.PEEK[])\r\n"]
+    );
+}
+
+/// A FETCH sent ahead that the client then does not use is read to its
+/// end before the next command (here QUIT's commit), whose responses are
+/// then its own.
+#[tokio::test]
+async fn an_unused_fetch_sent_ahead_is_read_before_the_next_command() {
+    let mut all = two_messages();
+    all.extend([
+        Read,
+        Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
+        Read,
+        Send("pb5 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\n"),
+        Read,
+        Send("pb7 OK stored\r\n"),
+    ]);
+    let (addr, server) = serve(all).await;
+    let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
+    conn.fetch_next(Some(NextFetch {
+        uid: 11,
+        prefix_only: false,
+    }));
+    let r = upstream_side(conn.fetch(10, 5, false, &mut Collect::default()).await);
+    assert!(matches!(r, Ok(FetchEnd::Complete)), "{r:?}");
+    assert!(!conn.reusable(), "an answer is still on its way");
+    let r = conn.commit(&[], &[10], &DeleteAction::Expunge).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(conn.reusable());
+    drop(conn);
+    let lines = server.await.unwrap();
+    assert_eq!(
+        text(&lines[6..]),
+        ["pb7 UID STORE 10 +FLAGS.SILENT (\\Seen)\r\n"]
+    );
+}

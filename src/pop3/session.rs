@@ -215,6 +215,27 @@ impl Session {
         }
     }
 
+    /// What `line` would ask for if it came next: the RETR or TOP of a
+    /// message in the maildrop, or `None`. Changes nothing (the driver uses
+    /// it to ask the upstream for a message ahead, RFC 2449 PIPELINING).
+    pub fn peek_fetch(&self, line: &[u8]) -> Option<FetchRequest> {
+        let State::Transaction(drop) = &self.state else {
+            return None;
+        };
+        let (msg, top_lines) = match Command::parse(line).ok()? {
+            Command::Retr(n) => (n, None),
+            Command::Top(n, lines) => (n, Some(lines)),
+            _ => return None,
+        };
+        let e = drop.get(msg).ok()?;
+        Some(FetchRequest {
+            msg,
+            uid: e.uid,
+            size: e.size,
+            top_lines,
+        })
+    }
+
     /// The keyword of the last line handled (see the field).
     pub fn last_command(&self) -> Option<&'static str> {
         self.last_command

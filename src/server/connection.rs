@@ -16,7 +16,9 @@ use tracing::{debug, error, info, warn, Span};
 
 use super::{ServerSettings, Shared};
 use crate::bridge::{Bridge, LoggedIn};
-use crate::imap::{BodySink, Connector, DeleteAction, FetchEnd, FetchError, Flow, Upstream};
+use crate::imap::{
+    BodySink, Connector, DeleteAction, FetchEnd, FetchError, Flow, NextFetch, Upstream,
+};
 use crate::metrics::{metrics, ListenerLabels};
 use crate::pop3::command::{Line, LineDecoder};
 use crate::pop3::response::{err, MessageEncoder};
@@ -391,6 +393,7 @@ impl<C: Connector> Connection<C> {
 
     /// Streams RETR/TOP: whether to end the session, and whether it worked.
     async fn fetch_inner(&mut self, req: &FetchRequest) -> Result<(Option<End>, bool)> {
+        let next = self.next_fetch();
         let Some(LoggedIn { upstream: up, .. }) = self.logged_in.as_mut() else {
             return Ok((Some(self.out_of_step().await?), false));
         };
@@ -413,6 +416,7 @@ impl<C: Connector> Connection<C> {
             write_timeout: self.settings.idle_timeout,
         };
         let mut ok = false;
+        up.fetch_next(next);
         let result = up
             .fetch(req.uid, req.size, req.top_lines.is_some(), &mut sink)
             .await;
@@ -472,6 +476,22 @@ impl<C: Connector> Connection<C> {
         }
         self.send_out().await?;
         Ok((None, ok))
+    }
+
+    /// The message the client's next command, already in the input buffer
+    /// (pipelined), will fetch: RETR or TOP of a message that exists.
+    fn next_fetch(&self) -> Option<NextFetch> {
+        if !self.decoder.is_idle() {
+            return None;
+        }
+        let rest = &self.inbuf[self.pos..self.end];
+        let lf = memchr::memchr(b'\n', rest)?;
+        let line = rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]);
+        let req = self.session.peek_fetch(line)?;
+        Some(NextFetch {
+            uid: req.uid,
+            prefix_only: req.top_lines.is_some(),
+        })
     }
 
     /// Next input line; flushes pending replies whenever the buffered input
