@@ -160,9 +160,14 @@ impl Wire {
     }
 
     /// Streams FETCH bodies instead of buffering them ([`Frame::BodyStart`]
-    /// and [`Frame::BodyPiece`]), until switched off.
+    /// and [`Frame::BodyPiece`]), until switched off (then the read buffer
+    /// relaxes to its idle size).
     pub(super) fn stream_bodies(&mut self, on: bool) {
-        self.reader.framer_mut().set_stream_bodies(on);
+        let framer = self.reader.framer_mut();
+        framer.set_stream_bodies(on);
+        if !on {
+            framer.relax();
+        }
     }
 
     /// Buffered literals of the next responses may be up to `max` octets
@@ -206,7 +211,9 @@ impl Wire {
                 } if t.0 == tag => {
                     each(&response);
                     let text = outcome_text(&outcome.code, &outcome.information);
-                    return tagged_status(status, text, what);
+                    let r = tagged_status(status, text, what);
+                    self.reader.framer_mut().relax();
+                    return r;
                 }
                 Response::Done { tag: t, .. } => {
                     return Err(UpstreamError::Protocol(format!(

@@ -16,8 +16,9 @@
 //!   and EXPUNGE / EXPUNGED when imap-proto cannot.
 //!
 //! # Memory
-//! A framer holds its read buffer ([`READ_BUFFER`] octets, allocated once)
-//! and the current response's octets as they actually arrive: an announced
+//! A framer holds its read buffer ([`READ_BUFFER_IDLE`] octets, growing to
+//! [`READ_BUFFER`] while data flows and relaxing back when asked) and the
+//! current response's octets as they actually arrive: an announced
 //! literal size is never an allocation size. The response buffer grows by
 //! doubling (so its capacity is at most twice what it holds, and never more
 //! than the response limit) and shrinks back to [`RESPONSE_KEEP`] after a
@@ -32,11 +33,17 @@ use std::time::Duration;
 use async_imap::imap_proto::{Outcome, RequestId, Response, Status};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Octets read from the server at a time, allocated once per framer. Four
-/// maximum-size TLS records (RFC 8446 §5.1: at most 2^14 octets of plaintext
-/// each), so one read takes what TLS has decrypted; a streamed body is handed
-/// out in pieces of at most this size.
+/// The read buffer while data flows: four maximum-size TLS records (RFC
+/// 8446 §5.1: at most 2^14 octets of plaintext each), so one read takes
+/// what TLS has decrypted; a streamed body is handed out in pieces of at
+/// most this size. The buffer grows to this when a read fills it or a body
+/// streams, and shrinks back to [`READ_BUFFER_IDLE`] when the session goes
+/// quiet ([`Framer::relax`]).
 pub const READ_BUFFER: usize = 64 * 1024;
+
+/// The read buffer of a quiet session (most responses are a line or two;
+/// idle POP3 sessions each hold one upstream session).
+pub const READ_BUFFER_IDLE: usize = 4 * 1024;
 
 /// Default bound on a buffered literal, one that is not a streamed body.
 /// The literals popbridge asks for besides bodies are header fields (an
@@ -173,7 +180,8 @@ pub enum ReadError {
 /// Memory a framer holds, for tests and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Memory {
-    /// Capacity of the read buffer: always [`READ_BUFFER`].
+    /// Capacity of the read buffer: [`READ_BUFFER_IDLE`] or
+    /// [`READ_BUFFER`].
     pub read_buffer: usize,
     /// Capacity of the buffer that holds the current response.
     pub response: usize,
@@ -229,8 +237,8 @@ enum Event {
 /// Cuts an IMAP server's byte stream into [`Frame`]s. Sans-I/O: see the
 /// module documentation.
 pub struct Framer {
-    /// Octets from the server, [`READ_BUFFER`] long; `buf[start..end]` are
-    /// not consumed yet. Fixed size: this is the only read buffer.
+    /// Octets from the server, [`READ_BUFFER_IDLE`] or [`READ_BUFFER`]
+    /// long; `buf[start..end]` are not consumed yet. The only read buffer.
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -282,7 +290,7 @@ impl Framer {
     pub fn new(limits: Limits) -> Self {
         let limits = limits.clamped();
         Self {
-            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            buf: vec![0; READ_BUFFER_IDLE].into_boxed_slice(),
             start: 0,
             end: 0,
             resp: Vec::new(),
@@ -302,6 +310,35 @@ impl Framer {
     /// `RFC822`) instead of buffering them. Takes effect at the next literal.
     pub fn set_stream_bodies(&mut self, on: bool) {
         self.stream_bodies = on;
+        if on {
+            self.grow();
+        }
+    }
+
+    /// The read buffer at its full size ([`READ_BUFFER`]), unread octets
+    /// kept.
+    pub fn grow(&mut self) {
+        self.resize(READ_BUFFER);
+    }
+
+    /// The read buffer back at [`READ_BUFFER_IDLE`] when what is unread
+    /// fits: for a session between commands.
+    pub fn relax(&mut self) {
+        if !self.stream_bodies && self.end - self.start <= READ_BUFFER_IDLE {
+            self.resize(READ_BUFFER_IDLE);
+        }
+    }
+
+    fn resize(&mut self, size: usize) {
+        if self.buf.len() == size {
+            return;
+        }
+        let unread = self.end - self.start;
+        let mut buf = vec![0; size.max(unread)].into_boxed_slice();
+        buf[..unread].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = buf;
+        self.start = 0;
+        self.end = unread;
     }
 
     /// Bounds the next buffered literals at `max` octets (at most the
@@ -732,10 +769,17 @@ impl<R: AsyncRead + Unpin> ImapReader<R> {
                 return Ok(self.framer.view(event));
             }
             let space = self.framer.space();
+            let room = space.len();
             let n = match tokio::time::timeout(self.inactivity, self.io.read(space)).await {
                 Err(_) => return Err(ReadError::Timeout(self.inactivity)),
                 Ok(r) => r?,
             };
+            if n == room {
+                // More is probably waiting: read in larger pieces.
+                self.framer.filled(n);
+                self.framer.grow();
+                continue;
+            }
             if n == 0 {
                 return Err(if self.framer.in_response() {
                     ReadError::EofInResponse
@@ -955,7 +999,7 @@ mod tests {
         loop {
             loop {
                 let m = framer.memory();
-                assert_eq!(m.read_buffer, READ_BUFFER);
+                assert!(m.read_buffer <= READ_BUFFER, "{m:?}");
                 assert!(m.response <= framer.limits().max_response, "{m:?}");
                 match framer.next_frame() {
                     Ok(Some(frame)) => record(&mut out, frame),
@@ -1044,6 +1088,29 @@ a7 NO can't {5}\r\n\
 \n\
 * BYE Logging out\r\n\
 a8 OK Logout completed.\r\n";
+
+    /// A quiet framer holds a small read buffer; streaming a body grows it,
+    /// and relaxing (between commands) shrinks it back, unread octets kept.
+    #[test]
+    fn the_read_buffer_grows_for_bodies_and_relaxes_when_quiet() {
+        let mut f = Framer::default();
+        assert_eq!(f.memory().read_buffer, READ_BUFFER_IDLE);
+        f.set_stream_bodies(true);
+        assert_eq!(f.memory().read_buffer, READ_BUFFER);
+        f.feed(b"* 1 FETCH (UID 1 BODY[] {3}\r\nabc)\r\na OK");
+        while let Ok(Some(_)) = f.next_frame() {}
+        f.set_stream_bodies(false);
+        f.relax();
+        assert_eq!(f.memory().read_buffer, READ_BUFFER_IDLE);
+        f.feed(b" done\r\n");
+        let mut last = Vec::new();
+        while let Ok(Some(frame)) = f.next_frame() {
+            if let Frame::Response(r) = frame {
+                last = r.to_vec();
+            }
+        }
+        assert_eq!(last, b"a OK done\r\n", "the unread part survived");
+    }
 
     #[test]
     fn transcript_frames() {
