@@ -15,13 +15,14 @@ use crate::config::{Config, LogFormat, UpstreamTls};
 pub mod logging;
 pub mod migrate;
 pub mod oauth;
+pub mod version;
 
 /// A POP3 server that serves each session from a mailbox on an IMAP server.
 ///
 /// Settings come from the TOML file given with --config, then POPBRIDGE_*
 /// environment variables, then these flags (flags win).
 #[derive(Debug, Clone, Parser)]
-#[command(version, about)]
+#[command(version = version::VERSION, long_version = version::LONG_VERSION, about)]
 pub struct Args {
     /// TOML configuration file.
     #[arg(long, env = "POPBRIDGE_CONFIG")]
