@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::config::{Config, LogFormat, UpstreamTls};
 
+pub mod doctor;
 pub mod logging;
 pub mod migrate;
 pub mod oauth;
@@ -82,6 +83,11 @@ enum Command {
     Oauth(oauth::OauthArgs),
     /// Add, list and remove device logins for OAuth2 routes.
     Device(oauth::DeviceArgs),
+    /// Check each route's IMAP server as a POP3 session will use it:
+    /// address, TCP, TLS and certificate, capabilities, and with test
+    /// credentials a login, SELECT and message 1's UIDL. Exit 0 when it all
+    /// works, 1 when something a session needs fails.
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Args {
@@ -146,19 +152,22 @@ pub fn main() -> ExitCode {
         // always has a configuration (its defaults without a file); `oauth`
         // and `device` need the file's [data] and [oauth] sections.
         let config = match (&command, &args.config) {
-            (Command::Migrate(_), _) | (_, Some(_)) => match args.clone().into_config() {
-                Ok((c, _)) => Some(c),
-                Err(e) => {
-                    eprintln!("popbridge: {e}");
-                    return ExitCode::from(2);
+            (Command::Migrate(_) | Command::Doctor(_), _) | (_, Some(_)) => {
+                match args.clone().into_config() {
+                    Ok((c, _)) => Some(c),
+                    Err(e) => {
+                        eprintln!("popbridge: {e}");
+                        return ExitCode::from(2);
+                    }
                 }
-            },
+            }
             _ => None,
         };
         return match command {
             Command::Migrate(a) => migrate::run(a, config.unwrap_or_default()),
             Command::Oauth(a) => oauth::run_oauth(a, config),
             Command::Device(a) => oauth::run_device(a, config),
+            Command::Doctor(a) => doctor::run(a, config.unwrap_or_default()),
         };
     }
     let (config, check_only) = match args.clone().into_config() {

@@ -343,6 +343,7 @@ impl Connector for ImapConnector {
                 account: credentials.user().to_string(),
                 has_move: false,
                 hide_keyword: hide_keyword.map(str::to_string),
+                capabilities: Vec::new(),
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -372,6 +373,9 @@ pub struct ImapConn {
     /// Messages carrying this keyword are left out of the snapshot (the
     /// `flag` and `per-device` delete policies).
     pub(super) hide_keyword: Option<String>,
+    /// What the server announced after login, as written (for `popbridge
+    /// doctor`; `uidplus` and `has_move` are what the session uses).
+    pub(super) capabilities: Vec<String>,
 }
 
 impl std::fmt::Debug for ImapConn {
@@ -385,6 +389,11 @@ impl std::fmt::Debug for ImapConn {
 }
 
 impl ImapConn {
+    /// The capabilities the server announced after login.
+    pub fn capabilities(&self) -> &[String] {
+        &self.capabilities
+    }
+
     /// Refuses to use a connection that an earlier error left out of step.
     pub(super) fn ensure_usable(&self) -> Result<(), UpstreamError> {
         if self.poisoned {
