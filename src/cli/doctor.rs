@@ -1078,8 +1078,10 @@ async fn test_login_select(
         "select",
         Status::Ok,
         format!(
-            "{}: {count} messages, {octets} octets (UIDVALIDITY {})",
-            route.upstream.mailbox, snap.uidvalidity
+            "{}: {count} message{}, {octets} octets (UIDVALIDITY {})",
+            route.upstream.mailbox,
+            if count == 1 { "" } else { "s" },
+            snap.uidvalidity
         ),
         serde_json::json!({ "messages": count, "octets": octets, "uidvalidity": snap.uidvalidity }),
     );

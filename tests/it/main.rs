@@ -18,7 +18,7 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
-//!   - running it: `config_cli`, `operations`, `deploy`;
+//!   - running it: `config_cli`, `operations`, `deploy`, `doctor`;
 //!   - moving users: `cutover`, `migration`, `capture_pairs`;
 //!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
 //!     `oauth_harness`;
@@ -40,6 +40,7 @@ mod compat;
 mod config_cli;
 mod cutover;
 mod deploy;
+mod doctor;
 mod faults;
 mod harness_selftest;
 mod migration;
