@@ -18,7 +18,8 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
-//!   - running it: `config_cli`, `operations`, `deploy`, `doctor`;
+//!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
+//!     `monitoring` (deploy/monitoring against a live scrape);
 //!   - moving users: `cutover`, `migration`, `capture_pairs`;
 //!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
 //!     `oauth_harness`;
@@ -44,6 +45,7 @@ mod doctor;
 mod faults;
 mod harness_selftest;
 mod migration;
+mod monitoring;
 mod oauth;
 mod oauth_cli;
 mod oauth_harness;
