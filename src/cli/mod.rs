@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::config::{Config, LogFormat, UpstreamTls};
 
+pub mod assets;
 pub mod doctor;
 pub mod logging;
 pub mod migrate;
@@ -83,11 +84,23 @@ enum Command {
     Oauth(oauth::OauthArgs),
     /// Add, list and remove device logins for OAuth2 routes.
     Device(oauth::DeviceArgs),
-    /// Check each route's IMAP server as a POP3 session will use it:
-    /// address, TCP, TLS and certificate, capabilities, and with test
-    /// credentials a login, SELECT and message 1's UIDL. Exit 0 when it all
-    /// works, 1 when something a session needs fails.
+    /// Check each route's IMAP server as a POP3 session will use it.
+    ///
+    /// For every route (or --route NAME): address resolution, TCP connect
+    /// time, TLS version, the certificate (verified as popbridge verifies
+    /// it, the name checked, days to expiry), STARTTLS, CAPABILITY before
+    /// and after login, and what popbridge does about what is missing; with
+    /// test credentials also a login, SELECT, the message count and the UIDL
+    /// message 1 gets. A table, or JSON with --json. Exit 0 when everything
+    /// a POP3 session needs works, 1 when something fails, 2 for a usage or
+    /// configuration error.
     Doctor(doctor::DoctorArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory (man/ and completions/ are made in it).
+        dir: PathBuf,
+    },
 }
 
 impl Args {
@@ -145,6 +158,15 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::GenerateAssets { dir }) = &args.command {
+        return match assets::write(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popbridge: generate-assets {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(command) = args.command.clone() {
         // The file, then POPBRIDGE_* variables and flags, as when serving:
         // the commands reach the upstream the proxy reaches (and `migrate`
@@ -168,6 +190,7 @@ pub fn main() -> ExitCode {
             Command::Oauth(a) => oauth::run_oauth(a, config),
             Command::Device(a) => oauth::run_device(a, config),
             Command::Doctor(a) => doctor::run(a, config.unwrap_or_default()),
+            Command::GenerateAssets { .. } => ExitCode::SUCCESS,
         };
     }
     let (config, check_only) = match args.clone().into_config() {
