@@ -6,7 +6,8 @@
 #
 # SECONDS_PER_TARGET defaults to $FUZZ_SECONDS, else 60. Targets (in
 # fuzz/fuzz_targets/) default to all: command_parser, message_encoder,
-# uidl_store, imap_reader (the IMAP response framer, imap::wire).
+# uidl_store, imap_reader (the IMAP response framer, imap::wire),
+# proxy_header (the PROXY protocol header, parsed with ppp).
 # For each target it prints the executions, the coverage (libFuzzer's cov/ft)
 # and whether a crash was found (then the input file, in hex, and how to
 # reproduce it). Exits 1 if any target crashed, 2 if nothing could be built.
@@ -48,7 +49,7 @@ fi
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(command_parser message_encoder uidl_store imap_reader)
+    targets=(command_parser message_encoder uidl_store imap_reader proxy_header)
 fi
 jobs="${FUZZ_JOBS:-1}"
 sanitizer="${FUZZ_SANITIZER:-none}"

@@ -7,7 +7,11 @@
 # packages conflict with Dovecot's, so they are unpacked (apt-get download +
 # dpkg -x) under /opt/popbridge-test instead of installed; their support
 # packages (cyrus-common, sasl2-bin, courier-base, courier-authdaemon, ...)
-# are installed. Dovecot stays installed and working.
+# are installed. Dovecot stays installed and working. For deploy/monitoring:
+# promtool (Debian's prometheus package; its service is not started). For the
+# Debian package test: cargo-deb (`cargo install cargo-deb --locked`, a few
+# minutes once; kept in ~/.cargo/bin), man-db (`man -l`) and systemd
+# (`systemd-analyze verify`).
 #
 # Idempotent: does nothing when everything is present and the unpacked
 # servers match the installed support packages' versions. Needs root (or
@@ -31,6 +35,7 @@ PACKAGES=(
     courier-base courier-authdaemon courier-authlib-userdb
     gamin libgamin0 libidn12 libgdbm6 libcourier-unicode4
     mailutils-imap4d openssl
+    prometheus man-db systemd
 )
 
 # Version of an installed package ("" if not installed).
@@ -54,9 +59,17 @@ unpacked_ok() {
         && [ "$(cat "$OPT/$family/.unpacked")" = "$want" ]
 }
 
+# cargo-deb builds the Debian package (tests/it/package.rs). From crates.io,
+# pinned by its own lock file; installed once per machine.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "install-test-deps: installing cargo-deb (cargo install cargo-deb --locked)"
+    cargo install cargo-deb --locked
+fi
+
 have_all=1
 for tool in dovecot doveadm curl fetchmail mpop getmail python3 redis-server \
-    saslpasswd2 couriertcpd makeuserdb imap4d openssl unshare; do
+    saslpasswd2 couriertcpd makeuserdb imap4d openssl unshare promtool man systemd-analyze; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
         have_all=0
         break

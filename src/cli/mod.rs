@@ -12,16 +12,19 @@ use clap::Parser;
 
 use crate::config::{Config, LogFormat, UpstreamTls};
 
+pub mod assets;
+pub mod doctor;
 pub mod logging;
 pub mod migrate;
 pub mod oauth;
+pub mod version;
 
 /// A POP3 server that serves each session from a mailbox on an IMAP server.
 ///
 /// Settings come from the TOML file given with --config, then POPBRIDGE_*
 /// environment variables, then these flags (flags win).
 #[derive(Debug, Clone, Parser)]
-#[command(version, about)]
+#[command(version = version::VERSION, long_version = version::LONG_VERSION, about)]
 pub struct Args {
     /// TOML configuration file.
     #[arg(long, env = "POPBRIDGE_CONFIG")]
@@ -81,6 +84,23 @@ enum Command {
     Oauth(oauth::OauthArgs),
     /// Add, list and remove device logins for OAuth2 routes.
     Device(oauth::DeviceArgs),
+    /// Check each route's IMAP server as a POP3 session will use it.
+    ///
+    /// For every route (or --route NAME): address resolution, TCP connect
+    /// time, TLS version, the certificate (verified as popbridge verifies
+    /// it, the name checked, days to expiry), STARTTLS, CAPABILITY before
+    /// and after login, and what popbridge does about what is missing; with
+    /// test credentials also a login, SELECT, the message count and the UIDL
+    /// message 1 gets. A table, or JSON with --json. Exit 0 when everything
+    /// a POP3 session needs works, 1 when something fails, 2 for a usage or
+    /// configuration error.
+    Doctor(doctor::DoctorArgs),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory (man/ and completions/ are made in it).
+        dir: PathBuf,
+    },
 }
 
 impl Args {
@@ -138,6 +158,15 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::GenerateAssets { dir }) = &args.command {
+        return match assets::write(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popbridge: generate-assets {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(command) = args.command.clone() {
         // The file, then POPBRIDGE_* variables and flags, as when serving:
         // the commands reach the upstream the proxy reaches (and `migrate`
@@ -145,19 +174,23 @@ pub fn main() -> ExitCode {
         // always has a configuration (its defaults without a file); `oauth`
         // and `device` need the file's [data] and [oauth] sections.
         let config = match (&command, &args.config) {
-            (Command::Migrate(_), _) | (_, Some(_)) => match args.clone().into_config() {
-                Ok((c, _)) => Some(c),
-                Err(e) => {
-                    eprintln!("popbridge: {e}");
-                    return ExitCode::from(2);
+            (Command::Migrate(_) | Command::Doctor(_), _) | (_, Some(_)) => {
+                match args.clone().into_config() {
+                    Ok((c, _)) => Some(c),
+                    Err(e) => {
+                        eprintln!("popbridge: {e}");
+                        return ExitCode::from(2);
+                    }
                 }
-            },
+            }
             _ => None,
         };
         return match command {
             Command::Migrate(a) => migrate::run(a, config.unwrap_or_default()),
             Command::Oauth(a) => oauth::run_oauth(a, config),
             Command::Device(a) => oauth::run_device(a, config),
+            Command::Doctor(a) => doctor::run(a, config.unwrap_or_default()),
+            Command::GenerateAssets { .. } => ExitCode::SUCCESS,
         };
     }
     let (config, check_only) = match args.clone().into_config() {

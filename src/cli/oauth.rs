@@ -29,8 +29,6 @@ use crate::oauth::store::{
 pub const DEVICE_PASSWORD_ENV: &str = "POPBRIDGE_DEVICE_PASSWORD";
 /// How long `oauth add --browser` waits for the redirect.
 const BROWSER_WAIT: Duration = Duration::from_secs(600);
-/// Longest HTTP request head accepted on the loopback redirect listener.
-const MAX_REDIRECT_REQUEST: usize = 8 * 1024;
 /// Reading one redirect request.
 const REDIRECT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Consecutive network failures tolerated while polling the device flow.
@@ -755,76 +753,109 @@ fn redirect_params(target: &str) -> (Option<String>, Option<String>, Option<Stri
     (get("code"), get("error"), get("state"))
 }
 
-/// Serves the loopback redirect until a request carries `code` (or
-/// `error`) with our `state`.
+/// Serves the loopback redirect (HTTP/1.1 through hyper, one connection at
+/// a time, one request each, a head of at most 8 KiB (the admin
+/// listener's [`crate::server::admin::MAX_REQUEST`]; hyper answers a longer
+/// one with 431) read within [`REDIRECT_READ_TIMEOUT`]) until a request carries
+/// `code` (or `error`) with our `state`.
 async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Result<String, Fail> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use hyper::{Response, StatusCode};
+    use std::sync::Mutex;
     loop {
-        let (mut sock, _) = listener
+        let (sock, _) = listener
             .accept()
             .await
             .map_err(|e| failed(format!("redirect listener: {e}")))?;
-        let mut buf = Vec::new();
-        let read = tokio::time::timeout(REDIRECT_READ_TIMEOUT, async {
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REDIRECT_REQUEST {
-                let n = sock.read(&mut chunk).await?;
-                if n == 0 {
-                    break;
+        // What the request decided: set by the service, read after the
+        // connection ends.
+        let outcome: Arc<Mutex<Option<Result<String, Fail>>>> = Arc::new(Mutex::new(None));
+        let seen = outcome.clone();
+        let state = state.to_string();
+        let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let (status, page, decided) = redirect_answer(target, &state);
+            if let Some(d) = decided {
+                if let Ok(mut slot) = seen.lock() {
+                    *slot = Some(d);
                 }
-                buf.extend_from_slice(&chunk[..n]);
             }
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
-        if !matches!(read, Ok(Ok(()))) {
-            continue;
+            let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(page)));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            std::future::ready(Ok::<_, std::convert::Infallible>(r))
+        });
+        let conn = crate::server::admin::http1_server(REDIRECT_READ_TIMEOUT)
+            .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+        let _ = tokio::time::timeout(REDIRECT_READ_TIMEOUT, conn).await;
+        let decided = outcome.lock().ok().and_then(|mut o| o.take());
+        if let Some(d) = decided {
+            return d;
         }
-        let head = String::from_utf8_lossy(&buf);
-        let target = head
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("/");
-        let (code, error, got_state) = redirect_params(target);
-        if code.is_none() && error.is_none() {
-            let _ = sock
-                .write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )
-                .await;
-            continue;
+    }
+}
+
+/// The answer to one request on the loopback redirect listener: status,
+/// page, and the flow's outcome when the request decided it (a code with
+/// our state, the provider's error, or a wrong state).
+fn redirect_answer(target: &str, state: &str) -> (u16, &'static str, Option<Result<String, Fail>>) {
+    let (code, error, got_state) = redirect_params(target);
+    if code.is_none() && error.is_none() {
+        // A favicon or a stray request: not the redirect.
+        return (404, "", None);
+    }
+    let ok = got_state.as_deref() == Some(state) && code.is_some();
+    let page = if ok {
+        "popbridge: authorised. You can close this window."
+    } else {
+        "popbridge: authorisation failed. See the terminal."
+    };
+    let decided = if got_state.as_deref() != Some(state) {
+        // RFC 6749 §10.12: a redirect without our state is not ours.
+        Err(failed(
+            "the redirect carried a wrong state parameter (CSRF?)",
+        ))
+    } else if let Some(e) = error {
+        Err(failed(format!(
+            "the provider answered {}",
+            provider::sanitise(&e)
+        )))
+    } else {
+        match code {
+            Some(c) => Ok(c),
+            None => Err(failed("the redirect carried no code")),
         }
-        let ok = got_state.as_deref() == Some(state) && code.is_some();
-        let page = if ok {
-            "popbridge: authorised. You can close this window."
-        } else {
-            "popbridge: authorisation failed. See the terminal."
-        };
-        let _ = sock
-            .write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-                    page.len()
-                )
-                .as_bytes(),
-            )
-            .await;
-        if got_state.as_deref() != Some(state) {
-            // RFC 6749 §10.12: a redirect without our state is not ours.
-            return Err(failed(
-                "the redirect carried a wrong state parameter (CSRF?)",
-            ));
-        }
-        if let Some(e) = error {
-            return Err(failed(format!(
-                "the provider answered {}",
-                provider::sanitise(&e)
-            )));
-        }
-        if let Some(c) = code {
-            return Ok(c);
-        }
+    };
+    (200, page, Some(decided))
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::redirect_answer;
+
+    #[test]
+    fn the_redirect_decides_only_with_a_code_or_error_and_our_state() {
+        let (status, _, decided) = redirect_answer("/favicon.ico", "s1");
+        assert_eq!((status, decided.is_none()), (404, true));
+        let (status, page, decided) = redirect_answer("/?code=abc&state=s1", "s1");
+        assert_eq!(status, 200);
+        assert!(page.contains("authorised"), "{page}");
+        assert_eq!(decided.and_then(|d| d.ok()).as_deref(), Some("abc"));
+        let (_, page, decided) = redirect_answer("/?code=abc&state=other", "s1");
+        assert!(page.contains("failed"), "{page}");
+        let err = decided
+            .and_then(|d| d.err())
+            .map(|f| f.1)
+            .unwrap_or_default();
+        assert!(err.contains("wrong state"), "{err}");
+        let (_, _, decided) = redirect_answer("/?error=access_denied&state=s1", "s1");
+        let err = decided
+            .and_then(|d| d.err())
+            .map(|f| f.1)
+            .unwrap_or_default();
+        assert!(err.contains("access_denied"), "{err}");
     }
 }
 

@@ -353,6 +353,7 @@ impl Connector for ImapConnector {
                 uidvalidity: None,
                 next: None,
                 ahead: None,
+                capabilities: Vec::new(),
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -388,6 +389,9 @@ pub struct ImapConn {
     pub(super) next: Option<NextFetch>,
     /// A FETCH sent ahead for the next message, not yet read.
     pub(super) ahead: Option<Ahead>,
+    /// What the server announced after login, as written (for `popbridge
+    /// doctor`; `uidplus` and `has_move` are what the session uses).
+    pub(super) capabilities: Vec<String>,
 }
 
 /// A body FETCH sent ahead of time (pipelined, RFC 3501 §5.5).
@@ -415,6 +419,11 @@ impl std::fmt::Debug for ImapConn {
 }
 
 impl ImapConn {
+    /// The capabilities the server announced after login.
+    pub fn capabilities(&self) -> &[String] {
+        &self.capabilities
+    }
+
     /// Refuses to use a connection that an earlier error left out of step.
     pub(super) fn ensure_usable(&self) -> Result<(), UpstreamError> {
         if self.poisoned {

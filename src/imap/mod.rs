@@ -45,6 +45,7 @@ pub use conn::{ImapConn, ImapConnector, MAX_RESPONSE};
 pub use error::UpstreamError;
 pub use fetch::{HOLD_MAX, TOP_CHUNK};
 pub use settings::{host_of, ImapConfig, UpstreamStream, UpstreamTlsSetup};
+pub use snapshot::capability_name;
 pub use syntax::{modified_utf7, uid_sets, x_uidl, MAX_UID_SET_LEN};
 
 /// A bearer token, never printed.

@@ -12,6 +12,15 @@ use super::syntax::{quote_mailbox, x_uidl};
 use super::{Snapshot, UpstreamError};
 use crate::metrics::metrics;
 
+/// A capability as the server wrote it (`IMAP4rev1`, `AUTH=PLAIN`, `UIDPLUS`).
+pub fn capability_name(c: &Capability<'_>) -> String {
+    match c {
+        Capability::Imap4rev1 => "IMAP4rev1".to_string(),
+        Capability::Auth(m) => format!("AUTH={m}"),
+        Capability::Atom(a) => a.to_string(),
+    }
+}
+
 impl ImapConn {
     /// CAPABILITY (pipelined with SELECT), then the snapshot.
     pub(super) async fn select_and_snapshot(&mut self) -> Result<Snapshot, UpstreamError> {
@@ -25,9 +34,11 @@ impl ImapConn {
             .await?;
         let mut uidplus = false;
         let mut has_move = false;
+        let mut names = Vec::new();
         self.wire
             .finish(&cap_tag, "CAPABILITY", |r| {
                 if let Response::Capabilities(caps) = r {
+                    names = caps.iter().map(capability_name).collect();
                     has_move = caps.iter().any(
                         |c| matches!(c, Capability::Atom(a) if a.eq_ignore_ascii_case("MOVE")),
                     );
@@ -39,6 +50,7 @@ impl ImapConn {
             .await?;
         self.uidplus = uidplus;
         self.has_move = has_move;
+        self.capabilities = names;
 
         let mut exists = None;
         let mut uidvalidity = None;

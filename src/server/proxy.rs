@@ -1,10 +1,13 @@
 //! The PROXY protocol (HAProxy's spec, versions 1 and 2): the header a load
-//! balancer sends first, carrying the real client's address. Parsing has no
-//! I/O; [`read_header`] takes exactly the header's bytes off a socket, so
+//! balancer sends first, carrying the real client's address. The bytes are
+//! parsed by the `ppp` crate (no I/O; [`parse`] says what popbridge makes of
+//! them); [`read_header`] takes exactly the header's bytes off a socket, so
 //! whatever follows (a TLS ClientHello) stays for the next reader.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use ppp::PartialResult;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -40,102 +43,90 @@ pub enum ProxyError {
 
 /// Parses a header at the start of `buf`. `Ok(None)`: more bytes needed.
 /// `Ok(Some((header, len)))`: the header is the first `len` octets.
+///
+/// The parsing is the `ppp` crate's; this decides what popbridge accepts:
+/// v2 when `buf` starts like the v2 signature, v1 otherwise; TCP over IPv4
+/// or IPv6 carries the client's address; v1 `UNKNOWN`, v2 `LOCAL` and v2
+/// `UNSPEC` or UNIX addresses mean "use the peer"; UDP is refused.
 pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyError> {
-    let sig_len = buf.len().min(12);
+    let sig_len = buf.len().min(V2_SIGNATURE.len());
     if buf[..sig_len] == V2_SIGNATURE[..sig_len] {
-        return parse_v2(buf);
+        parse_v2(buf)
+    } else {
+        parse_v1(buf)
     }
-    let v1_prefix = b"PROXY ";
-    let n = buf.len().min(v1_prefix.len());
-    if buf[..n] != v1_prefix[..n] {
-        return Err(ProxyError::NotProxy);
-    }
-    parse_v1(buf)
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyError> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    use ppp::v1::{Addresses, BinaryParseError, ParseError};
+    let prefix = b"PROXY ";
+    let n = buf.len().min(prefix.len());
+    if buf[..n] != prefix[..n] {
+        return Err(ProxyError::NotProxy);
+    }
+    // ppp judges a partial line by its last word, and a line cut after a
+    // space (`... 6000 `) reads as a bad port: parse whole lines only.
+    let Some(cr) = memchr::memchr(b'\r', buf) else {
         return if buf.len() >= V1_MAX {
             Err(ProxyError::TooLong)
         } else {
             Ok(None)
         };
     };
-    if end + 2 > V1_MAX {
+    if cr + 2 > V1_MAX {
         return Err(ProxyError::TooLong);
     }
-    let line = std::str::from_utf8(&buf[..end]).map_err(|_| ProxyError::Malformed("not ASCII"))?;
-    let mut parts = line.split(' ');
-    let _proxy = parts.next();
-    let header = match parts.next() {
-        Some("UNKNOWN") => Header::Local,
-        Some(fam @ ("TCP4" | "TCP6")) => {
-            let (Some(src), Some(_dst), Some(sport), Some(_dport), None) = (
-                parts.next(),
-                parts.next(),
-                parts.next(),
-                parts.next(),
-                parts.next(),
-            ) else {
-                return Err(ProxyError::Malformed("v1 needs four addresses and ports"));
-            };
-            let ip: IpAddr = src
-                .parse()
-                .map_err(|_| ProxyError::Malformed("v1 source address"))?;
-            if (fam == "TCP4") != ip.is_ipv4() {
-                return Err(ProxyError::Malformed("v1 address family"));
-            }
-            let port: u16 = sport
-                .parse()
-                .map_err(|_| ProxyError::Malformed("v1 source port"))?;
-            Header::Proxied(SocketAddr::new(ip, port))
-        }
-        _ => return Err(ProxyError::Malformed("v1 protocol")),
+    let parsed = ppp::v1::Header::try_from(buf);
+    if parsed.is_incomplete() {
+        return Ok(None);
+    }
+    let h = parsed.map_err(|e| match e {
+        BinaryParseError::Parse(ParseError::InvalidPrefix) => ProxyError::NotProxy,
+        BinaryParseError::Parse(ParseError::HeaderTooLong) => ProxyError::TooLong,
+        BinaryParseError::InvalidUtf8(_) => ProxyError::Malformed("v1: not ASCII"),
+        _ => ProxyError::Malformed("v1 header"),
+    })?;
+    let header = match h.addresses {
+        Addresses::Unknown => Header::Local,
+        Addresses::Tcp4(a) => Header::Proxied(SocketAddr::from((a.source_address, a.source_port))),
+        Addresses::Tcp6(a) => Header::Proxied(SocketAddr::from((a.source_address, a.source_port))),
     };
-    Ok(Some((header, end + 2)))
+    Ok(Some((header, h.header.len())))
 }
 
 fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyError> {
-    if buf.len() < 16 {
+    use ppp::v2::{Addresses, Command, ParseError, Protocol};
+    let parsed = ppp::v2::Header::try_from(buf);
+    if let Err(ParseError::Partial(_, len)) = &parsed {
+        // Refuse an oversized header before waiting for all of it.
+        if V2_SIGNATURE.len() + 4 + len > V2_MAX {
+            return Err(ProxyError::TooLong);
+        }
+    }
+    if parsed.is_incomplete() {
         return Ok(None);
     }
-    let ver_cmd = buf[12];
-    if ver_cmd >> 4 != 2 {
-        return Err(ProxyError::Malformed("v2 version"));
-    }
-    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-    let total = 16 + len;
-    if total > V2_MAX {
+    let h = parsed.map_err(|e| match e {
+        ParseError::Version(_) => ProxyError::Malformed("v2 version"),
+        ParseError::Command(_) => ProxyError::Malformed("v2 command"),
+        _ => ProxyError::Malformed("v2 address family or length"),
+    })?;
+    if h.len() > V2_MAX {
         return Err(ProxyError::TooLong);
     }
-    if buf.len() < total {
-        return Ok(None);
-    }
-    let body = &buf[16..total];
-    let header = match ver_cmd & 0x0f {
-        0 => Header::Local,
-        1 => match buf[13] {
-            // TCP over IPv4: src addr, dst addr, src port, dst port.
-            0x11 if body.len() >= 12 => Header::Proxied(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::new(body[0], body[1], body[2], body[3])),
-                u16::from_be_bytes([body[8], body[9]]),
-            )),
-            // TCP over IPv6.
-            0x21 if body.len() >= 36 => {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(&body[..16]);
-                Header::Proxied(SocketAddr::new(
-                    IpAddr::V6(Ipv6Addr::from(a)),
-                    u16::from_be_bytes([body[32], body[33]]),
-                ))
-            }
-            // UNSPEC or UNIX: no address we can use.
-            0x00 | 0x31 | 0x32 => Header::Local,
-            _ => return Err(ProxyError::Malformed("v2 address family or length")),
-        },
-        _ => return Err(ProxyError::Malformed("v2 command")),
+    let header = match (h.command, h.protocol, h.addresses) {
+        (Command::Local, _, _) => Header::Local,
+        (Command::Proxy, Protocol::Stream, Addresses::IPv4(a)) => {
+            Header::Proxied(SocketAddr::from((a.source_address, a.source_port)))
+        }
+        (Command::Proxy, Protocol::Stream, Addresses::IPv6(a)) => {
+            Header::Proxied(SocketAddr::from((a.source_address, a.source_port)))
+        }
+        // UNSPEC or UNIX: no address we can use.
+        (Command::Proxy, _, Addresses::Unspecified | Addresses::Unix(_)) => Header::Local,
+        (Command::Proxy, _, _) => return Err(ProxyError::Malformed("v2 address family or length")),
     };
-    Ok(Some((header, total)))
+    Ok(Some((header, h.len())))
 }
 
 /// Reads exactly one header from `stream`, leaving later bytes unread.
@@ -234,5 +225,70 @@ mod tests {
         let mut bad_version = h.clone();
         bad_version[12] = 0x11;
         assert!(parse(&bad_version).is_err());
+        // UDP carries no POP3 client.
+        assert!(parse(&v2(1, 0x12, &body)).is_err(), "UDP over IPv4");
+        // UNIX sockets: use the peer.
+        assert_eq!(
+            parse(&v2(1, 0x31, &[0u8; 216])).unwrap().unwrap().0,
+            Header::Local
+        );
+        // A length beyond V2_MAX is refused before it arrives.
+        let mut huge = v2(1, 0x11, &body);
+        huge[14..16].copy_from_slice(&2000u16.to_be_bytes());
+        assert_eq!(parse(&huge), Err(ProxyError::TooLong));
+        // TLVs after the addresses are skipped, and what follows the header
+        // is not part of it.
+        let mut with_tlv = body.to_vec();
+        with_tlv.extend_from_slice(&[0x04, 0, 2, 0xab, 0xcd]);
+        let mut h = v2(1, 0x11, &with_tlv);
+        let len = h.len();
+        h.extend_from_slice(b"\x16\x03\x01");
+        assert_eq!(
+            parse(&h),
+            Ok(Some((
+                Header::Proxied("192.0.2.9:5555".parse().unwrap()),
+                len
+            )))
+        );
+    }
+
+    #[test]
+    fn v1_split_anywhere_needs_more_bytes() {
+        let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 6000 995\r\n";
+        for cut in 0..h.len() {
+            assert_eq!(parse(&h[..cut]), Ok(None), "cut {cut}");
+        }
+        assert!(parse(h).unwrap().is_some());
+    }
+
+    /// Arbitrary bytes never panic, and a header is never longer than the
+    /// input (a cheap stand-in for fuzzing what `ppp` is given).
+    #[test]
+    fn arbitrary_bytes_are_answered() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for round in 0..20_000 {
+            let len = (round % 120) as usize;
+            let mut buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            // Half the inputs start like a header, so the parsers go deep.
+            match round % 4 {
+                0 => buf
+                    .splice(0..0, b"PROXY TCP4 ".iter().copied())
+                    .for_each(drop),
+                1 => buf
+                    .splice(0..0, V2_SIGNATURE.iter().copied())
+                    .for_each(drop),
+                _ => {}
+            }
+            if let Ok(Some((_, n))) = parse(&buf) {
+                assert!(n <= buf.len());
+            }
+        }
     }
 }

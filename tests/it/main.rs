@@ -18,14 +18,17 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
-//!   - running it: `config_cli`, `operations`, `deploy`;
+//!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
+//!     `monitoring` (deploy/monitoring against a live scrape), `package`
+//!     (the Debian package, installed and purged; root only);
 //!   - moving users: `cutover`, `migration`, `capture_pairs`;
 //!   - OAuth2 upstreams: `oauth`, `oauth_cli`, `oauth_store`,
 //!     `oauth_harness`;
 //!   - the harness itself: `harness_selftest`, `servers_selftest`.
 //!
 //! Files the tests read from the repository: `config/` (the example
-//! configuration), `deploy/` and `tests/oauth_server.py`.
+//! configuration), `deploy/`, `scripts/build-deb.sh` and
+//! `tests/oauth_server.py`.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -40,14 +43,17 @@ mod compat;
 mod config_cli;
 mod cutover;
 mod deploy;
+mod doctor;
 mod faults;
 mod harness_selftest;
 mod migration;
+mod monitoring;
 mod oauth;
 mod oauth_cli;
 mod oauth_harness;
 mod oauth_store;
 mod operations;
+mod package;
 mod parity;
 mod policies;
 mod reuse;

@@ -1300,6 +1300,14 @@ fn metrics_count_refreshes_cache_hits_and_reenrolments_by_provider_only() {
         assert!(!text.contains(needle), "{needle} in /metrics:\n{text}");
     }
     assert_log_has_no_secrets(&text, &["phone-pass-1"]);
+    // The OAuth2 names deploy/monitoring's rules and dashboard use are in
+    // this scrape (the others: monitoring's own live scrape).
+    crate::monitoring::assert_scraped(
+        &text,
+        crate::monitoring::used_names()
+            .into_iter()
+            .filter(|n| n.starts_with(crate::monitoring::OAUTH_PREFIX)),
+    );
 }
 
 #[test]

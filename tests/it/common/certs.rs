@@ -12,6 +12,9 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+/// A date as (year, month, day).
+pub type Ymd = (i32, u8, u8);
+
 /// A certificate authority that can sign leaf certificates.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -50,6 +53,13 @@ impl Ca {
 
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_valid(names, None)
+    }
+
+    /// A server certificate for `names` valid from `from` to `until`
+    /// (year, month, day), e.g. one that has expired; `None`: rcgen's
+    /// default validity (1975 to 4096).
+    pub fn leaf_valid(&self, names: &[&str], validity: Option<(Ymd, Ymd)>) -> Leaf {
         let key = KeyPair::generate().expect("generate leaf key");
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("leaf params");
@@ -62,6 +72,10 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         Leaf {
             cert_pem: cert.pem(),
