@@ -34,8 +34,10 @@ pub struct AuthLabels {
     /// included), `throttled` (too many failures), `no_route`,
     /// `plaintext_refused`, `upstream_error`, `in_use`, `mailbox_missing`;
     /// for OAuth2 routes also `oauth_needs_enrolment` (refresh token gone),
-    /// `oauth_throttled` and `oauth_unavailable` (the token service),
-    /// `oauth_token_rejected` (the mail server refused a fresh token),
+    /// `oauth_throttled` (the account is backed off while the provider or
+    /// the mail server throttles) and `oauth_unavailable` (the token
+    /// service), `oauth_token_rejected` (the mail server refused a fresh
+    /// token, and logins while the account is backed off for that),
     /// `upstream_throttled` (the mail server throttles the account) and
     /// `device_store_error`. Token refreshes are counted by the OAuth2
     /// module.

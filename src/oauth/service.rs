@@ -2,7 +2,8 @@
 //! until shortly before expiry, one refresh in flight per account (in this
 //! process by the cache, across replicas by the store's refresh lock),
 //! rotation stored before use, `invalid_grant` turned into re-enrolment,
-//! and a per-account backoff while the provider throttles.
+//! and a per-account backoff while the provider or the IMAP server
+//! throttles, or the IMAP server refuses fresh tokens.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,7 +15,7 @@ use tracing::{error, info, warn};
 use super::device;
 use super::provider::{ProviderClient, ProviderError};
 use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
-use super::{DeviceAuthError, DeviceGrant, TokenError};
+use super::{BackoffCause, DeviceAuthError, DeviceGrant, TokenError};
 use crate::config::oauth::Provider;
 use crate::imap::AccessToken;
 use crate::metrics::metrics;
@@ -75,9 +76,12 @@ pub fn usable_until(
 struct Backoff {
     until: Instant,
     failures: u32,
+    /// What started it, for logs and the device's answer.
+    cause: BackoffCause,
 }
 
-/// Backoff after `failures` consecutive throttling signals: doubling from
+/// Backoff after `failures` consecutive signals (throttling or refused
+/// tokens): doubling from
 /// [`BACKOFF_BASE`], capped at [`BACKOFF_CAP`], at least what the provider
 /// asked for (capped too).
 pub fn backoff_delay(failures: u32, retry_after: Option<Duration>) -> Duration {
@@ -145,19 +149,21 @@ impl TokenService {
         &self.client
     }
 
-    /// Remaining backoff for an account, if any.
-    fn backing_off(&self, key: &str) -> Option<Duration> {
+    /// Remaining backoff for an account and its cause, if any.
+    fn backing_off(&self, key: &str) -> Option<(Duration, BackoffCause)> {
         let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)
-            .and_then(|b| b.until.checked_duration_since(Instant::now()))
-            .filter(|d| !d.is_zero())
+        let b = map.get(key)?;
+        let left = b.until.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some((left, b.cause))
     }
 
-    /// Records a throttling signal; returns the delay now in force.
-    pub fn throttle(
+    /// Backs the account off after a signal of `cause`; returns the delay
+    /// now in force.
+    pub fn back_off(
         &self,
         provider: &str,
         account: &str,
+        cause: BackoffCause,
         retry_after: Option<Duration>,
     ) -> Duration {
         let key = cache_key(provider, account);
@@ -176,6 +182,7 @@ impl TokenService {
             Backoff {
                 until: now + delay,
                 failures,
+                cause,
             },
         );
         warn!(
@@ -183,7 +190,7 @@ impl TokenService {
             account,
             failures,
             backoff_secs = delay.as_secs(),
-            "provider throttling: backing off"
+            "backing off the account: {cause}"
         );
         delay
     }
@@ -212,8 +219,9 @@ impl TokenService {
         account: &str,
     ) -> Result<AccessToken, TokenError> {
         let key = cache_key(provider, account);
-        if let Some(left) = self.backing_off(&key) {
-            return Err(TokenError::Throttled {
+        if let Some((left, cause)) = self.backing_off(&key) {
+            return Err(TokenError::BackingOff {
+                cause,
                 retry_after_secs: left.as_secs().max(1),
             });
         }
@@ -385,14 +393,18 @@ impl TokenService {
                 })
             }
             Err(ProviderError::Throttled { retry_after, .. }) => {
-                let d = self.throttle(provider, account, retry_after);
-                Err(TokenError::Throttled {
+                let cause = BackoffCause::ProviderThrottled;
+                let d = self.back_off(provider, account, cause, retry_after);
+                Err(TokenError::BackingOff {
+                    cause,
                     retry_after_secs: d.as_secs().max(1),
                 })
             }
             Err(ProviderError::SlowDown) => {
-                let d = self.throttle(provider, account, None);
-                Err(TokenError::Throttled {
+                let cause = BackoffCause::ProviderThrottled;
+                let d = self.back_off(provider, account, cause, None);
+                Err(TokenError::BackingOff {
+                    cause,
                     retry_after_secs: d.as_secs().max(1),
                 })
             }
@@ -501,14 +513,38 @@ mod tests {
         // No provider is configured: any attempt to refresh would fail
         // with Unavailable, so Throttled proves nothing was attempted.
         let svc = TokenService::new(store, Vec::new(), Duration::from_secs(300)).unwrap();
-        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE);
-        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE * 2);
+        let throttled = BackoffCause::MailServerThrottled;
+        assert_eq!(svc.back_off("p", "a", throttled, None), BACKOFF_BASE);
+        assert_eq!(svc.back_off("p", "a", throttled, None), BACKOFF_BASE * 2);
         match svc.access_token("p", "a").await {
-            Err(TokenError::Throttled { retry_after_secs }) => {
-                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}")
+            Err(TokenError::BackingOff {
+                cause,
+                retry_after_secs,
+            }) => {
+                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}");
+                assert_eq!(cause, throttled);
             }
             other => panic!("{other:?}"),
         }
+        // A refused token is reported as such, never as throttling.
+        svc.back_off("p", "c", BackoffCause::TokenRefused, None);
+        let e = svc.access_token("p", "c").await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenError::BackingOff {
+                    cause: BackoffCause::TokenRefused,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("refused a freshly issued access token"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("throttl"), "{e}");
         // Other accounts are not affected.
         assert!(matches!(
             svc.access_token("p", "b").await,

@@ -1142,6 +1142,50 @@ fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
     assert!(!log.contains("logged in"), "{log}");
 }
 
+/// The mail server refusing a fresh token is logged as what it is, at the
+/// refusal and while the account is backed off; the provider, which never
+/// throttled, is not blamed.
+#[test]
+fn pop3_a_refused_token_is_logged_as_refused_not_as_provider_throttling() {
+    let s = Setup::new();
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let pb = s.popbridge();
+    let refused = format!(
+        "-ERR [SYS/TEMP] {}",
+        popbridge::bridge::replies::TOKEN_REFUSED_TEXT
+    );
+    assert_eq!(pop3_pass(pb.port, &phone, "phone-pass-1"), refused);
+    let refused_at = Instant::now();
+    // During the back-off the device is told the same, not "busy".
+    let r = pop3_pass(pb.port, &phone, "phone-pass-1");
+    if refused_at.elapsed() < popbridge::oauth::service::BACKOFF_BASE {
+        assert_eq!(r, refused);
+        assert!(
+            pb.log().contains(
+                "account backed off: the mail server refused a freshly issued access token"
+            ),
+            "{}",
+            pb.log()
+        );
+    }
+    let stats = s.oauth.stats();
+    assert_eq!(
+        stats.throttled, 0,
+        "the provider never throttled\n{}",
+        stats.raw
+    );
+    let log = pb.log();
+    assert!(
+        log.contains("mail server refused a freshly issued access token too"),
+        "{log}"
+    );
+    for wrong in ["provider throttling", "provider throttles"] {
+        assert!(!log.contains(wrong), "logged {wrong:?}:\n{log}");
+    }
+}
+
 #[test]
 fn oauth_test_logs_in_to_the_routes_imap_server_and_counts_messages() {
     let s = Setup::new();

@@ -13,7 +13,7 @@ use crate::common::oauth::*;
 use crate::common::redis::*;
 use crate::oauth_support::*;
 use popbridge::config::Config;
-use popbridge::oauth::{DeviceAuthError, OauthRuntime, TokenError};
+use popbridge::oauth::{BackoffCause, DeviceAuthError, OauthRuntime, TokenError};
 use popbridge::pop3::command::Secret;
 
 /// Waiting for both processes to reach Redis.
@@ -334,7 +334,10 @@ fn runtime_single_flight_refresh_devices_and_reenrolment() {
         let throttled_before = oauth.stats().throttled;
         for _ in 0..5 {
             match rt.access_token(PROVIDER, ACCOUNT).await {
-                Err(TokenError::Throttled { retry_after_secs }) => assert!(retry_after_secs >= 1),
+                Err(TokenError::BackingOff {
+                    cause: BackoffCause::ProviderThrottled,
+                    retry_after_secs,
+                }) => assert!(retry_after_secs >= 1),
                 other => panic!("expected Throttled, got {other:?}"),
             }
         }
