@@ -443,6 +443,11 @@ async fn test_account(
         "OK: IMAP login to {address} as {account} (route {route_name}): {mailbox} holds {} messages",
         snap.messages.len()
     );
+    // The account works: replicas backing it off stop doing so.
+    match store.reset_backoff(account).await {
+        Ok(_) => println!("back-offs of {account} lifted on every replica sharing the store"),
+        Err(e) => eprintln!("popbridge oauth test: could not record the success in the store (replicas keep their back-off until it ends): {e}"),
+    }
     Ok(())
 }
 
@@ -548,6 +553,9 @@ async fn enrol(
             created,
             updated: now,
             version: 0,
+            // Replicas backing the account off (e.g. after an enrolment
+            // under the wrong identity) lift their back-off on seeing it.
+            backoff_reset: now_unix_ms(),
         },
         secrets: TokenSecrets {
             refresh_token: refresh,

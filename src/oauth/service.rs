@@ -78,6 +78,10 @@ struct Backoff {
     failures: u32,
     /// What started it, for logs and the device's answer.
     cause: BackoffCause,
+    /// The account record's `backoff_reset` when it started (`None`: not
+    /// read yet). A different stored value means an enrolment or a
+    /// successful `oauth test` since: the back-off is lifted.
+    reset_seen: Option<u64>,
 }
 
 /// Backoff after `failures` consecutive signals (throttling or refused
@@ -97,6 +101,9 @@ pub struct TokenService {
     cache: moka::future::Cache<String, AccessToken>,
     margin: Duration,
     backoff: Mutex<HashMap<String, Backoff>>,
+    /// The `backoff_reset` of each account's record as last read, for the
+    /// next back-off to remember.
+    reset_seen: Mutex<HashMap<String, u64>>,
     /// SHA-256 of tokens the IMAP server refused.
     rejected: moka::sync::Cache<[u8; 32], ()>,
     /// Ignore stored access tokens obtained before this (Unix ms):
@@ -126,6 +133,7 @@ impl TokenService {
                 .build(),
             margin,
             backoff: Mutex::new(HashMap::new()),
+            reset_seen: Mutex::new(HashMap::new()),
             rejected: moka::sync::Cache::builder()
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(REJECTED_TTL)
@@ -149,12 +157,35 @@ impl TokenService {
         &self.client
     }
 
-    /// Remaining backoff for an account and its cause, if any.
-    fn backing_off(&self, key: &str) -> Option<(Duration, BackoffCause)> {
+    /// Remaining backoff for an account, if any.
+    fn backing_off(&self, key: &str) -> Option<(Duration, Backoff)> {
         let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
         let b = map.get(key)?;
         let left = b.until.checked_duration_since(Instant::now())?;
-        (!left.is_zero()).then_some((left, b.cause))
+        (!left.is_zero()).then_some((left, *b))
+    }
+
+    /// While an account is backed off: whether its record says that an
+    /// operator fixed it since (a new enrolment, a successful `oauth
+    /// test`, possibly on another host), read from the shared store. A
+    /// store that cannot be read keeps the back-off.
+    async fn reset_since(&self, account: &str, b: &Backoff) -> bool {
+        let Some(seen) = b.reset_seen else {
+            return false;
+        };
+        match self.store.get(account).await {
+            Ok(Some(rec)) => rec.meta.backoff_reset != seen,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(account, error = %e, "cannot read the account while backing off");
+                false
+            }
+        }
+    }
+
+    fn remember_reset(&self, key: &str, rec: &AccountRecord) {
+        let mut map = self.reset_seen.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key.to_string(), rec.meta.backoff_reset);
     }
 
     /// Backs the account off after a signal of `cause`; returns the delay
@@ -177,12 +208,19 @@ impl TokenService {
             .map_or(0, |b| b.failures)
             .saturating_add(1);
         let delay = backoff_delay(failures, retry_after);
+        let reset_seen = self
+            .reset_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
         map.insert(
             key,
             Backoff {
                 until: now + delay,
                 failures,
                 cause,
+                reset_seen,
             },
         );
         warn!(
@@ -219,11 +257,22 @@ impl TokenService {
         account: &str,
     ) -> Result<AccessToken, TokenError> {
         let key = cache_key(provider, account);
-        if let Some((left, cause)) = self.backing_off(&key) {
-            return Err(TokenError::BackingOff {
-                cause,
-                retry_after_secs: left.as_secs().max(1),
-            });
+        if let Some((left, b)) = self.backing_off(&key) {
+            if !self.reset_since(account, &b).await {
+                return Err(TokenError::BackingOff {
+                    cause: b.cause,
+                    retry_after_secs: left.as_secs().max(1),
+                });
+            }
+            info!(
+                provider,
+                account,
+                cause = %b.cause,
+                "account enrolled again or tested successfully since it was backed off: back-off lifted"
+            );
+            self.clear_backoff(provider, account);
+            // A token cached before the fix may be the old enrolment's.
+            self.cache.invalidate(&key).await;
         }
         // A cached token that the IMAP server did not refuse: a hit.
         if let Some(token) = self.cache.get(&key).await {
@@ -274,6 +323,7 @@ impl TokenService {
                     "not enrolled: run `popbridge oauth add {account} --provider {provider}`"
                 ),
             })?;
+        self.remember_reset(&cache_key(provider, account), &rec);
         if rec.meta.provider != provider {
             return Err(TokenError::NeedsEnrolment {
                 account: account.into(),

@@ -21,6 +21,7 @@
 //!       "status": {"state": "active"}
 //!               | {"state": "needs_reenrolment", "reason": "...", "since": <unix s>},
 //!       "created": <unix s>, "updated": <unix s>, "version": <n>,
+//!       "backoff_reset": <unix ms>,
 //!       "sealed": {"key_id": "<16 hex>", "nonce": "<base64, 24 bytes>",
 //!                  "ciphertext": "<base64>"} } } }
 //! ```
@@ -140,6 +141,14 @@ pub struct AccountMeta {
     pub updated: u64,
     /// Incremented by every write; the compare-and-set key.
     pub version: u64,
+    /// Set (to the time in Unix milliseconds) by every enrolment and every
+    /// `oauth test` whose IMAP login succeeded. A process that backs the
+    /// account off remembers the value it last read, and lifts its
+    /// back-off as soon as the stored value differs: the operator's fix
+    /// takes effect at once on every replica sharing the store. 0 in
+    /// records written before it existed.
+    #[serde(default)]
+    pub backoff_reset: u64,
 }
 
 /// An account record as stored: clear metadata and sealed secrets.
@@ -359,6 +368,23 @@ impl TokenStore {
             };
             if self.compare_and_set(record, current).await? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Records that the account works now (an enrolment that replaced
+    /// the record did so itself; this is for `oauth test`): sets
+    /// [`AccountMeta::backoff_reset`] with a compare-and-set, retried when
+    /// a refresh wrote in between. False if the account is not enrolled.
+    pub async fn reset_backoff(&self, account: &str) -> Result<bool, StoreError> {
+        loop {
+            let Some(mut rec) = self.get(account).await? else {
+                return Ok(false);
+            };
+            let expected = rec.meta.version;
+            rec.meta.backoff_reset = now_unix_ms().max(rec.meta.backoff_reset + 1);
+            if self.compare_and_set(&mut rec, expected).await? {
+                return Ok(true);
             }
         }
     }
@@ -802,6 +828,7 @@ mod tests {
                 created: 1,
                 updated: 1,
                 version: 0,
+                backoff_reset: 0,
             },
             secrets: TokenSecrets {
                 refresh_token: refresh.into(),
