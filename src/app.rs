@@ -231,6 +231,22 @@ fn imap_config(
     ImapConfig::from_upstream(up, reuse_xuidl, cache)
 }
 
+/// The IMAP servers the readiness check greets: every route's (the default
+/// upstream and each `[[routes]]` address), each once. They share one
+/// "last greeting" time, so popbridge is ready while at least one answers:
+/// a replica that reaches none of them cannot serve anyone and leaves the
+/// load balancer, but one upstream's outage, which every replica sees
+/// alike, does not take the routes to the others out of service.
+fn readiness_targets(routes: &[EffectiveRoute]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in routes {
+        if !out.contains(&r.upstream.address) {
+            out.push(r.upstream.address.clone());
+        }
+    }
+    out
+}
+
 /// Binds a listener with an explicit accept backlog. tokio's
 /// `TcpListener::bind` uses 128; when hundreds of clients connect at once
 /// the kernel's queue overflows, connections wait a second for a SYN retry,
@@ -312,14 +328,7 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
         let interval = Duration::from_secs(cfg.admin.check_interval_secs);
         info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
         tokio::spawn(crate::server::admin::serve(admin, ready.clone(), interval));
-        // Readiness follows the default route, or the first route.
-        let route = valid
-            .routes
-            .iter()
-            .find(|r| r.is_default)
-            .or(valid.routes.first());
-        if let Some(r) = route {
-            let address = r.upstream.address.clone();
+        for address in readiness_targets(&valid.routes) {
             tokio::spawn(crate::server::admin::watch_upstream(
                 address,
                 interval,
@@ -482,6 +491,27 @@ mod tests {
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
                 .contains("routes (a).uidl_map needs data.dir")
         );
+    }
+
+    #[test]
+    fn readiness_follows_every_routes_server_once() {
+        let c = Config::from_toml(
+            "[upstream]\ntls = \"none\"\naddress = \"d:143\"\n\
+             [[routes]]\nname = \"a\"\ndomains = [\"a.org\"]\naddress = \"a:143\"\n\
+             [[routes]]\nname = \"b\"\ndomains = [\"b.org\"]\naddress = \"d:143\"",
+        )
+        .unwrap();
+        let v = check(&c).unwrap();
+        assert_eq!(readiness_targets(&v.routes), ["a:143", "d:143"]);
+        let c = Config::from_toml(
+            "[upstream]\ntls = \"none\"\naddress = \"unused:143\"\n\
+             [routing]\ndefault_route = false\n\
+             [[routes]]\nname = \"a\"\ndomains = [\"a.org\"]\naddress = \"a:143\"\n\
+             [[routes]]\nname = \"b\"\ndomains = [\"b.org\"]\naddress = \"b:143\"",
+        )
+        .unwrap();
+        let v = check(&c).unwrap();
+        assert_eq!(readiness_targets(&v.routes), ["a:143", "b:143"]);
     }
 
     #[test]
