@@ -61,6 +61,37 @@ pub fn check(config: &Config) -> Result<Validated, ConfigError> {
     Ok(valid)
 }
 
+/// What a checked configuration allows but an operator should hear about:
+/// `--check-config` prints these, the server logs them at start and after
+/// each reload. (Found here rather than while building the service, so the
+/// pre-flight check shows them too, before anything is logged.)
+pub fn warnings(valid: &Validated) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in &valid.routes {
+        if let Some(w) = upstream_warning(&r.upstream) {
+            out.push(format!("route {}: {w}", r.name));
+        }
+    }
+    if valid
+        .routes
+        .iter()
+        .any(|r| r.upstream.auth == UpstreamAuth::Oauth2)
+    {
+        out.extend(valid.config.oauth.key_file_warning());
+    }
+    out
+}
+
+/// The warning for plaintext IMAP to a host other than this one, if any.
+pub fn upstream_warning(up: &UpstreamConfig) -> Option<String> {
+    (up.tls == UpstreamTls::None && !is_loopback(&up.address)).then(|| {
+        format!(
+            "upstream.tls = none towards {}: passwords, access tokens and mail cross the network unencrypted",
+            up.address
+        )
+    })
+}
+
 /// A route's UIDL template, parsed.
 fn uidl_format(r: &EffectiveRoute) -> Result<UidlFormat, String> {
     UidlFormat::parse(&r.pop3.uidl_format).map_err(|e| e.to_string())
@@ -219,15 +250,13 @@ fn build_shared(
     })
 }
 
-/// The IMAP side of one route.
+/// The IMAP side of one route. (Plaintext to a remote server is allowed
+/// and reported by [`warnings`].)
 fn imap_config(
     up: &UpstreamConfig,
     reuse_xuidl: bool,
     cache: Option<Arc<ListingCache>>,
 ) -> Result<ImapConfig, String> {
-    if up.tls == UpstreamTls::None && !is_loopback(&up.address) {
-        warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
-    }
     ImapConfig::from_upstream(up, reuse_xuidl, cache)
 }
 
@@ -296,6 +325,9 @@ impl Signals {
 /// on a clean drain.
 async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
     let cfg = valid.config.clone();
+    for w in warnings(&valid) {
+        warn!("{w}");
+    }
     let signals = Signals::register();
     #[cfg(unix)]
     let Signals { hangup, terminate } = signals;
@@ -379,6 +411,9 @@ async fn reload_on_sighup(
                     continue;
                 }
             };
+            for w in warnings(&valid) {
+                warn!("{w}");
+            }
             if valid.listen != current.listen
                 || valid.tls_address != current.tls_address
                 || valid.admin != current.admin

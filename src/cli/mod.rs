@@ -175,6 +175,9 @@ pub fn main() -> ExitCode {
         }
     };
     if check_only {
+        for w in crate::app::warnings(&valid) {
+            eprintln!("popbridge: warning: {w}");
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

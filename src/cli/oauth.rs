@@ -91,8 +91,14 @@ pub enum OauthCommand {
         #[arg(long)]
         token_only: bool,
     },
-    /// Print a new random store key (base64) for oauth.key_file.
-    GenerateKey,
+    /// Make a new random store key (base64) for oauth.key_file: written to
+    /// a new file with --output (recommended), else to standard output.
+    GenerateKey {
+        /// Create FILE with mode 0600 (whatever the umask) and write the
+        /// key there; an existing FILE is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 /// `popbridge device ...`
@@ -165,11 +171,77 @@ fn need_config(config: Option<Config>) -> Result<Config, Fail> {
     config.ok_or_else(|| usage("needs --config FILE (the [data] and [oauth] sections)"))
 }
 
+/// `oauth generate-key`: a new key to `output` (created 0600, never
+/// overwritten) or to standard output.
+fn generate_key(output: Option<&std::path::Path>) -> Result<(), Fail> {
+    let key = crate::oauth::crypto::random_key_base64().map_err(failed)?;
+    let Some(path) = output else {
+        private_stdout();
+        println!("{key}");
+        return Ok(());
+    };
+    let mut o = std::fs::OpenOptions::new();
+    // O_EXCL: an existing key (perhaps the one a store was written with)
+    // is never replaced, and no symlink is followed.
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut file = o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            failed(format!(
+                "{} exists: refusing to overwrite it (a store can only be read with the key it was written with); remove it first to replace it",
+                path.display()
+            ))
+        } else {
+            failed(format!("cannot create {}: {e}", path.display()))
+        }
+    })?;
+    let written = writeln!(file, "{key}").and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(failed(format!("cannot write {}: {e}", path.display())));
+    }
+    println!(
+        "wrote a new store key to {} (mode 0600); point oauth.key_file at it and keep a copy somewhere safe",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `generate-key > FILE` under umask 022 makes a file everyone may read:
+/// when standard output is a regular file that others may read, make it
+/// private before the key is written, and say so.
+fn private_stdout() {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+            return;
+        };
+        let file = std::fs::File::from(fd);
+        let Ok(meta) = file.metadata() else { return };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            match file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => eprintln!(
+                    "popbridge oauth generate-key: standard output is a file others could read: made it private (mode 0600); --output FILE creates it private from the start"
+                ),
+                Err(e) => eprintln!(
+                    "popbridge oauth generate-key: warning: standard output is a file others can read and cannot be made private ({e}): use --output FILE"
+                ),
+            }
+        }
+    }
+}
+
 /// Opens the store; a configuration problem (key, data dir) is a usage
 /// error, an unreadable store a failure.
 async fn store(config: &Config) -> Result<TokenStore, Fail> {
     if let Err(e) = config.oauth.load_key() {
         return Err(usage(e));
+    }
+    if let Some(w) = config.oauth.key_file_warning() {
+        eprintln!("popbridge: warning: {w}");
     }
     let s = crate::oauth::open_store(config).map_err(failed)?;
     s.check().await.map_err(|e| failed(e.to_string()))?;
@@ -178,13 +250,8 @@ async fn store(config: &Config) -> Result<TokenStore, Fail> {
 
 pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
     init_logging();
-    if let OauthCommand::GenerateKey = args.command {
-        return finish(
-            "oauth generate-key",
-            crate::oauth::crypto::random_key_base64()
-                .map(|k| println!("{k}"))
-                .map_err(failed),
-        );
+    if let OauthCommand::GenerateKey { output } = &args.command {
+        return finish("oauth generate-key", generate_key(output.as_deref()));
     }
     let r = (|| {
         let config = need_config(config)?;
@@ -352,7 +419,7 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
             )
             .await
         }
-        OauthCommand::GenerateKey => Ok(()),
+        OauthCommand::GenerateKey { .. } => Ok(()),
     }
 }
 
@@ -384,6 +451,9 @@ async fn test_account(
     } else {
         let routes = config.effective_routes().map_err(|e| usage(e.0))?;
         let route = account_route(&routes, account, &provider, route).map_err(usage)?;
+        if let Some(w) = crate::app::upstream_warning(&route.upstream) {
+            eprintln!("popbridge oauth test: warning: {w}");
+        }
         let imap = crate::imap::ImapConfig::from_upstream(
             &crate::config::UpstreamConfig {
                 // A one-off operator command: no IMAP ID with a client address.

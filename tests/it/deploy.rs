@@ -1824,7 +1824,7 @@ fn with_oauth_route(text: &str, dir: &Path, key: &str) -> (PathBuf, bool) {
         .is_empty();
     if !key_by_env {
         let key_file = dir.join("oauth.key");
-        fs::write(&key_file, format!("{key}\n")).unwrap();
+        crate::common::write_private(&key_file, format!("{key}\n"));
         oauth.insert("key_file".into(), key_file.display().to_string().into());
     }
     if oauth

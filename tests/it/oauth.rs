@@ -434,7 +434,7 @@ impl Setup {
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let key = dir.path().join("store.key");
-        std::fs::write(&key, format!("{STORE_KEY_B64}\n")).unwrap();
+        write_private(&key, format!("{STORE_KEY_B64}\n"));
         let secret = dir.path().join("client.secret");
         std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
         let provider = |name: &str, mechanism: &str, two_step: bool| {

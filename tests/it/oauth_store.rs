@@ -197,7 +197,7 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
         e.contains("another key") && !e.contains(other.trim()),
         "{e}"
     );
-    std::fs::write(&s.key_file, &s.key).unwrap();
+    crate::common::write_private(&s.key_file, &s.key);
     s.run(&["oauth", "list"]).assert_ok("right key");
     let config = Config::from_file(&s.config).unwrap();
     assert!(OauthRuntime::from_config(&config).unwrap().is_some());
