@@ -97,6 +97,12 @@ pub struct Metrics {
     pub oauth_reenrolments: Family<ProviderLabels, Counter>,
     /// Access tokens handed out from the in-memory cache.
     pub oauth_cache_hits: Family<ProviderLabels, Counter>,
+    /// Device logins refused because the device's record failed its check
+    /// against the store key, by kind: `unsealed` (no seal: written by an
+    /// older popbridge, or forged) or `tampered` (a seal that does not
+    /// match). Any increase means someone wrote to the store without the
+    /// key, or records await `popbridge device seal`.
+    pub oauth_device_records_refused: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -122,6 +128,7 @@ impl Metrics {
             oauth_refreshes: Family::default(),
             oauth_reenrolments: Family::default(),
             oauth_cache_hits: Family::default(),
+            oauth_device_records_refused: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -207,6 +214,11 @@ impl Metrics {
             "OAuth2 access tokens served from the in-memory cache",
             m.oauth_cache_hits.clone(),
         );
+        r.register(
+            "oauth_device_records_refused",
+            "Device logins refused because the device record failed its check against the store key",
+            m.oauth_device_records_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -265,6 +277,14 @@ impl Metrics {
             .get_or_create(&ProviderLabels {
                 provider: provider.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a device record refused at login (`kind`: `unsealed` or
+    /// `tampered`).
+    pub fn oauth_device_record_refused(&self, kind: &'static str) {
+        self.oauth_device_records_refused
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

@@ -21,8 +21,8 @@ use crate::oauth::device;
 use crate::oauth::provider::{self, ProviderClient, ProviderError, TokenResponse};
 use crate::oauth::service::TokenService;
 use crate::oauth::store::{
-    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
-    TokenStore,
+    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceProblem, DeviceRecord,
+    TokenSecrets, TokenStore,
 };
 
 /// Environment variable `device add` reads a password from.
@@ -131,8 +131,22 @@ pub enum DeviceCommand {
     },
     /// Remove a device login; other devices of the account keep working.
     Remove { login: String },
-    /// List device logins (login, account, networks; never hashes).
+    /// List device logins (login, account, networks, whether the record's
+    /// seal checks; never hashes).
     List,
+    /// Seal device records written before popbridge sealed them with the
+    /// store key (they are refused until then), keeping their passwords.
+    /// The records are taken as they are: check them with `device list`
+    /// first, since anyone who could write to the store could have added
+    /// or changed an unsealed record.
+    Seal {
+        /// The device logins to seal.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        logins: Vec<String>,
+        /// Every unsealed record.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// A command's failure: message and exit code.
@@ -388,8 +402,8 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
             let devices = store.devices().await.map_err(|e| failed(e.to_string()))?;
             let left: Vec<String> = devices
                 .into_iter()
-                .filter(|d| d.account == account)
-                .map(|d| d.login)
+                .filter(|d| d.record.account == account)
+                .map(|d| printable(&d.login))
                 .collect();
             if !left.is_empty() {
                 println!(
@@ -996,8 +1010,14 @@ async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
                 println!("no devices");
                 return Ok(());
             }
-            println!("{:<32} {:<40} {:<20} CREATED", "LOGIN", "ACCOUNT", "ALLOW");
-            for d in devices {
+            println!(
+                "{:<32} {:<40} {:<20} {:<20} STATUS",
+                "LOGIN", "ACCOUNT", "ALLOW", "CREATED"
+            );
+            let mut refused = 0;
+            for listing in devices {
+                let d = &listing.record;
+                let checked = &listing.check;
                 let allow = if d.allow.is_empty() {
                     "any".to_string()
                 } else {
@@ -1007,14 +1027,66 @@ async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
                         .collect::<Vec<_>>()
                         .join(",")
                 };
+                let status = match checked {
+                    Ok(()) => "sealed".to_string(),
+                    Err(DeviceProblem::Unsealed) => {
+                        "REFUSED: not sealed (device seal, if it is yours)".to_string()
+                    }
+                    Err(DeviceProblem::Tampered(why)) => format!("REFUSED: tampered ({why})"),
+                };
+                refused += usize::from(checked.is_err());
+                // Store contents may come from whoever could write to it:
+                // nothing but printable ASCII reaches the terminal.
                 println!(
-                    "{:<32} {:<40} {allow:<20} {}",
-                    d.login,
-                    d.account,
+                    "{:<32} {:<40} {allow:<20} {:<20} {status}",
+                    printable(&listing.login),
+                    printable(&d.account),
                     format_time(d.created)
                 );
             }
+            if refused > 0 {
+                eprintln!(
+                    "popbridge device: {refused} device record(s) are refused at login (see STATUS)"
+                );
+            }
             Ok(())
+        }
+        DeviceCommand::Seal { logins, all } => {
+            let store = store(&config).await?;
+            let logins = if all {
+                store
+                    .devices()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                    .into_iter()
+                    .filter(|d| d.check == Err(DeviceProblem::Unsealed))
+                    .map(|d| d.login)
+                    .collect()
+            } else {
+                logins
+            };
+            let mut missing = Vec::new();
+            for login in &logins {
+                if store
+                    .seal_unsealed_device(login)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                {
+                    println!("sealed device {}", printable(login));
+                } else {
+                    missing.push(printable(login));
+                }
+            }
+            if all && logins.is_empty() {
+                println!("no unsealed device records");
+            }
+            match missing.as_slice() {
+                [] => Ok(()),
+                _ => Err(failed(format!(
+                    "no unsealed record for: {} (already sealed, changed meanwhile, or absent)",
+                    missing.join(", ")
+                ))),
+            }
         }
     }
 }

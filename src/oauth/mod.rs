@@ -81,6 +81,11 @@ pub enum DeviceAuthError {
     BadPassword,
     #[error("device not allowed from this address")]
     AddressNotAllowed,
+    /// The device's record is not sealed with the store key, or its seal
+    /// does not match it (forged or altered in the store): refused like a
+    /// wrong password, logged and counted.
+    #[error("device record refused (not sealed, or altered in the store)")]
+    UntrustedRecord,
     #[error("device store: {0}")]
     Store(String),
 }

@@ -493,12 +493,19 @@ impl TokenService {
         password: &Secret,
         peer: IpAddr,
     ) -> Result<DeviceGrant, DeviceAuthError> {
-        let rec = self
-            .store
-            .device(login)
-            .await
-            .map_err(|e| DeviceAuthError::Store(e.to_string()))?;
         let pw = password.expose().to_vec();
+        let rec = match self.store.device(login).await {
+            Ok(rec) => rec,
+            Err(StoreError::UntrustedDevice { login, problem }) => {
+                metrics().oauth_device_record_refused(problem.kind());
+                let e = StoreError::UntrustedDevice { login, problem };
+                error!(device = %e, "device record refused");
+                // The same work as any check, and a failed login.
+                let _ = device::check(pw, None).await;
+                return Err(DeviceAuthError::UntrustedRecord);
+            }
+            Err(e) => return Err(DeviceAuthError::Store(e.to_string())),
+        };
         let Some(rec) = rec else {
             // Same work as a real check: no timing oracle for names.
             let _ = device::check(pw, None).await;

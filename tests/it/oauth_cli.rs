@@ -221,9 +221,11 @@ fn devices_add_list_remove_without_leaking_passwords_or_hashes() {
     assert!(!list.all().contains("argon2"), "{}", list.describe());
     assert!(!list.all().contains(&generated), "{}", list.describe());
 
-    // The device file holds argon2id hashes, not passwords.
+    // The device file holds argon2id hashes, not passwords, and those
+    // sealed with the store key (not even the hash in clear).
     let devices = std::fs::read_to_string(s.store_dir().join("devices.json")).unwrap();
-    assert!(devices.contains("$argon2id$"), "{devices}");
+    assert_eq!(devices.matches("\"sealed\"").count(), 3, "{devices}");
+    assert!(!devices.contains("$argon2id$"), "{devices}");
     for pw in [
         "scanner-password-1",
         "printer-password-2",
