@@ -62,6 +62,37 @@ pub fn check(config: &Config) -> Result<Validated, ConfigError> {
     Ok(valid)
 }
 
+/// What a checked configuration allows but an operator should hear about:
+/// `--check-config` prints these, the server logs them at start and after
+/// each reload. (Found here rather than while building the service, so the
+/// pre-flight check shows them too, before anything is logged.)
+pub fn warnings(valid: &Validated) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in &valid.routes {
+        if let Some(w) = upstream_warning(&r.upstream) {
+            out.push(format!("route {}: {w}", r.name));
+        }
+    }
+    if valid
+        .routes
+        .iter()
+        .any(|r| r.upstream.auth == UpstreamAuth::Oauth2)
+    {
+        out.extend(valid.config.oauth.key_file_warning());
+    }
+    out
+}
+
+/// The warning for plaintext IMAP to a host other than this one, if any.
+pub fn upstream_warning(up: &UpstreamConfig) -> Option<String> {
+    (up.tls == UpstreamTls::None && !is_loopback(&up.address)).then(|| {
+        format!(
+            "upstream.tls = none towards {}: passwords, access tokens and mail cross the network unencrypted",
+            up.address
+        )
+    })
+}
+
 /// A route's UIDL template, parsed.
 fn uidl_format(r: &EffectiveRoute) -> Result<UidlFormat, String> {
     UidlFormat::parse(&r.pop3.uidl_format).map_err(|e| e.to_string())
@@ -263,16 +294,30 @@ fn build_shared(
     })
 }
 
-/// The IMAP side of one route.
+/// The IMAP side of one route. (Plaintext to a remote server is allowed
+/// and reported by [`warnings`].)
 fn imap_config(
     up: &UpstreamConfig,
     reuse_xuidl: bool,
     cache: Option<Arc<ListingCache>>,
 ) -> Result<ImapConfig, String> {
-    if up.tls == UpstreamTls::None && !is_loopback(&up.address) {
-        warn!(upstream = %up.address, "upstream.tls = none: passwords and mail cross the network unencrypted");
-    }
     ImapConfig::from_upstream(up, reuse_xuidl, cache)
+}
+
+/// The IMAP servers the readiness check greets: every route's (the default
+/// upstream and each `[[routes]]` address), each once. They share one
+/// "last greeting" time, so popbridge is ready while at least one answers:
+/// a replica that reaches none of them cannot serve anyone and leaves the
+/// load balancer, but one upstream's outage, which every replica sees
+/// alike, does not take the routes to the others out of service.
+fn readiness_targets(routes: &[EffectiveRoute]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in routes {
+        if !out.contains(&r.upstream.address) {
+            out.push(r.upstream.address.clone());
+        }
+    }
+    out
 }
 
 /// Binds a listener with an explicit accept backlog. tokio's
@@ -324,6 +369,9 @@ impl Signals {
 /// on a clean drain.
 async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
     let cfg = valid.config.clone();
+    for w in warnings(&valid) {
+        warn!("{w}");
+    }
     let signals = Signals::register();
     #[cfg(unix)]
     let Signals { hangup, terminate } = signals;
@@ -356,14 +404,7 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
         let interval = Duration::from_secs(cfg.admin.check_interval_secs);
         info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
         tokio::spawn(crate::server::admin::serve(admin, ready.clone(), interval));
-        // Readiness follows the default route, or the first route.
-        let route = valid
-            .routes
-            .iter()
-            .find(|r| r.is_default)
-            .or(valid.routes.first());
-        if let Some(r) = route {
-            let address = r.upstream.address.clone();
+        for address in readiness_targets(&valid.routes) {
             tokio::spawn(crate::server::admin::watch_upstream(
                 address,
                 interval,
@@ -421,6 +462,9 @@ async fn reload_on_sighup(
                     continue;
                 }
             };
+            for w in warnings(&valid) {
+                warn!("{w}");
+            }
             if valid.listen != current.listen
                 || valid.tls_address != current.tls_address
                 || valid.admin != current.admin
@@ -535,6 +579,27 @@ mod tests {
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
                 .contains("routes (a).uidl_map needs data.dir")
         );
+    }
+
+    #[test]
+    fn readiness_follows_every_routes_server_once() {
+        let c = Config::from_toml(
+            "[upstream]\ntls = \"none\"\naddress = \"d:143\"\n\
+             [[routes]]\nname = \"a\"\ndomains = [\"a.org\"]\naddress = \"a:143\"\n\
+             [[routes]]\nname = \"b\"\ndomains = [\"b.org\"]\naddress = \"d:143\"",
+        )
+        .unwrap();
+        let v = check(&c).unwrap();
+        assert_eq!(readiness_targets(&v.routes), ["a:143", "d:143"]);
+        let c = Config::from_toml(
+            "[upstream]\ntls = \"none\"\naddress = \"unused:143\"\n\
+             [routing]\ndefault_route = false\n\
+             [[routes]]\nname = \"a\"\ndomains = [\"a.org\"]\naddress = \"a:143\"\n\
+             [[routes]]\nname = \"b\"\ndomains = [\"b.org\"]\naddress = \"b:143\"",
+        )
+        .unwrap();
+        let v = check(&c).unwrap();
+        assert_eq!(readiness_targets(&v.routes), ["a:143", "b:143"]);
     }
 
     #[test]

@@ -34,8 +34,10 @@ pub struct AuthLabels {
     /// included), `throttled` (too many failures), `no_route`,
     /// `plaintext_refused`, `upstream_error`, `in_use`, `mailbox_missing`;
     /// for OAuth2 routes also `oauth_needs_enrolment` (refresh token gone),
-    /// `oauth_throttled` and `oauth_unavailable` (the token service),
-    /// `oauth_token_rejected` (the mail server refused a fresh token),
+    /// `oauth_throttled` (the account is backed off while the provider or
+    /// the mail server throttles) and `oauth_unavailable` (the token
+    /// service), `oauth_token_rejected` (the mail server refused a fresh
+    /// token, and logins while the account is backed off for that),
     /// `upstream_throttled` (the mail server throttles the account) and
     /// `device_store_error`. Token refreshes are counted by the OAuth2
     /// module.
@@ -103,6 +105,12 @@ pub struct Metrics {
     pub pool_events: Family<KindLabels, Counter>,
     /// Idle upstream sessions in the pool now.
     pub pool_idle: Gauge,
+    /// Device logins refused because the device's record failed its check
+    /// against the store key, by kind: `unsealed` (no seal: written by an
+    /// older popbridge, or forged) or `tampered` (a seal that does not
+    /// match). Any increase means someone wrote to the store without the
+    /// key, or records await `popbridge device seal`.
+    pub oauth_device_records_refused: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -130,6 +138,7 @@ impl Metrics {
             oauth_cache_hits: Family::default(),
             pool_events: Family::default(),
             pool_idle: Gauge::default(),
+            oauth_device_records_refused: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -225,6 +234,11 @@ impl Metrics {
             "OAuth2 access tokens served from the in-memory cache",
             m.oauth_cache_hits.clone(),
         );
+        r.register(
+            "oauth_device_records_refused",
+            "Device logins refused because the device record failed its check against the store key",
+            m.oauth_device_records_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -290,6 +304,14 @@ impl Metrics {
             .get_or_create(&ProviderLabels {
                 provider: provider.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a device record refused at login (`kind`: `unsealed` or
+    /// `tampered`).
+    pub fn oauth_device_record_refused(&self, kind: &'static str) {
+        self.oauth_device_records_refused
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

@@ -244,11 +244,12 @@ impl<C: Connector> Bridge<C> {
                         reason = %reason,
                         "OAuth2 account needs re-enrolment: run `popbridge oauth add {account} --provider {provider}`"
                     ),
-                    BearerLoginError::Token(crate::oauth::TokenError::Throttled {
+                    BearerLoginError::Token(crate::oauth::TokenError::BackingOff {
+                        cause,
                         retry_after_secs,
                     }) => warn!(
                         account,
-                        provider, retry_after_secs, "OAuth2 provider throttles token requests"
+                        provider, retry_after_secs, "account backed off: {cause}"
                     ),
                     BearerLoginError::Token(crate::oauth::TokenError::Unavailable(why)) => {
                         warn!(account, provider, error = %why, "no access token")

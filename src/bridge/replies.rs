@@ -5,7 +5,7 @@
 
 use crate::imap::UpstreamError;
 use crate::oauth::login::BearerLoginError;
-use crate::oauth::TokenError;
+use crate::oauth::{BackoffCause, TokenError};
 use crate::pop3::session::LoginFailure;
 
 use super::throttle::Throttled;
@@ -108,7 +108,13 @@ pub fn bearer(e: &BearerLoginError) -> Refusal {
         BearerLoginError::Token(TokenError::NeedsEnrolment { .. }) => {
             failed("AUTH", NEEDS_ENROLMENT_TEXT, "oauth_needs_enrolment")
         }
-        BearerLoginError::Token(TokenError::Throttled { .. }) => {
+        // Backed off after a refused fresh token: the device hears the
+        // same as at the refusal, not "busy".
+        BearerLoginError::Token(TokenError::BackingOff {
+            cause: BackoffCause::TokenRefused,
+            ..
+        }) => failed("SYS/TEMP", TOKEN_REFUSED_TEXT, "oauth_token_rejected"),
+        BearerLoginError::Token(TokenError::BackingOff { .. }) => {
             failed("SYS/TEMP", THROTTLED_TEXT, "oauth_throttled")
         }
         BearerLoginError::Token(TokenError::Unavailable(_)) => {

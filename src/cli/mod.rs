@@ -67,6 +67,10 @@ pub struct Args {
     /// Name the IMAP server's certificate must carry (upstream.tls_name).
     #[arg(long, env = "POPBRIDGE_UPSTREAM_TLS_NAME")]
     upstream_tls_name: Option<String>,
+    /// Address:port of the admin HTTP listener: /metrics, /healthz, /readyz
+    /// (admin.address).
+    #[arg(long, env = "POPBRIDGE_ADMIN")]
+    admin: Option<String>,
     /// Log format (log.format).
     #[arg(long, env = "POPBRIDGE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -139,6 +143,9 @@ impl Args {
         if let Some(v) = self.upstream_tls_name {
             config.upstream.tls_name = v;
         }
+        if let Some(v) = self.admin {
+            config.admin.address = v;
+        }
         if let Some(v) = self.log_format {
             config.log.format = v;
         }
@@ -208,6 +215,9 @@ pub fn main() -> ExitCode {
         }
     };
     if check_only {
+        for w in crate::app::warnings(&valid) {
+            eprintln!("popbridge: warning: {w}");
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

@@ -21,8 +21,8 @@ use crate::oauth::device;
 use crate::oauth::provider::{self, ProviderClient, ProviderError, TokenResponse};
 use crate::oauth::service::TokenService;
 use crate::oauth::store::{
-    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceRecord, TokenSecrets,
-    TokenStore,
+    now_unix, now_unix_ms, AccountMeta, AccountRecord, AccountStatus, DeviceProblem, DeviceRecord,
+    TokenSecrets, TokenStore,
 };
 
 /// Environment variable `device add` reads a password from.
@@ -89,8 +89,14 @@ pub enum OauthCommand {
         #[arg(long)]
         token_only: bool,
     },
-    /// Print a new random store key (base64) for oauth.key_file.
-    GenerateKey,
+    /// Make a new random store key (base64) for oauth.key_file: written to
+    /// a new file with --output (recommended), else to standard output.
+    GenerateKey {
+        /// Create FILE with mode 0600 (whatever the umask) and write the
+        /// key there; an existing FILE is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 /// `popbridge device ...`
@@ -123,8 +129,22 @@ pub enum DeviceCommand {
     },
     /// Remove a device login; other devices of the account keep working.
     Remove { login: String },
-    /// List device logins (login, account, networks; never hashes).
+    /// List device logins (login, account, networks, whether the record's
+    /// seal checks; never hashes).
     List,
+    /// Seal device records written before popbridge sealed them with the
+    /// store key (they are refused until then), keeping their passwords.
+    /// The records are taken as they are: check them with `device list`
+    /// first, since anyone who could write to the store could have added
+    /// or changed an unsealed record.
+    Seal {
+        /// The device logins to seal.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        logins: Vec<String>,
+        /// Every unsealed record.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// A command's failure: message and exit code.
@@ -163,11 +183,77 @@ fn need_config(config: Option<Config>) -> Result<Config, Fail> {
     config.ok_or_else(|| usage("needs --config FILE (the [data] and [oauth] sections)"))
 }
 
+/// `oauth generate-key`: a new key to `output` (created 0600, never
+/// overwritten) or to standard output.
+fn generate_key(output: Option<&std::path::Path>) -> Result<(), Fail> {
+    let key = crate::oauth::crypto::random_key_base64().map_err(failed)?;
+    let Some(path) = output else {
+        private_stdout();
+        println!("{key}");
+        return Ok(());
+    };
+    let mut o = std::fs::OpenOptions::new();
+    // O_EXCL: an existing key (perhaps the one a store was written with)
+    // is never replaced, and no symlink is followed.
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut file = o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            failed(format!(
+                "{} exists: refusing to overwrite it (a store can only be read with the key it was written with); remove it first to replace it",
+                path.display()
+            ))
+        } else {
+            failed(format!("cannot create {}: {e}", path.display()))
+        }
+    })?;
+    let written = writeln!(file, "{key}").and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(failed(format!("cannot write {}: {e}", path.display())));
+    }
+    println!(
+        "wrote a new store key to {} (mode 0600); point oauth.key_file at it and keep a copy somewhere safe",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `generate-key > FILE` under umask 022 makes a file everyone may read:
+/// when standard output is a regular file that others may read, make it
+/// private before the key is written, and say so.
+fn private_stdout() {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+            return;
+        };
+        let file = std::fs::File::from(fd);
+        let Ok(meta) = file.metadata() else { return };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            match file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => eprintln!(
+                    "popbridge oauth generate-key: standard output is a file others could read: made it private (mode 0600); --output FILE creates it private from the start"
+                ),
+                Err(e) => eprintln!(
+                    "popbridge oauth generate-key: warning: standard output is a file others can read and cannot be made private ({e}): use --output FILE"
+                ),
+            }
+        }
+    }
+}
+
 /// Opens the store; a configuration problem (key, data dir) is a usage
 /// error, an unreadable store a failure.
 async fn store(config: &Config) -> Result<TokenStore, Fail> {
     if let Err(e) = config.oauth.load_key() {
         return Err(usage(e));
+    }
+    if let Some(w) = config.oauth.key_file_warning() {
+        eprintln!("popbridge: warning: {w}");
     }
     let s = crate::oauth::open_store(config).map_err(failed)?;
     s.check().await.map_err(|e| failed(e.to_string()))?;
@@ -176,13 +262,8 @@ async fn store(config: &Config) -> Result<TokenStore, Fail> {
 
 pub fn run_oauth(args: OauthArgs, config: Option<Config>) -> ExitCode {
     init_logging();
-    if let OauthCommand::GenerateKey = args.command {
-        return finish(
-            "oauth generate-key",
-            crate::oauth::crypto::random_key_base64()
-                .map(|k| println!("{k}"))
-                .map_err(failed),
-        );
+    if let OauthCommand::GenerateKey { output } = &args.command {
+        return finish("oauth generate-key", generate_key(output.as_deref()));
     }
     let r = (|| {
         let config = need_config(config)?;
@@ -319,8 +400,8 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
             let devices = store.devices().await.map_err(|e| failed(e.to_string()))?;
             let left: Vec<String> = devices
                 .into_iter()
-                .filter(|d| d.account == account)
-                .map(|d| d.login)
+                .filter(|d| d.record.account == account)
+                .map(|d| printable(&d.login))
                 .collect();
             if !left.is_empty() {
                 println!(
@@ -350,7 +431,7 @@ async fn oauth(cmd: OauthCommand, config: Config) -> Result<(), Fail> {
             )
             .await
         }
-        OauthCommand::GenerateKey => Ok(()),
+        OauthCommand::GenerateKey { .. } => Ok(()),
     }
 }
 
@@ -382,6 +463,9 @@ async fn test_account(
     } else {
         let routes = config.effective_routes().map_err(|e| usage(e.0))?;
         let route = account_route(&routes, account, &provider, route).map_err(usage)?;
+        if let Some(w) = crate::app::upstream_warning(&route.upstream) {
+            eprintln!("popbridge oauth test: warning: {w}");
+        }
         let imap = crate::imap::ImapConfig::from_upstream(
             &crate::config::UpstreamConfig {
                 // A one-off operator command: no IMAP ID with a client address.
@@ -441,6 +525,11 @@ async fn test_account(
         "OK: IMAP login to {address} as {account} (route {route_name}): {mailbox} holds {} messages",
         snap.messages.len()
     );
+    // The account works: replicas backing it off stop doing so.
+    match store.reset_backoff(account).await {
+        Ok(_) => println!("back-offs of {account} lifted on every replica sharing the store"),
+        Err(e) => eprintln!("popbridge oauth test: could not record the success in the store (replicas keep their back-off until it ends): {e}"),
+    }
     Ok(())
 }
 
@@ -546,6 +635,9 @@ async fn enrol(
             created,
             updated: now,
             version: 0,
+            // Replicas backing the account off (e.g. after an enrolment
+            // under the wrong identity) lift their back-off on seeing it.
+            backoff_reset: now_unix_ms(),
         },
         secrets: TokenSecrets {
             refresh_token: refresh,
@@ -949,8 +1041,14 @@ async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
                 println!("no devices");
                 return Ok(());
             }
-            println!("{:<32} {:<40} {:<20} CREATED", "LOGIN", "ACCOUNT", "ALLOW");
-            for d in devices {
+            println!(
+                "{:<32} {:<40} {:<20} {:<20} STATUS",
+                "LOGIN", "ACCOUNT", "ALLOW", "CREATED"
+            );
+            let mut refused = 0;
+            for listing in devices {
+                let d = &listing.record;
+                let checked = &listing.check;
                 let allow = if d.allow.is_empty() {
                     "any".to_string()
                 } else {
@@ -960,14 +1058,66 @@ async fn device_cmd(cmd: DeviceCommand, config: Config) -> Result<(), Fail> {
                         .collect::<Vec<_>>()
                         .join(",")
                 };
+                let status = match checked {
+                    Ok(()) => "sealed".to_string(),
+                    Err(DeviceProblem::Unsealed) => {
+                        "REFUSED: not sealed (device seal, if it is yours)".to_string()
+                    }
+                    Err(DeviceProblem::Tampered(why)) => format!("REFUSED: tampered ({why})"),
+                };
+                refused += usize::from(checked.is_err());
+                // Store contents may come from whoever could write to it:
+                // nothing but printable ASCII reaches the terminal.
                 println!(
-                    "{:<32} {:<40} {allow:<20} {}",
-                    d.login,
-                    d.account,
+                    "{:<32} {:<40} {allow:<20} {:<20} {status}",
+                    printable(&listing.login),
+                    printable(&d.account),
                     format_time(d.created)
                 );
             }
+            if refused > 0 {
+                eprintln!(
+                    "popbridge device: {refused} device record(s) are refused at login (see STATUS)"
+                );
+            }
             Ok(())
+        }
+        DeviceCommand::Seal { logins, all } => {
+            let store = store(&config).await?;
+            let logins = if all {
+                store
+                    .devices()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                    .into_iter()
+                    .filter(|d| d.check == Err(DeviceProblem::Unsealed))
+                    .map(|d| d.login)
+                    .collect()
+            } else {
+                logins
+            };
+            let mut missing = Vec::new();
+            for login in &logins {
+                if store
+                    .seal_unsealed_device(login)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                {
+                    println!("sealed device {}", printable(login));
+                } else {
+                    missing.push(printable(login));
+                }
+            }
+            if all && logins.is_empty() {
+                println!("no unsealed device records");
+            }
+            match missing.as_slice() {
+                [] => Ok(()),
+                _ => Err(failed(format!(
+                    "no unsealed record for: {} (already sealed, changed meanwhile, or absent)",
+                    missing.join(", ")
+                ))),
+            }
         }
     }
 }

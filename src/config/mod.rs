@@ -535,8 +535,9 @@ pub struct AdminConfig {
     /// Address and port, e.g. `127.0.0.1:9110`. Empty (the default): off.
     /// Keep it on loopback or an internal network.
     pub address: String,
-    /// Seconds between readiness checks of the default upstream (a TCP
-    /// connection and its IMAP greeting; no login).
+    /// Seconds between readiness checks of every route's IMAP server (a
+    /// TCP connection and its IMAP greeting; no login). Ready while at
+    /// least one answers.
     pub check_interval_secs: u64,
 }
 

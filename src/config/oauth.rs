@@ -31,10 +31,17 @@ pub const KEY_LEN: usize = 32;
 #[serde(deny_unknown_fields, default)]
 pub struct OauthConfig {
     /// File holding the key that encrypts tokens at rest: 32 random bytes
-    /// written as base64 or hex (`openssl rand -base64 32`). Empty: the
-    /// `POPBRIDGE_OAUTH_KEY` environment variable. A missing or short key is
-    /// a startup error when any route uses `auth = "oauth2"`.
+    /// written as base64 or hex (`popbridge oauth generate-key --output
+    /// FILE`). Empty: the `POPBRIDGE_OAUTH_KEY` environment variable. A
+    /// missing or short key is a startup error when any route uses `auth =
+    /// "oauth2"`; so is a file that every user may read or write (unless
+    /// `allow_world_readable_key`). A file its group may read is accepted
+    /// with a warning.
     pub key_file: String,
+    /// Accept a `key_file` that every user of the host may read or write,
+    /// with a warning (e.g. a single-user container whose secret mounts
+    /// cannot be made private). Default false: such a file stops popbridge.
+    pub allow_world_readable_key: bool,
     /// Where refresh tokens and device logins live: `file` (under
     /// `<data.dir>/oauth/`) or `redis` (shared by several replicas).
     pub store: StoreKind,
@@ -55,6 +62,7 @@ impl Default for OauthConfig {
     fn default() -> Self {
         Self {
             key_file: String::new(),
+            allow_world_readable_key: false,
             store: StoreKind::File,
             redis_url: String::new(),
             redis_password_file: String::new(),
@@ -435,19 +443,139 @@ pub fn parse_key(text: &str) -> Result<KeyMaterial, String> {
     }
 }
 
+/// Who besides its owner may read or write a key file, by its mode bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFileExposure {
+    /// Owner only (0600, 0400).
+    Private,
+    /// Its group may read or write it (e.g. 0640; Kubernetes secret volumes
+    /// with `fsGroup` are 0440).
+    Group,
+    /// Every user may read or write it (e.g. 0644, what `generate-key >
+    /// FILE` makes under umask 022).
+    World,
+}
+
+impl KeyFileExposure {
+    /// From a Unix mode (`st_mode`).
+    pub fn of_mode(mode: u32) -> Self {
+        if mode & 0o006 != 0 {
+            KeyFileExposure::World
+        } else if mode & 0o060 != 0 {
+            KeyFileExposure::Group
+        } else {
+            KeyFileExposure::Private
+        }
+    }
+}
+
+/// The warning for a key file at `path` with `mode` and group `file_gid`
+/// read by a process whose effective group is `own_gid`. A file only its
+/// group may read is popbridge's own business when that group is
+/// popbridge's own (a service user's private group; Kubernetes'
+/// `runAsGroup`/`fsGroup`, whose secret volumes cannot be 0400 for a
+/// non-root user): no warning then.
+fn key_file_warning(
+    path: &str,
+    mode: u32,
+    file_gid: Option<u32>,
+    own_gid: Option<u32>,
+) -> Option<String> {
+    let who = match KeyFileExposure::of_mode(mode) {
+        KeyFileExposure::Private => return None,
+        KeyFileExposure::Group if file_gid.is_some() && file_gid == own_gid => return None,
+        KeyFileExposure::Group => match file_gid {
+            Some(gid) => format!("its group (gid {gid}, not popbridge's own)"),
+            None => "its group".into(),
+        },
+        KeyFileExposure::World => "every user (allowed by oauth.allow_world_readable_key)".into(),
+    };
+    Some(format!(
+        "oauth.key_file {path} is readable or writable by {who} (mode {:04o}); the key decrypts every stored refresh token: make sure no other user can read it (chmod 600, owned by popbridge's user)",
+        mode & 0o7777
+    ))
+}
+
+/// This process's effective group id: the group of `/proc/self` (Linux;
+/// `None` elsewhere, and then every group-readable key file is warned
+/// about).
+fn own_gid() -> Option<u32> {
+    #[cfg(unix)]
+    {
+        std::fs::metadata("/proc/self")
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The mode of an open file, as a Unix mode (`None` elsewhere).
+fn file_mode(meta: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some(meta.mode())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
+}
+
 impl OauthConfig {
-    /// Loads the store key from `key_file` or `POPBRIDGE_OAUTH_KEY`.
+    /// Loads the store key from `key_file` or `POPBRIDGE_OAUTH_KEY`. A key
+    /// file every user may read or write is refused (see
+    /// [`KeyFileExposure`]) unless `allow_world_readable_key`.
     pub fn load_key(&self) -> Result<KeyMaterial, String> {
         if self.key_file.is_empty() {
             let v = std::env::var(KEY_ENV).map_err(|_| {
-                format!("no token store key: set oauth.key_file or the {KEY_ENV} environment variable (32 random bytes, base64: openssl rand -base64 32)")
+                format!("no token store key: set oauth.key_file or the {KEY_ENV} environment variable (32 random bytes, base64: popbridge oauth generate-key)")
             })?;
             parse_key(&v).map_err(|e| format!("{KEY_ENV}: {e}"))
         } else {
-            let text = std::fs::read_to_string(&self.key_file)
-                .map_err(|e| format!("oauth.key_file {}: {e}", self.key_file))?;
-            parse_key(&text).map_err(|e| format!("oauth.key_file {}: {e}", self.key_file))
+            use std::io::Read;
+            let at = || format!("oauth.key_file {}", self.key_file);
+            let mut file =
+                std::fs::File::open(&self.key_file).map_err(|e| format!("{}: {e}", at()))?;
+            // The mode of the file read, not of the path looked up again.
+            let meta = file.metadata().map_err(|e| format!("{}: {e}", at()))?;
+            if let Some(mode) = file_mode(&meta) {
+                if KeyFileExposure::of_mode(mode) == KeyFileExposure::World
+                    && !self.allow_world_readable_key
+                {
+                    return Err(format!(
+                        "{} is readable or writable by every user (mode {:04o}): it decrypts every stored refresh token. Make it private (chmod 600 {}, owned by popbridge's user), or set oauth.allow_world_readable_key = true where no other user can reach it",
+                        at(),
+                        mode & 0o7777,
+                        self.key_file
+                    ));
+                }
+            }
+            let mut text = String::new();
+            file.read_to_string(&mut text)
+                .map_err(|e| format!("{}: {e}", at()))?;
+            parse_key(&text).map_err(|e| format!("{}: {e}", at()))
         }
+    }
+
+    /// A warning about `key_file`'s permissions that does not stop
+    /// popbridge: readable by a group other than popbridge's own, or by
+    /// everyone where `allow_world_readable_key` accepts it. `None` for a
+    /// private file, no file, or one that cannot be read (that is
+    /// [`OauthConfig::load_key`]'s error).
+    pub fn key_file_warning(&self) -> Option<String> {
+        if self.key_file.is_empty() {
+            return None;
+        }
+        let meta = std::fs::metadata(&self.key_file).ok()?;
+        let mode = file_mode(&meta)?;
+        #[cfg(unix)]
+        let file_gid = Some(std::os::unix::fs::MetadataExt::gid(&meta));
+        #[cfg(not(unix))]
+        let file_gid = None;
+        key_file_warning(&self.key_file, mode, file_gid, own_gid())
     }
 
     /// Where the Redis password comes from.
@@ -703,6 +831,8 @@ mod tests {
         std::fs::write(&key, hex::encode([9u8; 32])).unwrap();
         let short = dir.path().join("short");
         std::fs::write(&short, "c2VjcmV0LWJ1dC1zaG9ydA==").unwrap();
+        set_mode(&key, 0o600);
+        set_mode(&short, 0o600);
         let providers = "[[oauth.providers]]\nname = \"p\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:1/t\"\n";
         let good = format!(
             "[data]\ndir = \"{}\"\n[oauth]\nkey_file = \"{}\"\n{providers}",
@@ -744,6 +874,70 @@ mod tests {
             e.0.contains("credentials") && !e.0.contains("hunter2"),
             "{e}"
         );
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn key_file_modes() {
+        use KeyFileExposure::*;
+        for (mode, want) in [
+            (0o100600, Private),
+            (0o400, Private),
+            (0o700, Private),
+            (0o640, Group),
+            (0o620, Group),
+            (0o440, Group),
+            (0o644, World),
+            (0o604, World),
+            (0o602, World),
+            (0o666, World),
+        ] {
+            assert_eq!(KeyFileExposure::of_mode(mode), want, "{mode:o}");
+        }
+    }
+
+    /// A key file everyone may read stops popbridge unless allowed; one its
+    /// group may read only warns; a private one neither.
+    #[test]
+    fn world_readable_key_files_are_refused_group_readable_warned() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, hex::encode([9u8; 32])).unwrap();
+        let mut oauth = OauthConfig {
+            key_file: key.display().to_string(),
+            ..OauthConfig::default()
+        };
+        set_mode(&key, 0o600);
+        assert!(oauth.load_key().is_ok());
+        assert_eq!(oauth.key_file_warning(), None);
+        set_mode(&key, 0o640);
+        assert!(oauth.load_key().is_ok());
+        // Readable by a group other than popbridge's: a warning; by its
+        // own group (e.g. Kubernetes' fsGroup): nothing to warn about.
+        let w = key_file_warning("/k", 0o100640, Some(4), Some(7)).unwrap();
+        assert!(
+            w.contains("group") && w.contains("0640") && w.contains("gid 4"),
+            "{w}"
+        );
+        assert_eq!(key_file_warning("/k", 0o100440, Some(7), Some(7)), None);
+        assert!(key_file_warning("/k", 0o100440, Some(7), None).is_some());
+        assert_eq!(key_file_warning("/k", 0o100400, Some(4), Some(7)), None);
+        set_mode(&key, 0o644);
+        let e = oauth.load_key().unwrap_err();
+        assert!(
+            e.contains("every user") && e.contains("0644") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(e.contains("allow_world_readable_key"), "{e}");
+        assert!(!e.contains(&hex::encode([9u8; 32])), "{e}");
+        oauth.allow_world_readable_key = true;
+        assert!(oauth.load_key().is_ok());
+        let w = oauth.key_file_warning().unwrap();
+        assert!(w.contains("every user"), "{w}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Encryption at rest for token records: XChaCha20-Poly1305 (an AEAD with
-//! a 192-bit nonce, so a fresh random nonce per write never repeats in
-//! practice), with associated data binding a sealed blob to its store
-//! format version, key id and account, so a blob copied to another account
-//! or read with another key fails to open instead of being misused.
+//! Encryption at rest for token and device records: XChaCha20-Poly1305 (an
+//! AEAD with a 192-bit nonce, so a fresh random nonce per write never
+//! repeats in practice), with associated data binding a sealed blob to its
+//! store format version, key id and record (the account of a token record;
+//! every clear field of a device record), so a blob copied to another
+//! record, a clear field changed, or a blob read with another key fails to
+//! open instead of being misused.
 
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -50,6 +52,8 @@ pub enum OpenError {
     WrongKey { found: String, expected: String },
     #[error("token record for {account} is corrupt or was tampered with (authentication failed)")]
     Tampered { account: String },
+    #[error("device record {login:?} is corrupt or was tampered with (authentication failed)")]
+    DeviceTampered { login: String },
 }
 
 impl StoreKey {
@@ -77,6 +81,10 @@ impl StoreKey {
 
     /// Seals `plaintext` for `account` with a fresh random nonce.
     pub fn seal(&self, account: &str, plaintext: &[u8]) -> Result<Sealed, String> {
+        self.seal_with(&self.aad(account), plaintext)
+    }
+
+    fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, String> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).map_err(|e| format!("no randomness: {e}"))?;
         let ct = self
@@ -85,7 +93,7 @@ impl StoreKey {
                 XNonce::from_slice(&nonce),
                 Payload {
                     msg: plaintext,
-                    aad: &self.aad(account),
+                    aad,
                 },
             )
             .map_err(|_| "encryption failed".to_string())?;
@@ -100,15 +108,23 @@ impl StoreKey {
     /// Opens a blob sealed for `account`. A blob from another key is
     /// reported as such, not as corruption.
     pub fn open(&self, account: &str, sealed: &Sealed) -> Result<Vec<u8>, OpenError> {
+        self.open_with(&self.aad(account), sealed, || OpenError::Tampered {
+            account: account.to_string(),
+        })
+    }
+
+    fn open_with(
+        &self,
+        aad: &[u8],
+        sealed: &Sealed,
+        tampered: impl Fn() -> OpenError,
+    ) -> Result<Vec<u8>, OpenError> {
         if sealed.key_id != self.id {
             return Err(OpenError::WrongKey {
                 found: sealed.key_id.clone(),
                 expected: self.id.clone(),
             });
         }
-        let tampered = || OpenError::Tampered {
-            account: account.to_string(),
-        };
         let b64 = base64::engine::general_purpose::STANDARD;
         let nonce = b64.decode(&sealed.nonce).map_err(|_| tampered())?;
         if nonce.len() != NONCE_LEN {
@@ -116,14 +132,45 @@ impl StoreKey {
         }
         let ct = b64.decode(&sealed.ciphertext).map_err(|_| tampered())?;
         self.cipher
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &ct,
-                    aad: &self.aad(account),
-                },
-            )
+            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad })
             .map_err(|_| tampered())
+    }
+}
+
+/// Domain of device records' associated data (and its format version).
+const DEVICE_CONTEXT: &str = "popbridge-device-v1";
+
+impl StoreKey {
+    /// Associated data for a device record: the domain, the key id, then
+    /// each field length-prefixed (so no two field lists encode alike).
+    fn device_aad(&self, fields: &[&[u8]]) -> Vec<u8> {
+        let mut aad = format!("{DEVICE_CONTEXT}\0{}\0", self.id).into_bytes();
+        for f in fields {
+            aad.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            aad.extend_from_slice(f);
+        }
+        aad
+    }
+
+    /// Seals a device record's secret (its password hash) bound to the
+    /// record's clear `fields`: changing any of them makes it fail to open.
+    pub fn seal_device(&self, fields: &[&[u8]], plaintext: &[u8]) -> Result<Sealed, String> {
+        self.seal_with(&self.device_aad(fields), plaintext)
+    }
+
+    /// Opens what [`StoreKey::seal_device`] sealed for the same `fields`;
+    /// `login` names the record in the error.
+    pub fn open_device(
+        &self,
+        login: &str,
+        fields: &[&[u8]],
+        sealed: &Sealed,
+    ) -> Result<Vec<u8>, OpenError> {
+        self.open_with(&self.device_aad(fields), sealed, || {
+            OpenError::DeviceTampered {
+                login: login.to_string(),
+            }
+        })
     }
 }
 
@@ -189,6 +236,37 @@ mod tests {
         let mut t = a;
         t.nonce = "!!".into();
         assert!(k.open("alice", &t).is_err());
+    }
+
+    #[test]
+    fn device_seals_bind_every_field() {
+        let k = key(4);
+        let fields: [&[u8]; 3] = [b"scanner", b"alice@example.org", b"10.0.0.0/8"];
+        let s = k.seal_device(&fields, b"$argon2id$hash").unwrap();
+        assert_eq!(
+            k.open_device("scanner", &fields, &s).unwrap(),
+            b"$argon2id$hash"
+        );
+        for changed in [
+            [&b"printer"[..], b"alice@example.org", b"10.0.0.0/8"],
+            [b"scanner", b"mallory@example.org", b"10.0.0.0/8"],
+            [b"scanner", b"alice@example.org", b""],
+            // Moving bytes between fields is a change too.
+            [b"scanne", b"ralice@example.org", b"10.0.0.0/8"],
+        ] {
+            let e = k.open_device("scanner", &changed, &s).unwrap_err();
+            assert!(matches!(e, OpenError::DeviceTampered { .. }), "{e:?}");
+            assert!(e.to_string().contains("\"scanner\""), "{e}");
+        }
+        // A token seal never opens as a device seal, nor the reverse.
+        let t = k.seal("scanner", b"x").unwrap();
+        assert!(k.open_device("scanner", &[b"scanner"], &t).is_err());
+        let d = k.seal_device(&[b"scanner"], b"x").unwrap();
+        assert!(k.open("scanner", &d).is_err());
+        assert!(matches!(
+            key(5).open_device("scanner", &fields, &s),
+            Err(OpenError::WrongKey { .. })
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use tracing::{info, warn};
 
-use super::{OauthRuntime, TokenError};
+use super::{BackoffCause, OauthRuntime, TokenError};
 use crate::imap::{Connector, Credentials, Snapshot, UpstreamError};
 
 /// Which bearer login this is: a token refused on the first try gets one
@@ -52,8 +52,8 @@ pub enum BearerLoginError {
     /// The route names a provider the runtime does not know.
     #[error("OAuth2 provider {0:?} is not configured")]
     UnknownProvider(String),
-    /// No access token: re-enrolment needed, provider throttling, or the
-    /// token service is unavailable.
+    /// No access token: re-enrolment needed, the account is backed off,
+    /// or the token service is unavailable.
     #[error(transparent)]
     Token(#[from] TokenError),
     /// The IMAP server refused a freshly issued token too (after refusing
@@ -107,12 +107,12 @@ pub async fn bearer_login<C: Connector>(
                 // Back off the account as for throttling: without it
                 // every poll of every device would cost a refresh while
                 // the mail server refuses the account's tokens.
-                oauth.upstream_throttled(provider, account);
+                oauth.back_off(provider, account, BackoffCause::TokenRefused);
                 warn!(account, provider, error = %e, "mail server refused a freshly issued access token too; backing off (check the account name and the provider's scopes)");
                 return Err(BearerLoginError::TokenRefused(e));
             }
             (BearerStep::Throttled, Err(e)) => {
-                oauth.upstream_throttled(provider, account);
+                oauth.back_off(provider, account, BackoffCause::MailServerThrottled);
                 warn!(account, provider, error = %e, "mail server throttles the account; backing off");
                 return Err(BearerLoginError::Throttled(e));
             }

@@ -81,6 +81,11 @@ pub enum DeviceAuthError {
     BadPassword,
     #[error("device not allowed from this address")]
     AddressNotAllowed,
+    /// The device's record is not sealed with the store key, or its seal
+    /// does not match it (forged or altered in the store): refused like a
+    /// wrong password, logged and counted.
+    #[error("device record refused (not sealed, or altered in the store)")]
+    UntrustedRecord,
     #[error("device store: {0}")]
     Store(String),
 }
@@ -92,12 +97,42 @@ pub enum TokenError {
     /// operator must run `popbridge oauth add <account>` again.
     #[error("account {account} needs re-enrolment: {reason}")]
     NeedsEnrolment { account: String, reason: String },
-    /// The provider throttles us; try again later.
-    #[error("provider throttling, retry in {retry_after_secs} s")]
-    Throttled { retry_after_secs: u64 },
+    /// The account is backed off (see [`BackoffCause`]); try again later.
+    /// Neither the provider nor the IMAP server was asked.
+    #[error("account backed off for {retry_after_secs} s: {cause}")]
+    BackingOff {
+        cause: BackoffCause,
+        retry_after_secs: u64,
+    },
     /// Network, provider or store failure.
     #[error("token service unavailable: {0}")]
     Unavailable(String),
+}
+
+/// Why an account is backed off: no token request and no IMAP login for it
+/// until the back-off ends. Logs and the device's answer name the cause, so
+/// a mail server refusing tokens is never reported as provider throttling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackoffCause {
+    /// The provider's token endpoint throttles (HTTP 429 or 503,
+    /// `slow_down`).
+    ProviderThrottled,
+    /// The IMAP server throttles the account (Gmail's `[THROTTLED]`,
+    /// `[UNAVAILABLE]`, connection limits).
+    MailServerThrottled,
+    /// The IMAP server refused a freshly issued access token too: usually
+    /// an enrolment under another identity, or wrong scopes.
+    TokenRefused,
+}
+
+impl std::fmt::Display for BackoffCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackoffCause::ProviderThrottled => "the OAuth2 provider throttles token requests",
+            BackoffCause::MailServerThrottled => "the mail server throttles the account",
+            BackoffCause::TokenRefused => "the mail server refused a freshly issued access token",
+        })
+    }
 }
 
 /// What the server needs from the OAuth2 machinery, built from the
@@ -188,9 +223,10 @@ impl OauthRuntime {
         self.service.reject(provider, account, token);
     }
 
-    /// The IMAP server said it throttles this account (e.g. Gmail's
-    /// `[THROTTLED]`): back off before the next attempt.
-    pub fn upstream_throttled(&self, provider: &str, account: &str) {
-        self.service.throttle(provider, account, None);
+    /// The IMAP server throttles this account (e.g. Gmail's
+    /// `[THROTTLED]`) or refused a fresh token: back off before the next
+    /// attempt.
+    pub fn back_off(&self, provider: &str, account: &str, cause: BackoffCause) {
+        self.service.back_off(provider, account, cause, None);
     }
 }

@@ -4,7 +4,8 @@
 //! - `meta`: `{"format":…,"version":1,"key_id":…}`, set once; a replica with
 //!   another key refuses to start.
 //! - `accounts`: a hash, account name → JSON [`StoredAccount`].
-//! - `devices`: a hash, login → JSON [`DeviceRecord`].
+//! - `devices`: a hash, login → JSON [`StoredDevice`] (sealed; checked by
+//!   [`super::store::TokenStore`], not here).
 //! - `lock:<account>`: the refresh lock, `SET NX PX` with a random token,
 //!   released by a compare-and-delete script so a holder whose lock expired
 //!   never deletes the next holder's.
@@ -20,7 +21,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
 use super::store::{
-    DeviceRecord, RefreshLock, StoreError, StoredAccount, FILE_VERSION, LOCK_POLL,
+    RefreshLock, StoreError, StoredAccount, StoredDevice, FILE_VERSION, LOCK_POLL,
     REFRESH_LOCK_TTL, REFRESH_LOCK_WAIT,
 };
 
@@ -37,6 +38,13 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local v = 0
 if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
 if v ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"#;
+
+/// KEYS[1] devices hash; ARGV: login, the record as read, the new record.
+const REPLACE_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 "#;
@@ -337,26 +345,59 @@ impl RedisStore {
         }
     }
 
-    pub async fn get_device(&self, login: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    /// A device record as stored; one that does not decode is refused
+    /// like a forged one (it names only its login).
+    pub async fn get_device(&self, login: &str) -> Result<Option<StoredDevice>, StoreError> {
         let mut c = redis::cmd("HGET");
         c.arg(key("devices")).arg(login);
         let v: Option<String> = self.query(c).await?;
-        v.map(|j| self.decode(login, &j)).transpose()
+        Ok(v.map(|j| decode_device(login, &j)))
     }
 
-    pub async fn all_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+    pub async fn all_devices(&self) -> Result<Vec<(String, StoredDevice)>, StoreError> {
         let mut c = redis::cmd("HGETALL");
         c.arg(key("devices"));
         let v: BTreeMap<String, String> = self.query(c).await?;
-        v.into_iter().map(|(l, j)| self.decode(&l, &j)).collect()
+        Ok(v.into_iter()
+            .map(|(l, j)| {
+                let d = decode_device(&l, &j);
+                (l, d)
+            })
+            .collect())
     }
 
-    pub async fn add_device(&self, d: &DeviceRecord) -> Result<bool, StoreError> {
+    pub async fn add_device(&self, d: &StoredDevice) -> Result<bool, StoreError> {
         let json = serde_json::to_string(d).map_err(|e| StoreError::Io(e.to_string()))?;
         let mut c = redis::cmd("HSETNX");
         c.arg(key("devices")).arg(&d.login).arg(json);
         let n: i64 = self.query(c).await?;
         Ok(n == 1)
+    }
+
+    /// Replaces `old` (as read) by `new` unless it changed meanwhile.
+    pub async fn replace_device(
+        &self,
+        old: &StoredDevice,
+        new: &StoredDevice,
+    ) -> Result<bool, StoreError> {
+        // The script compares raw text: fetch it, check that it still
+        // decodes to `old`, and let the script replace exactly that text.
+        let mut c = redis::cmd("HGET");
+        c.arg(key("devices")).arg(&old.login);
+        let raw: Option<String> = self.query(c).await?;
+        let Some(raw) = raw else { return Ok(false) };
+        if decode_device(&old.login, &raw) != *old {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(new).map_err(|e| StoreError::Io(e.to_string()))?;
+        let done: i64 = self
+            .script(
+                REPLACE_SCRIPT,
+                &[&key("devices")],
+                &[&old.login, &raw, &json],
+            )
+            .await?;
+        Ok(done == 1)
     }
 
     pub async fn remove_device(&self, login: &str) -> Result<bool, StoreError> {
@@ -365,4 +406,10 @@ impl RedisStore {
         let n: i64 = self.query(c).await?;
         Ok(n > 0)
     }
+}
+
+/// A device record's JSON, or (when it is not one) a record that names
+/// only its login and is refused as tampered.
+fn decode_device(login: &str, json: &str) -> StoredDevice {
+    serde_json::from_str(json).unwrap_or_else(|_| StoredDevice::undecodable(login))
 }

@@ -2,7 +2,8 @@
 //! until shortly before expiry, one refresh in flight per account (in this
 //! process by the cache, across replicas by the store's refresh lock),
 //! rotation stored before use, `invalid_grant` turned into re-enrolment,
-//! and a per-account backoff while the provider throttles.
+//! and a per-account backoff while the provider or the IMAP server
+//! throttles, or the IMAP server refuses fresh tokens.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,7 +15,7 @@ use tracing::{error, info, warn};
 use super::device;
 use super::provider::{ProviderClient, ProviderError};
 use super::store::{now_unix, now_unix_ms, AccountRecord, AccountStatus, StoreError, TokenStore};
-use super::{DeviceAuthError, DeviceGrant, TokenError};
+use super::{BackoffCause, DeviceAuthError, DeviceGrant, TokenError};
 use crate::config::oauth::Provider;
 use crate::imap::AccessToken;
 use crate::metrics::metrics;
@@ -75,9 +76,16 @@ pub fn usable_until(
 struct Backoff {
     until: Instant,
     failures: u32,
+    /// What started it, for logs and the device's answer.
+    cause: BackoffCause,
+    /// The account record's `backoff_reset` when it started (`None`: not
+    /// read yet). A different stored value means an enrolment or a
+    /// successful `oauth test` since: the back-off is lifted.
+    reset_seen: Option<u64>,
 }
 
-/// Backoff after `failures` consecutive throttling signals: doubling from
+/// Backoff after `failures` consecutive signals (throttling or refused
+/// tokens): doubling from
 /// [`BACKOFF_BASE`], capped at [`BACKOFF_CAP`], at least what the provider
 /// asked for (capped too).
 pub fn backoff_delay(failures: u32, retry_after: Option<Duration>) -> Duration {
@@ -93,6 +101,9 @@ pub struct TokenService {
     cache: moka::future::Cache<String, AccessToken>,
     margin: Duration,
     backoff: Mutex<HashMap<String, Backoff>>,
+    /// The `backoff_reset` of each account's record as last read, for the
+    /// next back-off to remember.
+    reset_seen: Mutex<HashMap<String, u64>>,
     /// SHA-256 of tokens the IMAP server refused.
     rejected: moka::sync::Cache<[u8; 32], ()>,
     /// Ignore stored access tokens obtained before this (Unix ms):
@@ -122,6 +133,7 @@ impl TokenService {
                 .build(),
             margin,
             backoff: Mutex::new(HashMap::new()),
+            reset_seen: Mutex::new(HashMap::new()),
             rejected: moka::sync::Cache::builder()
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(REJECTED_TTL)
@@ -146,18 +158,43 @@ impl TokenService {
     }
 
     /// Remaining backoff for an account, if any.
-    fn backing_off(&self, key: &str) -> Option<Duration> {
+    fn backing_off(&self, key: &str) -> Option<(Duration, Backoff)> {
         let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)
-            .and_then(|b| b.until.checked_duration_since(Instant::now()))
-            .filter(|d| !d.is_zero())
+        let b = map.get(key)?;
+        let left = b.until.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some((left, *b))
     }
 
-    /// Records a throttling signal; returns the delay now in force.
-    pub fn throttle(
+    /// While an account is backed off: whether its record says that an
+    /// operator fixed it since (a new enrolment, a successful `oauth
+    /// test`, possibly on another host), read from the shared store. A
+    /// store that cannot be read keeps the back-off.
+    async fn reset_since(&self, account: &str, b: &Backoff) -> bool {
+        let Some(seen) = b.reset_seen else {
+            return false;
+        };
+        match self.store.get(account).await {
+            Ok(Some(rec)) => rec.meta.backoff_reset != seen,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(account, error = %e, "cannot read the account while backing off");
+                false
+            }
+        }
+    }
+
+    fn remember_reset(&self, key: &str, rec: &AccountRecord) {
+        let mut map = self.reset_seen.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key.to_string(), rec.meta.backoff_reset);
+    }
+
+    /// Backs the account off after a signal of `cause`; returns the delay
+    /// now in force.
+    pub fn back_off(
         &self,
         provider: &str,
         account: &str,
+        cause: BackoffCause,
         retry_after: Option<Duration>,
     ) -> Duration {
         let key = cache_key(provider, account);
@@ -171,11 +208,19 @@ impl TokenService {
             .map_or(0, |b| b.failures)
             .saturating_add(1);
         let delay = backoff_delay(failures, retry_after);
+        let reset_seen = self
+            .reset_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
         map.insert(
             key,
             Backoff {
                 until: now + delay,
                 failures,
+                cause,
+                reset_seen,
             },
         );
         warn!(
@@ -183,7 +228,7 @@ impl TokenService {
             account,
             failures,
             backoff_secs = delay.as_secs(),
-            "provider throttling: backing off"
+            "backing off the account: {cause}"
         );
         delay
     }
@@ -212,10 +257,22 @@ impl TokenService {
         account: &str,
     ) -> Result<AccessToken, TokenError> {
         let key = cache_key(provider, account);
-        if let Some(left) = self.backing_off(&key) {
-            return Err(TokenError::Throttled {
-                retry_after_secs: left.as_secs().max(1),
-            });
+        if let Some((left, b)) = self.backing_off(&key) {
+            if !self.reset_since(account, &b).await {
+                return Err(TokenError::BackingOff {
+                    cause: b.cause,
+                    retry_after_secs: left.as_secs().max(1),
+                });
+            }
+            info!(
+                provider,
+                account,
+                cause = %b.cause,
+                "account enrolled again or tested successfully since it was backed off: back-off lifted"
+            );
+            self.clear_backoff(provider, account);
+            // A token cached before the fix may be the old enrolment's.
+            self.cache.invalidate(&key).await;
         }
         // A cached token that the IMAP server did not refuse: a hit.
         if let Some(token) = self.cache.get(&key).await {
@@ -266,6 +323,7 @@ impl TokenService {
                     "not enrolled: run `popbridge oauth add {account} --provider {provider}`"
                 ),
             })?;
+        self.remember_reset(&cache_key(provider, account), &rec);
         if rec.meta.provider != provider {
             return Err(TokenError::NeedsEnrolment {
                 account: account.into(),
@@ -385,14 +443,18 @@ impl TokenService {
                 })
             }
             Err(ProviderError::Throttled { retry_after, .. }) => {
-                let d = self.throttle(provider, account, retry_after);
-                Err(TokenError::Throttled {
+                let cause = BackoffCause::ProviderThrottled;
+                let d = self.back_off(provider, account, cause, retry_after);
+                Err(TokenError::BackingOff {
+                    cause,
                     retry_after_secs: d.as_secs().max(1),
                 })
             }
             Err(ProviderError::SlowDown) => {
-                let d = self.throttle(provider, account, None);
-                Err(TokenError::Throttled {
+                let cause = BackoffCause::ProviderThrottled;
+                let d = self.back_off(provider, account, cause, None);
+                Err(TokenError::BackingOff {
+                    cause,
                     retry_after_secs: d.as_secs().max(1),
                 })
             }
@@ -431,12 +493,19 @@ impl TokenService {
         password: &Secret,
         peer: IpAddr,
     ) -> Result<DeviceGrant, DeviceAuthError> {
-        let rec = self
-            .store
-            .device(login)
-            .await
-            .map_err(|e| DeviceAuthError::Store(e.to_string()))?;
         let pw = password.expose().to_vec();
+        let rec = match self.store.device(login).await {
+            Ok(rec) => rec,
+            Err(StoreError::UntrustedDevice { login, problem }) => {
+                metrics().oauth_device_record_refused(problem.kind());
+                let e = StoreError::UntrustedDevice { login, problem };
+                error!(device = %e, "device record refused");
+                // The same work as any check, and a failed login.
+                let _ = device::check(pw, None).await;
+                return Err(DeviceAuthError::UntrustedRecord);
+            }
+            Err(e) => return Err(DeviceAuthError::Store(e.to_string())),
+        };
         let Some(rec) = rec else {
             // Same work as a real check: no timing oracle for names.
             let _ = device::check(pw, None).await;
@@ -501,14 +570,38 @@ mod tests {
         // No provider is configured: any attempt to refresh would fail
         // with Unavailable, so Throttled proves nothing was attempted.
         let svc = TokenService::new(store, Vec::new(), Duration::from_secs(300)).unwrap();
-        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE);
-        assert_eq!(svc.throttle("p", "a", None), BACKOFF_BASE * 2);
+        let throttled = BackoffCause::MailServerThrottled;
+        assert_eq!(svc.back_off("p", "a", throttled, None), BACKOFF_BASE);
+        assert_eq!(svc.back_off("p", "a", throttled, None), BACKOFF_BASE * 2);
         match svc.access_token("p", "a").await {
-            Err(TokenError::Throttled { retry_after_secs }) => {
-                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}")
+            Err(TokenError::BackingOff {
+                cause,
+                retry_after_secs,
+            }) => {
+                assert!((1..=10).contains(&retry_after_secs), "{retry_after_secs}");
+                assert_eq!(cause, throttled);
             }
             other => panic!("{other:?}"),
         }
+        // A refused token is reported as such, never as throttling.
+        svc.back_off("p", "c", BackoffCause::TokenRefused, None);
+        let e = svc.access_token("p", "c").await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TokenError::BackingOff {
+                    cause: BackoffCause::TokenRefused,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("refused a freshly issued access token"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("throttl"), "{e}");
         // Other accounts are not affected.
         assert!(matches!(
             svc.access_token("p", "b").await,

@@ -6,7 +6,13 @@
 //! access token so a second replica can reuse it instead of refreshing
 //! again) sealed with the store key; the rest (provider, status, times,
 //! version) is clear so `oauth list` needs no decryption. Device records
-//! hold an argon2id PHC hash, which is not reversible and is never printed.
+//! keep their argon2id PHC hash sealed with the same key, with associated
+//! data that binds it to every clear field (login, account, networks,
+//! creation time): whoever can write to the store but lacks the key can
+//! neither add a device nor change one (its account or networks), and a
+//! record that fails the check is refused, logged and counted. Records
+//! written before devices were sealed (the hash in clear) are refused the
+//! same way until an operator seals them (`popbridge device seal`).
 //!
 //! Every update of an account is a compare-and-set on its `version`, so a
 //! writer that read an older record can never overwrite a newer refresh
@@ -21,6 +27,7 @@
 //!       "status": {"state": "active"}
 //!               | {"state": "needs_reenrolment", "reason": "...", "since": <unix s>},
 //!       "created": <unix s>, "updated": <unix s>, "version": <n>,
+//!       "backoff_reset": <unix ms>,
 //!       "sealed": {"key_id": "<16 hex>", "nonce": "<base64, 24 bytes>",
 //!                  "ciphertext": "<base64>"} } } }
 //! ```
@@ -28,10 +35,15 @@
 //! "access_expires_at", "access_issued_at_ms"}`; the associated data is
 //! `popbridge-oauth-v1 \0 <key_id> \0 <account>` ([`super::crypto`]).
 //! `devices.json`: `{"format": "popbridge-oauth-devices", "version": 1,
-//! "devices": {"<login>": {"login", "hash" (argon2id PHC), "account",
-//! "allow": ["10.0.0.0/8"], "created"}}}`. Redis holds the same JSON
-//! records in the hashes `popbridge:oauth:accounts` and
-//! `popbridge:oauth:devices` ([`super::redis_store`]).
+//! "devices": {"<login>": {"login", "account", "allow": ["10.0.0.0/8"],
+//! "created", "sealed": {"key_id", "nonce", "ciphertext"}}}}`: the sealed
+//! plaintext is the argon2id PHC hash, the associated data
+//! `popbridge-device-v1 \0 <key_id> \0` and then login, account, the
+//! networks (comma-separated) and `created` (decimal), each prefixed by its
+//! length as 8 bytes big-endian. (Records of earlier versions have
+//! `"hash"` in clear and no `"sealed"`.) Redis holds the same JSON records
+//! in the hashes `popbridge:oauth:accounts` and `popbridge:oauth:devices`
+//! ([`super::redis_store`]).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -83,6 +95,22 @@ pub enum StoreError {
     Redis(String),
     #[error("another process is refreshing the token for {0}; gave up waiting")]
     LockTimeout(String),
+    #[error("{}", untrusted_device_message(login, problem))]
+    UntrustedDevice {
+        login: String,
+        problem: DeviceProblem,
+    },
+}
+
+fn untrusted_device_message(login: &str, problem: &DeviceProblem) -> String {
+    match problem {
+        DeviceProblem::Unsealed => format!(
+            "device record {login:?} is not sealed with the store key (written before popbridge sealed device records, or by someone else): refused. If it is yours, check it with `popbridge device list` and seal it with `popbridge device seal {login}`; otherwise remove it"
+        ),
+        DeviceProblem::Tampered(why) => format!(
+            "device record {login:?} failed its integrity check ({why}): refused. Remove it (`popbridge device remove {login}`) and add the device again"
+        ),
+    }
 }
 
 /// Whether an account's refresh token works.
@@ -140,6 +168,14 @@ pub struct AccountMeta {
     pub updated: u64,
     /// Incremented by every write; the compare-and-set key.
     pub version: u64,
+    /// Set (to the time in Unix milliseconds) by every enrolment and every
+    /// `oauth test` whose IMAP login succeeded. A process that backs the
+    /// account off remembers the value it last read, and lifts its
+    /// back-off as soon as the stored value differs: the operator's fix
+    /// takes effect at once on every replica sharing the store. 0 in
+    /// records written before it existed.
+    #[serde(default)]
+    pub backoff_reset: u64,
 }
 
 /// An account record as stored: clear metadata and sealed secrets.
@@ -164,6 +200,100 @@ pub struct DeviceRecord {
     pub allow: Vec<ipnet::IpNet>,
     /// Unix seconds.
     pub created: u64,
+}
+
+/// A device record as stored: the clear fields, and the hash sealed with
+/// the store key and bound to them ([`super::crypto::StoreKey::seal_device`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDevice {
+    pub login: String,
+    pub account: String,
+    #[serde(default)]
+    pub allow: Vec<ipnet::IpNet>,
+    pub created: u64,
+    /// The argon2id hash, sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<Sealed>,
+    /// Only in records written before device records were sealed: the
+    /// hash in clear. Refused until `popbridge device seal` seals it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Set (never stored) for a stored value that is not a device record
+    /// at all: refused like a forged one.
+    #[serde(skip)]
+    pub(crate) undecodable: bool,
+}
+
+impl std::fmt::Debug for StoredDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredDevice")
+            .field("login", &self.login)
+            .field("account", &self.account)
+            .field("allow", &self.allow)
+            .field("created", &self.created)
+            .field("sealed", &self.sealed.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredDevice {
+    /// What the seal binds: every clear field, in a fixed order.
+    fn bound(&self) -> [Vec<u8>; 4] {
+        let allow: Vec<String> = self.allow.iter().map(ToString::to_string).collect();
+        [
+            self.login.clone().into_bytes(),
+            self.account.clone().into_bytes(),
+            allow.join(",").into_bytes(),
+            self.created.to_string().into_bytes(),
+        ]
+    }
+
+    /// A record that does not even decode, under the name it is stored as
+    /// (listed as refused).
+    pub(crate) fn undecodable(login: &str) -> StoredDevice {
+        StoredDevice {
+            login: login.to_string(),
+            account: String::new(),
+            allow: Vec::new(),
+            created: 0,
+            sealed: None,
+            hash: None,
+            undecodable: true,
+        }
+    }
+}
+
+/// One entry of [`TokenStore::devices`].
+#[derive(Debug, Clone)]
+pub struct DeviceListing {
+    /// The login the record is stored under (what a device sends).
+    pub login: String,
+    /// The record's clear fields (its own `login` may differ when it was
+    /// copied: then `check` says so).
+    pub record: StoredDevice,
+    /// `Err`: refused at login, and why.
+    pub check: Result<(), DeviceProblem>,
+}
+
+/// Why a stored device record is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceProblem {
+    /// No seal: written by a popbridge from before device records were
+    /// sealed, or by someone without the key.
+    Unsealed,
+    /// The seal does not match the record (a field changed, the record
+    /// copied under another name, another key, or not a device record).
+    Tampered(String),
+}
+
+impl DeviceProblem {
+    /// The `kind` label of `popbridge_oauth_device_records_refused_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceProblem::Unsealed => "unsealed",
+            DeviceProblem::Tampered(_) => "tampered",
+        }
+    }
 }
 
 impl std::fmt::Debug for DeviceRecord {
@@ -363,6 +493,23 @@ impl TokenStore {
         }
     }
 
+    /// Records that the account works now (an enrolment that replaced
+    /// the record did so itself; this is for `oauth test`): sets
+    /// [`AccountMeta::backoff_reset`] with a compare-and-set, retried when
+    /// a refresh wrote in between. False if the account is not enrolled.
+    pub async fn reset_backoff(&self, account: &str) -> Result<bool, StoreError> {
+        loop {
+            let Some(mut rec) = self.get(account).await? else {
+                return Ok(false);
+            };
+            let expected = rec.meta.version;
+            rec.meta.backoff_reset = now_unix_ms().max(rec.meta.backoff_reset + 1);
+            if self.compare_and_set(&mut rec, expected).await? {
+                return Ok(true);
+            }
+        }
+    }
+
     /// Deletes an account's record; false if there was none.
     pub async fn remove(&self, account: &str) -> Result<bool, StoreError> {
         match &self.backend {
@@ -398,45 +545,175 @@ impl TokenStore {
         }
     }
 
-    /// A device by login name.
-    pub async fn device(&self, login: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        match &self.backend {
-            Backend::File(f) => {
-                let (f, login) = (f.clone(), login.to_string());
-                blocking(move || Ok(f.read_devices()?.devices.remove(&login))).await
-            }
-            Backend::Redis(r) => r.get_device(login).await,
-        }
+    /// Seals a device record for storage.
+    fn seal_device(&self, d: &DeviceRecord) -> Result<StoredDevice, StoreError> {
+        let mut stored = StoredDevice {
+            login: d.login.clone(),
+            account: d.account.clone(),
+            allow: d.allow.clone(),
+            created: d.created,
+            sealed: None,
+            hash: None,
+            undecodable: false,
+        };
+        let bound = stored.bound();
+        let fields: Vec<&[u8]> = bound.iter().map(Vec::as_slice).collect();
+        stored.sealed = Some(
+            self.key
+                .seal_device(&fields, d.hash.as_bytes())
+                .map_err(StoreError::Io)?,
+        );
+        Ok(stored)
     }
 
-    /// Every device, sorted by login.
-    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        match &self.backend {
+    /// Checks a stored device record found under `login` and opens its
+    /// hash.
+    fn open_device(&self, login: &str, s: &StoredDevice) -> Result<DeviceRecord, DeviceProblem> {
+        if s.undecodable {
+            return Err(DeviceProblem::Tampered("not a device record".into()));
+        }
+        if s.login != login {
+            return Err(DeviceProblem::Tampered(format!(
+                "it names the login {:?}",
+                s.login
+            )));
+        }
+        let Some(sealed) = &s.sealed else {
+            return Err(DeviceProblem::Unsealed);
+        };
+        let bound = s.bound();
+        let fields: Vec<&[u8]> = bound.iter().map(Vec::as_slice).collect();
+        let hash = self
+            .key
+            .open_device(login, &fields, sealed)
+            .map_err(|e| match e {
+                OpenError::WrongKey { .. } => {
+                    DeviceProblem::Tampered("sealed with another key".into())
+                }
+                _ => DeviceProblem::Tampered("authentication failed".into()),
+            })?;
+        let hash = String::from_utf8(hash)
+            .map_err(|_| DeviceProblem::Tampered("the sealed hash is not text".into()))?;
+        Ok(DeviceRecord {
+            login: s.login.clone(),
+            hash,
+            account: s.account.clone(),
+            allow: s.allow.clone(),
+            created: s.created,
+        })
+    }
+
+    /// A device by login name, checked: a record that is not sealed with
+    /// the store key, or whose seal does not match it, is
+    /// [`StoreError::UntrustedDevice`].
+    pub async fn device(&self, login: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let stored = match &self.backend {
+            Backend::File(f) => {
+                let (f, login) = (f.clone(), login.to_string());
+                blocking(move || Ok(f.read_devices()?.devices.remove(&login))).await?
+            }
+            Backend::Redis(r) => r.get_device(login).await?,
+        };
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        self.open_device(login, &stored)
+            .map(Some)
+            .map_err(|problem| StoreError::UntrustedDevice {
+                login: login.to_string(),
+                problem,
+            })
+    }
+
+    /// Every device record, sorted by the login it is stored under, with
+    /// the result of its check.
+    pub async fn devices(&self) -> Result<Vec<DeviceListing>, StoreError> {
+        let all: Vec<(String, StoredDevice)> = match &self.backend {
             Backend::File(f) => {
                 let f = f.clone();
-                blocking(move || Ok(f.read_devices()?.devices.into_values().collect())).await
+                blocking(move || Ok(f.read_devices()?.devices.into_iter().collect())).await?
             }
-            Backend::Redis(r) => r.all_devices().await,
-        }
+            Backend::Redis(r) => r.all_devices().await?,
+        };
+        Ok(all
+            .into_iter()
+            .map(|(login, record)| {
+                let check = self.open_device(&login, &record).map(|_| ());
+                DeviceListing {
+                    login,
+                    record,
+                    check,
+                }
+            })
+            .collect())
     }
 
     /// Adds a device; false (nothing written) if the login exists.
     pub async fn add_device(&self, d: DeviceRecord) -> Result<bool, StoreError> {
+        let stored = self.seal_device(&d)?;
         match &self.backend {
             Backend::File(f) => {
                 let f = f.clone();
                 blocking(move || {
                     f.update_devices(|file| {
-                        if file.devices.contains_key(&d.login) {
+                        if file.devices.contains_key(&stored.login) {
                             return false;
                         }
-                        file.devices.insert(d.login.clone(), d);
+                        file.devices.insert(stored.login.clone(), stored);
                         true
                     })
                 })
                 .await
             }
-            Backend::Redis(r) => r.add_device(&d).await,
+            Backend::Redis(r) => r.add_device(&stored).await,
+        }
+    }
+
+    /// Seals a record written before device records were sealed, taking
+    /// its hash, account and networks as they are (the operator vouches for
+    /// them: `popbridge device seal`). Ok(false) when there is no such
+    /// unsealed record (none, or already sealed); the record is replaced
+    /// only if unchanged since it was read.
+    pub async fn seal_unsealed_device(&self, login: &str) -> Result<bool, StoreError> {
+        let old = match &self.backend {
+            Backend::File(f) => {
+                let (f, login) = (f.clone(), login.to_string());
+                blocking(move || Ok(f.read_devices()?.devices.remove(&login))).await?
+            }
+            Backend::Redis(r) => r.get_device(login).await?,
+        };
+        let Some(old) = old else { return Ok(false) };
+        let (Some(hash), None) = (&old.hash, &old.sealed) else {
+            return Ok(false);
+        };
+        if old.login != login {
+            return Err(StoreError::UntrustedDevice {
+                login: login.to_string(),
+                problem: DeviceProblem::Tampered(format!("it names the login {:?}", old.login)),
+            });
+        }
+        let new = self.seal_device(&DeviceRecord {
+            login: old.login.clone(),
+            hash: hash.clone(),
+            account: old.account.clone(),
+            allow: old.allow.clone(),
+            created: old.created,
+        })?;
+        match &self.backend {
+            Backend::File(f) => {
+                let f = f.clone();
+                blocking(move || {
+                    f.update_devices(|file| {
+                        if file.devices.get(&old.login) != Some(&old) {
+                            return false;
+                        }
+                        file.devices.insert(new.login.clone(), new);
+                        true
+                    })
+                })
+                .await
+            }
+            Backend::Redis(r) => r.replace_device(&old, &new).await,
         }
     }
 
@@ -478,7 +755,7 @@ struct TokensFile {
 struct DevicesFile {
     format: String,
     version: u32,
-    devices: BTreeMap<String, DeviceRecord>,
+    devices: BTreeMap<String, StoredDevice>,
 }
 
 /// Files in one directory. Every change is read-modify-write under an
@@ -802,6 +1079,7 @@ mod tests {
                 created: 1,
                 updated: 1,
                 version: 0,
+                backoff_reset: 0,
             },
             secrets: TokenSecrets {
                 refresh_token: refresh.into(),
@@ -953,6 +1231,69 @@ mod tests {
         assert_eq!(s.devices().await.unwrap().len(), 1);
         assert!(s.remove_device("scanner").await.unwrap());
         assert!(!s.remove_device("scanner").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn device_records_are_sealed_checked_and_legacy_ones_sealed_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open_file(dir.path().into(), key(1)).unwrap();
+        let d = DeviceRecord {
+            login: "scanner".into(),
+            hash: "$argon2id$SECRETHASH".into(),
+            account: "a".into(),
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            created: 7,
+        };
+        assert!(s.add_device(d.clone()).await.unwrap());
+        let text = std::fs::read_to_string(dir.path().join(DEVICES_FILE)).unwrap();
+        assert!(
+            !text.contains("SECRETHASH") && text.contains("sealed"),
+            "{text}"
+        );
+        assert_eq!(s.device("scanner").await.unwrap(), Some(d.clone()));
+        // Another key cannot vouch for it.
+        let other = TokenStore::open_file(dir.path().into(), key(2));
+        if let Ok(other) = other {
+            assert!(matches!(
+                other.device("scanner").await,
+                Err(StoreError::UntrustedDevice { .. })
+            ));
+        }
+        // An altered account.
+        std::fs::write(
+            dir.path().join(DEVICES_FILE),
+            text.replace("\"account\": \"a\"", "\"account\": \"b\""),
+        )
+        .unwrap();
+        match s.device("scanner").await {
+            Err(StoreError::UntrustedDevice {
+                problem: DeviceProblem::Tampered(_),
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // A record of the old format: refused until sealed on request.
+        std::fs::write(
+            dir.path().join(DEVICES_FILE),
+            r#"{"format": "popbridge-oauth-devices", "version": 1, "devices": {"old": {"login": "old", "hash": "$argon2id$OLD", "account": "a", "allow": [], "created": 1}}}"#,
+        )
+        .unwrap();
+        match s.device("old").await {
+            Err(
+                e @ StoreError::UntrustedDevice {
+                    problem: DeviceProblem::Unsealed,
+                    ..
+                },
+            ) => assert!(e.to_string().contains("popbridge device seal old"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.seal_unsealed_device("old").await.unwrap());
+        assert!(!s.seal_unsealed_device("old").await.unwrap(), "once");
+        assert_eq!(
+            s.device("old").await.unwrap().map(|d| d.hash),
+            Some("$argon2id$OLD".to_string())
+        );
+        assert!(!s.seal_unsealed_device("nobody").await.unwrap());
     }
 
     #[tokio::test]

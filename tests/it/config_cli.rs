@@ -383,3 +383,40 @@ fn help_mentions_the_main_flags() {
         );
     }
 }
+
+/// Plaintext IMAP to another host is allowed but never silent: the
+/// pre-flight `--check-config` prints the warning, and the server logs it
+/// at start; towards loopback there is nothing to warn about.
+#[test]
+fn plaintext_upstream_to_another_host_is_warned_at_check_and_at_start() {
+    let remote = ["--upstream", "192.0.2.1:143", "--upstream-tls", "none"];
+    let r = check(VALID, &remote, &[]);
+    r.assert_valid("plaintext to 192.0.2.1");
+    let warning = "upstream.tls = none towards 192.0.2.1:143";
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains(warning),
+        "{}",
+        r.describe()
+    );
+    let r = check(VALID, &[], &[]);
+    r.assert_valid("plaintext to 127.0.0.1");
+    assert!(!r.stderr.contains("warning"), "{}", r.describe());
+
+    let pb = crate::common::Popbridge::start_exact(&remote);
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while !pb.log().contains(warning) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning in the log:\n{}",
+            pb.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let line = pb
+        .log()
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("WARN"), "{line}");
+}

@@ -1824,7 +1824,7 @@ fn with_oauth_route(text: &str, dir: &Path, key: &str) -> (PathBuf, bool) {
         .is_empty();
     if !key_by_env {
         let key_file = dir.join("oauth.key");
-        fs::write(&key_file, format!("{key}\n")).unwrap();
+        crate::common::write_private(&key_file, format!("{key}\n"));
         oauth.insert("key_file".into(), key_file.display().to_string().into());
     }
     if oauth
@@ -1991,4 +1991,171 @@ fn readme_shows_the_maintenance_commands_per_platform() {
             "\"## {section}\" passes --config {config}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// The admin listener's exposure
+// ---------------------------------------------------------------------------
+
+/// The `docker run` commands shown in `text` (shell lines, with `#` comment
+/// markers and backslash continuations removed), as argument lists.
+fn docker_run_commands(text: &str) -> Vec<Vec<String>> {
+    let mut joined = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let l = line.trim_start();
+        let l = l.strip_prefix('#').unwrap_or(l).trim();
+        match l.strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(l);
+                joined.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    joined
+        .iter()
+        .filter_map(|c| c.find("docker run").map(|i| &c[i..]))
+        .map(|c| {
+            c.split_whitespace()
+                .map(|w| {
+                    w.trim_matches(|ch| ch == '`' || ch == '(' || ch == ')')
+                        .to_string()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The `-p`/`--publish` values of a `docker run` argument list.
+fn published(args: &[String]) -> Vec<String> {
+    args.windows(2)
+        .filter(|w| w[0] == "-p" || w[0] == "--publish")
+        .map(|w| w[1].clone())
+        .chain(
+            args.iter()
+                .filter_map(|a| a.strip_prefix("--publish="))
+                .map(str::to_string),
+        )
+        .collect()
+}
+
+/// The admin endpoints have no authentication. The image binds them to the
+/// container's loopback (its HEALTHCHECK runs inside the container), every
+/// Docker example that publishes them does so on the host's loopback only
+/// (and turns them on for the container's network with POPBRIDGE_ADMIN,
+/// or the publication would reach nothing), compose publishes them on the
+/// host's loopback; Kubernetes keeps them on the pod's address, where the
+/// kubelet probes and Prometheus scrapes.
+#[test]
+fn admin_endpoints_stay_on_loopback_outside_kubernetes() {
+    let image = image_config();
+    let admin = toml_listeners(&image)["admin.address"];
+    assert!(
+        admin.ip().is_loopback(),
+        "the image's admin.address is {admin}: the container's loopback only"
+    );
+    let admin_port = admin.port().to_string();
+
+    let mut runs = 0;
+    for (what, text) in [
+        ("deploy/Dockerfile", read("Dockerfile")),
+        ("deploy/README.md", read("README.md")),
+        (
+            "README.md",
+            fs::read_to_string(Path::new(REPO).join("README.md")).unwrap(),
+        ),
+        ("deploy/compose.yaml", read("compose.yaml")),
+    ] {
+        for args in docker_run_commands(&text) {
+            let admin_published: Vec<String> = published(&args)
+                .into_iter()
+                .filter(|p| p.rsplit(':').next() == Some(admin_port.as_str()))
+                .collect();
+            for p in &admin_published {
+                runs += 1;
+                assert!(
+                    p.starts_with("127.0.0.1:"),
+                    "{what}: `{}` publishes the admin port as {p}, not on the host's loopback",
+                    args.join(" ")
+                );
+                assert!(
+                    args.iter()
+                        .any(|a| a.contains(&format!("POPBRIDGE_ADMIN=0.0.0.0:{admin_port}"))),
+                    "{what}: `{}` publishes the admin port but leaves it on the container's loopback (add -e POPBRIDGE_ADMIN=0.0.0.0:{admin_port})",
+                    args.join(" ")
+                );
+            }
+        }
+    }
+    assert!(
+        runs > 0,
+        "no example shows how to reach the admin endpoints"
+    );
+
+    let compose = yaml_doc("compose.yaml");
+    let compose_config = parse_toml(&read(&compose_config_rel(&compose)), "compose config");
+    let compose_admin = toml_listeners(&compose_config)["admin.address"].port();
+    for p in seq_at(&compose, "services.popbridge.ports") {
+        let p = p.as_str().expect("ports as strings");
+        if p.rsplit(':').next() == Some(compose_admin.to_string().as_str()) {
+            assert!(
+                p.starts_with("127.0.0.1:"),
+                "compose publishes the admin port as {p}"
+            );
+        }
+    }
+
+    // Kubernetes: the kubelet's probes and Prometheus reach the pod's IP.
+    let k = K8s::load();
+    let k8s_admin = toml_listeners(&k.config())["admin.address"];
+    assert!(
+        k8s_admin.ip().is_unspecified(),
+        "the ConfigMap's admin.address {k8s_admin} must listen on the pod's address"
+    );
+}
+
+/// `--admin` / `POPBRIDGE_ADMIN` set admin.address over the file, like the
+/// other listener flags (the image's examples depend on it).
+#[test]
+fn admin_address_can_be_set_by_flag_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("popbridge.toml");
+    fs::write(
+        &file,
+        "[upstream]\ntls = \"none\"\n[admin]\naddress = \"127.0.0.1:9110\"\n",
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let ok = popbridge(&["--check-config", "--config", config], &[]);
+    assert_eq!(ok.code, Some(0), "{}", ok.describe());
+    for (args, env) in [
+        (vec!["--admin", "nowhere"], vec![]),
+        (vec![], vec![("POPBRIDGE_ADMIN", "nowhere")]),
+    ] {
+        let mut a = vec!["--check-config", "--config", config];
+        a.extend(args);
+        let r = popbridge(&a, &env);
+        assert_eq!(r.code, Some(2), "{}", r.describe());
+        assert!(r.stderr.contains("admin.address"), "{}", r.describe());
+    }
+    let r = popbridge(
+        &[
+            "--check-config",
+            "--config",
+            config,
+            "--admin",
+            "127.0.0.1:9111",
+        ],
+        &[("POPBRIDGE_ADMIN", "nowhere")],
+    );
+    assert_eq!(
+        r.code,
+        Some(0),
+        "the flag wins over the variable\n{}",
+        r.describe()
+    );
 }

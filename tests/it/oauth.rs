@@ -25,6 +25,7 @@ use crate::common::*;
 use popbridge::config::{NoUidplus, ProviderSasl, SaslMechanism};
 use popbridge::imap::{AccessToken, Connector, Credentials, Upstream, UpstreamError};
 use popbridge::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
+use popbridge::oauth::service::BACKOFF_BASE;
 
 const ACCOUNT: &str = "alice@example.org";
 const OTHER: &str = "bob@example.org";
@@ -415,6 +416,12 @@ impl Setup {
 
     /// With more keys for the `corp` route (e.g. its delete policy).
     fn with_corp_route(corp_extra: &str) -> Setup {
+        Setup::with_keys(corp_extra, "")
+    }
+
+    /// With more keys for the `corp` route and for `[oauth]` (e.g. the
+    /// Redis store).
+    fn with_keys(corp_extra: &str, oauth_extra: &str) -> Setup {
         let oauth = OauthServer::start_with(OauthServerOptions {
             client_secret: Some(CLIENT_SECRET.to_string()),
             ..OauthServerOptions::default()
@@ -427,7 +434,7 @@ impl Setup {
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let key = dir.path().join("store.key");
-        std::fs::write(&key, format!("{STORE_KEY_B64}\n")).unwrap();
+        write_private(&key, format!("{STORE_KEY_B64}\n"));
         let secret = dir.path().join("client.secret");
         std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
         let provider = |name: &str, mechanism: &str, two_step: bool| {
@@ -477,6 +484,7 @@ impl Setup {
              dir = \"{}\"\n\
              [oauth]\n\
              key_file = \"{}\"\n\
+             {oauth_extra}\n\
              {}{}",
             data.display(),
             key.display(),
@@ -1143,6 +1151,135 @@ fn pop3_a_fresh_token_refused_too_is_retried_once_then_backed_off() {
     }
     // Never bob's mail for alice's devices, never [AUTH] for a right password.
     assert!(!log.contains("logged in"), "{log}");
+}
+
+/// Refuses `device`'s login twice on every replica, the second time after
+/// the first back-off ended, so each replica now backs the account off for
+/// twice [`BACKOFF_BASE`]; `refused` is the expected answer. Returns when
+/// the last replica refused.
+fn back_off_twice(replicas: &[&Popbridge], device: &str, pass: &str, refused: &str) -> Instant {
+    for round in 0..2 {
+        if round == 1 {
+            std::thread::sleep(BACKOFF_BASE + Duration::from_millis(500));
+        }
+        for pb in replicas {
+            let r = pop3_pass(pb.port, device, pass);
+            assert!(r.starts_with(refused), "round {round}: {r}\n{}", pb.log());
+        }
+    }
+    Instant::now()
+}
+
+/// An enrolment under the wrong identity backs the account off; the
+/// operator's correct `oauth add` lifts the back-off at once on every
+/// replica sharing the store (here Redis), not when it runs out.
+#[test]
+fn pop3_re_enrolment_lifts_the_back_off_on_every_replica() {
+    let redis = crate::common::redis::Redis::start();
+    let s = Setup::with_keys(
+        "",
+        &format!("store = \"redis\"\nredis_url = \"{}\"", redis.url()),
+    );
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let first = message("back");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let (a, b) = (s.popbridge(), s.popbridge());
+    let backed_off_at = back_off_twice(&[&a, &b], &phone, "phone-pass-1", "-ERR [SYS/TEMP]");
+    s.enrol(ACCOUNT, CORP);
+    for pb in [&a, &b] {
+        pop3_fetch(pb.port, &phone, "phone-pass-1", 1, &first);
+        assert!(
+            backed_off_at.elapsed() < 2 * BACKOFF_BASE,
+            "inconclusive: re-enrolling took {:?}, longer than the back-off",
+            backed_off_at.elapsed()
+        );
+        assert!(pb.log().contains("back-off lifted"), "{}", pb.log());
+    }
+}
+
+/// An `oauth test` whose IMAP login succeeds lifts a back-off too (here the
+/// mail server had throttled the account).
+#[test]
+fn pop3_a_successful_oauth_test_lifts_the_back_off() {
+    let s = Setup::new();
+    s.enrol(OTHER, XO);
+    let scanner = format!("scanner@{XO_DEVICES}");
+    s.add_device(&scanner, OTHER, "scanner-pass-99");
+    let first = message("t");
+    s.dovecot.deliver(OTHER, &first);
+    let proxy = ThrottlingImapProxy::start(s.dovecot.imap_port);
+    let pb = s.popbridge_to(proxy.port);
+    proxy.throttle_logins(1);
+    let throttled = format!(
+        "-ERR [SYS/TEMP] {}",
+        popbridge::bridge::replies::THROTTLED_TEXT
+    );
+    let r = pop3_pass(pb.port, &scanner, "scanner-pass-99");
+    assert_eq!(r, throttled);
+    std::thread::sleep(BACKOFF_BASE + Duration::from_millis(500));
+    proxy.throttle_logins(1);
+    let r = pop3_pass(pb.port, &scanner, "scanner-pass-99");
+    assert_eq!(r, throttled);
+    let backed_off_at = Instant::now();
+    let upstream = format!("127.0.0.1:{}", s.dovecot.imap_port);
+    let r = s.run(
+        "oauth-test",
+        &["--upstream", &upstream, "oauth", "test", OTHER],
+    );
+    assert!(r.status.success(), "{}", r.stderr);
+    pop3_fetch(pb.port, &scanner, "scanner-pass-99", 1, &first);
+    assert!(
+        backed_off_at.elapsed() < 2 * BACKOFF_BASE,
+        "inconclusive: oauth test took {:?}, longer than the back-off",
+        backed_off_at.elapsed()
+    );
+    assert!(pb.log().contains("back-off lifted"), "{}", pb.log());
+}
+
+/// The mail server refusing a fresh token is logged as what it is, at the
+/// refusal and while the account is backed off; the provider, which never
+/// throttled, is not blamed.
+#[test]
+fn pop3_a_refused_token_is_logged_as_refused_not_as_provider_throttling() {
+    let s = Setup::new();
+    s.enrol_approved_by(ACCOUNT, CORP, OTHER);
+    let phone = format!("phone@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1");
+    let pb = s.popbridge();
+    let refused = format!(
+        "-ERR [SYS/TEMP] {}",
+        popbridge::bridge::replies::TOKEN_REFUSED_TEXT
+    );
+    assert_eq!(pop3_pass(pb.port, &phone, "phone-pass-1"), refused);
+    let refused_at = Instant::now();
+    // During the back-off the device is told the same, not "busy".
+    let r = pop3_pass(pb.port, &phone, "phone-pass-1");
+    if refused_at.elapsed() < popbridge::oauth::service::BACKOFF_BASE {
+        assert_eq!(r, refused);
+        assert!(
+            pb.log().contains(
+                "account backed off: the mail server refused a freshly issued access token"
+            ),
+            "{}",
+            pb.log()
+        );
+    }
+    let stats = s.oauth.stats();
+    assert_eq!(
+        stats.throttled, 0,
+        "the provider never throttled\n{}",
+        stats.raw
+    );
+    let log = pb.log();
+    assert!(
+        log.contains("mail server refused a freshly issued access token too"),
+        "{log}"
+    );
+    for wrong in ["provider throttling", "provider throttles"] {
+        assert!(!log.contains(wrong), "logged {wrong:?}:\n{log}");
+    }
 }
 
 #[test]

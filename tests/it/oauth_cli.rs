@@ -221,9 +221,11 @@ fn devices_add_list_remove_without_leaking_passwords_or_hashes() {
     assert!(!list.all().contains("argon2"), "{}", list.describe());
     assert!(!list.all().contains(&generated), "{}", list.describe());
 
-    // The device file holds argon2id hashes, not passwords.
+    // The device file holds argon2id hashes, not passwords, and those
+    // sealed with the store key (not even the hash in clear).
     let devices = std::fs::read_to_string(s.store_dir().join("devices.json")).unwrap();
-    assert!(devices.contains("$argon2id$"), "{devices}");
+    assert_eq!(devices.matches("\"sealed\"").count(), 3, "{devices}");
+    assert!(!devices.contains("$argon2id$"), "{devices}");
     for pw in [
         "scanner-password-1",
         "printer-password-2",
@@ -278,7 +280,7 @@ fn wrong_missing_and_short_keys_are_refused_clearly() {
     assert!(r.stderr.contains("key_file"), "{}", r.describe());
 
     // A short key: refused, not echoed.
-    std::fs::write(&s.key_file, "c2hvcnQta2V5LW9ubHk=\n").unwrap();
+    crate::common::write_private(&s.key_file, "c2hvcnQta2V5LW9ubHk=\n");
     let r = s.run(&["oauth", "list"]);
     r.assert_code(2, "short key");
     assert!(
@@ -288,7 +290,7 @@ fn wrong_missing_and_short_keys_are_refused_clearly() {
     );
 
     // The right key again: everything is still there.
-    std::fs::write(&s.key_file, &s.key).unwrap();
+    crate::common::write_private(&s.key_file, &s.key);
     let r = s.run(&["oauth", "list"]);
     r.assert_ok("right key");
     assert!(r.stdout.contains(ACCOUNT));
@@ -466,4 +468,160 @@ fn browser_flow_accepts_the_redirect_address_pasted_on_stdin() {
         run.describe()
     );
     assert_eq!(oauth.stats().grant("authorization_code"), 1);
+}
+
+/// The file's permission bits.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `sh -c SCRIPT` under umask 022 with the popbridge binary as `$PB`.
+fn sh_umask_022(script: &str) -> Run {
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(format!("umask 022; {script}"))
+        .env("PB", env!("CARGO_BIN_EXE_popbridge"));
+    run_command(c)
+}
+
+/// `generate-key --output FILE` creates FILE 0600 whatever the umask and
+/// never overwrites a key; `generate-key > FILE` (the old instructions)
+/// leaves a private file too.
+#[test]
+fn generate_key_writes_a_private_file_and_never_overwrites_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("oauth.key");
+    let r = sh_umask_022(&format!(
+        "exec \"$PB\" oauth generate-key --output '{}'",
+        key.display()
+    ));
+    r.assert_ok("generate-key --output");
+    assert_eq!(mode(&key), 0o600);
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(popbridge::config::oauth::parse_key(&text).is_ok(), "{text}");
+    assert!(!r.all().contains(text.trim()), "the key is not printed");
+    let r = sh_umask_022(&format!(
+        "exec \"$PB\" oauth generate-key --output '{}'",
+        key.display()
+    ));
+    r.assert_code(1, "an existing key file");
+    assert!(
+        r.stderr.contains("refusing to overwrite"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "unchanged");
+
+    let redirected = dir.path().join("redirected.key");
+    let r = sh_umask_022(&format!(
+        "exec \"$PB\" oauth generate-key > '{}'",
+        redirected.display()
+    ));
+    r.assert_ok("generate-key > FILE");
+    assert_eq!(mode(&redirected), 0o600, "{}", r.describe());
+    let text = std::fs::read_to_string(&redirected).unwrap();
+    assert!(popbridge::config::oauth::parse_key(&text).is_ok(), "{text}");
+}
+
+/// A key file every user may read stops `--check-config`, the server and
+/// the commands, naming the fix; `allow_world_readable_key` turns that
+/// into a warning; a file another group may read is a warning (at
+/// `--check-config` on stderr, in the server's log at start), one that
+/// only popbridge's own group may read is fine.
+#[test]
+fn a_key_file_others_can_read_is_refused_and_one_the_group_can_read_is_warned() {
+    let oauth = OauthServer::start();
+    let s = Setup::new(&oauth, "");
+    let check = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_popbridge"));
+        c.arg("--config").arg(&s.config).arg("--check-config");
+        c.env_remove("POPBRIDGE_OAUTH_KEY");
+        run_command(c)
+    };
+    assert_eq!(mode(&s.key_file), 0o600);
+    let r = check();
+    r.assert_ok("private key file");
+    assert!(!r.stderr.contains("warning"), "{}", r.describe());
+
+    chmod(&s.key_file, 0o644);
+    let r = check();
+    r.assert_code(2, "--check-config, world-readable key");
+    assert!(
+        r.stderr.contains("every user")
+            && r.stderr.contains("0644")
+            && r.stderr.contains("chmod 600"),
+        "{}",
+        r.describe()
+    );
+    assert!(!r.all().contains(&s.key), "the key is never printed");
+    s.run(&["oauth", "list"])
+        .assert_code(2, "oauth list, world-readable key");
+    s.run(&["device", "list"])
+        .assert_code(2, "device list, world-readable key");
+    let r = s.run(&["--listen", "127.0.0.1:0"]);
+    r.assert_code(2, "serving, world-readable key");
+    assert!(r.stderr.contains("every user"), "{}", r.describe());
+
+    // Readable by popbridge's own group (Kubernetes' fsGroup, 0440): fine.
+    chmod(&s.key_file, 0o440);
+    let r = check();
+    r.assert_ok("key file readable by popbridge's own group");
+    assert!(!r.stderr.contains("warning"), "{}", r.describe());
+    // Readable by another group: a warning. (Needs a group to give the
+    // file to: root can; another user only to a group it is in.)
+    chmod(&s.key_file, 0o640);
+    let own = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata("/proc/self").unwrap());
+    let other = if own == 65534 { 65533 } else { 65534 };
+    match std::os::unix::fs::chown(&s.key_file, None, Some(other)) {
+        Err(e) => eprintln!("skipped the other-group case: cannot chown to gid {other}: {e}"),
+        Ok(()) => {
+            let r = check();
+            r.assert_ok("group-readable key file");
+            assert!(
+                r.stderr.contains("warning")
+                    && r.stderr.contains(&format!("gid {other}"))
+                    && r.stderr.contains("0640"),
+                "{}",
+                r.describe()
+            );
+            let r = s.run(&["oauth", "list"]);
+            r.assert_ok("oauth list, group-readable key");
+            assert!(r.stderr.contains("warning"), "{}", r.describe());
+            let pb =
+                crate::common::Popbridge::start_exact(&["--config", s.config.to_str().unwrap()]);
+            let line = pb
+                .log()
+                .lines()
+                .find(|l| l.contains("oauth.key_file"))
+                .map(str::to_string);
+            assert!(
+                line.as_deref()
+                    .is_some_and(|l| l.contains("WARN") && l.contains("0640")),
+                "{}",
+                pb.log()
+            );
+        }
+    }
+
+    // Allowed explicitly: a warning instead of a refusal.
+    chmod(&s.key_file, 0o644);
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("[oauth]\n", "[oauth]\nallow_world_readable_key = true\n"),
+    )
+    .unwrap();
+    let r = check();
+    r.assert_ok("world-readable key, allowed");
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains("every user"),
+        "{}",
+        r.describe()
+    );
 }

@@ -13,7 +13,7 @@ use crate::common::oauth::*;
 use crate::common::redis::*;
 use crate::oauth_support::*;
 use popbridge::config::Config;
-use popbridge::oauth::{DeviceAuthError, OauthRuntime, TokenError};
+use popbridge::oauth::{BackoffCause, DeviceAuthError, OauthRuntime, TokenError};
 use popbridge::pop3::command::Secret;
 
 /// Waiting for both processes to reach Redis.
@@ -197,7 +197,7 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
         e.contains("another key") && !e.contains(other.trim()),
         "{e}"
     );
-    std::fs::write(&s.key_file, &s.key).unwrap();
+    crate::common::write_private(&s.key_file, &s.key);
     s.run(&["oauth", "list"]).assert_ok("right key");
     let config = Config::from_file(&s.config).unwrap();
     assert!(OauthRuntime::from_config(&config).unwrap().is_some());
@@ -334,7 +334,10 @@ fn runtime_single_flight_refresh_devices_and_reenrolment() {
         let throttled_before = oauth.stats().throttled;
         for _ in 0..5 {
             match rt.access_token(PROVIDER, ACCOUNT).await {
-                Err(TokenError::Throttled { retry_after_secs }) => assert!(retry_after_secs >= 1),
+                Err(TokenError::BackingOff {
+                    cause: BackoffCause::ProviderThrottled,
+                    retry_after_secs,
+                }) => assert!(retry_after_secs >= 1),
                 other => panic!("expected Throttled, got {other:?}"),
             }
         }
@@ -388,4 +391,188 @@ fn runtime_invalid_grant_needs_reenrolment_with_the_operator_command() {
         "{}",
         list.describe()
     );
+}
+
+/// Where a test reads and writes raw device records: the Redis hash or
+/// the file store's devices.json.
+enum RawDevices<'a> {
+    Redis(&'a Redis),
+    File(std::path::PathBuf),
+}
+
+impl RawDevices<'_> {
+    fn get(&self, login: &str) -> Option<String> {
+        match self {
+            RawDevices::Redis(r) => r
+                .command(&["HGET", "popbridge:oauth:devices", login])
+                .as_text(),
+            RawDevices::File(path) => {
+                let file: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+                        .expect("devices.json");
+                file.get("devices")
+                    .and_then(|d| d.get(login))
+                    .map(|v| v.to_string())
+            }
+        }
+    }
+
+    /// Writes `json` as `login`'s record, as someone with write access to
+    /// the store but without the key could.
+    fn put(&self, login: &str, json: &str) {
+        match self {
+            RawDevices::Redis(r) => {
+                r.command(&["HSET", "popbridge:oauth:devices", login, json]);
+            }
+            RawDevices::File(path) => {
+                let mut file: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+                let record: serde_json::Value = serde_json::from_str(json).unwrap();
+                file.as_object_mut()
+                    .unwrap()
+                    .get_mut("devices")
+                    .unwrap()
+                    .as_object_mut()
+                    .unwrap()
+                    .insert(login.to_string(), record);
+                std::fs::write(path, serde_json::to_string_pretty(&file).unwrap()).unwrap();
+            }
+        }
+    }
+}
+
+fn refused_metric(kind: &str) -> f64 {
+    let text = popbridge::metrics::metrics().encode();
+    let series = format!("popbridge_oauth_device_records_refused_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Device records carry no clear hash and are sealed; a record added,
+/// altered or copied by someone who can write to the store but lacks the
+/// key is refused (logged and counted), even with the right password for
+/// the hash it holds; `device list` marks it; a record of the old, unsealed
+/// format is refused until `device seal` seals it.
+fn forged_device_records_are_refused(s: &Setup, raw: &RawDevices) {
+    add_device(s, "scanner", "scanner-password-1", Some("10.0.0.0/8"));
+    let stored = raw.get("scanner").expect("the scanner's record");
+    assert!(
+        stored.contains("\"sealed\"") && !stored.contains("argon2"),
+        "{stored}"
+    );
+    let rt = runtime_for(s);
+    let lan: IpAddr = "10.1.2.3".parse().unwrap();
+    let anywhere: IpAddr = "192.0.2.1".parse().unwrap();
+    let pw = |p: &str| Secret::new(p.as_bytes().to_vec());
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+
+    // A device of the attacker's own, in the old (unsealed) format, with
+    // a hash of a password the attacker knows.
+    let hash = popbridge::oauth::device::hash_password(b"attacker-password").unwrap();
+    let forged = format!(
+        r#"{{"login":"evil","hash":"{hash}","account":"{ACCOUNT}","allow":[],"created":1}}"#
+    );
+    raw.put("evil", &forged);
+    // The scanner's sealed record, widened to every network; and copied
+    // under another name.
+    let widened = stored
+        .replace("\"10.0.0.0/8\"", "")
+        .replace("[,", "[")
+        .replace(",]", "]");
+    assert_ne!(widened, stored);
+    let copied = stored.clone();
+    let unsealed_before = refused_metric("unsealed");
+    let tampered_before = refused_metric("tampered");
+    tokio.block_on(async {
+        assert_eq!(
+            rt.authenticate_device("evil", &pw("attacker-password"), anywhere)
+                .await,
+            Err(DeviceAuthError::UntrustedRecord),
+            "a forged device must not log in"
+        );
+        raw.put("copy", &copied);
+        assert_eq!(
+            rt.authenticate_device("copy", &pw("scanner-password-1"), lan)
+                .await,
+            Err(DeviceAuthError::UntrustedRecord),
+            "a record copied under another name"
+        );
+        assert!(rt
+            .authenticate_device("scanner", &pw("scanner-password-1"), lan)
+            .await
+            .is_ok());
+        raw.put("scanner", &widened);
+        assert_eq!(
+            rt.authenticate_device("scanner", &pw("scanner-password-1"), anywhere)
+                .await,
+            Err(DeviceAuthError::UntrustedRecord),
+            "a record whose networks were changed"
+        );
+        raw.put("scanner", &stored);
+        assert!(rt
+            .authenticate_device("scanner", &pw("scanner-password-1"), lan)
+            .await
+            .is_ok());
+    });
+    assert!(refused_metric("unsealed") > unsealed_before);
+    assert!(refused_metric("tampered") >= tampered_before + 2.0);
+    let r = s.run(&["device", "list"]);
+    r.assert_ok("device list");
+    let line = |login: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{login} ")))
+            .unwrap_or_else(|| panic!("no {login} in\n{}", r.describe()))
+            .to_string()
+    };
+    assert!(line("scanner").ends_with("sealed"), "{}", r.describe());
+    assert!(
+        line("evil").contains("REFUSED: not sealed"),
+        "{}",
+        r.describe()
+    );
+    assert!(
+        line("copy").contains("REFUSED: tampered"),
+        "{}",
+        r.describe()
+    );
+    assert!(!r.all().contains("argon2"), "{}", r.describe());
+
+    // Upgrading: the operator vouches for an old record and seals it; its
+    // password keeps working. (Here the "old" record is the forgery: the
+    // command trusts what it seals, which is why it is explicit.)
+    s.run(&["device", "seal", "scanner"])
+        .assert_code(1, "a sealed record is not sealed again");
+    s.run(&["device", "seal", "--all"])
+        .assert_ok("device seal --all");
+    let sealed = raw.get("evil").unwrap();
+    assert!(
+        sealed.contains("\"sealed\"") && !sealed.contains("argon2"),
+        "{sealed}"
+    );
+    tokio.block_on(async {
+        assert!(rt
+            .authenticate_device("evil", &pw("attacker-password"), anywhere)
+            .await
+            .is_ok());
+    });
+}
+
+#[test]
+fn redis_device_records_are_sealed_and_forged_ones_refused() {
+    let oauth = OauthServer::start();
+    let redis = Redis::start();
+    let s = redis_setup(&oauth, &redis);
+    s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
+    forged_device_records_are_refused(&s, &RawDevices::Redis(&redis));
+}
+
+#[test]
+fn file_device_records_are_sealed_and_forged_ones_refused() {
+    let oauth = OauthServer::start();
+    let s = Setup::new(&oauth, "");
+    s.enrol(&oauth, ACCOUNT).assert_ok("enrol");
+    let file = s.store_dir().join("devices.json");
+    forged_device_records_are_refused(&s, &RawDevices::File(file));
 }

@@ -79,7 +79,7 @@ impl Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let key = random_key();
         let key_file = dir.path().join("oauth.key");
-        std::fs::write(&key_file, format!("{key}\n")).expect("write key");
+        crate::common::write_private(&key_file, format!("{key}\n"));
         let data = dir.path().join("data");
         let config = dir.path().join("popbridge.toml");
         let text = format!(
@@ -166,7 +166,7 @@ mechanism = "xoauth2"
     /// operator pointing at the wrong key does); returns that key.
     pub fn write_another_key(&self) -> String {
         let other = random_key();
-        std::fs::write(&self.key_file, format!("{other}\n")).expect("write the other key");
+        crate::common::write_private(&self.key_file, format!("{other}\n"));
         other
     }
 

@@ -659,6 +659,37 @@ fn admin_listener_serves_metrics_health_and_readiness() {
     assert_eq!(status, 200);
 }
 
+/// Without a default route there is no default upstream: readiness
+/// follows every route's IMAP server, and popbridge is ready while at least
+/// one of them greets (the first route's server being down does not take
+/// the replica out of service); with none answering it is not ready.
+#[test]
+fn readiness_without_a_default_route_follows_every_routes_server() {
+    let d = dovecot(&[("alice", "secret")], "");
+    let down = crate::common::ports::ClosedPort::new();
+    let toml = format!(
+        "[routing]\ndefault_route = false\n\n\
+         [admin]\naddress = \"127.0.0.1:0\"\ncheck_interval_secs = 1\n\n\
+         [[routes]]\nname = \"first\"\ndomains = [\"first.example\"]\n\
+         address = \"{}\"\ntls = \"none\"\n\n{}",
+        down.addr,
+        route("second", "domains", &["second.example"], d.imap_port, "")
+    );
+    let (pb, _dir, _) = start(d.imap_port, &toml, &[]);
+    let admin = pb.admin_port();
+    wait_http_status(admin, "/readyz", 200);
+    // Each server is checked, and the unreachable one named in the log.
+    let log = wait_log(&pb, &["readiness check", &down.addr.to_string()], 1);
+    assert!(
+        !log_lines(&log, &["readiness check", &d.imap_port.to_string()])
+            .iter()
+            .any(|l| l.contains("WARN")),
+        "{log}"
+    );
+    drop(d);
+    wait_http_status(admin, "/readyz", 503);
+}
+
 // ---------------------------------------------------------------------------
 // 5. SIGTERM drain
 // ---------------------------------------------------------------------------

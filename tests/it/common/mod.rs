@@ -1648,3 +1648,20 @@ pub fn run_program(cmd: &mut Command, dir: &Path, name: &str) -> Run {
             .into_owned(),
     }
 }
+
+/// Writes `contents` to `path` with mode 0600 (a new file) or keeps the
+/// mode of an existing one: popbridge refuses a store key file every user
+/// may read, which `fs::write` makes under the usual umask 022.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(contents.as_ref())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
