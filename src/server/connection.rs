@@ -484,6 +484,7 @@ impl<C: Connector> Connection<C> {
                 return self.shutting_down().await;
             }
             self.decoder.set_max(self.session.max_line());
+            self.decoder.set_auth_max(self.session.max_auth_line());
             let mut input = &self.inbuf[self.pos..self.end];
             let before = input.len();
             let line = self.decoder.decode(&mut input);

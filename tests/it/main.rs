@@ -41,6 +41,7 @@ mod config_cli;
 mod cutover;
 mod deploy;
 mod faults;
+mod hardening;
 mod harness_selftest;
 mod migration;
 mod oauth;
