@@ -458,7 +458,10 @@ pub struct Pop3Config {
     pub lock: bool,
     /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
     pub idle_timeout_secs: u64,
-    /// Seconds a client has to log in.
+    /// Seconds from accept to a successful login: a deadline for the whole
+    /// AUTHORIZATION state (PROXY header, TLS handshake, every command), not
+    /// a limit per read, so a client that trickles bytes or repeats CAPA
+    /// cannot keep a session unauthenticated.
     pub login_timeout_secs: u64,
     /// Text after "+OK " in the greeting.
     pub greeting: String,

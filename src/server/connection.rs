@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant as Deadline};
 use tracing::{debug, error, info, warn, Span};
 
 use super::{ServerSettings, Shared};
@@ -34,13 +34,20 @@ pub const READ_BUFFER: usize = 4096;
 /// small: it is allocated for every session, idle ones included.
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
+/// How long the farewell to a client that missed the login deadline may
+/// take to write (the deadline itself has passed by then).
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves one accepted connection (after its PROXY header) to the end.
+/// `login_deadline` is when a client that has not logged in is cut off
+/// (`pop3.login_timeout_secs` after accept).
 pub(super) async fn handle<C: Connector>(
     stream: TcpStream,
     peer: SocketAddr,
     implicit: bool,
     shared: Arc<Shared<C>>,
     closing: watch::Receiver<bool>,
+    login_deadline: Deadline,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
@@ -61,7 +68,7 @@ pub(super) async fn handle<C: Connector>(
         let Some(tls) = &shared.tls else {
             return;
         };
-        match timeout(settings.login_timeout, tls.acceptor().accept(stream)).await {
+        match timeout_at(login_deadline, tls.acceptor().accept(stream)).await {
             Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 info!(error = %e, "TLS handshake failed");
@@ -95,6 +102,8 @@ pub(super) async fn handle<C: Connector>(
         stats: Stats::default(),
         user_recorded: false,
         closing,
+        login_deadline,
+        farewell: false,
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
@@ -213,6 +222,10 @@ struct Connection<C: Connector> {
     user_recorded: bool,
     /// Becomes true at the drain deadline: end after the current command.
     closing: watch::Receiver<bool>,
+    /// Until login, reads, writes and the STLS handshake end here.
+    login_deadline: Deadline,
+    /// Writing the last words to a client that missed the login deadline.
+    farewell: bool,
 }
 
 impl<C: Connector> Connection<C> {
@@ -359,7 +372,9 @@ impl<C: Connector> Connection<C> {
                 "STLS on a connection that is not plain",
             )));
         };
-        let tls_stream = timeout(self.settings.login_timeout, tls.acceptor().accept(tcp))
+        // STLS comes before login: the handshake has what is left of the
+        // login deadline.
+        let tls_stream = timeout_at(self.login_deadline, tls.acceptor().accept(tcp))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         self.stream =
@@ -493,21 +508,32 @@ impl<C: Connector> Connection<C> {
                 return Ok(Some(line));
             }
             self.flush().await?;
-            let wait = if self.session.is_authenticated() {
-                self.settings.idle_timeout
+            let authenticated = self.session.is_authenticated();
+            let until = if authenticated {
+                Deadline::now() + self.settings.idle_timeout
             } else {
-                self.settings.login_timeout
+                self.login_deadline
             };
             let read = tokio::select! {
-                r = timeout(wait, self.stream.read(&mut self.inbuf)) => r,
+                r = timeout_at(until, self.stream.read(&mut self.inbuf)) => r,
                 _ = self.closing.changed() => return self.shutting_down().await,
             };
             let n = match read {
                 Ok(r) => r?,
                 Err(_) => {
-                    info!("client idle too long");
                     self.out.clear();
-                    err(&mut self.out, None, "Disconnected for inactivity.");
+                    if authenticated {
+                        info!("client idle too long");
+                        err(&mut self.out, None, "Disconnected for inactivity.");
+                    } else {
+                        info!("login time limit reached");
+                        err(
+                            &mut self.out,
+                            None,
+                            "Login time limit reached, disconnecting.",
+                        );
+                        self.farewell = true;
+                    }
                     self.send_out().await?;
                     self.flush().await?;
                     return Err(Stop::Client(std::io::ErrorKind::TimedOut.into()));
@@ -546,16 +572,30 @@ impl<C: Connector> Connection<C> {
         Ok(())
     }
 
+    /// When a write or flush must be done: after an idle timeout, and
+    /// before login at the login deadline too (a client that does not read
+    /// cannot hold an unauthenticated session either).
+    fn write_deadline(&self) -> Deadline {
+        let now = Deadline::now();
+        if self.farewell {
+            now + FAREWELL_TIMEOUT
+        } else if self.session.is_authenticated() {
+            now + self.settings.idle_timeout
+        } else {
+            self.login_deadline.min(now + self.settings.idle_timeout)
+        }
+    }
+
     async fn write(&mut self, data: &[u8]) -> Result<()> {
         Ok(
-            timeout(self.settings.idle_timeout, self.stream.write_all(data))
+            timeout_at(self.write_deadline(), self.stream.write_all(data))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
         )
     }
 
     async fn flush(&mut self) -> Result<()> {
-        Ok(timeout(self.settings.idle_timeout, self.stream.flush())
+        Ok(timeout_at(self.write_deadline(), self.stream.flush())
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??)
     }

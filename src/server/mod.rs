@@ -41,7 +41,9 @@ pub struct ServerSettings {
     pub greeting: String,
     /// RFC 1939 §3 autologout timer in TRANSACTION (at least 10 minutes).
     pub idle_timeout: Duration,
-    /// Time allowed to log in; also bounds the TLS handshake.
+    /// Time from accept to a successful login: the PROXY header, the TLS
+    /// handshake (POP3S or STLS) and every command before login share it,
+    /// so a client that trickles bytes cannot hold a session unauthenticated.
     pub login_timeout: Duration,
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
@@ -220,6 +222,8 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 continue;
             }
         };
+        // The login deadline counts from here.
+        let accepted = tokio::time::Instant::now();
         let id = server.ids.fetch_add(1, Ordering::Relaxed);
         let tls = if listener.implicit_tls {
             "implicit"
@@ -269,7 +273,8 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 let Some(_slot) = per_ip.acquire(client.ip()) else {
                     return refuse(stream, implicit, &shared, "address_limit").await;
                 };
-                connection::handle(stream, client, implicit, shared, closing).await
+                let login_deadline = accepted + shared.settings.login_timeout;
+                connection::handle(stream, client, implicit, shared, closing, login_deadline).await
             }
             .instrument(span),
         );
