@@ -192,8 +192,9 @@ fn build_shared(
         login_timeout: valid.login_timeout,
         max_sessions: cfg.limits.max_sessions,
         max_sessions_per_ip: cfg.limits.max_sessions_per_ip,
-        allow_plaintext_auth: cfg.auth.allow_plaintext,
+        plaintext_networks: plaintext_networks(&cfg.auth),
         loopback_is_secure: cfg.auth.loopback_is_secure,
+        stls: cfg.listen.stls,
         proxy_protocol: cfg.listen.proxy_protocol,
         proxy_trusted: cfg.listen.proxy_trusted.clone(),
     });
@@ -217,6 +218,19 @@ fn build_shared(
         },
         tls,
     })
+}
+
+/// The networks allowed to log in without TLS: `plaintext_networks`, or
+/// every network with the older `allow_plaintext = true`.
+fn plaintext_networks(auth: &crate::config::AuthConfig) -> Vec<ipnet::IpNet> {
+    if auth.allow_plaintext {
+        vec![
+            ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+            ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
+        ]
+    } else {
+        auth.plaintext_networks.clone()
+    }
 }
 
 /// The IMAP side of one route.
@@ -438,6 +452,19 @@ async fn shutdown_signal(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `allow_plaintext = true` is every network, IPv4 and IPv6.
+    #[test]
+    fn allow_plaintext_means_every_network() {
+        let mut auth = crate::config::AuthConfig::default();
+        assert!(plaintext_networks(&auth).is_empty());
+        auth.allow_plaintext = true;
+        let all = plaintext_networks(&auth);
+        for ip in ["192.0.2.7", "10.1.2.3", "2001:db8::1", "::ffff:192.0.2.7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert!(all.iter().any(|n| n.contains(&ip.to_canonical())), "{ip}");
+        }
+    }
 
     /// What `--check-config` refuses, validation and the files and
     /// templates it names alike, and where the message points.

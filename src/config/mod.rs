@@ -83,6 +83,11 @@ pub struct ListenConfig {
     pub proxy_protocol: bool,
     /// Networks allowed to send a PROXY header, e.g. `["10.0.0.0/8"]`.
     pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// Offer STLS (RFC 2595) on the plain listener when `[tls]` has a
+    /// certificate. `false` keeps it off: some old clients (PHP's c-client)
+    /// try STLS whenever it is offered and then fail the handshake; they
+    /// log in without TLS from `auth.plaintext_networks` instead.
+    pub stls: bool,
 }
 
 impl Default for ListenConfig {
@@ -92,6 +97,7 @@ impl Default for ListenConfig {
             tls_address: String::new(),
             proxy_protocol: false,
             proxy_trusted: Vec::new(),
+            stls: true,
         }
     }
 }
@@ -111,12 +117,20 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Allow USER/PASS and AUTH on unencrypted connections from
-    /// non-loopback clients (Dovecot's `disable_plaintext_auth = no`).
+    /// Allow USER/PASS and AUTH on unencrypted connections from every
+    /// network (Dovecot's `disable_plaintext_auth = no`); the same as
+    /// `plaintext_networks = ["0.0.0.0/0", "::/0"]`, kept for existing
+    /// configurations.
     pub allow_plaintext: bool,
+    /// Networks whose clients may log in without TLS, e.g. the LAN of old
+    /// scanners: `["192.168.1.0/24"]`. The client's address is the one a
+    /// trusted PROXY header declares, when there is one.
+    pub plaintext_networks: Vec<ipnet::IpNet>,
     /// Count loopback clients (127.0.0.0/8, ::1) as secure, as Dovecot does:
-    /// nothing crosses a network. Turn off when a local relay forwards
-    /// remote clients without TLS.
+    /// nothing crosses a network. Only the real socket peer counts, and only
+    /// on a connection without a PROXY header declaring an address (behind
+    /// a load balancer the client's bytes crossed a network). Turn off when
+    /// a local relay forwards remote clients without TLS.
     pub loopback_is_secure: bool,
     /// Milliseconds to wait before answering a failed login; doubles up to
     /// 4x with repeated failures from the same address.
@@ -138,6 +152,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             allow_plaintext: false,
+            plaintext_networks: Vec::new(),
             loopback_is_secure: true,
             failure_delay_ms: 2000,
             max_failures_per_ip: 20,

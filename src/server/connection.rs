@@ -38,12 +38,27 @@ pub const WRITE_BUFFER: usize = 8 * 1024;
 /// take to write (the deadline itself has passed by then).
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer {
+    /// The client: the socket peer, or the address a trusted PROXY header
+    /// declared. Logs, limits, throttling and `plaintext_networks` use it.
+    pub client: SocketAddr,
+    /// The real socket peer is loopback and no PROXY header declared
+    /// another client: nothing crossed a network (`loopback_is_secure`).
+    /// A declared address never counts, loopback or not.
+    pub direct_loopback: bool,
+}
+
 /// Serves one accepted connection (after its PROXY header) to the end.
 /// `login_deadline` is when a client that has not logged in is cut off
 /// (`pop3.login_timeout_secs` after accept).
 pub(super) async fn handle<C: Connector>(
     stream: TcpStream,
-    peer: SocketAddr,
+    Peer {
+        client: peer,
+        direct_loopback,
+    }: Peer,
     implicit: bool,
     shared: Arc<Shared<C>>,
     closing: watch::Receiver<bool>,
@@ -83,10 +98,15 @@ pub(super) async fn handle<C: Connector>(
         ClientStream::Plain(stream)
     };
     let mut session_config = settings.session.clone();
-    session_config.stls_available = shared.tls.is_some();
-    // Like Dovecot, loopback counts as secure: nothing crosses a network.
-    session_config.plaintext_ok =
-        settings.allow_plaintext_auth || (settings.loopback_is_secure && peer.ip().is_loopback());
+    session_config.stls_available = settings.stls && shared.tls.is_some();
+    // Like Dovecot, a loopback peer counts as secure: nothing crosses a
+    // network. A listed network is the operator's decision.
+    let client_ip = peer.ip().to_canonical();
+    session_config.plaintext_ok = (settings.loopback_is_secure && direct_loopback)
+        || settings
+            .plaintext_networks
+            .iter()
+            .any(|n| n.contains(&client_ip));
     let mut conn = Connection {
         stream: BufWriter::with_capacity(WRITE_BUFFER, stream),
         inbuf: vec![0; READ_BUFFER].into_boxed_slice(),

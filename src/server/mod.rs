@@ -47,10 +47,14 @@ pub struct ServerSettings {
     pub login_timeout: Duration,
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
-    /// Allow USER/PASS and AUTH without TLS from non-loopback clients.
-    pub allow_plaintext_auth: bool,
-    /// Loopback clients count as secure.
+    /// Clients in these networks may log in without TLS (`allow_plaintext`
+    /// puts every network here).
+    pub plaintext_networks: Vec<ipnet::IpNet>,
+    /// A direct loopback peer (no PROXY header declaring another client)
+    /// counts as secure.
     pub loopback_is_secure: bool,
+    /// Offer STLS on the plain listener (when a certificate is configured).
+    pub stls: bool,
     /// Expect a PROXY protocol header from peers in `proxy_trusted`.
     pub proxy_protocol: bool,
     /// Peers allowed to send a PROXY header (load balancers).
@@ -245,15 +249,17 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 };
                 let mut stream = stream;
                 let settings = &shared.settings;
-                let client = if settings.proxy_protocol
+                // `proxied`: a trusted PROXY header declared the client, so
+                // the socket peer is the load balancer, not the client.
+                let (client, proxied) = if settings.proxy_protocol
                     && settings
                         .proxy_trusted
                         .iter()
                         .any(|n| n.contains(&peer.ip()))
                 {
                     match timeout(proxy::HEADER_TIMEOUT, proxy::read_header(&mut stream)).await {
-                        Ok(Ok(proxy::Header::Proxied(addr))) => addr,
-                        Ok(Ok(proxy::Header::Local)) => peer,
+                        Ok(Ok(proxy::Header::Proxied(addr))) => (addr, true),
+                        Ok(Ok(proxy::Header::Local)) => (peer, false),
                         Ok(Err(e)) => {
                             warn!(error = %e, "bad PROXY header, closing");
                             metrics().refused("proxy_header");
@@ -266,7 +272,7 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                         }
                     }
                 } else {
-                    peer
+                    (peer, false)
                 };
                 Span::current().record("client", tracing::field::display(client));
                 // Limits and throttling count the real client.
@@ -274,7 +280,11 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                     return refuse(stream, implicit, &shared, "address_limit").await;
                 };
                 let login_deadline = accepted + shared.settings.login_timeout;
-                connection::handle(stream, client, implicit, shared, closing, login_deadline).await
+                let peer = connection::Peer {
+                    client,
+                    direct_loopback: !proxied && peer.ip().to_canonical().is_loopback(),
+                };
+                connection::handle(stream, peer, implicit, shared, closing, login_deadline).await
             }
             .instrument(span),
         );
