@@ -171,6 +171,7 @@ fn build_shared(
             profile,
             policy: route.policy.clone(),
             lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
+            account_scope: route.upstream.address.clone(),
             uidl_map: match (&map_store, route.pop3.uidl_map) {
                 (Some(store), true) => Some(UidlMapSource {
                     store: store.clone(),
@@ -204,6 +205,7 @@ fn build_shared(
         max_failures_per_user: cfg.auth.max_failures_per_user,
         window: Duration::from_secs(cfg.auth.failure_window_secs),
         max_entries: cfg.auth.throttle_entries,
+        ipv6_prefix_len: cfg.limits.ipv6_prefix_len,
     };
     let throttle = match throttle {
         Some(t) if t.config() == &throttle_config => t,
@@ -504,6 +506,8 @@ mod tests {
                 .contains("/nonexistent.pem")
         );
         assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
+        assert!(bad("[limits]\nipv6_prefix_len = 0").contains("limits.ipv6_prefix_len"));
+        assert!(bad("[limits]\nipv6_prefix_len = 129").contains("limits.ipv6_prefix_len"));
         assert!(bad("[pop3]\nuidl_map = true").contains("data.dir"));
         assert!(
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")

@@ -514,6 +514,13 @@ pub struct LimitsConfig {
     /// Connections the kernel may queue before popbridge accepts them
     /// (listen(2) backlog; the kernel caps it at net.core.somaxconn).
     pub listen_backlog: u32,
+    /// IPv6 clients count as one address per network of this prefix length
+    /// for `max_sessions_per_ip`, `auth.max_failures_per_ip` and the
+    /// throttle's known addresses. 64: one customer's network (RFC 6177
+    /// gives sites a /48 or /56 and every LAN a /64), so an attacker cannot
+    /// rotate through the 2^64 addresses of one LAN. 128: every address on
+    /// its own. IPv4 addresses count one by one.
+    pub ipv6_prefix_len: u8,
 }
 
 impl Default for LimitsConfig {
@@ -522,6 +529,7 @@ impl Default for LimitsConfig {
             max_sessions: 1000,
             max_sessions_per_ip: 50,
             listen_backlog: 1024,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -757,6 +765,12 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError(format!("{key} must be greater than 0")));
             }
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix_len) {
+            return Err(ConfigError(format!(
+                "limits.ipv6_prefix_len = {} must be between 1 and 128 (64 counts one IPv6 LAN as one address)",
+                self.limits.ipv6_prefix_len
+            )));
         }
         if self.pop3.idle_timeout_secs < MIN_IDLE_TIMEOUT_SECS {
             return Err(ConfigError(format!(

@@ -275,8 +275,10 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                     (peer, false)
                 };
                 Span::current().record("client", tracing::field::display(client));
-                // Limits and throttling count the real client.
-                let Some(_slot) = per_ip.acquire(client.ip()) else {
+                // Limits and throttling count the real client (an IPv6
+                // client by its network: limits.ipv6_prefix_len).
+                let key = shared.bridge.throttle.address_key(client.ip());
+                let Some(_slot) = per_ip.acquire(key) else {
                     return refuse(stream, implicit, &shared, "address_limit").await;
                 };
                 let login_deadline = accepted + shared.settings.login_timeout;

@@ -26,6 +26,7 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
         profile: Profile::default(),
         policy: Policy::default(),
         lock_scope: "fake/INBOX".into(),
+        account_scope: "fake".into(),
         uidl_map: None,
     };
     let mut index = RouteIndex::default();
@@ -55,6 +56,7 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
                 max_failures_per_user: 10,
                 window: Duration::from_secs(60),
                 max_entries: 100,
+                ipv6_prefix_len: 64,
             })),
             oauth: None,
         },

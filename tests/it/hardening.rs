@@ -433,3 +433,359 @@ fn poplib_plain_stls(dir: &Path, port: u16) -> String {
     assert!(r.status.success(), "{}", r.stderr);
     String::from_utf8_lossy(&r.stdout).into_owned()
 }
+
+// ---------------------------------------------------------------------------
+// Throttling: concurrency (item 2), lockout (item 3), the upstream account
+// (item 4), IPv6 prefixes (item 5)
+// ---------------------------------------------------------------------------
+
+/// Dovecot settings that keep failed logins fast: no 2 s failure delay and
+/// no per-address auth penalty (anvil).
+const FAST_FAILURES: &str = "auth_failure_delay = 0\n\
+service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
+
+/// How many password checks for `user` Dovecot has logged as failed.
+fn dovecot_failures(dovecot: &Dovecot, user: &str) -> usize {
+    let needle = format!("passwd-file({user},");
+    dovecot
+        .log()
+        .lines()
+        .filter(|l| {
+            l.contains(&needle) && (l.contains("Password mismatch") || l.contains("unknown user"))
+        })
+        .count()
+}
+
+/// Every password check Dovecot has logged as failed, any user.
+fn all_dovecot_failures(dovecot: &Dovecot) -> usize {
+    dovecot
+        .log()
+        .lines()
+        .filter(|l| l.contains("Password mismatch") || l.contains("unknown user"))
+        .count()
+}
+
+fn fast_dovecot() -> Dovecot {
+    Dovecot::start_with(DovecotOptions {
+        extra_conf: FAST_FAILURES.into(),
+        ..DovecotOptions::default()
+    })
+}
+
+/// popbridge in front of `dovecot`, trusting PROXY headers from loopback
+/// (so tests can speak for many client addresses), with `config` added.
+fn proxied_popbridge(dovecot: &Dovecot, dir: &Path, config: &str) -> Popbridge {
+    let cfg = write_config(
+        dir,
+        &format!(
+            "[listen]\nproxy_protocol = true\nproxy_trusted = [\"127.0.0.0/8\"]\n[auth]\nplaintext_networks = [\"0.0.0.0/0\", \"::/0\"]\n{config}"
+        ),
+    );
+    Popbridge::start_exact(&[
+        "--upstream",
+        &format!("127.0.0.1:{}", dovecot.imap_port),
+        "--upstream-tls",
+        "none",
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+}
+
+/// A PROXY v1 header declaring `ip` as the client.
+fn from(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("PROXY TCP6 {ip} ::1 40000 110\r\n")
+    } else {
+        format!("PROXY TCP4 {ip} 127.0.0.1 40000 110\r\n")
+    }
+}
+
+/// USER + PASS from `ip`; the answer to PASS.
+fn try_login(port: u16, ip: &str, user: &str, pass: &str) -> String {
+    let mut c = connect_with(port, &from(ip));
+    let r = c.cmd(&format!("USER {user}"));
+    assert!(r.starts_with("+OK"), "USER {user}: {r}");
+    let r = c.cmd(&format!("PASS {pass}"));
+    let _ = c.cmd("QUIT");
+    r
+}
+
+/// Runs `n` logins at once (released together by a barrier); returns the
+/// answers to PASS.
+fn parallel_logins(
+    port: u16,
+    n: usize,
+    login: impl Fn(usize) -> (String, String, String) + Sync,
+) -> Vec<String> {
+    let barrier = std::sync::Barrier::new(n);
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (barrier, login) = (&barrier, &login);
+                s.spawn(move || {
+                    let (ip, user, pass) = login(i);
+                    let mut c = connect_with(port, &from(&ip));
+                    let r = c.cmd(&format!("USER {user}"));
+                    assert!(r.starts_with("+OK"), "USER {user}: {r}");
+                    barrier.wait();
+                    let r = c.cmd(&format!("PASS {pass}"));
+                    let _ = c.cmd("QUIT");
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// 40 wrong passwords for one user, all at once, from one address: only
+/// `max_failures_per_user` reach Dovecot (attempts in flight count against
+/// the limit); and 40 at once for 40 users from one address: only
+/// `max_failures_per_ip` do.
+#[test]
+fn concurrent_guesses_do_not_pass_the_throttle() {
+    let dovecot = fast_dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 10\nmax_failures_per_ip = 20\n",
+    );
+    let answers = parallel_logins(pb.port, 40, |i| {
+        ("198.51.100.7".into(), "bob".into(), format!("guess{i}"))
+    });
+    for a in &answers {
+        assert!(a.starts_with("-ERR"), "{a}");
+    }
+    let refused = answers
+        .iter()
+        .filter(|a| a.contains("Too many failed logins"))
+        .count();
+    wait_until_stable(|| dovecot_failures(&dovecot, "bob"));
+    let reached = dovecot_failures(&dovecot, "bob");
+    assert!(
+        reached <= 10,
+        "{reached} of 40 parallel guesses for bob reached Dovecot (limit 10); {refused} were refused"
+    );
+    assert_eq!(reached + refused, 40, "{answers:?}");
+
+    // Per address: 40 users at once from one address.
+    let answers = parallel_logins(pb.port, 40, |i| {
+        ("198.51.100.8".into(), format!("nobody{i}"), "guess".into())
+    });
+    let refused = answers
+        .iter()
+        .filter(|a| a.contains("Too many failed logins"))
+        .count();
+    let before = reached;
+    wait_until_stable(|| all_dovecot_failures(&dovecot));
+    let reached = all_dovecot_failures(&dovecot) - before;
+    assert!(
+        reached <= 20,
+        "{reached} of 40 parallel guesses from one address reached Dovecot (limit 20)"
+    );
+    assert_eq!(reached + refused, 40, "{answers:?}");
+}
+
+/// Waits until `count()` has stopped changing for a while (Dovecot logs
+/// failures a little after it answers); bounded.
+fn wait_until_stable(count: impl Fn() -> usize) {
+    let mut last = count();
+    let mut same = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while same < 10 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        let now = count();
+        if now == last {
+            same += 1;
+        } else {
+            same = 0;
+            last = now;
+        }
+    }
+}
+
+/// The per-user limit is not a switch that locks the real user out: an
+/// address that logged in to the account before keeps logging in while
+/// guesses from elsewhere are refused; refused attempts do not extend the
+/// lock, which ends one window after it began however often the attacker
+/// knocks.
+#[test]
+fn guessing_cannot_lock_the_real_user_out() {
+    let dovecot = fast_dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_secs(2);
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 3\nmax_failures_per_ip = 100\nfailure_window_secs = 2\n",
+    );
+    // The real user's device logs in as usual.
+    let home = "192.0.2.10";
+    assert!(try_login(pb.port, home, "bob", "secret").starts_with("+OK"));
+    // An attacker uses up the per-user limit from other addresses.
+    for i in 0..3 {
+        let r = try_login(pb.port, &format!("203.0.113.{i}"), "bob", "guess");
+        assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    }
+    let locked_at = Instant::now();
+    let r = try_login(pb.port, "203.0.113.50", "bob", "secret");
+    assert!(
+        r.contains("Too many failed logins"),
+        "a new address during the lock: {r}"
+    );
+    // The real user's address is spared.
+    let r = try_login(pb.port, home, "bob", "secret");
+    assert!(
+        r.starts_with("+OK"),
+        "the real user's known address during the lock: {r}"
+    );
+    // The attacker keeps knocking; each knock is refused without reaching
+    // Dovecot and without extending the lock, so within some 10 windows a
+    // knock gets through to Dovecot again (-ERR [AUTH], not the throttle).
+    let reached_before = dovecot_failures(&dovecot, "bob");
+    let mut knocks = 0;
+    let got_through = loop {
+        let r = try_login(
+            pb.port,
+            &format!("203.0.113.{}", 100 + knocks % 100),
+            "bob",
+            "guess",
+        );
+        knocks += 1;
+        if r.starts_with("-ERR [AUTH]") {
+            break true;
+        }
+        assert!(r.contains("Too many failed logins"), "{r}");
+        if locked_at.elapsed() > window * 10 {
+            break false;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        got_through,
+        "{knocks} refused knocks kept bob locked for {:?} (window {window:?})",
+        locked_at.elapsed()
+    );
+    assert!(locked_at.elapsed() >= window / 2, "the lock ended early");
+    wait_until_stable(|| dovecot_failures(&dovecot, "bob"));
+    assert_eq!(
+        dovecot_failures(&dovecot, "bob"),
+        reached_before + 1,
+        "refused knocks reached Dovecot"
+    );
+}
+
+/// The per-user count is per upstream account: `per-device` logins
+/// `bob+d0`, `bob+d1`, ... are all bob upstream; with `login =
+/// "local-part"`, bob@a.example and bob@b.example are too.
+#[test]
+fn the_per_user_limit_counts_the_upstream_account() {
+    let dovecot = fast_dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 3\nmax_failures_per_ip = 100\n[pop3]\ndelete_policy = \"per-device\"\n",
+    );
+    let mut refused = 0;
+    for i in 0..15 {
+        let r = try_login(
+            pb.port,
+            &format!("203.0.113.{i}"),
+            &format!("bob+d{i}"),
+            "guess",
+        );
+        if r.contains("Too many failed logins") {
+            refused += 1;
+        }
+    }
+    wait_until_stable(|| dovecot_failures(&dovecot, "bob"));
+    assert_eq!(dovecot_failures(&dovecot, "bob"), 3, "per-device logins");
+    assert_eq!(refused, 12);
+    drop(pb);
+
+    let dovecot = fast_dovecot();
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 3\nmax_failures_per_ip = 100\n[upstream]\nlogin = \"local-part\"\n",
+    );
+    for i in 0..15 {
+        try_login(
+            pb.port,
+            &format!("203.0.113.{i}"),
+            &format!("bob@d{i}.example"),
+            "guess",
+        );
+    }
+    wait_until_stable(|| dovecot_failures(&dovecot, "bob"));
+    assert_eq!(
+        dovecot_failures(&dovecot, "bob"),
+        3,
+        "login = local-part across domains"
+    );
+}
+
+/// IPv6 clients count per /64 (`limits.ipv6_prefix_len`): addresses of one
+/// /64 share the per-address failure limit and session limit; another /64
+/// is another client. With a prefix of 128, every address is its own.
+#[test]
+fn ipv6_clients_count_per_prefix() {
+    let dovecot = fast_dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 100\nmax_failures_per_ip = 3\n[limits]\nmax_sessions_per_ip = 2\n",
+    );
+    let mut refused = 0;
+    for i in 1..=25 {
+        let r = try_login(
+            pb.port,
+            &format!("2001:db8:1:2::{i:x}"),
+            &format!("user{i}"),
+            "guess",
+        );
+        if r.contains("Too many failed logins") {
+            refused += 1;
+        }
+    }
+    wait_until_stable(|| all_dovecot_failures(&dovecot));
+    assert_eq!(
+        all_dovecot_failures(&dovecot),
+        3,
+        "guesses from one /64 reached Dovecot"
+    );
+    assert_eq!(refused, 22);
+    // Another /64 is another client.
+    let r = try_login(pb.port, "2001:db8:1:3::1", "alice", "secret");
+    assert!(r.starts_with("+OK"), "{r}");
+    // Sessions: two from one /64, the third (another address in it) refused.
+    let a = connect_with(pb.port, &from("2001:db8:1:4::1"));
+    let b = connect_with(pb.port, &from("2001:db8:1:4::2"));
+    let c = connect_with(pb.port, &from("2001:db8:1:4::3"));
+    assert!(a.greeting().starts_with("+OK") && b.greeting().starts_with("+OK"));
+    assert!(
+        c.greeting().starts_with("-ERR [SYS/TEMP]"),
+        "{}",
+        c.greeting()
+    );
+    drop(pb);
+
+    let dovecot = fast_dovecot();
+    let pb = proxied_popbridge(
+        &dovecot,
+        dir.path(),
+        "failure_delay_ms = 10\nmax_failures_per_user = 100\nmax_failures_per_ip = 3\n[limits]\nipv6_prefix_len = 128\n",
+    );
+    for i in 1..=6 {
+        let r = try_login(
+            pb.port,
+            &format!("2001:db8:1:2::{i:x}"),
+            &format!("user{i}"),
+            "guess",
+        );
+        assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    }
+}
