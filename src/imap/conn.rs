@@ -343,6 +343,7 @@ impl Connector for ImapConnector {
                 account: credentials.user().to_string(),
                 has_move: false,
                 hide_keyword: hide_keyword.map(str::to_string),
+                marks_expunging: false,
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -372,6 +373,11 @@ pub struct ImapConn {
     /// Messages carrying this keyword are left out of the snapshot (the
     /// `flag` and `per-device` delete policies).
     pub(super) hide_keyword: Option<String>,
+    /// The mailbox takes [`EXPUNGING_KEYWORD`](super::commit::EXPUNGING_KEYWORD)
+    /// (PERMANENTFLAGS lists it or `\*`): QUIT marks what it flags
+    /// `\Deleted` with it, so a later login can take the flags back when
+    /// the expunge never happened.
+    pub(super) marks_expunging: bool,
 }
 
 impl std::fmt::Debug for ImapConn {

@@ -789,3 +789,114 @@ fn ipv6_clients_count_per_prefix() {
         assert!(r.starts_with("-ERR [AUTH]"), "{r}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Memory across waves of sessions (item 14): a measurement, not a check
+// ---------------------------------------------------------------------------
+
+/// popbridge's VmRSS in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Opens `n` sessions (USER, PASS, STAT) over `users` accounts from 8
+/// threads and holds them; returns them.
+fn open_sessions(port: u16, n: usize, users: usize) -> Vec<Pop3> {
+    let per = n.div_ceil(8);
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                s.spawn(move || {
+                    (t * per..((t + 1) * per).min(n))
+                        .map(|i| {
+                            let mut c = Pop3::connect(port);
+                            c.login(&format!("wave{}", i % users), "secret");
+                            c.stat();
+                            c
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// Waves of 2,000 idle sessions (login, STAT, hold, QUIT) against one
+/// popbridge process, printing VmRSS at each step: memory that grows wave
+/// after wave is a leak, memory that comes back to the same plateau is the
+/// allocator keeping freed pages. Run by hand:
+/// `cargo test --test it -- --ignored --nocapture rss_across_waves`
+/// (`POPBRIDGE_WAVES`, `POPBRIDGE_WAVE_SESSIONS` change the plan; the
+/// environment reaches popbridge, so `MALLOC_ARENA_MAX=2` and the like can
+/// be compared).
+#[test]
+#[ignore = "a measurement (minutes), not a check"]
+fn rss_across_waves_of_idle_sessions() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (waves, sessions, users) = (
+        env("POPBRIDGE_WAVES", 4),
+        env("POPBRIDGE_WAVE_SESSIONS", 2000),
+        20,
+    );
+    let mut conf = String::from("mail_max_userip_connections = 100000\n");
+    for proto in ["pop3", "imap"] {
+        conf.push_str(&format!(
+            "service {proto}-login {{\n  service_count = 0\n  process_min_avail = 2\n  \
+             client_limit = 1000\n  process_limit = 8\n}}\n\
+             service {proto} {{\n  service_count = 0\n  client_limit = 250\n  \
+             process_limit = 40\n  process_min_avail = 2\n}}\n"
+        ));
+    }
+    let dovecot = Dovecot::start_with(DovecotOptions {
+        users: (0..users)
+            .map(|i| (format!("wave{i}"), "secret".to_string()))
+            .collect(),
+        extra_conf: conf,
+        ..DovecotOptions::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "[limits]\nmax_sessions = 10000\nmax_sessions_per_ip = 10000\n",
+    );
+    let pb = Popbridge::start_with_log(
+        dovecot.imap_port,
+        &["--config", cfg.to_str().unwrap()],
+        "info",
+    );
+    let pid = pb.pid();
+    let settle = || thread::sleep(Duration::from_secs(3));
+    // Warm-up: one session per account (listing cache, runtime state).
+    drop(open_sessions(pb.port, users, users));
+    settle();
+    let base = vm_rss_kib(pid);
+    eprintln!("rss: start {} KiB (after warm-up)", base);
+    for wave in 1..=waves {
+        let open = open_sessions(pb.port, sessions, users);
+        let held = vm_rss_kib(pid);
+        for mut c in open {
+            c.quit();
+        }
+        settle();
+        let after = vm_rss_kib(pid);
+        eprintln!(
+            "rss: wave {wave}: {sessions} sessions held {held} KiB ({:.1} KiB/session), after QUIT {after} KiB",
+            (held.saturating_sub(base)) as f64 / sessions as f64
+        );
+    }
+}
