@@ -241,6 +241,7 @@ fn build_shared(
             profile,
             policy: route.policy.clone(),
             lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
+            account_scope: route.upstream.address.clone(),
             uidl_map: match (&map_store, route.pop3.uidl_map) {
                 (Some(store), true) => Some(UidlMapSource {
                     store: store.clone(),
@@ -266,8 +267,9 @@ fn build_shared(
         login_timeout: valid.login_timeout,
         max_sessions: cfg.limits.max_sessions,
         max_sessions_per_ip: cfg.limits.max_sessions_per_ip,
-        allow_plaintext_auth: cfg.auth.allow_plaintext,
+        plaintext_networks: plaintext_networks(&cfg.auth),
         loopback_is_secure: cfg.auth.loopback_is_secure,
+        stls: cfg.listen.stls,
         proxy_protocol: cfg.listen.proxy_protocol,
         proxy_trusted: cfg.listen.proxy_trusted.clone(),
     });
@@ -277,6 +279,7 @@ fn build_shared(
         max_failures_per_user: cfg.auth.max_failures_per_user,
         window: Duration::from_secs(cfg.auth.failure_window_secs),
         max_entries: cfg.auth.throttle_entries,
+        ipv6_prefix_len: cfg.limits.ipv6_prefix_len,
     };
     let throttle = match throttle {
         Some(t) if t.config() == &throttle_config => t,
@@ -292,6 +295,19 @@ fn build_shared(
         },
         tls,
     })
+}
+
+/// The networks allowed to log in without TLS: `plaintext_networks`, or
+/// every network with the older `allow_plaintext = true`.
+fn plaintext_networks(auth: &crate::config::AuthConfig) -> Vec<ipnet::IpNet> {
+    if auth.allow_plaintext {
+        vec![
+            ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+            ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
+        ]
+    } else {
+        auth.plaintext_networks.clone()
+    }
 }
 
 /// The IMAP side of one route. (Plaintext to a remote server is allowed
@@ -536,6 +552,19 @@ async fn shutdown_signal(
 mod tests {
     use super::*;
 
+    /// `allow_plaintext = true` is every network, IPv4 and IPv6.
+    #[test]
+    fn allow_plaintext_means_every_network() {
+        let mut auth = crate::config::AuthConfig::default();
+        assert!(plaintext_networks(&auth).is_empty());
+        auth.allow_plaintext = true;
+        let all = plaintext_networks(&auth);
+        for ip in ["192.0.2.7", "10.1.2.3", "2001:db8::1", "::ffff:192.0.2.7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert!(all.iter().any(|n| n.contains(&ip.to_canonical())), "{ip}");
+        }
+    }
+
     /// What `--check-config` refuses, validation and the files and
     /// templates it names alike, and where the message points.
     #[test]
@@ -574,6 +603,8 @@ mod tests {
                 .contains("/nonexistent.pem")
         );
         assert!(bad("[auth]\nmax_failures_per_ip = 0").contains("max_failures_per_ip"));
+        assert!(bad("[limits]\nipv6_prefix_len = 0").contains("limits.ipv6_prefix_len"));
+        assert!(bad("[limits]\nipv6_prefix_len = 129").contains("limits.ipv6_prefix_len"));
         assert!(bad("[pop3]\nuidl_map = true").contains("data.dir"));
         assert!(
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")

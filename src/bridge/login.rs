@@ -15,7 +15,7 @@ use super::policy::{device_keyword, session_view, valid_device, SessionView};
 use super::pool::{Credential, Pool, PoolKey, Reuse};
 use super::replies::{self, Refusal};
 use super::routing::{Route, RouteAuth, Router, UidlMapSource};
-use super::throttle::LoginThrottle;
+use super::throttle::{AccountKey, Attempt, LoginThrottle};
 use crate::config::{DeletePolicy, Policy};
 use crate::imap::{Connector, Credentials, DeleteAction, Snapshot, Upstream, UpstreamError};
 use crate::metrics::metrics;
@@ -97,25 +97,21 @@ pub type Login<U> = (LoggedIn<U>, Maildrop, Profile);
 impl<C: Connector> Bridge<C> {
     /// Logs `user` in from `peer`, unless throttling says no. Failed logins
     /// are answered after a delay that grows with repeated failures from
-    /// the address.
+    /// the address. The throttle counts the upstream account the login
+    /// would use (see [`LoginThrottle`]).
     pub async fn login(
         &self,
         user: &str,
         pass: &Secret,
         peer: SocketAddr,
     ) -> Result<Login<C::Conn>, LoginFailure> {
-        let ip = peer.ip();
-        if let Err(which) = self.throttle.check(ip, user) {
-            // The upstream is not asked: guesses stop here.
-            warn!(throttled = ?which, "login refused: too many failures");
-            return Err(self.refuse(replies::throttled(which), peer, user).await);
-        }
         let Some(route) = self.router.route(user) else {
             // No route for this name's domain and no default: as good as a
-            // wrong password, and counted as one.
+            // wrong password, and counted as one (under the login name).
+            let attempt = self.begin(peer, &AccountKey::new("", user)).await?;
             info!(user, "no route for this login");
             metrics().auth("no_route");
-            tokio::time::sleep(self.throttle.failed(ip, user)).await;
+            tokio::time::sleep(attempt.failed()).await;
             return Err(LoginFailure::Refused);
         };
         match &route.auth {
@@ -125,6 +121,8 @@ impl<C: Connector> Bridge<C> {
                     Err(why) => return Err(policy_refused(user, why)),
                 };
                 let upstream_user = route.login.apply(&view.account).to_string();
+                let account = AccountKey::new(&route.account_scope, &upstream_user);
+                let attempt = self.begin(peer, &account).await?;
                 let key = PoolKey {
                     route: route.name.clone(),
                     account: upstream_user.to_lowercase(),
@@ -132,6 +130,9 @@ impl<C: Connector> Bridge<C> {
                     device: None,
                 };
                 let credential = Credential(pass.expose());
+                // A pooled session is taken only with the password it was
+                // opened with (a keyed hash, compared in constant time): a
+                // reuse is a successful login.
                 let session = match self.reuse(&route, &key, &credential).await {
                     Some(s) => s,
                     None => {
@@ -148,16 +149,40 @@ impl<C: Connector> Bridge<C> {
                                 metrics().pool("opened");
                                 s
                             }
-                            Err(e) => return Err(self.upstream_failed(&e, peer, user).await),
+                            Err(e) => return Err(self.upstream_failed(&e, attempt, user).await),
                         }
                     }
                 };
+                attempt.succeeded();
                 let keep = self.keep(&route, key, &credential);
-                self.finish(&route, session, &upstream_user, view, user, keep)
+                self.finish(&route, session, &upstream_user, view, keep)
                     .await
             }
             RouteAuth::Oauth2 { provider } => {
-                self.oauth_login(&route, provider, user, pass, peer).await
+                // The device login is what is guessed (its password is
+                // checked here): it is the account the throttle counts.
+                let attempt = self
+                    .begin(peer, &AccountKey::new(&route.account_scope, user))
+                    .await?;
+                self.oauth_login(&route, provider, user, pass, peer, attempt)
+                    .await
+            }
+        }
+    }
+
+    /// Asks the throttle whether this login may go ahead; a refusal is
+    /// answered (after the pause a failure would get) without asking the
+    /// upstream, and is not counted as a failure.
+    async fn begin(&self, peer: SocketAddr, account: &AccountKey) -> Result<Attempt, LoginFailure> {
+        match self.throttle.begin(peer.ip(), account).await {
+            Ok(attempt) => Ok(attempt),
+            Err(which) => {
+                // The upstream is not asked: guesses stop here.
+                warn!(throttled = ?which, "login refused: too many failures");
+                let r = replies::throttled(which);
+                metrics().auth(r.metric);
+                tokio::time::sleep(self.throttle.refused_delay(peer.ip())).await;
+                Err(r.failure)
             }
         }
     }
@@ -174,24 +199,27 @@ impl<C: Connector> Bridge<C> {
         user: &str,
         pass: &Secret,
         peer: SocketAddr,
+        attempt: Attempt,
     ) -> Result<Login<C::Conn>, LoginFailure> {
         let Some(oauth) = self.oauth.clone() else {
             // Validation builds the runtime whenever a route needs it.
             error!(route = %route.name, "OAuth2 route without an OAuth2 runtime");
-            return Err(self.refuse(replies::OAUTH_MISCONFIGURED, peer, user).await);
+            return Err(self.refuse(replies::OAUTH_MISCONFIGURED, attempt).await);
         };
         let grant = match oauth.authenticate_device(user, pass, peer.ip()).await {
             Ok(g) => g,
             Err(DeviceAuthError::Store(why)) => {
                 // Not the client's fault: not counted as a failed login.
                 warn!(user, error = %why, "device store unavailable");
-                return Err(self.refuse(replies::DEVICE_STORE_DOWN, peer, user).await);
+                return Err(self.refuse(replies::DEVICE_STORE_DOWN, attempt).await);
             }
             Err(e) => {
                 info!(user, reason = %e, "device login refused");
-                return Err(self.refuse(replies::REFUSED, peer, user).await);
+                return Err(self.refuse(replies::REFUSED, attempt).await);
             }
         };
+        // The device password was right; what follows is not a guess.
+        attempt.succeeded();
         let view = match device_view(&route.policy, &grant) {
             Ok(v) => v,
             Err(why) => return Err(policy_refused(user, why)),
@@ -210,7 +238,7 @@ impl<C: Connector> Bridge<C> {
             let keep = self.keep(route, key, &credential);
             let account = account.to_string();
             return self
-                .finish(route, session, &account, view, user, keep)
+                .finish(route, session, &account, view, keep)
                 .await;
         }
         let result = bearer_login(
@@ -228,7 +256,8 @@ impl<C: Connector> Bridge<C> {
                 session
             }
             Err(BearerLoginError::Upstream(e)) => {
-                return Err(self.upstream_failed(&e, peer, user).await)
+                log_upstream_failure(&e, user);
+                return Err(counted(replies::upstream(&e)));
             }
             Err(e) => {
                 match &e {
@@ -259,12 +288,12 @@ impl<C: Connector> Bridge<C> {
                     | BearerLoginError::Throttled(_)
                     | BearerLoginError::Upstream(_) => {}
                 }
-                return Err(self.refuse(replies::bearer(&e), peer, user).await);
+                return Err(counted(replies::bearer(&e)));
             }
         };
         let keep = self.keep(route, key, &credential);
         let account = account.to_string();
-        self.finish(route, session, &account, view, user, keep)
+        self.finish(route, session, &account, view, keep)
             .await
     }
 
@@ -331,29 +360,20 @@ impl<C: Connector> Bridge<C> {
     async fn upstream_failed(
         &self,
         e: &UpstreamError,
-        peer: SocketAddr,
+        attempt: Attempt,
         user: &str,
     ) -> LoginFailure {
-        match e {
-            UpstreamError::AuthFailed(text) => info!(user, upstream = %text, "login refused"),
-            UpstreamError::Throttled(_) => warn!(error = %e, "mail server throttles this account"),
-            UpstreamError::No {
-                command: "SELECT", ..
-            } => warn!(error = %e, "mailbox not available"),
-            _ => {
-                warn!(error = %e, kind = e.kind(), "upstream login failed");
-                metrics().upstream_error(e.kind());
-            }
-        }
-        self.refuse(replies::upstream(e), peer, user).await
+        log_upstream_failure(e, user);
+        self.refuse(replies::upstream(e), attempt).await
     }
 
     /// Counts a refusal; a failed login (wrong credentials) also counts
-    /// against the throttle and waits its delay before the answer.
-    async fn refuse(&self, r: Refusal, peer: SocketAddr, user: &str) -> LoginFailure {
+    /// against the throttle and waits its delay before the answer. Other
+    /// refusals end the attempt uncounted.
+    async fn refuse(&self, r: Refusal, attempt: Attempt) -> LoginFailure {
         metrics().auth(r.metric);
         if r.failed_login {
-            tokio::time::sleep(self.throttle.failed(peer.ip(), user)).await;
+            tokio::time::sleep(attempt.failed()).await;
         }
         r.failure
     }
@@ -365,7 +385,6 @@ impl<C: Connector> Bridge<C> {
         (conn, snap): (C::Conn, Snapshot),
         upstream_user: &str,
         view: SessionView,
-        user: &str,
         keep: Option<Keep<C::Conn>>,
     ) -> Result<Login<C::Conn>, LoginFailure> {
         let lock = if route.policy.lock {
@@ -384,7 +403,6 @@ impl<C: Connector> Bridge<C> {
             None
         };
         info!(route = %route.name, account = upstream_user, messages = snap.messages.len(), "logged in");
-        self.throttle.succeeded(user);
         metrics().auth("ok");
         let mut maildrop = Maildrop::new(snap.uidvalidity, snap.messages);
         // Precedence as in Dovecot: X-UIDL > imported map > template.
@@ -402,6 +420,28 @@ impl<C: Connector> Bridge<C> {
         };
         Ok((session, maildrop, route.profile.clone()))
     }
+}
+
+/// Logs why the IMAP side refused a login.
+fn log_upstream_failure(e: &UpstreamError, user: &str) {
+    match e {
+        UpstreamError::AuthFailed(text) => info!(user, upstream = %text, "login refused"),
+        UpstreamError::Throttled(_) => warn!(error = %e, "mail server throttles this account"),
+        UpstreamError::No {
+            command: "SELECT", ..
+        } => warn!(error = %e, "mailbox not available"),
+        _ => {
+            warn!(error = %e, kind = e.kind(), "upstream login failed");
+            metrics().upstream_error(e.kind());
+        }
+    }
+}
+
+/// Counts a refusal after the credentials were accepted (the attempt is
+/// settled): never a failed login.
+fn counted(r: Refusal) -> LoginFailure {
+    metrics().auth(r.metric);
+    r.failure
 }
 
 /// The session view of a device on an OAuth2 route: the account is the one
@@ -535,6 +575,7 @@ mod with_fake_upstream {
             profile: Profile::default(),
             policy,
             lock_scope: "fake/INBOX".into(),
+            account_scope: "fake".into(),
             uidl_map: None,
             reuse: Reuse {
                 idle: Duration::from_secs(300),
@@ -551,6 +592,7 @@ mod with_fake_upstream {
                 max_failures_per_user: 3,
                 window: Duration::from_secs(300),
                 max_entries: 100,
+                ipv6_prefix_len: 64,
             })),
             oauth: None,
             pool: Arc::new(Pool::new(10).unwrap()),

@@ -39,6 +39,10 @@ pub struct Route<C> {
     pub policy: Policy,
     /// The upstream and mailbox, for session-lock keys.
     pub lock_scope: String,
+    /// Where this route's accounts live (its upstream's address): the
+    /// throttle counts an account as this plus the IMAP user name, so two
+    /// routes to one server share their accounts' budgets.
+    pub account_scope: String,
     /// Where imported UIDL maps are looked up (`uidl_map = true`).
     pub uidl_map: Option<UidlMapSource>,
     /// How long, and how many, idle upstream sessions wait for reuse.
@@ -99,6 +103,7 @@ mod tests {
             profile: Profile::default(),
             policy: Policy::default(),
             lock_scope: String::new(),
+            account_scope: String::new(),
             uidl_map: None,
             reuse: Reuse {
                 idle: std::time::Duration::ZERO,

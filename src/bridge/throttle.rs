@@ -1,10 +1,39 @@
-//! Failed-login throttling per client address and per user name: guesses
-//! stop here, before the IMAP server is asked.
+//! Failed-login throttling per client address and per upstream account:
+//! guesses stop here, before the IMAP server is asked.
+//!
+//! The design, and why (the README's security section says the same):
+//! - **Attempts in flight count.** A login reserves its place before the
+//!   IMAP server is asked and keeps it until the answer; a login that
+//!   would reach a limit if every attempt in flight failed waits for one
+//!   of them to finish. So 40 guesses sent at once are 10 (the limit)
+//!   guesses, not 40, and a burst of good logins from one busy address is
+//!   delayed, never refused.
+//! - **Fixed windows.** A window opens at the first failure and closes
+//!   `window` later; refused attempts are not failures and never extend
+//!   it. An attacker who knocks once a minute cannot keep a lock for ever.
+//! - **Known addresses are spared the per-user limit.** Once an address
+//!   (an IPv6 /64) logged in to an account successfully, the account's
+//!   per-user limit does not apply to it for [`KNOWN_ADDRESS_TTL`]: the
+//!   real user's devices keep working while guesses from elsewhere are
+//!   refused. They stay bound by the per-address limit, and their failures
+//!   count for the account like any other. A success does not reset the
+//!   account's count: that would give an attacker a fresh budget every
+//!   time the real user polls.
+//! - **Keys.** The per-user limit counts the upstream account (the route's
+//!   server and the IMAP user name, after the device tag and `login =
+//!   "local-part"` are applied), so `bob+d0`, `bob+d1`, ... and
+//!   `bob@a.example`, `bob@b.example` share one budget. IPv6 addresses
+//!   count per prefix (`limits.ipv6_prefix_len`, /64 by default: one
+//!   customer's network), IPv4-mapped addresses as IPv4.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moka::sync::Cache;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Settings for [`LoginThrottle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,25 +41,70 @@ pub struct ThrottleConfig {
     /// Pause before answering a failed login (Dovecot's
     /// `auth_failure_delay` is 2 s), growing with repeated failures.
     pub failure_delay: Duration,
-    /// Failures from one address within `window` before further logins
+    /// Failures from one address within a window before further logins
     /// from it are refused without asking the upstream.
     pub max_failures_per_ip: u32,
-    /// Failures for one user name within `window` before further logins
-    /// for it are refused without asking the upstream.
+    /// Failures for one upstream account within a window before further
+    /// logins for it from addresses that never logged in to it are refused
+    /// without asking the upstream.
     pub max_failures_per_user: u32,
-    /// How long failures are remembered.
+    /// How long a window lasts, from its first failure.
     pub window: Duration,
     /// Entries per table; the oldest are evicted first, so an attacker
     /// cycling through addresses or names cannot grow memory.
     pub max_entries: u64,
+    /// IPv6 addresses count per network of this prefix length.
+    pub ipv6_prefix_len: u8,
 }
 
-/// Failed-login memory, bounded in size and time (moka).
+/// How long an address that logged in to an account stays known to it
+/// (spared the account's per-user limit). A device that polls at least
+/// once a month stays known; memory is bounded by `max_entries`.
+pub const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The largest multiple of `failure_delay` applied to one answer.
+const MAX_DELAY_STEPS: u32 = 4;
+
+/// An upstream account, as the throttle counts it: where accounts live (a
+/// route's upstream) and the IMAP user name there, lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccountKey(Arc<str>);
+
+impl AccountKey {
+    /// The account `user` on the upstream `scope`.
+    pub fn new(scope: &str, user: &str) -> Self {
+        Self(format!("{scope}\0{}", user.to_lowercase()).into())
+    }
+}
+
+/// Failures in one fixed window.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    failures: u32,
+    opened: Instant,
+}
+
+/// Logins between their check and their answer.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_ip: HashMap<IpAddr, u32>,
+    by_user: HashMap<AccountKey, u32>,
+}
+
+/// Failed-login memory, bounded in size and time (moka), and the logins in
+/// flight.
 #[derive(Debug)]
 pub struct LoginThrottle {
     config: ThrottleConfig,
-    by_ip: Cache<IpAddr, u32>,
-    by_user: Cache<String, u32>,
+    by_ip: Cache<IpAddr, Window>,
+    by_user: Cache<AccountKey, Window>,
+    /// (account, address) pairs that logged in successfully.
+    known: Cache<(AccountKey, IpAddr), ()>,
+    /// Held while checking and changing counts, so a check and its
+    /// reservation are one step; never across an await.
+    in_flight: Mutex<InFlight>,
+    /// Wakes logins waiting for an attempt in flight to end.
+    settled: Notify,
 }
 
 /// A login that must not be tried now.
@@ -40,20 +114,33 @@ pub enum Throttled {
     User,
 }
 
-/// The largest multiple of `failure_delay` applied to one answer.
-const MAX_DELAY_STEPS: u32 = 4;
+/// What a check decided.
+enum Decision {
+    Go,
+    Refuse(Throttled),
+    /// Attempts in flight could still reach a limit: wait for one to end.
+    Wait,
+}
+
+/// One login attempt between the check and the answer; it holds its place
+/// in the in-flight counts until [`Attempt::failed`], [`Attempt::succeeded`]
+/// or drop (a login that ended otherwise: not counted).
+#[derive(Debug)]
+pub struct Attempt {
+    throttle: Arc<LoginThrottle>,
+    ip: IpAddr,
+    account: AccountKey,
+    done: bool,
+}
 
 impl LoginThrottle {
     pub fn new(config: ThrottleConfig) -> Self {
         Self {
-            by_ip: Cache::builder()
-                .max_capacity(config.max_entries)
-                .time_to_live(config.window)
-                .build(),
-            by_user: Cache::builder()
-                .max_capacity(config.max_entries)
-                .time_to_live(config.window)
-                .build(),
+            by_ip: bounded(config.max_entries, config.window),
+            by_user: bounded(config.max_entries, config.window),
+            known: bounded(config.max_entries, KNOWN_ADDRESS_TTL),
+            in_flight: Mutex::new(InFlight::default()),
+            settled: Notify::new(),
             config,
         }
     }
@@ -63,38 +150,195 @@ impl LoginThrottle {
         &self.config
     }
 
-    fn user_key(user: &str) -> String {
-        user.to_lowercase()
+    /// The key `ip` is counted under (see [`address_key`]).
+    pub fn address_key(&self, ip: IpAddr) -> IpAddr {
+        address_key(ip, self.config.ipv6_prefix_len)
     }
 
-    /// Whether a login from `ip` for `user` may reach the upstream.
-    pub fn check(&self, ip: IpAddr, user: &str) -> Result<(), Throttled> {
-        if self.by_ip.get(&ip).unwrap_or(0) >= self.config.max_failures_per_ip {
-            return Err(Throttled::Address);
+    /// Failures in the window still open, if any.
+    fn failures<K>(cache: &Cache<K, Window>, key: &K, window: Duration, now: Instant) -> u32
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        cache
+            .get(key)
+            .filter(|w| now.duration_since(w.opened) < window)
+            .map_or(0, |w| w.failures)
+    }
+
+    fn decide(&self, counts: &InFlight, ip: IpAddr, account: &AccountKey) -> Decision {
+        let now = Instant::now();
+        let window = self.config.window;
+        let ip_failures = Self::failures(&self.by_ip, &ip, window, now);
+        let ip_pending = counts.by_ip.get(&ip).copied().unwrap_or(0);
+        if ip_failures >= self.config.max_failures_per_ip {
+            return Decision::Refuse(Throttled::Address);
         }
-        if self.by_user.get(&Self::user_key(user)).unwrap_or(0) >= self.config.max_failures_per_user
+        let mut wait = ip_failures + ip_pending >= self.config.max_failures_per_ip;
+        if !self.known.contains_key(&(account.clone(), ip)) {
+            let user_failures = Self::failures(&self.by_user, account, window, now);
+            if user_failures >= self.config.max_failures_per_user {
+                return Decision::Refuse(Throttled::User);
+            }
+            let user_pending = counts.by_user.get(account).copied().unwrap_or(0);
+            wait |= user_failures + user_pending >= self.config.max_failures_per_user;
+        }
+        if wait {
+            Decision::Wait
+        } else {
+            Decision::Go
+        }
+    }
+
+    /// Whether a login from `ip` for `account` may reach the upstream now.
+    /// When attempts in flight could still reach a limit, waits until one
+    /// of them ends and decides again.
+    pub async fn begin(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        account: &AccountKey,
+    ) -> Result<Attempt, Throttled> {
+        let ip = self.address_key(ip);
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the check: an attempt that ends between the
+            // check and the await still wakes this one.
+            settled.as_mut().enable();
+            {
+                let mut counts = self.lock();
+                match self.decide(&counts, ip, account) {
+                    Decision::Refuse(which) => return Err(which),
+                    Decision::Go => {
+                        *counts.by_ip.entry(ip).or_insert(0) += 1;
+                        *counts.by_user.entry(account.clone()).or_insert(0) += 1;
+                        return Ok(Attempt {
+                            throttle: self.clone(),
+                            ip,
+                            account: account.clone(),
+                            done: false,
+                        });
+                    }
+                    Decision::Wait => {}
+                }
+            }
+            settled.await;
+        }
+    }
+
+    /// How long to wait before answering a login the throttle refused
+    /// (the same pause a failure from this address would get; not counted).
+    pub fn refused_delay(&self, ip: IpAddr) -> Duration {
+        let now = Instant::now();
+        let n = Self::failures(&self.by_ip, &self.address_key(ip), self.config.window, now);
+        self.config.failure_delay * n.clamp(1, MAX_DELAY_STEPS)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a failure to `key`'s window (opening a new one if it closed);
+    /// returns the failures in it.
+    fn count_failure<K>(cache: &Cache<K, Window>, key: K, window: Duration) -> u32
+    where
+        K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
+    {
+        let now = Instant::now();
+        cache
+            .entry(key)
+            .and_upsert_with(|e| match e.map(|e| e.into_value()) {
+                Some(w) if now.duration_since(w.opened) < window => Window {
+                    failures: w.failures.saturating_add(1),
+                    opened: w.opened,
+                },
+                _ => Window {
+                    failures: 1,
+                    opened: now,
+                },
+            })
+            .into_value()
+            .failures
+    }
+
+    /// Ends an attempt: releases its place and, for a failure, counts it.
+    fn settle(&self, a: &Attempt, failed: bool) -> u32 {
+        let mut ip_failures = 0;
         {
-            return Err(Throttled::User);
+            let mut counts = self.lock();
+            release(&mut counts.by_ip, &a.ip);
+            release(&mut counts.by_user, &a.account);
+            if failed {
+                ip_failures = Self::count_failure(&self.by_ip, a.ip, self.config.window);
+                Self::count_failure(&self.by_user, a.account.clone(), self.config.window);
+            }
         }
-        Ok(())
+        self.settled.notify_waiters();
+        ip_failures
+    }
+}
+
+/// A cache of at most `entries`, each kept at most `ttl` after its last write.
+fn bounded<K, V>(entries: u64, ttl: Duration) -> Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    Cache::builder()
+        .max_capacity(entries)
+        .time_to_live(ttl)
+        .build()
+}
+
+/// Takes one from a count, removing it at zero.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+impl Attempt {
+    /// A failed login (wrong credentials): counted; returns how long to
+    /// wait before answering.
+    pub fn failed(mut self) -> Duration {
+        self.done = true;
+        let n = self.throttle.settle(&self, true);
+        self.throttle.config.failure_delay * n.clamp(1, MAX_DELAY_STEPS)
     }
 
-    /// Records a failure; returns how long to wait before answering.
-    pub fn failed(&self, ip: IpAddr, user: &str) -> Duration {
-        let ip_count = self
-            .by_ip
-            .entry(ip)
-            .and_upsert_with(|e| e.map_or(1, |e| e.into_value().saturating_add(1)))
-            .into_value();
-        self.by_user
-            .entry(Self::user_key(user))
-            .and_upsert_with(|e| e.map_or(1, |e| e.into_value().saturating_add(1)));
-        self.config.failure_delay * ip_count.clamp(1, MAX_DELAY_STEPS)
+    /// The credentials were right: the address becomes known to the account.
+    pub fn succeeded(mut self) {
+        self.done = true;
+        self.throttle.settle(&self, false);
+        self.throttle
+            .known
+            .insert((self.account.clone(), self.ip), ());
     }
+}
 
-    /// A successful login forgets the user name's failures.
-    pub fn succeeded(&self, user: &str) {
-        self.by_user.invalidate(&Self::user_key(user));
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            self.throttle.settle(self, false);
+        }
+    }
+}
+
+/// The address `ip` is counted as: IPv4 as it is (IPv4-mapped IPv6 too),
+/// IPv6 as its network of `prefix_len` bits (one customer usually has a
+/// whole /64, so counting single addresses would let one attacker have as
+/// many budgets as addresses).
+pub fn address_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let bits = u32::from(prefix_len.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
     }
 }
 
@@ -102,35 +346,168 @@ impl LoginThrottle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn throttle_refuses_after_limits_and_is_bounded() {
-        let t = LoginThrottle::new(ThrottleConfig {
+    fn throttle(per_ip: u32, per_user: u32) -> Arc<LoginThrottle> {
+        Arc::new(LoginThrottle::new(ThrottleConfig {
             failure_delay: Duration::from_millis(10),
-            max_failures_per_ip: 3,
-            max_failures_per_user: 2,
+            max_failures_per_ip: per_ip,
+            max_failures_per_user: per_user,
             window: Duration::from_secs(60),
             max_entries: 100,
-        });
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let other: IpAddr = "192.0.2.9".parse().unwrap();
-        assert_eq!(t.check(ip, "alice"), Ok(()));
-        assert_eq!(t.failed(ip, "alice"), Duration::from_millis(10));
-        assert_eq!(t.failed(ip, "Alice"), Duration::from_millis(20));
-        // User name limit reached (case-insensitive), from any address.
-        assert_eq!(t.check(other, "ALICE"), Err(Throttled::User));
-        assert_eq!(t.check(ip, "bob"), Ok(()));
-        t.failed(ip, "bob");
-        assert_eq!(t.check(ip, "carol"), Err(Throttled::Address));
-        assert_eq!(t.check(other, "carol"), Ok(()));
-        t.succeeded("alice");
-        assert_eq!(t.check(other, "alice"), Ok(()));
+            ipv6_prefix_len: 64,
+        }))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn acct(user: &str) -> AccountKey {
+        AccountKey::new("imap.example:143", user)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttle_refuses_after_limits_and_is_bounded() {
+        let t = throttle(3, 2);
+        let (a, other) = (ip("192.0.2.1"), ip("192.0.2.9"));
+        assert_eq!(
+            t.begin(a, &acct("alice")).await.unwrap().failed(),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            t.begin(a, &acct("Alice")).await.unwrap().failed(),
+            Duration::from_millis(20)
+        );
+        // The account's limit is reached (case-insensitive), from any
+        // address that never logged in to it.
+        assert_eq!(
+            t.begin(other, &acct("ALICE")).await.err(),
+            Some(Throttled::User)
+        );
+        t.begin(a, &acct("bob")).await.unwrap().failed();
+        assert_eq!(
+            t.begin(a, &acct("carol")).await.err(),
+            Some(Throttled::Address)
+        );
+        assert!(t.begin(other, &acct("carol")).await.is_ok());
+        // Another upstream's alice is another account.
+        assert!(t
+            .begin(other, &AccountKey::new("other:143", "alice"))
+            .await
+            .is_ok());
         // Many distinct keys never exceed the bound.
         for i in 0..10_000u32 {
-            t.failed(IpAddr::from(i.to_be_bytes()), &format!("user{i}"));
+            t.begin(IpAddr::from(i.to_be_bytes()), &acct(&format!("user{i}")))
+                .await
+                .unwrap()
+                .failed();
         }
         t.by_ip.run_pending_tasks();
         t.by_user.run_pending_tasks();
         assert!(t.by_ip.entry_count() <= 100, "{}", t.by_ip.entry_count());
         assert!(t.by_user.entry_count() <= 100);
+        assert!(t.lock().by_ip.is_empty() && t.lock().by_user.is_empty());
+    }
+
+    /// Refused attempts are not failures: the window closes one window
+    /// after its first failure however often the throttle refused since.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_never_extend_the_window() {
+        let t = throttle(100, 2);
+        let bob = acct("bob");
+        for i in 0..2u8 {
+            t.begin(IpAddr::from([203, 0, 113, i]), &bob)
+                .await
+                .unwrap()
+                .failed();
+        }
+        for i in 0..59u8 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let from = IpAddr::from([198, 51, 100, i]);
+            assert_eq!(
+                t.begin(from, &bob).await.err(),
+                Some(Throttled::User),
+                "{i}"
+            );
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(t.begin(ip("198.51.100.200"), &bob).await.is_ok());
+    }
+
+    /// An address that logged in to the account is spared its per-user
+    /// limit (not the per-address one), and a success resets nothing.
+    #[tokio::test(start_paused = true)]
+    async fn known_addresses_are_spared_the_per_user_limit() {
+        let t = throttle(3, 2);
+        let (home, away) = (ip("192.0.2.10"), ip("203.0.113.5"));
+        let bob = acct("bob");
+        t.begin(home, &bob).await.unwrap().succeeded();
+        for i in 0..2u8 {
+            t.begin(IpAddr::from([198, 51, 100, i]), &bob)
+                .await
+                .unwrap()
+                .failed();
+        }
+        assert_eq!(t.begin(away, &bob).await.err(), Some(Throttled::User));
+        t.begin(home, &bob).await.unwrap().succeeded();
+        assert_eq!(t.begin(away, &bob).await.err(), Some(Throttled::User));
+        // The home address's own failures still count against it.
+        for _ in 0..3 {
+            t.begin(home, &bob).await.unwrap().failed();
+        }
+        assert_eq!(t.begin(home, &bob).await.err(), Some(Throttled::Address));
+    }
+
+    /// Attempts in flight count: with a limit of 2, a third concurrent
+    /// attempt waits, and is refused when both fail; when one succeeds
+    /// instead, it goes ahead. A dropped attempt releases its place.
+    #[tokio::test(start_paused = true)]
+    async fn attempts_in_flight_count_against_the_limits() {
+        let t = throttle(100, 2);
+        let bob = acct("bob");
+        let a = t.begin(ip("192.0.2.1"), &bob).await.unwrap();
+        let b = t.begin(ip("192.0.2.2"), &bob).await.unwrap();
+        let third = {
+            let t = t.clone();
+            let bob = bob.clone();
+            tokio::spawn(async move { t.begin(ip("192.0.2.3"), &bob).await.map(drop) })
+        };
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "the third attempt went ahead");
+        a.failed();
+        tokio::task::yield_now().await;
+        assert!(
+            !third.is_finished(),
+            "one failure and one in flight make two"
+        );
+        b.failed();
+        assert_eq!(third.await.unwrap(), Err(Throttled::User));
+
+        let t = throttle(100, 2);
+        let a = t.begin(ip("192.0.2.1"), &bob).await.unwrap();
+        let b = t.begin(ip("192.0.2.2"), &bob).await.unwrap();
+        let third = {
+            let t = t.clone();
+            let bob = bob.clone();
+            tokio::spawn(async move { t.begin(ip("192.0.2.3"), &bob).await.map(drop) })
+        };
+        a.succeeded();
+        drop(b);
+        assert_eq!(third.await.unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn addresses_count_per_ipv6_prefix() {
+        assert_eq!(address_key(ip("192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(address_key(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(
+            address_key(ip("2001:db8:1:2:a:b:c:d"), 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            address_key(ip("2001:db8:1:2:a:b:c:d"), 48),
+            ip("2001:db8:1::")
+        );
+        assert_eq!(address_key(ip("2001:db8::7"), 128), ip("2001:db8::7"));
+        assert_eq!(address_key(ip("2001:db8::7"), 0), ip("::"));
     }
 }

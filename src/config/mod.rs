@@ -89,6 +89,11 @@ pub struct ListenConfig {
     pub proxy_protocol: bool,
     /// Networks allowed to send a PROXY header, e.g. `["10.0.0.0/8"]`.
     pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// Offer STLS (RFC 2595) on the plain listener when `[tls]` has a
+    /// certificate. `false` keeps it off: some old clients (PHP's c-client)
+    /// try STLS whenever it is offered and then fail the handshake; they
+    /// log in without TLS from `auth.plaintext_networks` instead.
+    pub stls: bool,
 }
 
 impl Default for ListenConfig {
@@ -98,6 +103,7 @@ impl Default for ListenConfig {
             tls_address: String::new(),
             proxy_protocol: false,
             proxy_trusted: Vec::new(),
+            stls: true,
         }
     }
 }
@@ -117,12 +123,20 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Allow USER/PASS and AUTH on unencrypted connections from
-    /// non-loopback clients (Dovecot's `disable_plaintext_auth = no`).
+    /// Allow USER/PASS and AUTH on unencrypted connections from every
+    /// network (Dovecot's `disable_plaintext_auth = no`); the same as
+    /// `plaintext_networks = ["0.0.0.0/0", "::/0"]`, kept for existing
+    /// configurations.
     pub allow_plaintext: bool,
+    /// Networks whose clients may log in without TLS, e.g. the LAN of old
+    /// scanners: `["192.168.1.0/24"]`. The client's address is the one a
+    /// trusted PROXY header declares, when there is one.
+    pub plaintext_networks: Vec<ipnet::IpNet>,
     /// Count loopback clients (127.0.0.0/8, ::1) as secure, as Dovecot does:
-    /// nothing crosses a network. Turn off when a local relay forwards
-    /// remote clients without TLS.
+    /// nothing crosses a network. Only the real socket peer counts, and only
+    /// on a connection without a PROXY header declaring an address (behind
+    /// a load balancer the client's bytes crossed a network). Turn off when
+    /// a local relay forwards remote clients without TLS.
     pub loopback_is_secure: bool,
     /// Milliseconds to wait before answering a failed login; doubles up to
     /// 4x with repeated failures from the same address.
@@ -144,6 +158,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             allow_plaintext: false,
+            plaintext_networks: Vec::new(),
             loopback_is_secure: true,
             failure_delay_ms: 2000,
             max_failures_per_ip: 20,
@@ -474,7 +489,10 @@ pub struct Pop3Config {
     pub lock: bool,
     /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
     pub idle_timeout_secs: u64,
-    /// Seconds a client has to log in.
+    /// Seconds from accept to a successful login: a deadline for the whole
+    /// AUTHORIZATION state (PROXY header, TLS handshake, every command), not
+    /// a limit per read, so a client that trickles bytes or repeats CAPA
+    /// cannot keep a session unauthenticated.
     pub login_timeout_secs: u64,
     /// Text after "+OK " in the greeting.
     pub greeting: String,
@@ -515,6 +533,13 @@ pub struct LimitsConfig {
     /// Idle upstream sessions kept for reuse, all routes together (the
     /// least recently used leaves first).
     pub max_idle_upstream: usize,
+    /// IPv6 clients count as one address per network of this prefix length
+    /// for `max_sessions_per_ip`, `auth.max_failures_per_ip` and the
+    /// throttle's known addresses. 64: one customer's network (RFC 6177
+    /// gives sites a /48 or /56 and every LAN a /64), so an attacker cannot
+    /// rotate through the 2^64 addresses of one LAN. 128: every address on
+    /// its own. IPv4 addresses count one by one.
+    pub ipv6_prefix_len: u8,
 }
 
 impl Default for LimitsConfig {
@@ -524,6 +549,7 @@ impl Default for LimitsConfig {
             max_sessions_per_ip: 50,
             listen_backlog: 1024,
             max_idle_upstream: 1000,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -760,6 +786,12 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError(format!("{key} must be greater than 0")));
             }
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix_len) {
+            return Err(ConfigError(format!(
+                "limits.ipv6_prefix_len = {} must be between 1 and 128 (64 counts one IPv6 LAN as one address)",
+                self.limits.ipv6_prefix_len
+            )));
         }
         if self.pop3.idle_timeout_secs < MIN_IDLE_TIMEOUT_SECS {
             return Err(ConfigError(format!(

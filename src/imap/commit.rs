@@ -9,7 +9,33 @@ use super::syntax::{messages, quote_mailbox, uid_sets};
 use super::{CommitReport, DeleteAction, UpstreamError};
 use crate::config::NoUidplus;
 
+/// The private keyword QUIT sets together with `\Deleted` (one STORE) on
+/// the messages it is about to expunge. If the connection breaks before
+/// `UID EXPUNGE` runs, those messages (and only they) keep `\Deleted`, and
+/// an IMAP client's EXPUNGE would remove them although the POP3 client
+/// was told QUIT failed; the next login of the account finds them by this
+/// keyword and takes both flags back. Used where the mailbox's
+/// PERMANENTFLAGS allow it; elsewhere `\Deleted` is set alone, as before.
+pub const EXPUNGING_KEYWORD: &str = "$PopbridgeExpunge";
+
 impl ImapConn {
+    /// The flags QUIT sets on messages it is about to expunge.
+    fn expunge_flags(&self) -> String {
+        if self.marks_expunging {
+            format!("{EXPUNGING_KEYWORD} \\Deleted")
+        } else {
+            "\\Deleted".to_string()
+        }
+    }
+
+    /// Removes `\Deleted` and [`EXPUNGING_KEYWORD`] from `uids`: what QUIT
+    /// set and did not expunge (a message another client had flagged
+    /// `\Deleted` loses the flag too; that keeps mail, never loses it).
+    pub(super) async fn take_back_deleted(&mut self, uids: &[u32]) -> Result<(), UpstreamError> {
+        let flags = self.expunge_flags();
+        self.store(uids, "-FLAGS.SILENT", &flags).await
+    }
+
     pub(super) async fn commit_inner(
         &mut self,
         delete: &[u32],
@@ -61,7 +87,21 @@ impl ImapConn {
             }
         }
         self.expunge_exactly(delete).await?;
-        self.verify_removed(delete, None).await
+        let report = self.verify_removed(delete, None).await?;
+        self.keep_what_stayed(&report).await;
+        Ok(report)
+    }
+
+    /// Messages still there after an expunge keep no flag of popbridge's:
+    /// QUIT answers -ERR for them, so an IMAP client's EXPUNGE must not
+    /// remove them later.
+    async fn keep_what_stayed(&mut self, report: &CommitReport) {
+        if report.not_removed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.take_back_deleted(&report.not_removed).await {
+            warn!(error = %e, "could not take \\Deleted back from messages that stayed");
+        }
     }
 
     /// Flags `uids` `\Deleted` and removes exactly them with `UID EXPUNGE`
@@ -72,8 +112,9 @@ impl ImapConn {
     /// later. (A message another client had flagged `\Deleted` loses the
     /// flag too; that keeps mail, never loses it.)
     async fn expunge_exactly(&mut self, uids: &[u32]) -> Result<(), UpstreamError> {
+        let flags = self.expunge_flags();
         let r = async {
-            self.store(uids, "+FLAGS.SILENT", "\\Deleted").await?;
+            self.store(uids, "+FLAGS.SILENT", &flags).await?;
             for set in uid_sets(uids) {
                 self.exec(&format!("UID EXPUNGE {set}"), "UID EXPUNGE", |_| {})
                     .await?;
@@ -83,7 +124,7 @@ impl ImapConn {
         .await;
         if let Err(e) = &r {
             if !e.is_fatal() {
-                if let Err(undo) = self.store(uids, "-FLAGS.SILENT", "\\Deleted").await {
+                if let Err(undo) = self.take_back_deleted(uids).await {
                     warn!(error = %undo, "could not take \\Deleted back after a failed expunge");
                     if undo.is_fatal() {
                         self.poisoned = true;
@@ -161,6 +202,9 @@ impl ImapConn {
             self.expunge_exactly(uids).await?;
         }
         let mut report = self.verify_removed(uids, None).await?;
+        if !self.has_move {
+            self.keep_what_stayed(&report).await;
+        }
         if report.not_removed.is_empty() {
             report.summary = Some(format!("{} moved to {mailbox}.", messages(uids.len())));
         }
@@ -197,13 +241,16 @@ impl ImapConn {
         if !self.others_deleted(delete).await?.is_empty() {
             return Ok(refused());
         }
-        self.store(delete, "+FLAGS.SILENT", "\\Deleted").await?;
+        let flags = self.expunge_flags();
+        self.store(delete, "+FLAGS.SILENT", &flags).await?;
         if !self.others_deleted(delete).await?.is_empty() {
-            self.store(delete, "-FLAGS.SILENT", "\\Deleted").await?;
+            self.take_back_deleted(delete).await?;
             return Ok(refused());
         }
         self.exec("EXPUNGE", "EXPUNGE", |_| {}).await?;
-        self.verify_removed(delete, None).await
+        let report = self.verify_removed(delete, None).await?;
+        self.keep_what_stayed(&report).await;
+        Ok(report)
     }
 
     /// Checks that none of `delete` still exists.

@@ -354,6 +354,7 @@ impl Connector for ImapConnector {
                 next: None,
                 ahead: None,
                 capabilities: Vec::new(),
+                marks_expunging: false,
             };
             let r = conn.select_and_snapshot().await;
             let snapshot = conn.note(r)?;
@@ -392,6 +393,11 @@ pub struct ImapConn {
     /// What the server announced after login, as written (for `popbridge
     /// doctor`; `uidplus` and `has_move` are what the session uses).
     pub(super) capabilities: Vec<String>,
+    /// The mailbox takes [`EXPUNGING_KEYWORD`](super::commit::EXPUNGING_KEYWORD)
+    /// (PERMANENTFLAGS lists it or `\*`): QUIT marks what it flags
+    /// `\Deleted` with it, so a later login can take the flags back when
+    /// the expunge never happened.
+    pub(super) marks_expunging: bool,
 }
 
 /// A body FETCH sent ahead of time (pipelined, RFC 3501 §5.5).

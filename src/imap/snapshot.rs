@@ -4,9 +4,10 @@
 use async_imap::imap_proto::{
     AttributeValue, Capability, MailboxDatum, Response, ResponseCode, Status,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::cache::{self, Listing, ListingKey, Plan};
+use super::commit::EXPUNGING_KEYWORD;
 use super::conn::ImapConn;
 use super::syntax::{quote_mailbox, x_uidl};
 use super::{Snapshot, UpstreamError};
@@ -32,6 +33,15 @@ impl ImapConn {
             .wire
             .send(&format!("SELECT {mailbox}"), "SELECT")
             .await?;
+        // Messages a QUIT flagged \Deleted and never expunged (the
+        // connection broke in between): asked in the same round trip.
+        let abandoned_tag = self
+            .wire
+            .send(
+                &format!("UID SEARCH KEYWORD {EXPUNGING_KEYWORD}"),
+                "UID SEARCH",
+            )
+            .await?;
         let mut uidplus = false;
         let mut has_move = false;
         let mut names = Vec::new();
@@ -55,25 +65,59 @@ impl ImapConn {
         let mut exists = None;
         let mut uidvalidity = None;
         let mut uidnext = None;
+        let mut marks = false;
         self.wire
             .finish(&select_tag, "SELECT", |r| match r {
                 Response::MailboxData(MailboxDatum::Exists(n)) => exists = Some(*n),
                 Response::Data {
                     status: Status::Ok,
                     outcome,
-                } => match outcome.code {
-                    Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
-                    Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                } => match &outcome.code {
+                    Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(*v),
+                    Some(ResponseCode::UidNext(n)) => uidnext = Some(*n),
+                    Some(ResponseCode::PermanentFlags(flags)) => {
+                        marks = flags.iter().any(|f| {
+                            f.as_ref() == "\\*" || f.eq_ignore_ascii_case(EXPUNGING_KEYWORD)
+                        })
+                    }
                     _ => {}
                 },
                 _ => {}
             })
             .await?;
+        self.marks_expunging = marks;
+        let mut abandoned = Vec::new();
+        let searched = self
+            .wire
+            .finish(&abandoned_tag, "UID SEARCH", |r| {
+                if let Response::MailboxData(MailboxDatum::Search(v)) = r {
+                    abandoned.extend_from_slice(v);
+                }
+            })
+            .await;
+        match searched {
+            Ok(_) => {}
+            // A server that cannot search by keyword has none of ours.
+            Err(e) if !e.is_fatal() => {
+                debug!(error = %e, "search for interrupted expunges refused");
+                abandoned.clear();
+            }
+            Err(e) => return Err(e),
+        }
         let (Some(exists), Some(uidvalidity)) = (exists, uidvalidity) else {
             return Err(UpstreamError::Protocol(
                 "SELECT without EXISTS or UIDVALIDITY".into(),
             ));
         };
+        if !abandoned.is_empty() {
+            abandoned.sort_unstable();
+            abandoned.dedup();
+            self.take_back_deleted(&abandoned).await?;
+            warn!(
+                messages = abandoned.len(),
+                "took back \\Deleted that an interrupted QUIT had set (its UID EXPUNGE never ran)"
+            );
+        }
 
         let key = self.config.cache.as_ref().map(|_| ListingKey {
             upstream: self.config.address.as_str().into(),

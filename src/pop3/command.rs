@@ -13,10 +13,15 @@ use std::num::NonZeroU32;
 pub const MAX_COMMAND_LINE: usize = 255;
 
 /// SASL lines (`AUTH` with an initial response, and the client's answers to
-/// `+` challenges) are not held to the 255-octet command limit (RFC 5034 §4);
-/// they are capped at 12288 octets, the minimum RFC 4954 §4 asks SMTP AUTH
-/// servers to accept. A PLAIN response with long credentials fits easily.
+/// `+` challenges) are not held to the 255-octet command limit (RFC 5034 §4
+/// lets `AUTH` carry the initial response); they are capped at 12288
+/// octets, the minimum RFC 4954 §4 asks SMTP AUTH servers to accept. A
+/// PLAIN response with long credentials fits easily.
 pub const MAX_SASL_LINE: usize = 12288;
+
+/// A line that starts with this (case-insensitively) is an `AUTH` command,
+/// which may be as long as [`LineDecoder::set_auth_max`] allows.
+const AUTH_PREFIX: &[u8] = b"AUTH ";
 
 /// A complete input line, or the news that one was too long.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +41,9 @@ pub struct LineDecoder {
     discarding: bool,
     /// The line limit, CRLF included.
     max: usize,
+    /// The limit for a line that starts with `AUTH ` (an initial response
+    /// may follow the mechanism); never below `max`.
+    auth_max: usize,
 }
 
 impl Default for LineDecoder {
@@ -51,6 +59,7 @@ impl LineDecoder {
             line: Vec::with_capacity(64),
             discarding: false,
             max,
+            auth_max: max,
         }
     }
 
@@ -76,7 +85,12 @@ impl LineDecoder {
             // the next read, so it gets its octet too.
             let content_len = self.line.len() + chunk.len();
             let ends_cr = chunk.last().or(self.line.last()) == Some(&b'\r');
-            let limit = self.max.saturating_sub(2);
+            let max = if self.auth_max > self.max && self.starts_auth(chunk) {
+                self.auth_max
+            } else {
+                self.max
+            };
+            let limit = max.saturating_sub(2);
             if content_len > limit && !(ends_cr && content_len - 1 <= limit) {
                 self.line.clear();
                 self.discarding = !has_lf;
@@ -97,6 +111,25 @@ impl LineDecoder {
     /// allow longer lines than commands).
     pub fn set_max(&mut self, max: usize) {
         self.max = max;
+    }
+
+    /// Changes the limit for `AUTH` command lines that follow (an initial
+    /// response makes them longer than other commands); below the general
+    /// limit it has no effect.
+    pub fn set_auth_max(&mut self, max: usize) {
+        self.auth_max = max;
+    }
+
+    /// Whether the current line (what is buffered, then `chunk`) starts
+    /// with `AUTH `. A line too short to tell is not one yet: it is within
+    /// every limit anyway.
+    fn starts_auth(&self, chunk: &[u8]) -> bool {
+        let mut head = [0u8; AUTH_PREFIX.len()];
+        let have = self.line.len().min(head.len());
+        head[..have].copy_from_slice(&self.line[..have]);
+        let more = (head.len() - have).min(chunk.len());
+        head[have..have + more].copy_from_slice(&chunk[..more]);
+        have + more == head.len() && head.eq_ignore_ascii_case(AUTH_PREFIX)
     }
 
     /// True when no partial line is buffered (the input so far ended on a
@@ -413,6 +446,51 @@ mod tests {
         // limit is on content plus CRLF as RFC 2449 counts it.
         let lf = [vec![b'a'; 253], b"\n".to_vec()].concat();
         assert_eq!(lines(&lf, 3), vec![Line::Complete(vec![b'a'; 253])]);
+    }
+
+    /// An `AUTH` line may be as long as the AUTH limit (RFC 5034 §4
+    /// initial responses), whatever the chunking; other lines keep the
+    /// command limit.
+    #[test]
+    fn auth_lines_may_be_longer_in_any_chunking() {
+        let ir = vec![b'Q'; 9_000];
+        let transcript = [
+            b"auth PLAIN ".to_vec(),
+            ir.clone(),
+            b"\r\nUSER ".to_vec(),
+            vec![b'u'; 300],
+            b"\r\nAUTH PLAIN ".to_vec(),
+            vec![b'Q'; MAX_SASL_LINE],
+            b"\r\nNOOP\r\n".to_vec(),
+        ]
+        .concat();
+        let want = vec![
+            Line::Complete([b"auth PLAIN ".to_vec(), ir].concat()),
+            Line::TooLong,
+            Line::TooLong,
+            Line::Complete(b"NOOP".to_vec()),
+        ];
+        for chunk in [1, 2, 3, 4, 5, 6, 7, 64, 255, 4096, transcript.len()] {
+            let mut dec = LineDecoder::default();
+            dec.set_auth_max(MAX_SASL_LINE);
+            let mut out = Vec::new();
+            for piece in transcript.chunks(chunk) {
+                let mut piece = piece;
+                while let Some(line) = dec.decode(&mut piece) {
+                    out.push(line);
+                }
+                assert!(dec.line.len() <= MAX_SASL_LINE);
+            }
+            assert_eq!(out, want, "chunk size {chunk}");
+        }
+        // Without the AUTH limit, AUTH lines are commands like any other.
+        assert_eq!(
+            lines(
+                &[b"AUTH PLAIN ".to_vec(), vec![b'Q'; 300], b"\r\n".to_vec()].concat(),
+                9
+            ),
+            vec![Line::TooLong]
+        );
     }
 
     #[test]

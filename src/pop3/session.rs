@@ -249,6 +249,16 @@ impl Session {
         }
     }
 
+    /// The longest an `AUTH` command line may be now: in AUTHORIZATION it
+    /// may carry an initial response (RFC 5034 §4) as long as any SASL
+    /// line; elsewhere it is a command like the others.
+    pub fn max_auth_line(&self) -> usize {
+        match self.state {
+            State::Authorization { .. } | State::Sasl(_) => MAX_SASL_LINE,
+            _ => MAX_COMMAND_LINE,
+        }
+    }
+
     /// TLS is active.
     pub fn is_secure(&self) -> bool {
         self.secure
@@ -928,6 +938,7 @@ mod tests {
             }
         );
         let mut s = Session::new(SessionConfig::default(), false);
+        assert_eq!(s.max_auth_line(), MAX_SASL_LINE);
         assert_eq!(run(&mut s, "AUTH PLAIN").1, "+ \r\n");
         assert_eq!(s.max_line(), MAX_SASL_LINE);
         let (a, _) = run(&mut s, &b64(b"alice\0alice\0pw"));

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant as Deadline};
 use tracing::{debug, error, info, warn, Span};
 
 use super::{ServerSettings, Shared};
@@ -36,13 +36,35 @@ pub const READ_BUFFER: usize = 4096;
 /// small: it is allocated for every session, idle ones included.
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
+/// How long the farewell to a client that missed the login deadline may
+/// take to write (the deadline itself has passed by then).
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer {
+    /// The client: the socket peer, or the address a trusted PROXY header
+    /// declared. Logs, limits, throttling and `plaintext_networks` use it.
+    pub client: SocketAddr,
+    /// The real socket peer is loopback and no PROXY header declared
+    /// another client: nothing crossed a network (`loopback_is_secure`).
+    /// A declared address never counts, loopback or not.
+    pub direct_loopback: bool,
+}
+
 /// Serves one accepted connection (after its PROXY header) to the end.
+/// `login_deadline` is when a client that has not logged in is cut off
+/// (`pop3.login_timeout_secs` after accept).
 pub(super) async fn handle<C: Connector>(
     stream: TcpStream,
-    peer: SocketAddr,
+    Peer {
+        client: peer,
+        direct_loopback,
+    }: Peer,
     implicit: bool,
     shared: Arc<Shared<C>>,
     closing: watch::Receiver<bool>,
+    login_deadline: Deadline,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
@@ -63,7 +85,7 @@ pub(super) async fn handle<C: Connector>(
         let Some(tls) = &shared.tls else {
             return;
         };
-        match timeout(settings.login_timeout, tls.acceptor().accept(stream)).await {
+        match timeout_at(login_deadline, tls.acceptor().accept(stream)).await {
             Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 info!(error = %e, "TLS handshake failed");
@@ -78,10 +100,15 @@ pub(super) async fn handle<C: Connector>(
         ClientStream::Plain(stream)
     };
     let mut session_config = settings.session.clone();
-    session_config.stls_available = shared.tls.is_some();
-    // Like Dovecot, loopback counts as secure: nothing crosses a network.
-    session_config.plaintext_ok =
-        settings.allow_plaintext_auth || (settings.loopback_is_secure && peer.ip().is_loopback());
+    session_config.stls_available = settings.stls && shared.tls.is_some();
+    // Like Dovecot, a loopback peer counts as secure: nothing crosses a
+    // network. A listed network is the operator's decision.
+    let client_ip = peer.ip().to_canonical();
+    session_config.plaintext_ok = (settings.loopback_is_secure && direct_loopback)
+        || settings
+            .plaintext_networks
+            .iter()
+            .any(|n| n.contains(&client_ip));
     let mut conn = Connection {
         stream: BufWriter::with_capacity(WRITE_BUFFER, stream),
         inbuf: vec![0; READ_BUFFER].into_boxed_slice(),
@@ -97,6 +124,8 @@ pub(super) async fn handle<C: Connector>(
         stats: Stats::default(),
         user_recorded: false,
         closing,
+        login_deadline,
+        farewell: false,
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
@@ -213,6 +242,10 @@ struct Connection<C: Connector> {
     user_recorded: bool,
     /// Becomes true at the drain deadline: end after the current command.
     closing: watch::Receiver<bool>,
+    /// Until login, reads, writes and the STLS handshake end here.
+    login_deadline: Deadline,
+    /// Writing the last words to a client that missed the login deadline.
+    farewell: bool,
 }
 
 impl<C: Connector> Connection<C> {
@@ -359,7 +392,9 @@ impl<C: Connector> Connection<C> {
                 "STLS on a connection that is not plain",
             )));
         };
-        let tls_stream = timeout(self.settings.login_timeout, tls.acceptor().accept(tcp))
+        // STLS comes before login: the handshake has what is left of the
+        // login deadline.
+        let tls_stream = timeout_at(self.login_deadline, tls.acceptor().accept(tcp))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         self.stream =
@@ -502,6 +537,7 @@ impl<C: Connector> Connection<C> {
                 return self.shutting_down().await;
             }
             self.decoder.set_max(self.session.max_line());
+            self.decoder.set_auth_max(self.session.max_auth_line());
             let mut input = &self.inbuf[self.pos..self.end];
             let before = input.len();
             let line = self.decoder.decode(&mut input);
@@ -510,21 +546,32 @@ impl<C: Connector> Connection<C> {
                 return Ok(Some(line));
             }
             self.flush().await?;
-            let wait = if self.session.is_authenticated() {
-                self.settings.idle_timeout
+            let authenticated = self.session.is_authenticated();
+            let until = if authenticated {
+                Deadline::now() + self.settings.idle_timeout
             } else {
-                self.settings.login_timeout
+                self.login_deadline
             };
             let read = tokio::select! {
-                r = timeout(wait, self.stream.read(&mut self.inbuf)) => r,
+                r = timeout_at(until, self.stream.read(&mut self.inbuf)) => r,
                 _ = self.closing.changed() => return self.shutting_down().await,
             };
             let n = match read {
                 Ok(r) => r?,
                 Err(_) => {
-                    info!("client idle too long");
                     self.out.clear();
-                    err(&mut self.out, None, "Disconnected for inactivity.");
+                    if authenticated {
+                        info!("client idle too long");
+                        err(&mut self.out, None, "Disconnected for inactivity.");
+                    } else {
+                        info!("login time limit reached");
+                        err(
+                            &mut self.out,
+                            None,
+                            "Login time limit reached, disconnecting.",
+                        );
+                        self.farewell = true;
+                    }
                     self.send_out().await?;
                     self.flush().await?;
                     return Err(Stop::Client(std::io::ErrorKind::TimedOut.into()));
@@ -563,16 +610,30 @@ impl<C: Connector> Connection<C> {
         Ok(())
     }
 
+    /// When a write or flush must be done: after an idle timeout, and
+    /// before login at the login deadline too (a client that does not read
+    /// cannot hold an unauthenticated session either).
+    fn write_deadline(&self) -> Deadline {
+        let now = Deadline::now();
+        if self.farewell {
+            now + FAREWELL_TIMEOUT
+        } else if self.session.is_authenticated() {
+            now + self.settings.idle_timeout
+        } else {
+            self.login_deadline.min(now + self.settings.idle_timeout)
+        }
+    }
+
     async fn write(&mut self, data: &[u8]) -> Result<()> {
         Ok(
-            timeout(self.settings.idle_timeout, self.stream.write_all(data))
+            timeout_at(self.write_deadline(), self.stream.write_all(data))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
         )
     }
 
     async fn flush(&mut self) -> Result<()> {
-        Ok(timeout(self.settings.idle_timeout, self.stream.flush())
+        Ok(timeout_at(self.write_deadline(), self.stream.flush())
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??)
     }

@@ -1,4 +1,6 @@
 //! Sessions per client address: one address cannot take every session.
+//! The caller chooses the key (an IPv6 client counts by its network; see
+//! [`crate::bridge::throttle::address_key`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -41,14 +41,20 @@ pub struct ServerSettings {
     pub greeting: String,
     /// RFC 1939 §3 autologout timer in TRANSACTION (at least 10 minutes).
     pub idle_timeout: Duration,
-    /// Time allowed to log in; also bounds the TLS handshake.
+    /// Time from accept to a successful login: the PROXY header, the TLS
+    /// handshake (POP3S or STLS) and every command before login share it,
+    /// so a client that trickles bytes cannot hold a session unauthenticated.
     pub login_timeout: Duration,
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
-    /// Allow USER/PASS and AUTH without TLS from non-loopback clients.
-    pub allow_plaintext_auth: bool,
-    /// Loopback clients count as secure.
+    /// Clients in these networks may log in without TLS (`allow_plaintext`
+    /// puts every network here).
+    pub plaintext_networks: Vec<ipnet::IpNet>,
+    /// A direct loopback peer (no PROXY header declaring another client)
+    /// counts as secure.
     pub loopback_is_secure: bool,
+    /// Offer STLS on the plain listener (when a certificate is configured).
+    pub stls: bool,
     /// Expect a PROXY protocol header from peers in `proxy_trusted`.
     pub proxy_protocol: bool,
     /// Peers allowed to send a PROXY header (load balancers).
@@ -220,6 +226,8 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 continue;
             }
         };
+        // The login deadline counts from here.
+        let accepted = tokio::time::Instant::now();
         let id = server.ids.fetch_add(1, Ordering::Relaxed);
         let tls = if listener.implicit_tls {
             "implicit"
@@ -241,15 +249,17 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 };
                 let mut stream = stream;
                 let settings = &shared.settings;
-                let client = if settings.proxy_protocol
+                // `proxied`: a trusted PROXY header declared the client, so
+                // the socket peer is the load balancer, not the client.
+                let (client, proxied) = if settings.proxy_protocol
                     && settings
                         .proxy_trusted
                         .iter()
                         .any(|n| n.contains(&peer.ip()))
                 {
                     match timeout(proxy::HEADER_TIMEOUT, proxy::read_header(&mut stream)).await {
-                        Ok(Ok(proxy::Header::Proxied(addr))) => addr,
-                        Ok(Ok(proxy::Header::Local)) => peer,
+                        Ok(Ok(proxy::Header::Proxied(addr))) => (addr, true),
+                        Ok(Ok(proxy::Header::Local)) => (peer, false),
                         Ok(Err(e)) => {
                             warn!(error = %e, "bad PROXY header, closing");
                             metrics().refused("proxy_header");
@@ -262,14 +272,21 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                         }
                     }
                 } else {
-                    peer
+                    (peer, false)
                 };
                 Span::current().record("client", tracing::field::display(client));
-                // Limits and throttling count the real client.
-                let Some(_slot) = per_ip.acquire(client.ip()) else {
+                // Limits and throttling count the real client (an IPv6
+                // client by its network: limits.ipv6_prefix_len).
+                let key = shared.bridge.throttle.address_key(client.ip());
+                let Some(_slot) = per_ip.acquire(key) else {
                     return refuse(stream, implicit, &shared, "address_limit").await;
                 };
-                connection::handle(stream, client, implicit, shared, closing).await
+                let login_deadline = accepted + shared.settings.login_timeout;
+                let peer = connection::Peer {
+                    client,
+                    direct_loopback: !proxied && peer.ip().to_canonical().is_loopback(),
+                };
+                connection::handle(stream, peer, implicit, shared, closing, login_deadline).await
             }
             .instrument(span),
         );

@@ -750,7 +750,9 @@ fn quit_when_upstream_dies_during_commit_removes_nothing() {
 
     let relay = Relay::start(
         dovecot.imap_port,
-        vec![(1, Fault::client_sends(b"(\\Deleted)", Action::Cut))],
+        // "\Deleted)": the STORE that sets \Deleted (with popbridge's
+        // private keyword before it, where the mailbox takes keywords).
+        vec![(1, Fault::client_sends(b"\\Deleted)", Action::Cut))],
     );
     let bridge = Popbridge::start(relay.port, &[]);
     let mut c = Client::connect(bridge.port);
@@ -770,6 +772,78 @@ fn quit_when_upstream_dies_during_commit_removes_nothing() {
     assert_eq!(relay.fired(), 1, "the relay never saw the \\Deleted STORE");
     assert_quit_failed(answer, "QUIT whose commit failed must answer -ERR");
     assert_nothing_removed(&dovecot, &before);
+}
+
+/// The upstream dies between the `\Deleted` STORE and the `UID EXPUNGE`
+/// of a QUIT: QUIT answers -ERR, the DELE'd messages (and only they) are
+/// left flagged `\Deleted` for that moment, and the next login of the
+/// account takes popbridge's flags back, so an IMAP client's EXPUNGE
+/// removes nothing. A message an IMAP user had flagged `\Deleted` keeps
+/// its flag.
+#[test]
+fn a_quit_cut_before_uid_expunge_has_its_flags_taken_back_at_the_next_login() {
+    let dovecot = Dovecot::start();
+    for name in ["plain_crlf", "dot_lines", "eight_bit", "bare_lf"] {
+        dovecot.deliver("alice", &corpus_message(name));
+    }
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    let before = imap.uids();
+    assert_eq!(before.len(), 4);
+    // An IMAP user's own \Deleted, on message 4.
+    imap.uid_store_flags(before[3], "\\Deleted");
+    imap.logout();
+
+    let relay = Relay::start(
+        dovecot.imap_port,
+        vec![(1, Fault::client_sends(b"UID EXPUNGE", Action::Cut))],
+    );
+    let bridge = Popbridge::start(relay.port, &[]);
+    let mut c = Client::connect(bridge.port);
+    c.login("alice", "secret");
+    for n in [1, 2] {
+        let r = c.cmd(&format!("DELE {n}"));
+        assert!(r.starts_with("+OK"), "DELE {n}: {r}");
+    }
+    c.send("QUIT");
+    let answer = c.line();
+    assert_eq!(relay.fired(), 1, "the relay never saw the UID EXPUNGE");
+    assert_quit_failed(answer, "QUIT whose UID EXPUNGE never ran must answer -ERR");
+
+    let deleted = |imap: &mut Imap, uid: u32| imap.flags(uid).iter().any(|f| f == "\\Deleted");
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    assert_eq!(imap.uids(), before, "messages were removed");
+    let flagged: Vec<bool> = before.iter().map(|&u| deleted(&mut imap, u)).collect();
+    assert_eq!(
+        flagged,
+        [true, true, false, true],
+        "right after the cut: exactly the DELE'd messages (and the IMAP user's) are \\Deleted"
+    );
+    imap.logout();
+
+    // The next login of the account, through popbridge, takes them back.
+    let mut c = Client::connect(bridge.port);
+    c.login("alice", "secret");
+    let r = c.cmd("STAT");
+    assert!(r.starts_with("+OK 4 "), "STAT after the next login: {r}");
+    c.cmd("QUIT");
+    let mut imap = Imap::connect(dovecot.imap_port, "alice", "secret");
+    let flagged: Vec<bool> = before.iter().map(|&u| deleted(&mut imap, u)).collect();
+    assert_eq!(
+        flagged,
+        [false, false, false, true],
+        "after the next login popbridge's \\Deleted must be gone, the IMAP user's kept"
+    );
+    for &uid in &before {
+        let flags = imap.flags(uid);
+        assert!(
+            !flags.iter().any(|f| f.starts_with("$Popbridge")),
+            "UID {uid} keeps popbridge's keyword: {flags:?}"
+        );
+    }
+    // An IMAP client's EXPUNGE now removes only the IMAP user's message.
+    imap.command("EXPUNGE").expect("EXPUNGE");
+    assert_eq!(imap.uids(), before[..3], "an EXPUNGE removed DELE'd mail");
+    imap.logout();
 }
 
 /// The upstream dies in the middle of the login snapshot (`UID FETCH 1:*`

@@ -45,6 +45,7 @@ mod cutover;
 mod deploy;
 mod doctor;
 mod faults;
+mod hardening;
 mod harness_selftest;
 mod migration;
 mod monitoring;

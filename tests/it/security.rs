@@ -487,6 +487,48 @@ fn awkward_credentials_arrive_intact_and_never_as_syntax() {
     );
 }
 
+/// A 9 KB `AUTH PLAIN` initial response (RFC 5034 §4; the README promises
+/// SASL lines up to 12,288 octets) is taken, and its credentials reach the
+/// IMAP server intact. Dovecot refuses a SASL response over 8 KB itself
+/// ("Authentication response too large"), so the login ends there with a
+/// temporary error; what matters here is popbridge's side.
+#[test]
+fn a_9_kb_initial_response_reaches_the_imap_server() {
+    let dovecot = Dovecot::start();
+    let relay = Relay::start(dovecot.imap_port, false);
+    let pb = Popbridge::start(relay.port, &[]);
+    let pass = "p".repeat(6_800);
+    let blob = b64(format!("\0alice\0{pass}").as_bytes());
+    assert!(blob.len() > 9_000, "{}", blob.len());
+    let mut c = Pop3::connect(pb.port);
+    let r = c.cmd(&format!("AUTH PLAIN {blob}"));
+    assert!(
+        r.starts_with("-ERR [AUTH]") || r.starts_with("-ERR [SYS/TEMP]"),
+        "AUTH PLAIN with a 9 KB initial response: {r}"
+    );
+    c.quit();
+    assert_eq!(relay.count(), 1, "the login never reached the IMAP server");
+    let sent = relay.sent(0);
+    let lines = logical_lines(&sent);
+    let at = lines
+        .iter()
+        .position(|l| find(l, b" AUTHENTICATE PLAIN").is_some())
+        .unwrap_or_else(|| panic!("no AUTHENTICATE PLAIN in {}", show(&sent)));
+    let args = imap_args(&lines[at]);
+    let response = match args.get(3) {
+        Some(r) => r.clone(),
+        None => lines[at + 1].clone(),
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(&response)
+        .expect("base64 SASL response");
+    assert!(
+        decoded == format!("\0alice\0{pass}").into_bytes(),
+        "the credentials changed on the way ({} octets)",
+        decoded.len()
+    );
+}
+
 /// With `auth_mechanisms = login`, Dovecot offers neither AUTH=PLAIN nor
 /// the LOGIN command (LOGINDISABLED): popbridge must answer with a
 /// temporary error and send no credentials at all.

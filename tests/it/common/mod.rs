@@ -820,6 +820,12 @@ fn strip_eol(line: &[u8]) -> &[u8] {
 impl Pop3 {
     /// Connect to 127.0.0.1:`port` and read the greeting line.
     pub fn connect(port: u16) -> Pop3 {
+        Pop3::connect_after(port, b"")
+    }
+
+    /// Connect to 127.0.0.1:`port`, send `preamble` (such as a PROXY
+    /// protocol header) and read the greeting line.
+    pub fn connect_after(port: u16, preamble: &[u8]) -> Pop3 {
         let (stream, reader) = connect_client(port, "POP3");
         stream
             .set_write_timeout(Some(CLIENT_TIMEOUT))
@@ -829,6 +835,9 @@ impl Pop3 {
             reader,
             greeting: String::new(),
         };
+        if !preamble.is_empty() {
+            pop.send_raw(preamble);
+        }
         let line = pop.read_line();
         pop.greeting = String::from_utf8_lossy(strip_eol(&line)).into_owned();
         pop
