@@ -237,9 +237,7 @@ impl<C: Connector> Bridge<C> {
         if let Some(session) = self.reuse(route, &key, &credential).await {
             let keep = self.keep(route, key, &credential);
             let account = account.to_string();
-            return self
-                .finish(route, session, &account, view, keep)
-                .await;
+            return self.finish(route, session, &account, view, keep).await;
         }
         let result = bearer_login(
             &oauth,
@@ -293,8 +291,7 @@ impl<C: Connector> Bridge<C> {
         };
         let keep = self.keep(route, key, &credential);
         let account = account.to_string();
-        self.finish(route, session, &account, view, keep)
-            .await
+        self.finish(route, session, &account, view, keep).await
     }
 
     /// A pooled session of `key` opened with `credential`, made current
