@@ -39,7 +39,7 @@ pub struct AuthLabels {
     /// service), `oauth_token_rejected` (the mail server refused a fresh
     /// token, and logins while the account is backed off for that),
     /// `upstream_throttled` (the mail server throttles the account) and
-    /// `device_store_error`. Token refreshes are counted by the OAuth2
+    /// `device_store_error`; with a directory, `directory_unavailable`. Token refreshes are counted by the OAuth2
     /// module.
     pub outcome: &'static str,
 }
@@ -64,6 +64,15 @@ pub struct RefreshLabels {
     /// `ok`, `invalid_grant` (the account needs re-enrolment), `throttled`
     /// (HTTP 429/503 or `slow_down`), `error` (anything else).
     pub outcome: &'static str,
+}
+
+/// How a directory lookup ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `hit` (the directory routed the login), `cached` (an answer from
+    /// the cache, either kind), `not_found` (404) or `error` (no usable
+    /// answer: the login got `-ERR [SYS/TEMP]`).
+    pub result: &'static str,
 }
 
 /// Every metric popbridge exports.
@@ -111,6 +120,8 @@ pub struct Metrics {
     /// match). Any increase means someone wrote to the store without the
     /// key, or records await `popbridge device seal`.
     pub oauth_device_records_refused: Family<KindLabels, Counter>,
+    /// Directory lookups by result.
+    pub directory_lookups: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -139,6 +150,7 @@ impl Metrics {
             pool_events: Family::default(),
             pool_idle: Gauge::default(),
             oauth_device_records_refused: Family::default(),
+            directory_lookups: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -239,6 +251,11 @@ impl Metrics {
             "Device logins refused because the device record failed its check against the store key",
             m.oauth_device_records_refused.clone(),
         );
+        r.register(
+            "directory_lookups",
+            "Directory lookups by result: hit, cached, not_found, error",
+            m.directory_lookups.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -267,6 +284,12 @@ impl Metrics {
 
     /// Counts an upstream error.
     /// Counts what the upstream session pool did.
+    pub fn directory(&self, result: &'static str) {
+        self.directory_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub fn pool(&self, event: &'static str) {
         self.pool_events
             .get_or_create(&KindLabels { kind: event })
