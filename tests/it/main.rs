@@ -18,6 +18,8 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
+//!   - routing by an HTTP directory (a small one runs in the test):
+//!     `directory`;
 //!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
 //!     `monitoring` (deploy/monitoring against a live scrape), `package`
 //!     (the Debian package, installed and purged; root only);
@@ -43,6 +45,7 @@ mod compat;
 mod config_cli;
 mod cutover;
 mod deploy;
+mod directory;
 mod doctor;
 mod faults;
 mod hardening;
