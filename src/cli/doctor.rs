@@ -230,6 +230,10 @@ pub fn run(args: DoctorArgs, config: Config) -> ExitCode {
         }
     } else {
         print!("{}", table(&reports));
+        // Not checked here: the directory answers per login.
+        if let Some(d) = &valid.directory {
+            println!("directory: {}, asked for unmatched logins", d.url);
+        }
     }
     if ok {
         ExitCode::SUCCESS
