@@ -633,6 +633,46 @@ mod tests {
         );
     }
 
+    /// `--check-config` reads what `[directory]` names, and warns about a
+    /// plaintext directory on another host.
+    #[test]
+    fn check_config_reads_the_directorys_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let config = |more: &str| {
+            Config::from_toml(&format!(
+                "[upstream]\ntls = \"none\"\n[directory]\nurl = \"http://127.0.0.1:8080/r\"\n{more}"
+            ))
+            .unwrap()
+        };
+        let missing = format!("token_file = \"{}\"", token.display());
+        let e = check(&config(&missing)).unwrap_err().0;
+        assert!(e.contains("directory.token_file"), "{e}");
+        std::fs::write(&token, "\n").unwrap();
+        let e = check(&config(&missing)).unwrap_err().0;
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        let v = check(&config(&missing)).unwrap();
+        assert!(warnings(&v).is_empty(), "{:?}", warnings(&v));
+        let e = check(&config("[pop3]\nuidl_format = \"%q\""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("pop3.uidl_format"), "{e}");
+        let remote = Config::from_toml(
+            "[upstream]\ntls = \"none\"\n[directory]\nurl = \"http://dir.example/r\"",
+        )
+        .unwrap();
+        let w = warnings(&check(&remote).unwrap());
+        assert!(w.iter().any(|w| w.contains("plain http")), "{w:?}");
+        let https = Config::from_toml(&format!(
+            "[upstream]\ntls = \"none\"\n[directory]\nurl = \"https://dir.example/r\"\nca_file = \"{}\"",
+            token.display()
+        ))
+        .unwrap();
+        let e = check(&https).unwrap_err().0;
+        assert!(e.contains("directory.ca_file"), "{e}");
+    }
+
     #[test]
     fn readiness_follows_every_routes_server_once() {
         let c = Config::from_toml(
