@@ -480,3 +480,144 @@ mod tests {
         }
     }
 }
+
+/// Logins through the directory against an in-process mailbox
+/// ([`crate::imap::fake`]) and a directory on a loopback socket.
+#[cfg(test)]
+mod with_fake_upstream {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::bridge::pool::Pool;
+    use crate::bridge::routing::{ConnectorFactory, Router};
+    use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
+    use crate::bridge::Bridge;
+    use crate::config::{Config, RouteIndex};
+    use crate::imap::fake::FakeConnector;
+    use crate::pop3::command::Secret;
+
+    /// A directory answering `answers` (user → JSON; others 404), counting
+    /// requests.
+    async fn directory(
+        answers: &'static [(&'static str, &'static str)],
+    ) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let count = asked.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let query = target.split_once('?').map_or("", |(_, q)| q).to_string();
+                let user = url::form_urlencoded::parse(query.as_bytes())
+                    .find(|(k, _)| k == "user")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                let found = answers.iter().find(|(u, _)| *u == user);
+                let (status, body) = match found {
+                    Some((_, json)) => ("200 OK", *json),
+                    None => ("404 Not Found", ""),
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        (port, asked)
+    }
+
+    fn bridge(port: u16, up: &FakeConnector, built: Arc<AtomicUsize>) -> Bridge<FakeConnector> {
+        let config = Config::from_toml(&format!(
+            "[upstream]\ntls = \"none\"\n[directory]\nurl = \"http://127.0.0.1:{port}/\"\n"
+        ))
+        .unwrap();
+        let settings = config.directory().unwrap().unwrap();
+        let fake = up.clone();
+        let connector: ConnectorFactory<FakeConnector> = Arc::new(move |_| {
+            built.fetch_add(1, Ordering::Relaxed);
+            Ok(fake.clone())
+        });
+        let builder = Arc::new(RouteBuilder {
+            connector,
+            oauth: None,
+            map_store: None,
+        });
+        let directory = Directory::new(&settings, builder).unwrap();
+        Bridge {
+            router: Router::new(Vec::new(), RouteIndex::default())
+                .with_directory(Arc::new(directory)),
+            throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
+                failure_delay: Duration::from_millis(1),
+                max_failures_per_ip: 20,
+                max_failures_per_user: 3,
+                window: Duration::from_secs(300),
+                max_entries: 100,
+                ipv6_prefix_len: 64,
+            })),
+            oauth: None,
+            pool: Arc::new(Pool::new(10).unwrap()),
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        "192.0.2.7:40000".parse().unwrap()
+    }
+
+    /// Two login names the directory sends to one backend under two route
+    /// names and one IMAP login: one connector, and the first session's
+    /// upstream session serves the second (pooled by backend, not by the
+    /// directory's route name); the directory's `login` is the IMAP user.
+    #[tokio::test]
+    async fn one_backend_shares_a_connector_and_the_pool() {
+        static ANSWERS: &[(&str, &str)] = &[
+            (
+                "home",
+                r#"{"address": "fake:143", "tls": "none", "login": "alice", "route": "one"}"#,
+            ),
+            (
+                "work",
+                r#"{"address": "fake:143", "tls": "none", "login": "alice", "route": "two"}"#,
+            ),
+        ];
+        let (port, asked) = directory(ANSWERS).await;
+        let up = FakeConnector::new(&[("alice", "pw")], &[b"a\r\n"]);
+        let built = Arc::new(AtomicUsize::new(0));
+        let b = bridge(port, &up, built.clone());
+        let pw = Secret::new(b"pw".to_vec());
+        let (session, maildrop, _) = b.login("home", &pw, peer()).await.unwrap();
+        assert_eq!(maildrop.stat().0, 1);
+        assert_eq!(up.state().logins, ["alice"]);
+        session.end().await;
+        assert_eq!(b.pool.idle(), 1);
+        let (session, _, _) = b.login("work", &pw, peer()).await.unwrap();
+        assert_eq!(up.state().logins.len(), 1, "the pooled session served it");
+        session.end().await;
+        assert_eq!(built.load(Ordering::Relaxed), 1, "one connector");
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        // Cached, both answers: no more requests.
+        let (session, _, _) = b.login("home", &pw, peer()).await.unwrap();
+        session.end().await;
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        // Unknown: refused like a wrong password; the upstream is not asked.
+        let r = b.login("nobody", &pw, peer()).await;
+        assert_eq!(r.err(), Some(crate::pop3::session::LoginFailure::Refused));
+        assert_eq!(up.state().logins.len(), 1);
+    }
+}
