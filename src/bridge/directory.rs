@@ -328,6 +328,12 @@ impl<C: Send + Sync + 'static> Directory<C> {
             .connectors
             .try_get_with(backend.clone(), || {
                 debug!(upstream = %up.address, "connector for a directory backend");
+                if up.tls == UpstreamTls::None && !is_loopback(&up.address) {
+                    warn!(
+                        upstream = %up.address,
+                        "the directory routes to a server with tls = none: passwords and mail cross the network unencrypted"
+                    );
+                }
                 (self.builder.connector)(&effective).map(Arc::new)
             })
             .map_err(|e| e.to_string())?;
@@ -339,6 +345,12 @@ impl<C: Send + Sync + 'static> Directory<C> {
             login: answer.login.clone(),
         })
     }
+}
+
+/// True for `localhost` and loopback addresses.
+fn is_loopback(address: &str) -> bool {
+    let host = crate::imap::host_of(address);
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A reqwest error without its URL (which holds the login name: that is
