@@ -1573,5 +1573,8 @@ fn pop3_devices_reuse_their_own_upstream_sessions() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(logins() - before, 2, "{}", s.dovecot.log());
-    assert_log_has_no_secrets(&pb.log(), &["phone-pass-1234", "scanner-pass-1234", "wrong-password"]);
+    assert_log_has_no_secrets(
+        &pb.log(),
+        &["phone-pass-1234", "scanner-pass-1234", "wrong-password"],
+    );
 }
