@@ -475,3 +475,44 @@ fn uidls_do_not_change_when_a_user_moves_to_the_directory() {
         "the reload dropped the cached answer"
     );
 }
+
+/// `popbridge doctor` says where unmatched logins go (it does not ask the
+/// directory: answers are per login), and `--check-config` accepts the
+/// section and refuses a token file that is not there.
+#[test]
+fn doctor_and_check_config_name_the_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    let toml = format!(
+        "[upstream]\ntls = \"none\"\n\n[directory]\nurl = \"http://127.0.0.1:9/route\"\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    let path = write_config(dir.path(), &toml);
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_popbridge"));
+        crate::common::cli::clear_popbridge_env(&mut cmd);
+        let out = cmd
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .expect("run popbridge");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(&["--check-config"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("directory.token_file"), "{out}");
+    std::fs::write(&token, "t\n").expect("write token");
+    let (code, out) = run(&["--check-config"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["doctor"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("directory: http://127.0.0.1:9/route, asked for unmatched logins"),
+        "{out}"
+    );
+}
