@@ -197,11 +197,6 @@ impl<C> Router<C> {
         self
     }
 
-    /// The directory, when there is one.
-    pub fn directory(&self) -> Option<&Arc<Directory<C>>> {
-        self.directory.as_ref()
-    }
-
     /// Where a login from `client` goes: a static route by the index, else
     /// the directory's answer.
     pub async fn resolve(&self, login: &str, client: IpAddr) -> Resolved<C>
