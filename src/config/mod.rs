@@ -53,6 +53,9 @@ pub struct Config {
     pub pop3: Pop3Config,
     /// Certificate for POP3S and STLS.
     pub tls: TlsConfig,
+    /// An extra listener served by OpenSSL for old devices (TLS 1.0/1.1);
+    /// only in a build with the `legacy-tls` feature.
+    pub legacy_tls: LegacyTlsConfig,
     /// Client authentication policy and failed-login throttling.
     pub auth: AuthConfig,
     /// Resource limits.
@@ -117,6 +120,49 @@ pub struct TlsConfig {
     pub cert_file: String,
     /// Private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
+}
+
+/// The legacy TLS listener: OpenSSL instead of rustls, so the minimum
+/// protocol can go down to TLS 1.0 for devices that speak nothing newer
+/// (old scanners, printers, phones). Only for a trusted network: TLS 1.0
+/// and 1.1 are deprecated (RFC 8996). Needs a build with the `legacy-tls`
+/// cargo feature and the `[tls]` certificate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LegacyTlsConfig {
+    /// Address and port of the listener. Empty (the default): none.
+    pub address: String,
+    /// `implicit`: TLS from the first byte (POP3S); `stls`: plain POP3 that
+    /// offers STLS (PHP's c-client `/pop3/tls`).
+    pub mode: LegacyTlsMode,
+    /// The oldest protocol accepted: `"1.0"` (the default), `"1.1"` or
+    /// `"1.2"`. Below 1.2 OpenSSL's security level is lowered to 0 for
+    /// this listener (Debian's OpenSSL refuses TLS 1.0 and 1.1 at its
+    /// default level, which forbids their SHA-1 handshake signatures).
+    pub min_version: LegacyTlsVersion,
+}
+
+/// How the legacy listener starts TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyTlsMode {
+    /// TLS from the first byte (POP3S).
+    #[default]
+    Implicit,
+    /// Plain POP3 with STLS (RFC 2595).
+    Stls,
+}
+
+/// The oldest TLS version the legacy listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize, Serialize)]
+pub enum LegacyTlsVersion {
+    #[default]
+    #[serde(rename = "1.0")]
+    Tls10,
+    #[serde(rename = "1.1")]
+    Tls11,
+    #[serde(rename = "1.2")]
+    Tls12,
 }
 
 /// Client authentication policy.
@@ -739,6 +785,27 @@ impl Config {
                 "listen.tls_address needs tls.cert_file and tls.key_file".into(),
             ));
         }
+        let legacy_tls_address = match self.legacy_tls.address.as_str() {
+            "" => None,
+            a => {
+                let addr = a.parse::<SocketAddr>().map_err(|_| {
+                    ConfigError(format!(
+                        "legacy_tls.address {a:?} is not an address:port such as 192.168.1.10:995"
+                    ))
+                })?;
+                if !cfg!(feature = "legacy-tls") {
+                    return Err(ConfigError(
+                        "legacy_tls.address needs popbridge built with the legacy-tls feature (cargo build --features legacy-tls); this build has rustls only".into(),
+                    ));
+                }
+                if !has_cert {
+                    return Err(ConfigError(
+                        "legacy_tls.address needs tls.cert_file and tls.key_file".into(),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let routes = self.effective_routes()?;
         if let Some(r) = routes.iter().find(|r| r.pop3.uidl_map) {
             if self.data.dir.is_empty() {
@@ -822,6 +889,7 @@ impl Config {
             admin,
             listen,
             tls_address,
+            legacy_tls_address,
             idle_timeout: Duration::from_secs(self.pop3.idle_timeout_secs),
             login_timeout: Duration::from_secs(self.pop3.login_timeout_secs),
             config: self.clone(),
@@ -837,6 +905,8 @@ pub struct Validated {
     pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,
+    /// The legacy TLS listener (`[legacy_tls]`), in a build that has it.
+    pub legacy_tls_address: Option<SocketAddr>,
     pub idle_timeout: Duration,
     pub login_timeout: Duration,
     pub config: Config,
