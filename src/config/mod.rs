@@ -925,6 +925,47 @@ mod tests {
         assert_eq!(v.routes[0].pop3.uidl_format, "dovecot");
     }
 
+    /// `[legacy_tls]`: its keys parse; an address needs the certificate,
+    /// and a build without the `legacy-tls` feature refuses it by name.
+    #[test]
+    fn legacy_tls_address_needs_the_feature_and_a_certificate() {
+        let validate = |toml: &str| {
+            Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}"))
+                .unwrap()
+                .validate()
+                .map_err(|e| e.0)
+        };
+        let cert = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let c = Config::from_toml(
+            "[legacy_tls]\naddress = \"127.0.0.1:995\"\nmode = \"stls\"\nmin_version = \"1.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.legacy_tls.mode, LegacyTlsMode::Stls);
+        assert_eq!(c.legacy_tls.min_version, LegacyTlsVersion::Tls11);
+        assert!(Config::from_toml("[legacy_tls]\nmin_version = \"1.3\"\n").is_err());
+        // Empty (the default): nothing to refuse in any build.
+        assert_eq!(
+            validate(cert).unwrap().legacy_tls_address,
+            None,
+            "no legacy listener by default"
+        );
+        let with_address = format!("{cert}[legacy_tls]\naddress = \"127.0.0.1:995\"\n");
+        if cfg!(feature = "legacy-tls") {
+            let v = validate(&with_address).unwrap();
+            assert_eq!(v.legacy_tls_address, Some("127.0.0.1:995".parse().unwrap()));
+            let e = validate("[legacy_tls]\naddress = \"127.0.0.1:995\"\n").unwrap_err();
+            assert!(e.contains("tls.cert_file"), "{e}");
+        } else {
+            let e = validate(&with_address).unwrap_err();
+            assert!(
+                e.contains("legacy_tls.address") && e.contains("legacy-tls"),
+                "{e}"
+            );
+        }
+        let e = validate(&format!("{cert}[legacy_tls]\naddress = \"nowhere\"\n")).unwrap_err();
+        assert!(e.contains("legacy_tls.address"), "{e}");
+    }
+
     #[test]
     fn oauth2_routes_need_a_provider_and_full_logins() {
         // The routes' own checks; whether the provider exists is the OAuth2

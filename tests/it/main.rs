@@ -18,6 +18,8 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
+//!   - old devices on the OpenSSL listener (cargo feature `legacy-tls`,
+//!     run by `scripts/test.sh` in a second pass): `legacy_tls`;
 //!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
 //!     `monitoring` (deploy/monitoring against a live scrape), `package`
 //!     (the Debian package, installed and purged; root only);
@@ -47,6 +49,8 @@ mod doctor;
 mod faults;
 mod hardening;
 mod harness_selftest;
+#[cfg(feature = "legacy-tls")]
+mod legacy_tls;
 mod migration;
 mod monitoring;
 mod oauth;
