@@ -67,6 +67,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 /// The server side of a client's TLS: rustls on every listener but the
 /// legacy one, which OpenSSL serves (cargo feature `legacy-tls`). Sessions
 /// on either go through the same driver.
+// The rustls variant is much larger, but the whole value is boxed once in
+// `MaybeTls::Tls`; boxing a variant again would add a second allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ServerTlsStream {
     Rustls(tokio_rustls::server::TlsStream<TcpStream>),
