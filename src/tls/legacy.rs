@@ -29,7 +29,7 @@ const LEGACY_CIPHERS: &str = "DEFAULT:@SECLEVEL=0";
 /// TLS from `min` up to 1.3.
 pub struct LegacyTls {
     acceptor: SslAcceptor,
-    /// The oldest protocol accepted, for the start-up log.
+    /// The oldest protocol accepted (shown by `Debug`).
     min: SslVersion,
 }
 
@@ -42,7 +42,7 @@ impl std::fmt::Debug for LegacyTls {
 }
 
 /// "TLSv1", "TLSv1.1", ... as OpenSSL names them.
-pub fn version_name(v: SslVersion) -> &'static str {
+fn version_name(v: SslVersion) -> &'static str {
     if v == SslVersion::TLS1 {
         "TLSv1"
     } else if v == SslVersion::TLS1_1 {
@@ -91,11 +91,6 @@ impl LegacyTls {
             acceptor: b.build(),
             min,
         })
-    }
-
-    /// The oldest protocol this context accepts.
-    pub fn min_version(&self) -> SslVersion {
-        self.min
     }
 
     /// The server side of a handshake on `tcp`.
