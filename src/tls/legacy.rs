@@ -2,6 +2,10 @@
 //! for old devices that speak only TLS 1.0 or 1.1, which rustls does not
 //! implement. Everything else in popbridge stays on rustls.
 //!
+//! RFC 8996 §2 and §3: TLS 1.0 and 1.1 MUST NOT be used. This listener
+//! departs from that on purpose, off unless built in and configured, for
+//! devices that cannot be upgraded and sit on a trusted network.
+//!
 //! OpenSSL rather than native-tls: native-tls can lower the minimum
 //! protocol but not the cipher string, and Debian's OpenSSL 3 refuses TLS
 //! 1.0 and 1.1 at its default security level whatever the minimum says
