@@ -840,11 +840,13 @@ fn open_sessions(port: u16, n: usize, users: usize) -> Vec<Pop3> {
 /// plan; the environment reaches popbridge, so `MALLOC_ARENA_MAX=2` and the
 /// like can be compared).
 ///
-/// Measured (issue 17 item 14; debug build, glibc 2.36, 8 waves): 27 MB
-/// after warm-up, then 88, 95, 97, 98, 98, 98, 98, 98 MB after each
-/// wave's QUIT: the first wave's peak is kept (glibc does not hand freed
-/// heap back), later waves add less and less and then nothing. Allocator
-/// retention, not a leak; `MALLOC_ARENA_MAX=2` gave the same numbers.
+/// Measured (issue 17 item 14; glibc 2.36, 2 cores): a release build
+/// holds 12 MB after warm-up, then 73.3, 80.1, 81.3, 82.3, 82.4, 82.5 MB
+/// after each of six waves' QUIT (+61, +6.7, +1.2, +1.0, +0.1, +0.04 MB); a
+/// debug build 27 MB, then 88, 95, 97, 98, 98, 98, 98, 98 MB over eight
+/// waves. The first wave's peak is kept (glibc does not hand the freed
+/// heap back), later waves add less and less, then nothing: allocator
+/// retention, not a leak. `MALLOC_ARENA_MAX=2` gave the same numbers.
 ///
 /// Ignored because the numbers depend on the machine, but it fails on a
 /// leak: the last wave may add at most a quarter of what the first added
