@@ -37,7 +37,8 @@ pub const READ_BUFFER: usize = 4096;
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
 /// How long the farewell to a client that missed the login deadline may
-/// take to write (the deadline itself has passed by then).
+/// take to write (the deadline itself has passed by then), and the TLS
+/// close at the end of a session.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who is at the other end of a connection.
@@ -145,6 +146,14 @@ pub(super) async fn handle<C: Connector>(
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
+    if !matches!(end, End::ClientClosed | End::ClientError(_)) {
+        // popbridge ends the session: on TLS with close_notify (RFC 8446
+        // §6.1, RFC 5246 §7.2.1), so the client can tell this end from a
+        // cut connection (`openssl s_client` reports an unexpected EOF
+        // otherwise); then FIN. Bounded: a client that reads nothing
+        // cannot hold the session open.
+        let _ = timeout(FAREWELL_TIMEOUT, conn.stream.shutdown()).await;
+    }
     if let Some(logged_in) = conn.logged_in.take() {
         // RFC 1939 §6: without QUIT nothing is removed. The lock is freed
         // first; the upstream session waits for reuse or logs out.

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::certs::Pki;
+use crate::common::logs::wait_for_log;
 use crate::common::{text_message, Dovecot, Popbridge};
 
 /// A client run (s_client, php) must end long before this.
@@ -30,7 +31,7 @@ const MARKER: &str = "legacy-tls body line 7f3a";
 /// `[legacy_tls]` section).
 struct Setup {
     _dovecot: Dovecot,
-    _pki: Pki,
+    pki: Pki,
     pb: Popbridge,
     dir: tempfile::TempDir,
 }
@@ -63,7 +64,7 @@ fn setup(legacy: &str) -> Setup {
     let pb = Popbridge::start(dovecot.imap_port, &["--config", cfg.to_str().unwrap()]);
     Setup {
         _dovecot: dovecot,
-        _pki: pki,
+        pki,
         pb,
         dir,
     }
@@ -119,10 +120,16 @@ fn wait(child: &mut Child) -> Option<std::process::ExitStatus> {
 /// until the server closes, and makes it send lines starting with `R` or
 /// `Q` instead of taking them as its own commands.
 fn s_client(port: u16, version: &str, input: &str) -> Run {
+    s_client_with(port, version, &[], input)
+}
+
+/// [`s_client`] with more options.
+fn s_client_with(port: u16, version: &str, extra: &[&str], input: &str) -> Run {
     let mut cmd = Command::new("openssl");
     cmd.args(["s_client", &format!("-{version}")])
         .args(["-cipher", "DEFAULT:@SECLEVEL=0", "-crlf", "-ign_eof"])
         .args(["-servername", "localhost"])
+        .args(extra)
         .args(["-connect", &format!("127.0.0.1:{port}")]);
     run(cmd, input)
 }
@@ -139,6 +146,8 @@ fn tls_1_0_and_1_1_clients_log_in_and_retrieve_on_the_legacy_listener_only() {
     let legacy = s.pb.legacy_port("implicit");
     for (flag, protocol) in [("tls1", "TLSv1\n"), ("tls1_1", "TLSv1.1\n")] {
         let r = s_client(legacy, flag, SESSION);
+        // Exit 0: the session ended with the server's close_notify.
+        assert!(r.ok, "{flag}: s_client failed\n{}", r.out);
         assert!(
             r.out.contains(&format!("Protocol  : {protocol}")),
             "{flag}: not negotiated\n{}",
@@ -183,6 +192,48 @@ fn legacy_listener_with_min_version_1_2_refuses_tls_1_0_and_1_1() {
     let r = s_client(legacy, "tls1_2", SESSION);
     assert!(r.out.contains("Protocol  : TLSv1.2\n"), "{}", r.out);
     assert!(r.out.contains(MARKER), "{}", r.out);
+}
+
+/// SIGHUP reloads the legacy listener's certificate with the `[tls]` one:
+/// a TLS 1.0 client that trusts only the new CA gets through after the
+/// reload, not before.
+#[test]
+fn sighup_reloads_the_legacy_listeners_certificate() {
+    let s = setup("");
+    let legacy = s.pb.legacy_port("implicit");
+    let b = Pki::new("legacy-tls reload CA two");
+    let trusting = |pki: &Pki| {
+        let ca = pki.ca_path();
+        s_client_with(
+            legacy,
+            "tls1",
+            &["-CAfile", ca.to_str().unwrap(), "-verify_return_error"],
+            "QUIT\n",
+        )
+    };
+    let r = trusting(&s.pki);
+    assert!(
+        r.ok && r.out.contains("+OK"),
+        "first certificate\n{}",
+        r.out
+    );
+    let r = trusting(&b);
+    assert!(!r.ok && !r.out.contains("+OK"), "{}", r.out);
+
+    // The configuration names the first Pki's files: overwrite them.
+    b.leaf.write(&s.pki.cert_path(), &s.pki.key_path());
+    let ok = Command::new("kill")
+        .args(["-HUP", &s.pb.pid().to_string()])
+        .status()
+        .is_ok_and(|st| st.success());
+    assert!(ok, "kill -HUP failed");
+    wait_for_log(|| s.pb.log(), "configuration reloaded", 1);
+    let r = trusting(&b);
+    assert!(
+        r.ok && r.out.contains("+OK"),
+        "not the new certificate after SIGHUP\n{}",
+        r.out
+    );
 }
 
 // ---------------------------------------------------------------------------
