@@ -146,18 +146,22 @@ pub(super) async fn handle<C: Connector>(
     };
     debug!(%peer, "connected");
     let end = conn.run().await;
-    if !matches!(end, End::ClientClosed | End::ClientError(_)) {
-        // popbridge ends the session: on TLS with close_notify (RFC 8446
-        // §6.1, RFC 5246 §7.2.1), so the client can tell this end from a
-        // cut connection (`openssl s_client` reports an unexpected EOF
-        // otherwise); then FIN. Bounded: a client that reads nothing
-        // cannot hold the session open.
-        let _ = timeout(FAREWELL_TIMEOUT, conn.stream.shutdown()).await;
-    }
     if let Some(logged_in) = conn.logged_in.take() {
         // RFC 1939 §6: without QUIT nothing is removed. The lock is freed
         // first; the upstream session waits for reuse or logs out.
         logged_in.end().await;
+    }
+    // An upstream failure may have cut a message short: that connection
+    // ends as cut, without close_notify.
+    if !matches!(end, End::ClientClosed | End::ClientError(_) | End::Upstream) {
+        // popbridge ends the session: on TLS with close_notify (RFC 8446
+        // §6.1, RFC 5246 §7.2.1), so the client can tell this end from a
+        // cut connection (`openssl s_client` reports an unexpected EOF
+        // otherwise); then FIN. After the lock is freed and the upstream
+        // session pooled, as before: a client that saw the end can log in
+        // again at once. Bounded: a client that reads nothing cannot hold
+        // the session open.
+        let _ = timeout(FAREWELL_TIMEOUT, conn.stream.shutdown()).await;
     }
     if let End::ClientError(e) = &end {
         debug!(error = %e, "client connection error");
