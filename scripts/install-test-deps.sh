@@ -36,6 +36,9 @@ PACKAGES=(
     gamin libgamin0 libidn12 libgdbm6 libcourier-unicode4
     mailutils-imap4d openssl
     prometheus man-db systemd
+    # The legacy-tls listener's tests (cargo feature legacy-tls): OpenSSL's
+    # headers to build it, PHP's IMAP extension (c-client) as an old client.
+    libssl-dev pkg-config php-cli php-imap
 )
 
 # Version of an installed package ("" if not installed).
@@ -69,7 +72,8 @@ fi
 
 have_all=1
 for tool in dovecot doveadm curl fetchmail mpop getmail python3 redis-server \
-    saslpasswd2 couriertcpd makeuserdb imap4d openssl unshare promtool man systemd-analyze; do
+    saslpasswd2 couriertcpd makeuserdb imap4d openssl unshare promtool man systemd-analyze \
+    php pkg-config; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
         have_all=0
         break
@@ -81,9 +85,14 @@ for file in /usr/lib/cyrus/bin/master /usr/lib/cyrus/bin/ctl_cyrusdb \
     "$OPT/cyrus/usr/lib/cyrus/bin/imapd" "$OPT/cyrus/usr/lib/cyrus/bin/pop3d" \
     "$OPT/courier/usr/bin/imapd" "$OPT/courier/usr/lib/courier/courier/imaplogin" \
     "$OPT/courier/usr/lib/courier/courier/courierpop3login" \
-    "$OPT/courier/usr/lib/courier/courier/courierpop3d"; do
+    "$OPT/courier/usr/lib/courier/courier/courierpop3d" \
+    /usr/include/openssl/ssl.h; do
     [ -e "$file" ] || have_all=0
 done
+# PHP without its IMAP extension is not enough.
+if [ "$have_all" -eq 1 ] && ! php -r 'exit(function_exists("imap_open") ? 0 : 1);' 2>/dev/null; then
+    have_all=0
+fi
 if [ "$have_all" -eq 1 ] && unpacked_ok cyrus && unpacked_ok courier; then
     echo "install-test-deps: everything is already installed"
     exit 0

@@ -27,7 +27,7 @@ use crate::oauth::OauthRuntime;
 use crate::pop3::session::SessionConfig;
 use crate::pop3::uidl::UidlFormat;
 use crate::server::admin::Readiness;
-use crate::server::{Listener, Server, ServerSettings, Shared};
+use crate::server::{Listener, Server, ServerSettings, Shared, TlsEngine};
 use crate::tls::ServerTls;
 
 /// How a reload reads the configuration again (the file, variables and
@@ -47,6 +47,9 @@ pub fn check(config: &Config) -> Result<Validated, ConfigError> {
         )
         .map_err(|e| ConfigError(e.0))?;
     }
+    // OpenSSL reads the same files its own way: check that too.
+    #[cfg(feature = "legacy-tls")]
+    legacy_tls(&valid).map_err(ConfigError)?;
     for (i, r) in valid.routes.iter().enumerate() {
         let (up_at, pop3_at) = if r.is_default {
             ("upstream".to_string(), "pop3".to_string())
@@ -225,6 +228,8 @@ fn build_shared(
             .map_err(|e| e.to_string())?;
         Some(Arc::new(t))
     };
+    #[cfg(feature = "legacy-tls")]
+    let legacy_tls = legacy_tls(valid)?;
     // One listing cache for every route: its key holds the upstream.
     let cache = (cfg.cache.listing_mb > 0).then(|| {
         Arc::new(ListingCache::new(
@@ -303,7 +308,33 @@ fn build_shared(
             pool,
         },
         tls,
+        #[cfg(feature = "legacy-tls")]
+        legacy_tls,
     })
+}
+
+/// The legacy listener's OpenSSL context (`[legacy_tls]`), with the
+/// `[tls]` certificate; built again on SIGHUP like the rustls one.
+#[cfg(feature = "legacy-tls")]
+fn legacy_tls(valid: &Validated) -> Result<Option<Arc<crate::tls::legacy::LegacyTls>>, String> {
+    use crate::config::LegacyTlsVersion;
+    use crate::tls::legacy::{LegacyTls, SslVersion};
+    if valid.legacy_tls_address.is_none() {
+        return Ok(None);
+    }
+    let cfg = &valid.config;
+    let min = match cfg.legacy_tls.min_version {
+        LegacyTlsVersion::Tls10 => SslVersion::TLS1,
+        LegacyTlsVersion::Tls11 => SslVersion::TLS1_1,
+        LegacyTlsVersion::Tls12 => SslVersion::TLS1_2,
+    };
+    let t = LegacyTls::load(
+        Path::new(&cfg.tls.cert_file),
+        Path::new(&cfg.tls.key_file),
+        min,
+    )
+    .map_err(|e| format!("legacy_tls: {e}"))?;
+    Ok(Some(Arc::new(t)))
 }
 
 /// The networks allowed to log in without TLS: `plaintext_networks`, or
@@ -405,17 +436,28 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
         let _ = signals;
         ((), ())
     };
+    let mut plan = vec![(valid.listen, false, TlsEngine::Rustls, "stls")];
+    if let Some(a) = valid.tls_address {
+        plan.push((a, true, TlsEngine::Rustls, "implicit"));
+    }
+    #[cfg(feature = "legacy-tls")]
+    if let Some(a) = valid.legacy_tls_address {
+        use crate::config::LegacyTlsMode;
+        plan.push(match cfg.legacy_tls.mode {
+            LegacyTlsMode::Implicit => (a, true, TlsEngine::Legacy, "legacy-implicit"),
+            LegacyTlsMode::Stls => (a, false, TlsEngine::Legacy, "legacy-stls"),
+        });
+    }
     let mut listeners = Vec::new();
-    for (addr, implicit_tls) in
-        std::iter::once((valid.listen, false)).chain(valid.tls_address.map(|a| (a, true)))
-    {
+    for (addr, implicit_tls, engine, tls) in plan {
         let socket = bind(addr, cfg.limits.listen_backlog)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
-        info!(listen = %local, tls = if implicit_tls { "implicit" } else { "stls" }, "listening");
+        info!(listen = %local, tls, "listening");
         listeners.push(Listener {
             socket,
             implicit_tls,
+            engine,
         });
     }
     let server = Server::new(build_shared(&valid, None)?);
@@ -504,6 +546,8 @@ async fn reload_on_sighup(
             }
             if valid.listen != current.listen
                 || valid.tls_address != current.tls_address
+                || valid.legacy_tls_address != current.legacy_tls_address
+                || valid.config.legacy_tls.mode != current.config.legacy_tls.mode
                 || valid.admin != current.admin
             {
                 warn!("listener addresses changed: they take effect at the next restart");

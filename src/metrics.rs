@@ -15,7 +15,8 @@ use prometheus_client::registry::Registry;
 /// Which listener a session came in on.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
-    /// `pop3` or `pop3s`.
+    /// `pop3`, `pop3s`, or on the legacy TLS listener (feature
+    /// `legacy-tls`) `legacy_pop3` or `legacy_pop3s`.
     pub listener: &'static str,
 }
 

@@ -58,6 +58,9 @@ pub struct Config {
     pub pop3: Pop3Config,
     /// Certificate for POP3S and STLS.
     pub tls: TlsConfig,
+    /// An extra listener served by OpenSSL for old devices (TLS 1.0/1.1);
+    /// only in a build with the `legacy-tls` feature.
+    pub legacy_tls: LegacyTlsConfig,
     /// Client authentication policy and failed-login throttling.
     pub auth: AuthConfig,
     /// Resource limits.
@@ -122,6 +125,49 @@ pub struct TlsConfig {
     pub cert_file: String,
     /// Private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
+}
+
+/// The legacy TLS listener: OpenSSL instead of rustls, so the minimum
+/// protocol can go down to TLS 1.0 for devices that speak nothing newer
+/// (old scanners, printers, phones). Only for a trusted network: TLS 1.0
+/// and 1.1 are deprecated (RFC 8996). Needs a build with the `legacy-tls`
+/// cargo feature and the `[tls]` certificate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LegacyTlsConfig {
+    /// Address and port of the listener. Empty (the default): none.
+    pub address: String,
+    /// `implicit`: TLS from the first byte (POP3S); `stls`: plain POP3 that
+    /// offers STLS (PHP's c-client `/pop3/tls`).
+    pub mode: LegacyTlsMode,
+    /// The oldest protocol accepted: `"1.0"` (the default), `"1.1"` or
+    /// `"1.2"`. Below 1.2 OpenSSL's security level is lowered to 0 for
+    /// this listener (Debian's OpenSSL refuses TLS 1.0 and 1.1 at its
+    /// default level, which forbids their SHA-1 handshake signatures).
+    pub min_version: LegacyTlsVersion,
+}
+
+/// How the legacy listener starts TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyTlsMode {
+    /// TLS from the first byte (POP3S).
+    #[default]
+    Implicit,
+    /// Plain POP3 with STLS (RFC 2595).
+    Stls,
+}
+
+/// The oldest TLS version the legacy listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize, Serialize)]
+pub enum LegacyTlsVersion {
+    #[default]
+    #[serde(rename = "1.0")]
+    Tls10,
+    #[serde(rename = "1.1")]
+    Tls11,
+    #[serde(rename = "1.2")]
+    Tls12,
 }
 
 /// Client authentication policy.
@@ -746,6 +792,27 @@ impl Config {
                 "listen.tls_address needs tls.cert_file and tls.key_file".into(),
             ));
         }
+        let legacy_tls_address = match self.legacy_tls.address.as_str() {
+            "" => None,
+            a => {
+                let addr = a.parse::<SocketAddr>().map_err(|_| {
+                    ConfigError(format!(
+                        "legacy_tls.address {a:?} is not an address:port such as 192.168.1.10:995"
+                    ))
+                })?;
+                if !cfg!(feature = "legacy-tls") {
+                    return Err(ConfigError(
+                        "legacy_tls.address needs popbridge built with the legacy-tls feature (cargo build --features legacy-tls); this build has rustls only".into(),
+                    ));
+                }
+                if !has_cert {
+                    return Err(ConfigError(
+                        "legacy_tls.address needs tls.cert_file and tls.key_file".into(),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let routes = self.effective_routes()?;
         let directory = self.directory()?;
         let template_maps = directory.as_ref().is_some_and(|d| d.template.pop3.uidl_map);
@@ -837,6 +904,7 @@ impl Config {
             admin,
             listen,
             tls_address,
+            legacy_tls_address,
             idle_timeout: Duration::from_secs(self.pop3.idle_timeout_secs),
             login_timeout: Duration::from_secs(self.pop3.login_timeout_secs),
             config: self.clone(),
@@ -854,6 +922,8 @@ pub struct Validated {
     pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,
+    /// The legacy TLS listener (`[legacy_tls]`), in a build that has it.
+    pub legacy_tls_address: Option<SocketAddr>,
     pub idle_timeout: Duration,
     pub login_timeout: Duration,
     pub config: Config,
@@ -870,6 +940,47 @@ mod tests {
         let v = c.validate().unwrap();
         assert_eq!(v.listen.port(), 110);
         assert_eq!(v.routes[0].pop3.uidl_format, "dovecot");
+    }
+
+    /// `[legacy_tls]`: its keys parse; an address needs the certificate,
+    /// and a build without the `legacy-tls` feature refuses it by name.
+    #[test]
+    fn legacy_tls_address_needs_the_feature_and_a_certificate() {
+        let validate = |toml: &str| {
+            Config::from_toml(&format!("[upstream]\ntls = \"none\"\n{toml}"))
+                .unwrap()
+                .validate()
+                .map_err(|e| e.0)
+        };
+        let cert = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let c = Config::from_toml(
+            "[legacy_tls]\naddress = \"127.0.0.1:995\"\nmode = \"stls\"\nmin_version = \"1.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.legacy_tls.mode, LegacyTlsMode::Stls);
+        assert_eq!(c.legacy_tls.min_version, LegacyTlsVersion::Tls11);
+        assert!(Config::from_toml("[legacy_tls]\nmin_version = \"1.3\"\n").is_err());
+        // Empty (the default): nothing to refuse in any build.
+        assert_eq!(
+            validate(cert).unwrap().legacy_tls_address,
+            None,
+            "no legacy listener by default"
+        );
+        let with_address = format!("{cert}[legacy_tls]\naddress = \"127.0.0.1:995\"\n");
+        if cfg!(feature = "legacy-tls") {
+            let v = validate(&with_address).unwrap();
+            assert_eq!(v.legacy_tls_address, Some("127.0.0.1:995".parse().unwrap()));
+            let e = validate("[legacy_tls]\naddress = \"127.0.0.1:995\"\n").unwrap_err();
+            assert!(e.contains("tls.cert_file"), "{e}");
+        } else {
+            let e = validate(&with_address).unwrap_err();
+            assert!(
+                e.contains("legacy_tls.address") && e.contains("legacy-tls"),
+                "{e}"
+            );
+        }
+        let e = validate(&format!("{cert}[legacy_tls]\naddress = \"nowhere\"\n")).unwrap_err();
+        assert!(e.contains("legacy_tls.address"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant as Deadline};
 use tracing::{debug, error, info, warn, Span};
 
-use super::{ServerSettings, Shared};
+use super::{ServerSettings, Shared, TlsEngine};
 use crate::bridge::{Bridge, LoggedIn};
 use crate::imap::{
     BodySink, Connector, DeleteAction, FetchEnd, FetchError, Flow, NextFetch, Upstream,
@@ -25,7 +25,7 @@ use crate::pop3::response::{err, MessageEncoder};
 use crate::pop3::session::{
     Action, CommitOutcome, FetchFailure, FetchRequest, LoginOutcome, Session,
 };
-use crate::tls::MaybeTls;
+use crate::tls::{MaybeTls, ServerTlsStream};
 
 /// Bytes read from the client at a time. Pipelined commands arrive in one
 /// read; lines are limited to 255 octets, so this holds many.
@@ -37,7 +37,8 @@ pub const READ_BUFFER: usize = 4096;
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
 /// How long the farewell to a client that missed the login deadline may
-/// take to write (the deadline itself has passed by then).
+/// take to write (the deadline itself has passed by then), and the TLS
+/// close at the end of a session.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who is at the other end of a connection.
@@ -52,6 +53,17 @@ pub(super) struct Peer {
     pub direct_loopback: bool,
 }
 
+/// The listener a connection came in on.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct On {
+    /// TLS from the first byte (POP3S); otherwise plain, with STLS.
+    pub implicit: bool,
+    /// rustls, or OpenSSL on the legacy listener.
+    pub engine: TlsEngine,
+    /// The listener's name in metrics (`pop3`, `pop3s`, ...).
+    pub name: &'static str,
+}
+
 /// Serves one accepted connection (after its PROXY header) to the end.
 /// `login_deadline` is when a client that has not logged in is cut off
 /// (`pop3.login_timeout_secs` after accept).
@@ -61,7 +73,7 @@ pub(super) async fn handle<C: Connector>(
         client: peer,
         direct_loopback,
     }: Peer,
-    implicit: bool,
+    on: On,
     shared: Arc<Shared<C>>,
     closing: watch::Receiver<bool>,
     login_deadline: Deadline,
@@ -71,9 +83,7 @@ pub(super) async fn handle<C: Connector>(
     }
     let settings = shared.settings.clone();
     let started = Instant::now();
-    let labels = ListenerLabels {
-        listener: if implicit { "pop3s" } else { "pop3" },
-    };
+    let labels = ListenerLabels { listener: on.name };
     metrics().sessions_total.get_or_create(&labels).inc();
     let active = metrics().sessions_active.get_or_create(&labels).clone();
     active.inc();
@@ -81,12 +91,12 @@ pub(super) async fn handle<C: Connector>(
     let _active = Guard(move || {
         active.dec();
     });
-    let stream = if implicit {
-        let Some(tls) = &shared.tls else {
+    let stream = if on.implicit {
+        if !shared.has_tls(on.engine) {
             return;
-        };
-        match timeout_at(login_deadline, tls.acceptor().accept(stream)).await {
-            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+        }
+        match timeout_at(login_deadline, shared.accept_tls(on.engine, stream)).await {
+            Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(error = %e, "TLS handshake failed");
                 return;
@@ -100,7 +110,13 @@ pub(super) async fn handle<C: Connector>(
         ClientStream::Plain(stream)
     };
     let mut session_config = settings.session.clone();
-    session_config.stls_available = settings.stls && shared.tls.is_some();
+    // The legacy listener in STLS mode offers STLS whatever `listen.stls`
+    // says: that is what it is for.
+    session_config.stls_available = match on.engine {
+        TlsEngine::Rustls => settings.stls,
+        #[cfg(feature = "legacy-tls")]
+        TlsEngine::Legacy => true,
+    } && shared.has_tls(on.engine);
     // Like Dovecot, a loopback peer counts as secure: nothing crosses a
     // network. A listed network is the operator's decision.
     let client_ip = peer.ip().to_canonical();
@@ -115,10 +131,11 @@ pub(super) async fn handle<C: Connector>(
         pos: 0,
         end: 0,
         decoder: LineDecoder::default(),
-        session: Session::new(session_config, implicit),
+        session: Session::new(session_config, on.implicit),
         out: Vec::with_capacity(512),
         logged_in: None,
         peer,
+        engine: on.engine,
         shared,
         settings,
         stats: Stats::default(),
@@ -133,6 +150,18 @@ pub(super) async fn handle<C: Connector>(
         // RFC 1939 §6: without QUIT nothing is removed. The lock is freed
         // first; the upstream session waits for reuse or logs out.
         logged_in.end().await;
+    }
+    // An upstream failure may have cut a message short: that connection
+    // ends as cut, without close_notify.
+    if !matches!(end, End::ClientClosed | End::ClientError(_) | End::Upstream) {
+        // popbridge ends the session: on TLS with close_notify (RFC 8446
+        // §6.1, RFC 5246 §7.2.1), so the client can tell this end from a
+        // cut connection (`openssl s_client` reports an unexpected EOF
+        // otherwise); then FIN. After the lock is freed and the upstream
+        // session pooled, as before: a client that saw the end can log in
+        // again at once. Bounded: a client that reads nothing cannot hold
+        // the session open.
+        let _ = timeout(FAREWELL_TIMEOUT, conn.stream.shutdown()).await;
     }
     if let End::ClientError(e) = &end {
         debug!(error = %e, "client connection error");
@@ -158,8 +187,9 @@ impl<F: FnMut()> Drop for Guard<F> {
     }
 }
 
-/// The client connection, plain or TLS.
-pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+/// The client connection, plain or TLS (rustls, or OpenSSL on the legacy
+/// listener).
+pub type ClientStream = MaybeTls<ServerTlsStream>;
 
 /// Counters for the end-of-session log line (as Dovecot's pop3_logout_format).
 #[derive(Debug, Default)]
@@ -235,6 +265,8 @@ struct Connection<C: Connector> {
     /// successful login, so present exactly in TRANSACTION.
     logged_in: Option<LoggedIn<C::Conn>>,
     peer: SocketAddr,
+    /// Which TLS implementation STLS hands the connection to.
+    engine: TlsEngine,
     shared: Arc<Shared<C>>,
     settings: Arc<ServerSettings>,
     stats: Stats,
@@ -377,12 +409,12 @@ impl<C: Connector> Connection<C> {
     /// after STLS and before the handshake is dropped unread (RFC 2595 §4:
     /// commands injected in plaintext must not run inside TLS).
     async fn start_tls(&mut self) -> Result<()> {
-        let Some(tls) = self.shared.tls.clone() else {
+        if !self.shared.has_tls(self.engine) {
             // The session offers STLS only with a certificate configured.
             return Err(Stop::Client(std::io::Error::other(
                 "STLS without a certificate",
             )));
-        };
+        }
         self.pos = 0;
         self.end = 0;
         self.decoder = LineDecoder::default();
@@ -394,11 +426,11 @@ impl<C: Connector> Connection<C> {
         };
         // STLS comes before login: the handshake has what is left of the
         // login deadline.
-        let tls_stream = timeout_at(self.login_deadline, tls.acceptor().accept(tcp))
+        let shared = self.shared.clone();
+        let tls_stream = timeout_at(self.login_deadline, shared.accept_tls(self.engine, tcp))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        self.stream =
-            BufWriter::with_capacity(WRITE_BUFFER, ClientStream::Tls(Box::new(tls_stream)));
+        self.stream = BufWriter::with_capacity(WRITE_BUFFER, tls_stream);
         self.session.tls_started();
         metrics().stls_total.inc();
         Span::current().record("tls", "stls");

@@ -24,7 +24,7 @@ use crate::imap::Connector;
 use crate::metrics::metrics;
 use crate::pop3::response::err;
 use crate::pop3::session::SessionConfig;
-use crate::tls::ServerTls;
+use crate::tls::{ServerTls, ServerTlsStream};
 
 pub mod admin;
 mod connection;
@@ -68,13 +68,78 @@ pub struct Shared<C: Connector> {
     pub bridge: Bridge<C>,
     /// The certificate for POP3S and STLS, when configured.
     pub tls: Option<Arc<ServerTls>>,
+    /// The same certificate in an OpenSSL context for the legacy listener
+    /// (`[legacy_tls]`), when configured.
+    #[cfg(feature = "legacy-tls")]
+    pub legacy_tls: Option<Arc<crate::tls::legacy::LegacyTls>>,
+}
+
+impl<C: Connector> Shared<C> {
+    /// Whether `engine` has a certificate to present.
+    fn has_tls(&self, engine: TlsEngine) -> bool {
+        match engine {
+            TlsEngine::Rustls => self.tls.is_some(),
+            #[cfg(feature = "legacy-tls")]
+            TlsEngine::Legacy => self.legacy_tls.is_some(),
+        }
+    }
+
+    /// The server side of a TLS handshake on `tcp` with `engine`.
+    async fn accept_tls(&self, engine: TlsEngine, tcp: TcpStream) -> std::io::Result<ClientStream> {
+        let no_cert = || std::io::Error::other("TLS without a certificate");
+        let tls = match engine {
+            TlsEngine::Rustls => {
+                let tls = self.tls.as_ref().ok_or_else(no_cert)?;
+                ServerTlsStream::Rustls(tls.acceptor().accept(tcp).await?)
+            }
+            #[cfg(feature = "legacy-tls")]
+            TlsEngine::Legacy => {
+                let tls = self.legacy_tls.as_ref().ok_or_else(no_cert)?;
+                let s = tls.accept(tcp).await?;
+                tracing::debug!(
+                    protocol = s.ssl().version_str(),
+                    cipher = s.ssl().current_cipher().map(|c| c.name()),
+                    "legacy TLS handshake done"
+                );
+                ServerTlsStream::OpenSsl(s)
+            }
+        };
+        Ok(ClientStream::Tls(Box::new(tls)))
+    }
+}
+
+/// Which TLS implementation serves a listener's handshakes (POP3S or STLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEngine {
+    /// rustls, TLS 1.2 and 1.3: the plain and POP3S listeners.
+    Rustls,
+    /// OpenSSL, down to `legacy_tls.min_version`: the legacy listener
+    /// (cargo feature `legacy-tls`).
+    #[cfg(feature = "legacy-tls")]
+    Legacy,
 }
 
 /// A bound listener: plain POP3 (STLS offered when TLS is configured) or
-/// POP3S (TLS from the first byte, RFC 8314).
+/// POP3S (TLS from the first byte, RFC 8314); rustls, or OpenSSL on the
+/// legacy listener.
 pub struct Listener {
     pub socket: TcpListener,
     pub implicit_tls: bool,
+    pub engine: TlsEngine,
+}
+
+impl Listener {
+    /// The listener's name in metrics and session logs.
+    pub fn name(&self) -> &'static str {
+        match (self.engine, self.implicit_tls) {
+            (TlsEngine::Rustls, false) => "pop3",
+            (TlsEngine::Rustls, true) => "pop3s",
+            #[cfg(feature = "legacy-tls")]
+            (TlsEngine::Legacy, false) => "legacy_pop3",
+            #[cfg(feature = "legacy-tls")]
+            (TlsEngine::Legacy, true) => "legacy_pop3s",
+        }
+    }
 }
 
 /// Counts open sessions against a limit that a reload may change, and
@@ -234,18 +299,23 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
         } else {
             "none"
         };
-        let span = info_span!("session", id, %peer, client = tracing::field::Empty, tls, user = tracing::field::Empty);
+        let name = listener.name();
+        let span = info_span!("session", id, %peer, listener = name, client = tracing::field::Empty, tls, user = tracing::field::Empty);
         let shared = server.current();
         let permit = server.sessions.try_acquire();
         let per_ip = server.per_ip.clone();
         let closing = server.closing.subscribe();
-        let implicit = listener.implicit_tls;
+        let on = connection::On {
+            implicit: listener.implicit_tls,
+            engine: listener.engine,
+            name,
+        };
         // Everything, PROXY header and TLS handshake included, runs in the
         // connection's own task, so a slow client never stalls the accept loop.
         tokio::spawn(
             async move {
                 let Some(_permit) = permit else {
-                    return refuse(stream, implicit, &shared, "session_limit").await;
+                    return refuse(stream, on, &shared, "session_limit").await;
                 };
                 let mut stream = stream;
                 let settings = &shared.settings;
@@ -279,14 +349,14 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
                 // client by its network: limits.ipv6_prefix_len).
                 let key = shared.bridge.throttle.address_key(client.ip());
                 let Some(_slot) = per_ip.acquire(key) else {
-                    return refuse(stream, implicit, &shared, "address_limit").await;
+                    return refuse(stream, on, &shared, "address_limit").await;
                 };
                 let login_deadline = accepted + shared.settings.login_timeout;
                 let peer = connection::Peer {
                     client,
                     direct_loopback: !proxied && peer.ip().to_canonical().is_loopback(),
                 };
-                connection::handle(stream, peer, implicit, shared, closing, login_deadline).await
+                connection::handle(stream, peer, on, shared, closing, login_deadline).await
             }
             .instrument(span),
         );
@@ -296,7 +366,7 @@ async fn accept_loop<C: Connector>(listener: Listener, server: Arc<Server<C>>) {
 /// Over a limit: say so and close, rather than leave the client hanging.
 async fn refuse<C: Connector>(
     stream: TcpStream,
-    implicit: bool,
+    on: connection::On,
     shared: &Shared<C>,
     why: &'static str,
 ) {
@@ -309,15 +379,13 @@ async fn refuse<C: Connector>(
         "Too many connections, try again later.",
     );
     let _ = timeout(Duration::from_secs(5), async {
-        let mut stream = if implicit {
-            match &shared.tls {
-                Some(tls) => {
-                    connection::ClientStream::Tls(Box::new(tls.acceptor().accept(stream).await?))
-                }
-                None => return Ok(()),
+        let mut stream = if on.implicit {
+            if !shared.has_tls(on.engine) {
+                return Ok(());
             }
+            shared.accept_tls(on.engine, stream).await?
         } else {
-            connection::ClientStream::Plain(stream)
+            ClientStream::Plain(stream)
         };
         stream.write_all(&out).await?;
         stream.shutdown().await

@@ -68,6 +68,8 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
             pool: Arc::new(Pool::new(0).unwrap()),
         },
         tls: None,
+        #[cfg(feature = "legacy-tls")]
+        legacy_tls: None,
     };
     let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = socket.local_addr().unwrap().port();
@@ -77,6 +79,7 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
         vec![Listener {
             socket,
             implicit_tls: false,
+            engine: TlsEngine::Rustls,
         }],
         async {
             let _ = stopped.await;

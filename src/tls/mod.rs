@@ -1,7 +1,8 @@
 //! TLS on both sides, with rustls: the server certificate that POP3S and
 //! STLS present (reloadable on SIGHUP), and the client configuration that
 //! verifies the IMAP server; and [`MaybeTls`], a connection that is plain
-//! or TLS.
+//! or TLS. With the cargo feature `legacy-tls`, [`legacy`] adds an OpenSSL
+//! context for one extra listener that old devices (TLS 1.0/1.1) can use.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -12,9 +13,11 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, warn};
 
+#[cfg(feature = "legacy-tls")]
+pub mod legacy;
 pub mod stream;
 
-pub use stream::MaybeTls;
+pub use stream::{MaybeTls, ServerTlsStream};
 
 /// A certificate, key or CA file that cannot be used: the text names the
 /// file and the problem.

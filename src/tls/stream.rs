@@ -63,3 +63,58 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+/// The server side of a client's TLS: rustls on every listener but the
+/// legacy one, which OpenSSL serves (cargo feature `legacy-tls`). Sessions
+/// on either go through the same driver.
+// The rustls variant is much larger, but the whole value is boxed once in
+// `MaybeTls::Tls`; boxing a variant again would add a second allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum ServerTlsStream {
+    Rustls(tokio_rustls::server::TlsStream<TcpStream>),
+    #[cfg(feature = "legacy-tls")]
+    OpenSsl(tokio_openssl::SslStream<TcpStream>),
+}
+
+impl AsyncRead for ServerTlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerTlsStream::Rustls(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            ServerTlsStream::OpenSsl(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerTlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerTlsStream::Rustls(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            ServerTlsStream::OpenSsl(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerTlsStream::Rustls(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "legacy-tls")]
+            ServerTlsStream::OpenSsl(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerTlsStream::Rustls(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "legacy-tls")]
+            ServerTlsStream::OpenSsl(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -177,6 +177,31 @@ fn check_config_refuses_bad_files_and_names_the_key() {
     r.assert_refused("POP3S listener without a certificate", "tls.cert_file");
 }
 
+/// A build without the cargo feature `legacy-tls` (the default build and
+/// the image) refuses a configuration that asks for the legacy listener,
+/// naming the key and the feature, even with a good certificate.
+#[cfg(not(feature = "legacy-tls"))]
+#[test]
+fn check_config_refuses_legacy_tls_without_the_feature() {
+    let pki = crate::common::certs::Pki::new("legacy-tls config CA");
+    let text = format!(
+        "{VALID}\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.cert_path().to_str().unwrap(),
+        pki.key_path().to_str().unwrap()
+    );
+    check(&text, &[], &[]).assert_valid("a certificate without [legacy_tls]");
+    let r = check(
+        &format!("{text}[legacy_tls]\naddress = \"127.0.0.1:1996\"\n"),
+        &[],
+        &[],
+    );
+    r.assert_refused("[legacy_tls] in a build without the feature", "legacy-tls");
+    r.assert_refused(
+        "[legacy_tls] in a build without the feature",
+        "legacy_tls.address",
+    );
+}
+
 /// A file asking for implicit upstream TLS with a CA file that does not exist.
 fn implicit_with_missing_ca() -> String {
     VALID.replace(

@@ -20,6 +20,8 @@
 //!     `common/servers`), `faults`, `client_id`, `tls`;
 //!   - routing by an HTTP directory (a small one runs in the test):
 //!     `directory`;
+//!   - old devices on the OpenSSL listener (cargo feature `legacy-tls`,
+//!     run by `scripts/test.sh` in a second pass): `legacy_tls`;
 //!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
 //!     `monitoring` (deploy/monitoring against a live scrape), `package`
 //!     (the Debian package, installed and purged; root only);
@@ -50,6 +52,8 @@ mod doctor;
 mod faults;
 mod hardening;
 mod harness_selftest;
+#[cfg(feature = "legacy-tls")]
+mod legacy_tls;
 mod migration;
 mod monitoring;
 mod oauth;

@@ -429,6 +429,51 @@ fn pop3s_with_python_poplib_and_old_tls_refused() {
     }
 }
 
+/// Sends QUIT over POP3S and reads to the end: `END close_notify` when
+/// the server closed TLS properly, `END eof` when the TCP connection just
+/// ended (with `suppress_ragged_eofs=False` Python's ssl raises
+/// SSLEOFError then, instead of returning an empty read).
+const QUIT_CLOSE_SCRIPT: &str = r#"
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', port), timeout=30),
+                    server_hostname='localhost', suppress_ragged_eofs=False)
+s.sendall(b'QUIT\r\n')
+got = b''
+try:
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        got += d
+    print('END close_notify')
+except ssl.SSLEOFError as e:
+    print('END eof', e)
+print('GOT', got.decode().replace('\r\n', '|'))
+"#;
+
+/// A session popbridge ends (here QUIT before login) closes TLS with
+/// close_notify before the connection (RFC 8446 §6.1), so the client can
+/// tell the end of the session from a cut connection.
+#[test]
+fn quit_over_pop3s_ends_with_close_notify() {
+    let pki = Pki::new("close_notify test CA");
+    let dovecot = Dovecot::start();
+    let (_pb, tls_port) = popbridge_with_tls(&dovecot, &pki, &[]);
+    let ca = pki.ca_path();
+    let out = python(
+        QUIT_CLOSE_SCRIPT,
+        &[&tls_port.to_string(), ca.to_str().unwrap()],
+    );
+    assert!(
+        out.get("GOT").starts_with("+OK popbridge ready.|+OK"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.get("END"), "close_notify", "{}", out.stdout);
+}
+
 // ---------------------------------------------------------------------------
 // 2. STLS with python's poplib
 // ---------------------------------------------------------------------------

@@ -691,6 +691,14 @@ impl Popbridge {
         self.wait_logged_port("POP3S listener", |log| listener_port(log, "implicit"))
     }
 
+    /// The legacy TLS listener's port (`[legacy_tls]` on port 0): `mode`
+    /// is `"implicit"` or `"stls"`. Waits until it is logged.
+    #[cfg(feature = "legacy-tls")]
+    pub fn legacy_port(&self, mode: &str) -> u16 {
+        let kind = format!("legacy-{mode}");
+        self.wait_logged_port("legacy TLS listener", |log| listener_port(log, &kind))
+    }
+
     /// The admin listener's port; popbridge must have been given one on
     /// port 0 (`admin.address = "127.0.0.1:0"`). Waits until it is logged.
     pub fn admin_port(&self) -> u16 {
@@ -739,7 +747,8 @@ fn test_log_level() -> String {
 }
 
 /// The port of the listener popbridge logged as `listening` with
-/// `tls=<kind>` ("stls": plain POP3, "implicit": POP3S).
+/// `tls=<kind>` ("stls": plain POP3, "implicit": POP3S, "legacy-implicit"
+/// and "legacy-stls": the legacy TLS listener).
 fn listener_port(log: &str, kind: &str) -> Option<u16> {
     log.lines()
         .filter(|l| logged_field(l, "tls") == Some(kind))
