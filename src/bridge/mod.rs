@@ -4,12 +4,14 @@
 //! through [`routing`], the [`throttle`], the delete [`policy`] and the
 //! session [`lock`].
 
+pub mod cluster;
 pub mod lock;
 pub mod login;
 pub mod policy;
 pub mod pool;
 pub mod replies;
 pub mod routing;
+pub mod shared_throttle;
 pub mod throttle;
 
 pub use login::{Bridge, LoggedIn};

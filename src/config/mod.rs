@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cluster;
 pub mod oauth;
 pub mod routes;
 
@@ -68,6 +69,9 @@ pub struct Config {
     /// Where popbridge keeps state of its own (imported UIDL maps, OAuth2
     /// tokens and device credentials).
     pub data: DataConfig,
+    /// Shared state for several replicas (session locks, login throttles):
+    /// a Redis server.
+    pub cluster: cluster::ClusterConfig,
     /// OAuth2 providers and the token store, for routes with
     /// `auth = "oauth2"`.
     pub oauth: oauth::OauthConfig,
@@ -754,7 +758,9 @@ impl Config {
         }
         // OAuth2 routes name defined providers (the key and secrets are
         // read where they are used).
-        self.oauth.validate(&routes, &self.data.dir)?;
+        self.oauth
+            .validate(&routes, &self.data.dir, &self.cluster)?;
+        self.cluster.validate()?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (
