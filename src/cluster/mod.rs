@@ -231,6 +231,12 @@ impl RedisConn {
         }
     }
 
+    /// Drops the current connection, if any: one opened on a runtime that
+    /// is about to end (a start-up check) would be dead afterwards.
+    pub async fn disconnect(&self) {
+        *self.conn.lock().await = None;
+    }
+
     /// Runs `cmd` within the timeout; a connection that failed is dropped.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
         let (mut c, generation) = self.get().await?;
@@ -268,11 +274,15 @@ impl RedisConn {
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                     self.reset(generation).await;
+                    self.mark_down();
                 }
                 Err(self.error(e))
             }
             Err(_) => {
+                // A server that does not answer is not asked again for a
+                // while: logins must not each wait a timeout.
                 self.reset(generation).await;
+                self.mark_down();
                 Err(self.error("command timed out"))
             }
         }

@@ -102,10 +102,13 @@ impl RedisStore {
                     .build()
                     .map_err(|e| StoreError::Io(e.to_string()))?;
                 rt.block_on(async {
-                    match self.redis.get().await {
+                    let r = match self.redis.get().await {
                         Err(e) => Ok(Some(e.to_string())),
                         Ok(_) => self.check().await.map(|()| None),
-                    }
+                    };
+                    // Its reader task ends with this runtime.
+                    self.redis.disconnect().await;
+                    r
                 })
             })
             .join()

@@ -18,6 +18,7 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
+//!   - several replicas behind HAProxy sharing Redis: `cluster`;
 //!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
 //!     `monitoring` (deploy/monitoring against a live scrape), `package`
 //!     (the Debian package, installed and purged; root only);
@@ -39,6 +40,7 @@ mod cache;
 mod capture_pairs;
 mod client_id;
 mod clients;
+mod cluster;
 mod compat;
 mod config_cli;
 mod cutover;
