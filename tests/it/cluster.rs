@@ -136,7 +136,9 @@ fn connect_from(port: u16, from: Ipv4Addr) -> std::io::Result<TcpStream> {
     rt.block_on(async {
         let s = tokio::net::TcpSocket::new_v4()?;
         s.bind(SocketAddr::from((from, 0)))?;
-        let stream = s.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+        let stream = s
+            .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .await?;
         let std = stream.into_std()?;
         std.set_nonblocking(false)?;
         Ok(std)
@@ -250,7 +252,12 @@ fn wait_until_stable(count: impl Fn() -> usize) {
 
 /// Sends `n` wrong passwords through HAProxy's round robin from `from`, 8
 /// at a time; `who(i)` is the user of guess `i`. Returns the answers.
-fn guesses(port: u16, from: Ipv4Addr, n: usize, who: impl Fn(usize) -> String + Sync) -> Vec<String> {
+fn guesses(
+    port: u16,
+    from: Ipv4Addr,
+    n: usize,
+    who: impl Fn(usize) -> String + Sync,
+) -> Vec<String> {
     let next = AtomicUsize::new(0);
     let answers = Mutex::new(Vec::new());
     thread::scope(|s| {
@@ -285,6 +292,12 @@ fn cluster_brute_force_over_three_replicas_is_held_to_the_limits() {
     let cluster = Cluster::start(3, &config(&dovecot, &redis.url()));
     let port = cluster.haproxy.port;
 
+    // Bob's own device logs in first, from its usual address.
+    let home = Ipv4Addr::new(127, 0, 0, 21);
+    let mut c = Client::connect(port, home).unwrap();
+    assert!(c.login("bob", "secret").unwrap().starts_with("+OK"));
+    assert!(c.cmd("QUIT").unwrap().starts_with("+OK"));
+
     let answers = guesses(port, Ipv4Addr::new(127, 0, 0, 11), 24, |_| "bob".into());
     assert!(answers.iter().all(|a| a.starts_with("-ERR")), "{answers:?}");
     let refused = answers
@@ -296,10 +309,28 @@ fn cluster_brute_force_over_three_replicas_is_held_to_the_limits() {
     eprintln!(
         "cluster throttle, one user: 24 guesses sent over 3 replicas, {bob} reached Dovecot (limit {MAX_PER_USER}), {refused} refused by popbridge"
     );
-    assert!(bob >= 1 && bob <= MAX_PER_USER, "{bob} guesses for bob reached Dovecot");
+    assert!(
+        (1..=MAX_PER_USER).contains(&bob),
+        "{bob} guesses for bob reached Dovecot"
+    );
     assert_eq!(bob + refused, 24, "{answers:?}");
+    // Bob's budget is spent on every replica: the right password from
+    // elsewhere is refused, while his known address (known through
+    // whichever replica he used) is spared the per-user limit on each of
+    // the three.
+    let mut c = Client::connect(port, Ipv4Addr::new(127, 0, 0, 22)).unwrap();
+    let r = c.login("bob", "secret").unwrap();
+    assert!(r.contains("Too many failed logins"), "{r}");
+    for _ in 0..3 {
+        let mut c = Client::connect(port, home).unwrap();
+        let r = c.login("bob", "secret").unwrap();
+        assert!(r.starts_with("+OK"), "bob from his known address: {r}");
+        assert!(c.cmd("QUIT").unwrap().starts_with("+OK"));
+    }
 
-    let answers = guesses(port, Ipv4Addr::new(127, 0, 0, 12), 24, |i| format!("user{i}"));
+    let answers = guesses(port, Ipv4Addr::new(127, 0, 0, 12), 24, |i| {
+        format!("user{i}")
+    });
     let refused = answers
         .iter()
         .filter(|a| a.contains("Too many failed logins"))
@@ -309,7 +340,10 @@ fn cluster_brute_force_over_three_replicas_is_held_to_the_limits() {
     eprintln!(
         "cluster throttle, one address: 24 guesses for 24 users sent over 3 replicas, {reached} reached Dovecot (limit {MAX_PER_IP}), {refused} refused by popbridge"
     );
-    assert!(reached <= MAX_PER_IP, "{reached} guesses from one address reached Dovecot");
+    assert!(
+        reached <= MAX_PER_IP,
+        "{reached} guesses from one address reached Dovecot"
+    );
     assert_eq!(reached + refused, 24, "{answers:?}");
     // Every replica took part (round robin).
     for (i, r) in cluster.replicas.iter().enumerate() {
@@ -336,7 +370,10 @@ fn cluster_oauth2_devices_work_on_every_replica_with_one_refresh() {
     // it on the command line).
     let mut text = std::fs::read_to_string(&s.config).unwrap().replacen(
         "[upstream]\n",
-        &format!("[upstream]\naddress = \"127.0.0.1:{}\"\n", s.dovecot.imap_port),
+        &format!(
+            "[upstream]\naddress = \"127.0.0.1:{}\"\n",
+            s.dovecot.imap_port
+        ),
         1,
     );
     text.push_str(&format!("\n[cluster]\nredis_url = \"{}\"\n", redis.url()));
@@ -346,7 +383,10 @@ fn cluster_oauth2_devices_work_on_every_replica_with_one_refresh() {
     for (i, d) in devices.iter().enumerate() {
         s.add_device(d, ACCOUNT, &format!("device-pass-{i}"));
     }
-    assert!(!redis.keys("popbridge:oauth:*").is_empty(), "tokens in the cluster's Redis");
+    assert!(
+        !redis.keys("popbridge:oauth:*").is_empty(),
+        "tokens in the cluster's Redis"
+    );
     let first = message("shared");
     s.dovecot.deliver(ACCOUNT, &first);
     let cluster = Cluster::start(3, &text);
@@ -386,7 +426,12 @@ struct Tally {
 
 /// One keeping client's poll: downloads the messages whose UIDL it has not
 /// seen; QUIT without DELE.
-fn poll(port: u16, user: &str, seen: &mut BTreeSet<String>, tally: &Mutex<Tally>) -> Result<(), String> {
+fn poll(
+    port: u16,
+    user: &str,
+    seen: &mut BTreeSet<String>,
+    tally: &Mutex<Tally>,
+) -> Result<(), String> {
     let mut c = Client::connect(port, Ipv4Addr::LOCALHOST)?;
     let r = c.login(user, "secret")?;
     if !r.starts_with("+OK") {
@@ -394,7 +439,9 @@ fn poll(port: u16, user: &str, seen: &mut BTreeSet<String>, tally: &Mutex<Tally>
     }
     let listing = c.multi("UIDL")?;
     for l in listing {
-        let (n, uidl) = l.split_once(' ').ok_or_else(|| format!("UIDL line {l:?}"))?;
+        let (n, uidl) = l
+            .split_once(' ')
+            .ok_or_else(|| format!("UIDL line {l:?}"))?;
         if seen.contains(uidl) {
             continue;
         }
@@ -483,7 +530,7 @@ fn cluster_rolling_restart_under_polling_clients_loses_and_duplicates_nothing() 
             cluster.haproxy.wait_for(i, false);
             cluster.replicas[i].start();
             cluster.haproxy.wait_for(i, true);
-            thread::sleep(Duration::from_millis(500));
+            thread::sleep(Duration::from_secs(1));
         }
         stop.store(true, Ordering::Relaxed);
         deliverer.join().unwrap();
@@ -502,7 +549,10 @@ fn cluster_rolling_restart_under_polling_clients_loses_and_duplicates_nothing() 
         tally.errors
     );
     let twice: Vec<_> = tally.downloaded.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "downloaded twice (a UIDL changed): {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "downloaded twice (a UIDL changed): {twice:?}"
+    );
     let missing: Vec<_> = delivered
         .iter()
         .filter(|id| !tally.downloaded.contains_key(*id))
@@ -560,11 +610,17 @@ fn cluster_a_silent_redis_fails_open_with_a_metric_and_no_hang() {
     let r = &cluster.replicas[0];
     let m = r.metrics();
     for op in ["throttle_begin", "lock_acquire"] {
-        let v = metric(&m, &format!("popbridge_cluster_redis_errors_total{{op=\"{op}\"}}"));
+        let v = metric(
+            &m,
+            &format!("popbridge_cluster_redis_errors_total{{op=\"{op}\"}}"),
+        );
         assert!(v.is_some_and(|v| v >= 1.0), "{op}: {v:?}\n{m}");
     }
     assert!(r.log().contains("shared state unavailable"), "{}", r.log());
-    assert!(!held.lock().unwrap().is_empty(), "popbridge never tried Redis");
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "popbridge never tried Redis"
+    );
 }
 
 /// `rediss://` with a CA file and a TLS name other than the URL's host:
@@ -614,7 +670,10 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
         assert!(e.to_string().contains("TLS"), "{e}");
     });
     assert_eq!(
-        redis.command(&["GET", "popbridge:test"]).as_text().as_deref(),
+        redis
+            .command(&["GET", "popbridge:test"])
+            .as_text()
+            .as_deref(),
         Some("over-tls")
     );
 

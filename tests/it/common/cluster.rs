@@ -90,7 +90,10 @@ impl Replica {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
                 }
-                assert!(Instant::now() < deadline, "replica did not exit after SIGTERM");
+                assert!(
+                    Instant::now() < deadline,
+                    "replica did not exit after SIGTERM"
+                );
                 thread::sleep(Duration::from_millis(20));
             }
         }
@@ -118,7 +121,11 @@ fn signal(pid: u32, sig: &str) {
 impl Drop for Replica {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("--- replica log ({}) ---\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "--- replica log ({}) ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
         self.kill();
     }
