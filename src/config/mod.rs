@@ -385,7 +385,8 @@ pub struct Policy {
     /// Between account and device in a login (`alice+scanner`), for
     /// `per-device`.
     pub device_separator: String,
-    /// One POP3 session per account and mailbox at a time (in this process).
+    /// One POP3 session per account and mailbox at a time (in this process,
+    /// and across replicas with `[cluster]`).
     pub lock: bool,
 }
 
