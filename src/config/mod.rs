@@ -490,7 +490,8 @@ pub struct Pop3Config {
     /// (`alice+scanner` logs in as `alice`, device `scanner`).
     pub device_separator: String,
     /// Allow one POP3 session per account and mailbox at a time (in this
-    /// process); a second gets `-ERR [IN-USE]`.
+    /// process, and across replicas with `[cluster]`); a second gets
+    /// `-ERR [IN-USE]`.
     pub lock: bool,
     /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
     pub idle_timeout_secs: u64,
