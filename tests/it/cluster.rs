@@ -5,8 +5,9 @@
 //! while holding one frees it within the lease; a brute force spread over
 //! the replicas meets one budget; OAuth2 devices work on every replica with
 //! one refresh; a rolling restart under polling clients loses and
-//! duplicates nothing; a Redis outage fails open; `rediss://` with a CA
-//! file and a TLS name.
+//! duplicates nothing; a lease taken over while its session runs is
+//! logged and the session goes on; a Redis outage fails open; `rediss://`
+//! with a CA file and a TLS name.
 //!
 //! Figures (sessions, errors, lease expiry, throttle counts) are printed
 //! on stderr: `cargo test --test it -- cluster --nocapture`.
@@ -693,4 +694,33 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     assert!(lock_keys(&redis).is_empty());
     let m = cluster.replicas[0].metrics();
     assert!(!m.contains("popbridge_cluster_redis_errors_total{"), "{m}");
+}
+
+/// A lease taken over while its session runs (here: another token written
+/// into Redis, as after an outage longer than the lease) is noticed at the
+/// next renewal and logged; the session goes on (its QUIT commits only its
+/// own deletions), and its end does not delete the other holder's lease.
+#[test]
+fn cluster_a_lease_lost_while_the_session_runs_is_logged_and_the_session_goes_on() {
+    let dovecot = Dovecot::start_with(users(&["alice"]));
+    dovecot.deliver("alice", b"Subject: one\r\n\r\nbody\r\n");
+    let redis = Redis::start();
+    let cluster = Cluster::start(1, &config(&dovecot, &redis.url()));
+    let mut a = Client::connect(cluster.haproxy.port, Ipv4Addr::LOCALHOST).unwrap();
+    assert!(a.login("alice", "secret").unwrap().starts_with("+OK"));
+    let key = lock_keys(&redis);
+    assert_eq!(key.len(), 1);
+    redis.command(&["SET", &key[0], "another-session", "PX", "60000"]);
+    let deadline = Instant::now() + LEASE * 5;
+    while !cluster.replicas[0].log().contains("session lease lost") {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a.cmd("STAT").unwrap().starts_with("+OK 1 "));
+    assert!(a.cmd("QUIT").unwrap().starts_with("+OK"));
+    assert_eq!(
+        redis.command(&["GET", &key[0]]).as_text().as_deref(),
+        Some("another-session"),
+        "the session's end deleted a lease it no longer held"
+    );
 }
