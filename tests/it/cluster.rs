@@ -678,6 +678,23 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
         Some("over-tls")
     );
 
+    // The OAuth2 token store over the same connection code: its own
+    // oauth.redis_* keys, rediss with the CA and the TLS name.
+    let key_file = dir.path().join("oauth.key");
+    crate::common::write_private(&key_file, "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n");
+    let oauth_config = popbridge::config::Config::from_toml(&format!(
+        "[oauth]\nkey_file = \"{}\"\nstore = \"redis\"\nredis_url = \"{url}\"\n\
+         redis_ca_file = \"{}\"\nredis_tls_name = \"redis.cluster.test\"\n",
+        key_file.display(),
+        ca_path.display()
+    ))
+    .unwrap();
+    oauth_config.validate().unwrap();
+    let store = popbridge::oauth::open_store(&oauth_config).unwrap();
+    assert_eq!(store.check_blocking().unwrap(), None, "reachable over TLS");
+    rt.block_on(store.check()).unwrap();
+    assert_eq!(redis.keys("popbridge:oauth:meta").len(), 1);
+
     let dovecot = Dovecot::start_with(users(&["alice"]));
     let cluster = Cluster::start(
         1,
