@@ -58,6 +58,8 @@ return 0
 /// session's task).
 #[derive(Debug)]
 pub struct MailboxLock {
+    /// `<lock scope>/<account>`: the per-process table's entry, and the
+    /// lease's name in Redis.
     key: String,
     /// The Redis lease, with `[cluster]` and while Redis answered.
     lease: Option<Lease>,
@@ -67,9 +69,11 @@ pub struct MailboxLock {
 #[derive(Debug)]
 struct Lease {
     cluster: Arc<Cluster>,
+    /// The Redis key.
     key: String,
     /// Tells this holder from the next one: only the holder deletes.
     token: String,
+    /// The renewal task, aborted when the lease is released.
     renew: tokio::task::JoinHandle<()>,
 }
 

@@ -106,7 +106,9 @@ pub enum Throttle {
 /// The throttle in Redis, with the per-process one for outages.
 #[derive(Debug)]
 pub struct SharedThrottle {
+    /// Where the counts live.
     cluster: Arc<Cluster>,
+    /// The settings, and the counts used while Redis fails.
     local: Arc<LoginThrottle>,
 }
 
@@ -123,8 +125,10 @@ pub enum Attempt {
 #[derive(Debug)]
 pub struct SharedAttempt {
     throttle: Arc<SharedThrottle>,
+    /// The address as counted (IPv6 by prefix).
     ip: IpAddr,
     account: AccountKey,
+    /// An outcome was recorded: drop has nothing to release.
     done: bool,
 }
 

@@ -42,6 +42,7 @@ pub struct RedisError {
 
 /// How to reach the server, built once from a [`RedisEndpoint`].
 struct Target {
+    /// The URL's host (brackets of an IPv6 address removed) and port.
     host: String,
     port: u16,
     /// The TLS connector and the name to verify, for `rediss://`.
@@ -53,9 +54,14 @@ struct Target {
 /// A multiplexed Redis connection, opened on first use and again after a
 /// failure.
 pub struct RedisConn {
+    /// The URL (no credentials), for messages.
     url: String,
+    /// Bound on connecting and on each command.
     timeout: Duration,
     target: Target,
+    /// The open connection and its generation; `None` until first use and
+    /// after a failure. An async mutex: connecting happens under it, so
+    /// concurrent first uses open one connection.
     conn: Mutex<Option<(MultiplexedConnection, u64)>>,
     /// Counts connections opened, so users can check things once per
     /// connection (the OAuth2 store's key id).
@@ -293,6 +299,7 @@ impl RedisConn {
 /// [`WARN_EVERY`]; counts what it held back.
 #[derive(Debug, Default)]
 pub struct WarnLimiter {
+    /// When the last warning was allowed, and how many were held back since.
     last: StdMutex<Option<(Instant, u64)>>,
 }
 

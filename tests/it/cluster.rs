@@ -539,8 +539,9 @@ fn cluster_rolling_restart_under_polling_clients_loses_and_duplicates_nothing() 
     let tally = tally.into_inner().unwrap();
     let delivered = delivered.into_inner().unwrap();
     let reconnects = reconnects.load(Ordering::Relaxed);
+    let (econ, wretr, wredis) = cluster.haproxy.retries();
     eprintln!(
-        "cluster rolling restart: {} s, {} sessions, {} errors, {} reconnects, {} messages delivered, {} downloaded; errors: {:?}",
+        "cluster rolling restart: {} s, {} sessions, {} errors, {} client reconnects, HAProxy: {econ} connection errors, {wretr} retries, {wredis} redispatches; {} messages delivered, {} downloaded; errors: {:?}",
         started.elapsed().as_secs(),
         tally.sessions,
         tally.errors.len(),

@@ -161,6 +161,21 @@ impl Haproxy {
         })
     }
 
+    /// The round-robin backend's connection errors, retries and
+    /// redispatches so far (`econ`, `wretr`, `wredis` of `show stat`):
+    /// connections a stopped replica refused that HAProxy sent elsewhere
+    /// instead of failing the client.
+    pub fn retries(&self) -> (u64, u64, u64) {
+        let text = self.runtime("show stat").unwrap_or_default();
+        let row = text
+            .lines()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|c| c.first() == Some(&"pool") && c.get(1) == Some(&"BACKEND"))
+            .unwrap_or_default();
+        let n = |i: usize| row.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (n(13), n(15), n(16))
+    }
+
     /// Waits until HAProxy sees replica `i` up (or down, `up = false`).
     pub fn wait_for(&self, i: usize, up: bool) {
         let deadline = Instant::now() + START_TIMEOUT;
