@@ -12,8 +12,9 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::bridge::cluster::Cluster;
-use crate::bridge::pool::{sweep_forever, Pool, Reuse};
-use crate::bridge::routing::{Route, RouteAuth, Router, UidlMapSource};
+use crate::bridge::directory::{Directory, POOL_SCOPE_PREFIX};
+use crate::bridge::pool::{sweep_forever, Pool};
+use crate::bridge::routing::{ConnectorFactory, RouteBuilder, Router};
 use crate::bridge::shared_throttle::Throttle;
 use crate::bridge::throttle::ThrottleConfig;
 use crate::bridge::Bridge;
@@ -25,7 +26,7 @@ use crate::imap::cache::ListingCache;
 use crate::imap::{host_of, ImapConfig, ImapConn, ImapConnector};
 use crate::migrate::runtime::MapStore;
 use crate::oauth::OauthRuntime;
-use crate::pop3::session::{Profile, SessionConfig};
+use crate::pop3::session::SessionConfig;
 use crate::pop3::uidl::UidlFormat;
 use crate::server::admin::Readiness;
 use crate::server::{Listener, Server, ServerSettings, Shared};
@@ -60,6 +61,16 @@ pub fn check(config: &Config) -> Result<Validated, ConfigError> {
         }
         uidl_format(r).map_err(|e| ConfigError(format!("{pop3_at}.{e}")))?;
     }
+    if let Some(d) = &valid.directory {
+        let t = &d.template;
+        if t.upstream.tls != UpstreamTls::None && !t.upstream.ca_file.is_empty() {
+            crate::tls::client_connector(Some(Path::new(&t.upstream.ca_file))).map_err(|e| {
+                ConfigError(format!("upstream (the directory's template): {}", e.0))
+            })?;
+        }
+        uidl_format(t).map_err(|e| ConfigError(format!("pop3.{e}")))?;
+        crate::bridge::directory::client(&d.config).map_err(ConfigError)?;
+    }
     config.oauth.check_secrets(&valid.routes)?;
     Ok(valid)
 }
@@ -73,6 +84,16 @@ pub fn warnings(valid: &Validated) -> Vec<String> {
     for r in &valid.routes {
         if let Some(w) = upstream_warning(&r.upstream) {
             out.push(format!("route {}: {w}", r.name));
+        }
+    }
+    if let Some(d) = &valid.directory {
+        if d.url.scheme() == "http"
+            && !is_loopback(&format!("{}:0", d.url.host_str().unwrap_or("")))
+        {
+            out.push(format!(
+                "directory.url {} is plain http to another host: login names (and the token) cross the network unencrypted",
+                d.url
+            ));
         }
     }
     if valid
@@ -161,6 +182,20 @@ fn pool_for(
                     tokio::spawn(async move { pool.drain(Some(&name)).await });
                 }
             }
+            // Directory routes are made from the template: when it changed,
+            // their idle sessions go.
+            let template = |v: &Validated| {
+                v.directory
+                    .as_ref()
+                    .map(|d| (d.template.upstream.clone(), d.template.pop3.clone()))
+            };
+            if old_valid.directory.is_some() && template(old_valid) != template(valid) {
+                let pool = old.clone();
+                tokio::spawn(async move {
+                    pool.drain_where(|scope| scope.starts_with(POOL_SCOPE_PREFIX))
+                        .await
+                });
+            }
             return Ok(old);
         }
         tokio::spawn(async move { old.drain(None).await });
@@ -207,63 +242,37 @@ fn build_shared(
     let map_store = valid
         .routes
         .iter()
+        .chain(valid.directory.as_ref().map(|d| &d.template))
         .any(|r| r.pop3.uidl_map)
         .then(|| Arc::new(MapStore::new(Path::new(&cfg.data.dir))));
+    // The one connector factory: static routes now, directory routes when
+    // their answers come.
+    let connector: ConnectorFactory<ImapConnector> = {
+        let cache = cache.clone();
+        Arc::new(move |r: &EffectiveRoute| {
+            Ok(ImapConnector::new(imap_config(
+                &r.upstream,
+                r.pop3.reuse_xuidl,
+                cache.clone(),
+            )?))
+        })
+    };
+    let builder = Arc::new(RouteBuilder {
+        connector,
+        oauth: oauth.clone(),
+        map_store,
+    });
     let mut routes = Vec::with_capacity(valid.routes.len());
     for route in &valid.routes {
-        let auth = match route.upstream.auth {
-            UpstreamAuth::Passthrough => RouteAuth::Passthrough,
-            UpstreamAuth::Oauth2 => {
-                let provider = route.upstream.oauth_provider.clone();
-                let Some(runtime) = &oauth else {
-                    return Err(format!(
-                        "route {:?} uses auth = \"oauth2\" but no OAuth2 runtime was configured",
-                        route.name
-                    ));
-                };
-                if runtime.sasl(&provider).is_none() {
-                    return Err(format!(
-                        "route {:?}: oauth_provider {provider:?} is not an [[oauth.providers]] entry",
-                        route.name
-                    ));
-                }
-                RouteAuth::Oauth2 { provider }
-            }
-        };
-        let connector = Arc::new(ImapConnector::new(imap_config(
-            &route.upstream,
-            route.pop3.reuse_xuidl,
-            cache.clone(),
-        )?));
-        let profile = Profile {
-            uidl: uidl_format(route)?,
-            mark_seen: route.pop3.mark_seen_on_retr,
-            mark_seen_on_top: route.pop3.mark_seen_on_top,
-        };
-        routes.push(Route {
-            name: route.name.clone(),
-            connector,
-            login: route.upstream.login,
-            auth,
-            profile,
-            policy: route.policy.clone(),
-            lock_scope: format!("{}/{}", route.upstream.address, route.upstream.mailbox),
-            account_scope: route.upstream.address.clone(),
-            uidl_map: match (&map_store, route.pop3.uidl_map) {
-                (Some(store), true) => Some(UidlMapSource {
-                    store: store.clone(),
-                    upstream: route.upstream.address.clone(),
-                    mailbox: route.upstream.mailbox.clone(),
-                }),
-                _ => None,
-            },
-            reuse: Reuse {
-                idle: Duration::from_secs(route.upstream.reuse_idle_secs),
-                per_account: route.upstream.reuse_max_per_account,
-            },
-        });
+        routes.push(builder.build(route)?);
     }
-    let router = Router::new(routes, RouteIndex::new(&valid.routes));
+    let mut router = Router::new(routes, RouteIndex::new(&valid.routes));
+    if let Some(settings) = &valid.directory {
+        // A new directory on every (re)load: its answers are forgotten.
+        let directory = Directory::new(settings, builder.clone())?;
+        info!(url = %directory.url(), "directory routing for logins no [[routes]] entry matches");
+        router = router.with_directory(Arc::new(directory));
+    }
     let settings = Arc::new(ServerSettings {
         session: SessionConfig {
             stls_available: false,
@@ -430,7 +439,15 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
         let interval = Duration::from_secs(cfg.admin.check_interval_secs);
         info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (metrics, health)");
         tokio::spawn(crate::server::admin::serve(admin, ready.clone(), interval));
-        for address in readiness_targets(&valid.routes) {
+        // With a directory, [upstream].address (not a route then) is
+        // checked too: a replica needs some server to call itself ready.
+        let mut targets = readiness_targets(&valid.routes);
+        if let Some(d) = &valid.directory {
+            if !targets.contains(&d.template.upstream.address) {
+                targets.push(d.template.upstream.address.clone());
+            }
+        }
+        for address in targets {
             tokio::spawn(crate::server::admin::watch_upstream(
                 address,
                 interval,
@@ -440,7 +457,11 @@ async fn run(valid: Validated, reload: Reload) -> Result<bool, String> {
     }
     tokio::spawn(reload_on_sighup(server.clone(), reload, valid, hangup));
 
-    info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
+    if cfg.directory.enabled() {
+        info!(directory = %cfg.directory.url, "popbridge ready");
+    } else {
+        info!(upstream = %cfg.upstream.address, upstream_tls = ?cfg.upstream.tls, mailbox = %cfg.upstream.mailbox, "popbridge ready");
+    }
     let drain = Duration::from_secs(cfg.lifecycle.drain_timeout_secs);
     let shutdown = {
         let ready = ready.clone();
@@ -620,6 +641,46 @@ mod tests {
             bad("[[routes]]\nname = \"a\"\ndomains = [\"x.org\"]\nuidl_map = true")
                 .contains("routes (a).uidl_map needs data.dir")
         );
+    }
+
+    /// `--check-config` reads what `[directory]` names, and warns about a
+    /// plaintext directory on another host.
+    #[test]
+    fn check_config_reads_the_directorys_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let config = |more: &str| {
+            Config::from_toml(&format!(
+                "[upstream]\ntls = \"none\"\n[directory]\nurl = \"http://127.0.0.1:8080/r\"\n{more}"
+            ))
+            .unwrap()
+        };
+        let missing = format!("token_file = \"{}\"", token.display());
+        let e = check(&config(&missing)).unwrap_err().0;
+        assert!(e.contains("directory.token_file"), "{e}");
+        std::fs::write(&token, "\n").unwrap();
+        let e = check(&config(&missing)).unwrap_err().0;
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        let v = check(&config(&missing)).unwrap();
+        assert!(warnings(&v).is_empty(), "{:?}", warnings(&v));
+        let e = check(&config("[pop3]\nuidl_format = \"%q\""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("pop3.uidl_format"), "{e}");
+        let remote = Config::from_toml(
+            "[upstream]\ntls = \"none\"\n[directory]\nurl = \"http://dir.example/r\"",
+        )
+        .unwrap();
+        let w = warnings(&check(&remote).unwrap());
+        assert!(w.iter().any(|w| w.contains("plain http")), "{w:?}");
+        let https = Config::from_toml(&format!(
+            "[upstream]\ntls = \"none\"\n[directory]\nurl = \"https://dir.example/r\"\nca_file = \"{}\"",
+            token.display()
+        ))
+        .unwrap();
+        let e = check(&https).unwrap_err().0;
+        assert!(e.contains("directory.ca_file"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - [`server`]: listeners, connection limits, PROXY protocol, the admin
 //!   HTTP listener, and the per-connection driver, the one place where
 //!   sockets, the POP3 session and the upstream meet.
-//! - [`bridge`]: the decisions: which route a login takes, throttling, the
+//! - [`bridge`]: the decisions: which route a login takes (static routes,
+//!   or an HTTP directory for the logins they do not match), throttling, the
 //!   IMAP login, delete policies and the session lock, UIDL precedence, and
 //!   the one table of what the client is told when something fails.
 //! - [`oauth`] and [`migrate`]: OAuth2 upstreams (tokens, device logins)

@@ -39,7 +39,7 @@ pub struct AuthLabels {
     /// service), `oauth_token_rejected` (the mail server refused a fresh
     /// token, and logins while the account is backed off for that),
     /// `upstream_throttled` (the mail server throttles the account) and
-    /// `device_store_error`. Token refreshes are counted by the OAuth2
+    /// `device_store_error`; with a directory, `directory_unavailable`. Token refreshes are counted by the OAuth2
     /// module.
     pub outcome: &'static str,
 }
@@ -64,6 +64,15 @@ pub struct RefreshLabels {
     /// `ok`, `invalid_grant` (the account needs re-enrolment), `throttled`
     /// (HTTP 429/503 or `slow_down`), `error` (anything else).
     pub outcome: &'static str,
+}
+
+/// How a directory lookup ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `hit` (the directory routed the login), `cached` (an answer from
+    /// the cache, either kind), `not_found` (404) or `error` (no usable
+    /// answer: the login got `-ERR [SYS/TEMP]`).
+    pub result: &'static str,
 }
 
 /// Every metric popbridge exports.
@@ -117,6 +126,8 @@ pub struct Metrics {
     /// per-process lock or throttle (or, for a release, left the lease to
     /// expire).
     pub cluster_redis_errors: Family<OpLabels, Counter>,
+    /// Directory lookups by result.
+    pub directory_lookups: Family<ResultLabels, Counter>,
 }
 
 /// A label with one `op`: a shared-state operation.
@@ -152,6 +163,7 @@ impl Metrics {
             pool_idle: Gauge::default(),
             oauth_device_records_refused: Family::default(),
             cluster_redis_errors: Family::default(),
+            directory_lookups: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -257,6 +269,11 @@ impl Metrics {
             "Device logins refused because the device record failed its check against the store key",
             m.oauth_device_records_refused.clone(),
         );
+        r.register(
+            "directory_lookups",
+            "Directory lookups by result: hit, cached, not_found, error",
+            m.directory_lookups.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -285,6 +302,12 @@ impl Metrics {
 
     /// Counts an upstream error.
     /// Counts what the upstream session pool did.
+    pub fn directory(&self, result: &'static str) {
+        self.directory_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub fn pool(&self, event: &'static str) {
         self.pool_events
             .get_or_create(&KindLabels { kind: event })

@@ -14,7 +14,7 @@ use super::lock::MailboxLock;
 use super::policy::{device_keyword, session_view, valid_device, SessionView};
 use super::pool::{Credential, Pool, PoolKey, Reuse};
 use super::replies::{self, Refusal};
-use super::routing::{Route, RouteAuth, Router, UidlMapSource};
+use super::routing::{Resolved, Route, RouteAuth, Router, UidlMapSource};
 use super::shared_throttle::{Attempt, Throttle};
 use super::throttle::AccountKey;
 use crate::config::{DeletePolicy, Policy};
@@ -110,14 +110,20 @@ impl<C: Connector> Bridge<C> {
         pass: &Secret,
         peer: SocketAddr,
     ) -> Result<Login<C::Conn>, LoginFailure> {
-        let Some(route) = self.router.route(user) else {
-            // No route for this name's domain and no default: as good as a
-            // wrong password, and counted as one (under the login name).
-            let attempt = self.begin(peer, &AccountKey::new("", user)).await?;
-            info!(user, "no route for this login");
-            metrics().auth("no_route");
-            tokio::time::sleep(attempt.failed().await).await;
-            return Err(LoginFailure::Refused);
+        let (route, directory_login) = match self.router.resolve(user, peer.ip()).await {
+            Resolved::Route(route, login) => (route, login),
+            Resolved::NoRoute => {
+                // No route for this name's domain and no default, or a
+                // directory that does not know it: as good as a wrong
+                // password, and counted as one (under the login name).
+                let attempt = self.begin(peer, &AccountKey::new("", user)).await?;
+                info!(user, "no route for this login");
+                metrics().auth("no_route");
+                tokio::time::sleep(attempt.failed().await).await;
+                return Err(LoginFailure::Refused);
+            }
+            // Not the client's fault, and never a guess at the upstream.
+            Resolved::Unavailable => return Err(counted(replies::DIRECTORY_DOWN)),
         };
         match &route.auth {
             RouteAuth::Passthrough => {
@@ -125,11 +131,14 @@ impl<C: Connector> Bridge<C> {
                     Ok(v) => v,
                     Err(why) => return Err(policy_refused(user, why)),
                 };
-                let upstream_user = route.login.apply(&view.account).to_string();
+                // The directory's login name, when it gave one, else the
+                // route's rule.
+                let upstream_user =
+                    directory_login.unwrap_or_else(|| route.login.apply(&view.account).to_string());
                 let account = AccountKey::new(&route.account_scope, &upstream_user);
                 let attempt = self.begin(peer, &account).await?;
                 let key = PoolKey {
-                    route: route.name.clone(),
+                    route: route.pool_scope.clone(),
                     account: upstream_user.to_lowercase(),
                     hide: view.hide.clone(),
                     device: None,
@@ -233,7 +242,7 @@ impl<C: Connector> Bridge<C> {
         // The device's password was checked above: the pool keys by
         // account and device.
         let key = PoolKey {
-            route: route.name.clone(),
+            route: route.pool_scope.clone(),
             account: account.to_lowercase(),
             hide: view.hide.clone(),
             device: Some(grant.device.to_lowercase()),
@@ -571,6 +580,7 @@ mod with_fake_upstream {
     fn bridge(connector: &FakeConnector, policy: Policy) -> Bridge<FakeConnector> {
         let route = Route {
             name: "default".into(),
+            pool_scope: "default".into(),
             connector: Arc::new(connector.clone()),
             login: LoginName::Full,
             auth: RouteAuth::Passthrough,

@@ -32,7 +32,8 @@ use crate::metrics::metrics;
 /// Who an idle session belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    /// The route's name: it fixes the server, TLS and mailbox.
+    /// The route's pool scope (its name, or a directory backend): it fixes
+    /// the server, TLS and mailbox.
     pub route: String,
     /// The IMAP account, lower-cased.
     pub account: String,
@@ -249,7 +250,13 @@ impl<U: Upstream> Pool<U> {
     /// Logs out every idle session (`route`: only that route's), politely,
     /// at shutdown or when a reload changed the route. Returns how many.
     pub async fn drain(&self, route: Option<&str>) -> usize {
-        let gone = self.remove_where(|k, _| route.is_none_or(|r| k.route == r));
+        self.drain_where(|scope| route.is_none_or(|r| scope == r))
+            .await
+    }
+
+    /// Logs out the idle sessions whose route's pool scope `gone` picks.
+    pub async fn drain_where(&self, gone: impl Fn(&str) -> bool) -> usize {
+        let gone = self.remove_where(|k, _| gone(&k.route));
         let n = gone.len();
         for conn in gone {
             metrics().pool("drained");

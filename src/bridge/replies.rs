@@ -26,6 +26,10 @@ pub const TOKEN_REFUSED_TEXT: &str =
 /// `-ERR [SYS/TEMP]` text for other upstream failures at login.
 pub const UNAVAILABLE_TEXT: &str = "Mail server unavailable, try again later.";
 
+/// `-ERR [SYS/TEMP]` text when the directory could not say where a login
+/// goes.
+pub const DIRECTORY_DOWN_TEXT: &str = "Mail service temporarily unavailable, try again later.";
+
 /// `-ERR [IN-USE]` text: RFC 2449 §8.1.2, the maildrop is locked.
 pub const IN_USE_TEXT: &str = "Mailbox is in use by another POP3 session.";
 
@@ -55,6 +59,11 @@ pub const REFUSED: Refusal = Refusal {
     metric: "refused",
     failed_login: true,
 };
+
+/// The directory did not answer usably: try again later; not a failed
+/// login.
+pub const DIRECTORY_DOWN: Refusal =
+    failed("SYS/TEMP", DIRECTORY_DOWN_TEXT, "directory_unavailable");
 
 /// Another POP3 session holds the mailbox's lock.
 pub const IN_USE: Refusal = failed("IN-USE", IN_USE_TEXT, "in_use");

@@ -222,20 +222,35 @@ pub fn run(args: DoctorArgs, config: Config) -> ExitCode {
     if args.json {
         let doc = serde_json::json!({ "ok": ok, "routes": reports });
         match serde_json::to_string_pretty(&doc) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => emit(&format!("{text}\n")),
             Err(e) => {
                 eprintln!("popbridge doctor: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{}", table(&reports));
+        emit(&table(&reports));
+        // Not checked here: the directory answers per login.
+        if let Some(d) = &valid.directory {
+            emit(&format!(
+                "directory: {}, asked for unmatched logins\n",
+                d.url
+            ));
+        }
     }
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Writes the report to stdout; a reader that went away (`| head`) is not
+/// an error worth a panic, and the exit code still says what was found.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// The test credentials: `--credentials FILE`, else the environment.

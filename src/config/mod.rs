@@ -18,9 +18,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+pub mod directory;
 pub mod oauth;
 pub mod routes;
 
+pub use directory::{DirectoryConfig, DirectorySettings};
 pub use routes::{EffectiveRoute, RouteConfig, RouteIndex};
 
 /// A configuration problem: the text says what and where.
@@ -50,6 +52,9 @@ pub struct Config {
     /// More upstreams, chosen by the login name's domain or an explicit
     /// user list. Unset keys inherit from `[upstream]` and `[pop3]`.
     pub routes: Vec<RouteConfig>,
+    /// An HTTP service asked which upstream serves the logins no
+    /// `[[routes]]` entry matches (instead of the default route).
+    pub directory: DirectoryConfig,
     /// POP3 behaviour.
     pub pop3: Pop3Config,
     /// Certificate for POP3S and STLS.
@@ -174,7 +179,9 @@ impl Default for AuthConfig {
 }
 
 /// How the IMAP server is reached.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
     /// TLS from the first byte (IMAPS, usually port 993).
@@ -746,6 +753,13 @@ impl Config {
             ));
         }
         let routes = self.effective_routes()?;
+        let directory = self.directory()?;
+        let template_maps = directory.as_ref().is_some_and(|d| d.template.pop3.uidl_map);
+        if template_maps && self.data.dir.is_empty() {
+            return Err(ConfigError(
+                "pop3.uidl_map (the [directory] routes' template) needs data.dir (the directory that holds uidl-maps/)".into(),
+            ));
+        }
         if let Some(r) = routes.iter().find(|r| r.pop3.uidl_map) {
             if self.data.dir.is_empty() {
                 let key = if r.is_default {
@@ -827,6 +841,7 @@ impl Config {
             .map_err(|e| ConfigError(format!("log.level {:?}: {e}", self.log.level)))?;
         Ok(Validated {
             routes,
+            directory,
             admin,
             listen,
             tls_address,
@@ -842,6 +857,8 @@ impl Config {
 pub struct Validated {
     /// Every route, the default (if any) included, in table order.
     pub routes: Vec<EffectiveRoute>,
+    /// `[directory]`, when configured.
+    pub directory: Option<DirectorySettings>,
     pub admin: Option<SocketAddr>,
     pub listen: SocketAddr,
     pub tls_address: Option<SocketAddr>,

@@ -146,14 +146,16 @@ impl Config {
             }
             out.push(self.effective(&at, &at, r, false)?);
         }
-        if self.routing.default_route {
+        // With a directory, unmatched logins go there: [upstream] is its
+        // template, not a route.
+        if self.routing.default_route && !self.directory.enabled() {
             let default = RouteConfig {
                 name: "default".into(),
                 ..RouteConfig::default()
             };
             out.push(self.effective("upstream", "pop3", &default, true)?);
         }
-        if out.is_empty() {
+        if out.is_empty() && !self.directory.enabled() {
             return Err(ConfigError(
                 "no route: add [[routes]] or set routing.default_route = true".into(),
             ));
@@ -163,7 +165,7 @@ impl Config {
 
     /// One route with `[upstream]` and `[pop3]` underneath; `up_at` and
     /// `pop3_at` name where its keys come from in messages.
-    fn effective(
+    pub(super) fn effective(
         &self,
         up_at: &str,
         pop3_at: &str,

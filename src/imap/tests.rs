@@ -89,7 +89,8 @@ pub(crate) fn config(address: String) -> ImapConfig {
 
 /// A SELECT answer for a mailbox of `exists` messages.
 pub(crate) const SELECT_EMPTY: &str = "* 0 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n\
-    * OK [UIDNEXT 1] n\r\npb3 OK [READ-WRITE] selected\r\n";
+    * OK [UIDNEXT 1] n\r\npb3 OK [READ-WRITE] selected\r\n\
+    pb4 OK searched\r\n";
 
 pub(crate) async fn login(
     addr: String,
@@ -124,6 +125,7 @@ async fn login_sends_non_ascii_credentials_as_literals() {
         Send("pb1 OK logged in\r\n"),
         Read, // CAPABILITY
         Read, // SELECT
+        Read, // UID SEARCH KEYWORD
         Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
         Send(SELECT_EMPTY),
     ])
@@ -154,6 +156,7 @@ async fn login_quotes_ascii_credentials() {
         Send("pb1 OK logged in\r\n"),
         Read,
         Read,
+        Read, // UID SEARCH KEYWORD
         Send("* CAPABILITY IMAP4rev1\r\npb2 OK done\r\n"),
         Send(SELECT_EMPTY),
     ])
@@ -195,7 +198,7 @@ async fn bye_during_login_is_reported() {
 }
 
 /// The login and snapshot of a mailbox holding UID 10 of `size` octets;
-/// the session's next tag is pb5.
+/// the session's next tag is pb6.
 fn one_message(size: u64) -> Vec<Step> {
     vec![
         Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
@@ -203,14 +206,16 @@ fn one_message(size: u64) -> Vec<Step> {
         Send("pb1 OK logged in\r\n"),
         Read,
         Read,
+        Read, // UID SEARCH KEYWORD
         Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
         Send(
             "* 1 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 11] n\r\n\
              pb3 OK [READ-WRITE] selected\r\n",
         ),
+        Send("pb4 OK searched\r\n"),
         Read,
         SendOwned(format!(
-            "* 1 FETCH (UID 10 RFC822.SIZE {size})\r\npb4 OK done\r\n"
+            "* 1 FETCH (UID 10 RFC822.SIZE {size})\r\npb5 OK done\r\n"
         )),
     ]
 }
@@ -258,7 +263,7 @@ async fn fetch_with(
 /// someone else; nothing was delivered.
 #[tokio::test]
 async fn fetch_with_no_item_is_gone() {
-    let (_c, r, got, _s) = fetch_with(vec![Read, Send("pb5 OK done\r\n")], 5).await;
+    let (_c, r, got, _s) = fetch_with(vec![Read, Send("pb6 OK done\r\n")], 5).await;
     assert!(matches!(r, Ok(FetchEnd::Gone)), "{r:?}");
     assert!(got.is_empty());
 }
@@ -269,7 +274,7 @@ async fn fetch_body_nil_is_gone() {
     let (_c, r, got, _s) = fetch_with(
         vec![
             Read,
-            Send("* 1 FETCH (UID 10 BODY[]<0> NIL)\r\n* 1 EXPUNGE\r\npb5 OK [EXPUNGEISSUED] x\r\n"),
+            Send("* 1 FETCH (UID 10 BODY[]<0> NIL)\r\n* 1 EXPUNGE\r\npb6 OK [EXPUNGEISSUED] x\r\n"),
         ],
         5,
     )
@@ -288,7 +293,7 @@ async fn fetch_is_one_uid_fetch_streamed() {
         vec![
             Read,
             SendOwned(format!(
-                "* 1 FETCH (UID 10 BODY[] {{{size}}}\r\n{body} FLAGS (\\Seen))\r\npb5 OK done\r\n"
+                "* 1 FETCH (UID 10 BODY[] {{{size}}}\r\n{body} FLAGS (\\Seen))\r\npb6 OK done\r\n"
             )),
         ],
         size,
@@ -299,8 +304,8 @@ async fn fetch_is_one_uid_fetch_streamed() {
     drop(c);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[4..]),
-        ["pb5 UID FETCH 10 (UID BODY.PEEK[])\r\n"]
+        text(&lines[5..]),
+        ["pb6 UID FETCH 10 (UID BODY.PEEK[])\r\n"]
     );
 }
 
@@ -311,9 +316,9 @@ async fn fetch_no_after_the_body_is_an_error() {
     let (mut c, r, _got, _s) = fetch_with(
         vec![
             Read,
-            Send("* 1 FETCH (UID 10 BODY[] {5}\r\nabcde)\r\npb5 NO [SERVERBUG] broken\r\n"),
+            Send("* 1 FETCH (UID 10 BODY[] {5}\r\nabcde)\r\npb6 NO [SERVERBUG] broken\r\n"),
             Read,
-            Send("pb6 OK noop\r\n"),
+            Send("pb7 OK noop\r\n"),
         ],
         5,
     )
@@ -327,7 +332,7 @@ async fn fetch_no_after_the_body_is_an_error() {
 #[tokio::test]
 async fn fetch_reply_to_another_tag_poisons() {
     let (mut c, r, _got, _s) =
-        fetch_with(vec![Read, Send("pb4 OK late\r\npb5 OK done\r\n")], 5).await;
+        fetch_with(vec![Read, Send("pb5 OK late\r\npb6 OK done\r\n")], 5).await;
     assert!(matches!(r, Err(UpstreamError::Protocol(_))), "{r:?}");
     let r = upstream_side(c.fetch(10, 5, false, &mut Collect::default()).await);
     assert!(matches!(r, Err(UpstreamError::Poisoned)), "{r:?}");
@@ -371,11 +376,11 @@ async fn fetch_of_another_size_is_delivered_whole_when_the_message_exists() {
     let (c, r, got, server) = fetch_with(
         vec![
             Read,
-            Send("* 1 FETCH (UID 10 BODY[] {6}\r\nabcdef)\r\npb5 OK done\r\n"),
+            Send("* 1 FETCH (UID 10 BODY[] {6}\r\nabcdef)\r\npb6 OK done\r\n"),
             Read,
-            Send("pb6 OK noop\r\n"),
+            Send("pb7 OK noop\r\n"),
             Read,
-            Send("* SEARCH 10\r\npb7 OK searched\r\n"),
+            Send("* SEARCH 10\r\npb8 OK searched\r\n"),
         ],
         5,
     )
@@ -385,8 +390,8 @@ async fn fetch_of_another_size_is_delivered_whole_when_the_message_exists() {
     drop(c);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[5..]),
-        ["pb6 NOOP\r\n", "pb7 UID SEARCH UID 10\r\n"]
+        text(&lines[6..]),
+        ["pb7 NOOP\r\n", "pb8 UID SEARCH UID 10\r\n"]
     );
 }
 
@@ -401,13 +406,13 @@ async fn a_placeholder_for_an_expunged_message_is_gone() {
         vec![
             Read,
             SendOwned(format!(
-                "* 1 FETCH (UID 10 BODY[] {{{}}}\r\n{placeholder})\r\npb5 OK done\r\n",
+                "* 1 FETCH (UID 10 BODY[] {{{}}}\r\n{placeholder})\r\npb6 OK done\r\n",
                 placeholder.len()
             )),
             Read,
-            Send("* 1 EXPUNGE\r\npb6 OK noop\r\n"),
+            Send("* 1 EXPUNGE\r\npb7 OK noop\r\n"),
             Read,
-            Send("* SEARCH\r\npb7 OK searched\r\n"),
+            Send("* SEARCH\r\npb8 OK searched\r\n"),
         ],
         2000,
     )
@@ -424,7 +429,7 @@ async fn a_long_body_of_another_size_streams() {
         vec![
             Read,
             SendOwned(format!(
-                "* 1 FETCH (UID 10 BODY[] {{{}}}\r\n{body})\r\npb5 OK done\r\n",
+                "* 1 FETCH (UID 10 BODY[] {{{}}}\r\n{body})\r\npb6 OK done\r\n",
                 body.len()
             )),
         ],
@@ -441,7 +446,7 @@ async fn a_body_for_another_uid_is_an_error() {
     let (_c, r, _got, _s) = fetch_with(
         vec![
             Read,
-            Send("* 1 FETCH (BODY[] {5}\r\nabcde UID 11)\r\npb5 OK done\r\n"),
+            Send("* 1 FETCH (BODY[] {5}\r\nabcde UID 11)\r\npb6 OK done\r\n"),
         ],
         5,
     )
@@ -468,7 +473,7 @@ async fn an_announced_huge_body_reserves_nothing() {
 #[tokio::test]
 async fn oversized_response_is_refused() {
     let n = MAX_RESPONSE + 1024;
-    let huge = format!("* OK {}\r\npb5 OK done\r\n", "a".repeat(n));
+    let huge = format!("* OK {}\r\npb6 OK done\r\n", "a".repeat(n));
     let (_c, r, got, _s) = fetch_with(vec![Read, SendOwned(huge)], 5).await;
     assert!(got.is_empty());
     assert!(matches!(r, Err(UpstreamError::Protocol(_))), "{r:?}");
@@ -486,8 +491,10 @@ async fn bare_lf_and_unknown_responses_are_tolerated() {
         Send("* X-VENDOR something odd\npb1 OK authentication successful\n"),
         Read,
         Read,
+        Read, // UID SEARCH KEYWORD
         Send("* CAPABILITY IMAP4rev1 UIDPLUS\npb2 OK done\n"),
         Send("* 0 EXISTS\n* OK [UIDVALIDITY 7] v\n* OK [UIDNEXT 1] n\npb3 OK [READ-WRITE] selected\n"),
+        Send("pb4 OK searched\n"),
     ])
     .await;
     let (_conn, snap) = login(addr, "alice", b"pw").await.expect("login");
@@ -522,11 +529,11 @@ async fn refused_uid_expunge_takes_the_deleted_flag_back() {
     let mut all = one_message(5);
     all.extend([
         Read,
-        Send("pb5 OK stored\r\n"),
+        Send("pb6 OK stored\r\n"),
         Read,
-        Send("pb6 NO [SERVERBUG] cannot expunge\r\n"),
+        Send("pb7 NO [SERVERBUG] cannot expunge\r\n"),
         Read,
-        Send("pb7 OK stored\r\n"),
+        Send("pb8 OK stored\r\n"),
     ]);
     let (addr, server) = serve(all).await;
     let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
@@ -535,11 +542,11 @@ async fn refused_uid_expunge_takes_the_deleted_flag_back() {
     drop(conn);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[4..7]),
+        text(&lines[5..8]),
         [
-            "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
-            "pb6 UID EXPUNGE 10\r\n",
-            "pb7 UID STORE 10 -FLAGS.SILENT (\\Deleted)\r\n",
+            "pb6 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+            "pb7 UID EXPUNGE 10\r\n",
+            "pb8 UID STORE 10 -FLAGS.SILENT (\\Deleted)\r\n",
         ]
     );
 }
@@ -551,11 +558,11 @@ async fn commit_reports_what_uid_expunge_left() {
     let mut all = one_message(5);
     all.extend([
         Read,
-        Send("pb5 OK stored\r\n"),
+        Send("pb6 OK stored\r\n"),
         Read,
-        Send("pb6 OK expunged\r\n"),
+        Send("pb7 OK expunged\r\n"),
         Read,
-        Send("* SEARCH 10\r\npb7 OK searched\r\n"),
+        Send("* SEARCH 10\r\npb8 OK searched\r\n"),
     ]);
     let (addr, server) = serve(all).await;
     let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
@@ -567,17 +574,17 @@ async fn commit_reports_what_uid_expunge_left() {
     drop(conn);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[4..7]),
+        text(&lines[5..8]),
         [
-            "pb5 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
-            "pb6 UID EXPUNGE 10\r\n",
-            "pb7 UID SEARCH UID 10\r\n",
+            "pb6 UID STORE 10 +FLAGS.SILENT (\\Deleted)\r\n",
+            "pb7 UID EXPUNGE 10\r\n",
+            "pb8 UID SEARCH UID 10\r\n",
         ]
     );
 }
 
 /// The login and snapshot of a mailbox holding UIDs 10 and 11 of 5 octets
-/// each; the session's next tag is pb5.
+/// each; the session's next tag is pb6.
 fn two_messages() -> Vec<Step> {
     vec![
         Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
@@ -585,13 +592,15 @@ fn two_messages() -> Vec<Step> {
         Send("pb1 OK logged in\r\n"),
         Read,
         Read,
+        Read, // UID SEARCH KEYWORD
         Send("* CAPABILITY IMAP4rev1 UIDPLUS\r\npb2 OK done\r\n"),
         Send(
             "* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 12] n\r\n\
              pb3 OK [READ-WRITE] selected\r\n",
         ),
+        Send("pb4 OK searched\r\n"),
         Read,
-        Send("* 1 FETCH (UID 10 RFC822.SIZE 5)\r\n* 2 FETCH (UID 11 RFC822.SIZE 5)\r\npb4 OK done\r\n"),
+        Send("* 1 FETCH (UID 10 RFC822.SIZE 5)\r\n* 2 FETCH (UID 11 RFC822.SIZE 5)\r\npb5 OK done\r\n"),
     ]
 }
 
@@ -605,7 +614,7 @@ async fn the_next_fetch_goes_out_while_the_current_body_is_read() {
         Read,
         Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
         Read,
-        Send("pb5 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\n"),
+        Send("pb6 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb7 OK done\r\n"),
     ]);
     let (addr, server) = serve(all).await;
     let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
@@ -624,10 +633,10 @@ async fn the_next_fetch_goes_out_while_the_current_body_is_read() {
     drop(conn);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[4..]),
+        text(&lines[5..]),
         [
-            "pb5 UID FETCH 10 (UID BODY.PEEK[])\r\n",
-            "pb6 UID FETCH 11 (UID BODY.PEEK[])\r\n"
+            "pb6 UID FETCH 10 (UID BODY.PEEK[])\r\n",
+            "pb7 UID FETCH 11 (UID BODY.PEEK[])\r\n"
         ]
     );
 }
@@ -642,9 +651,9 @@ async fn an_early_answer_to_the_fetch_sent_ahead_is_dropped_and_fetched_again() 
         Read,
         Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
         Read,
-        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\npb5 OK done\r\n"),
+        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb7 OK done\r\npb6 OK done\r\n"),
         Read,
-        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb7 OK done\r\n"),
+        Send("* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb8 OK done\r\n"),
     ]);
     let (addr, server) = serve(all).await;
     let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
@@ -662,8 +671,8 @@ async fn an_early_answer_to_the_fetch_sent_ahead_is_dropped_and_fetched_again() 
     drop(conn);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[6..]),
-        ["pb7 UID FETCH 11 (UID BODY.PEEK[])\r\n"]
+        text(&lines[7..]),
+        ["pb8 UID FETCH 11 (UID BODY.PEEK[])\r\n"]
     );
 }
 
@@ -677,9 +686,9 @@ async fn an_unused_fetch_sent_ahead_is_read_before_the_next_command() {
         Read,
         Send("* 1 FETCH (UID 10 BODY[] {5}\r\naaaaa)\r\n"),
         Read,
-        Send("pb5 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb6 OK done\r\n"),
+        Send("pb6 OK done\r\n* 2 FETCH (UID 11 BODY[] {5}\r\nbbbbb)\r\npb7 OK done\r\n"),
         Read,
-        Send("pb7 OK stored\r\n"),
+        Send("pb8 OK stored\r\n"),
     ]);
     let (addr, server) = serve(all).await;
     let (mut conn, _) = login(addr, "alice", b"pw").await.expect("login");
@@ -696,7 +705,7 @@ async fn an_unused_fetch_sent_ahead_is_read_before_the_next_command() {
     drop(conn);
     let lines = server.await.unwrap();
     assert_eq!(
-        text(&lines[6..]),
-        ["pb7 UID STORE 10 +FLAGS.SILENT (\\Seen)\r\n"]
+        text(&lines[7..]),
+        ["pb8 UID STORE 10 +FLAGS.SILENT (\\Seen)\r\n"]
     );
 }

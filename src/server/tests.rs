@@ -22,6 +22,7 @@ use crate::pop3::session::Profile;
 async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
     let route = Route {
         name: "default".into(),
+        pool_scope: "default".into(),
         connector: Arc::new(up.clone()),
         login: LoginName::Full,
         auth: RouteAuth::Passthrough,

@@ -19,6 +19,8 @@
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
 //!   - several replicas behind HAProxy sharing Redis: `cluster`;
+//!   - routing by an HTTP directory (a small one runs in the test):
+//!     `directory`;
 //!   - running it: `config_cli`, `operations`, `deploy`, `doctor`,
 //!     `monitoring` (deploy/monitoring against a live scrape), `package`
 //!     (the Debian package, installed and purged; root only);
@@ -45,6 +47,7 @@ mod compat;
 mod config_cli;
 mod cutover;
 mod deploy;
+mod directory;
 mod doctor;
 mod faults;
 mod hardening;

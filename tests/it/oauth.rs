@@ -1531,3 +1531,51 @@ fn migrate_copy_into_an_oauth2_mailbox_keeps_the_old_uidls_for_devices() {
     );
     assert_log_has_no_secrets(&r.stderr, &["secret\n"]);
 }
+
+/// Upstream session reuse on an OAuth2 route: the pool keys by account and
+/// device, so a device's next poll takes its own ended session (no bearer
+/// login, no token), another device of the same account opens its own, and
+/// a wrong device password is refused before the pool is looked at.
+#[test]
+fn pop3_devices_reuse_their_own_upstream_sessions() {
+    use crate::reuse::{sessions, wait_idle};
+    let s = Setup::with_corp_route("reuse_idle_secs = 300\n[admin]\naddress = \"127.0.0.1:0\"\n");
+    s.enrol(ACCOUNT, CORP);
+    let phone = format!("phone@{CORP_DEVICES}");
+    let scanner = format!("scanner@{CORP_DEVICES}");
+    s.add_device(&phone, ACCOUNT, "phone-pass-1234");
+    s.add_device(&scanner, ACCOUNT, "scanner-pass-1234");
+    let first = message("r1");
+    s.dovecot.deliver(ACCOUNT, &first);
+    let pb = s.popbridge();
+    let logins = || s.dovecot.log().matches("imap-login: Info: Login: ").count();
+    let before = logins();
+
+    pop3_fetch(pb.port, &phone, "phone-pass-1234", 1, &first);
+    wait_idle(&pb, 1);
+    assert_eq!((sessions(&pb, "opened"), sessions(&pb, "reused")), (1, 0));
+    // The phone's next poll takes its session back, and sees new mail.
+    s.dovecot.deliver(ACCOUNT, &message("r2"));
+    pop3_fetch(pb.port, &phone, "phone-pass-1234", 2, &first);
+    wait_idle(&pb, 1);
+    assert_eq!((sessions(&pb, "opened"), sessions(&pb, "reused")), (1, 1));
+    // Another device of the account: its own session.
+    pop3_fetch(pb.port, &scanner, "scanner-pass-1234", 2, &first);
+    wait_idle(&pb, 2);
+    assert_eq!((sessions(&pb, "opened"), sessions(&pb, "reused")), (2, 1));
+    // A wrong device password: refused, the pool untouched.
+    let r = pop3_pass(pb.port, &phone, "wrong-password");
+    assert_eq!(r, "-ERR [AUTH] Authentication failed.");
+    assert_eq!((sessions(&pb, "opened"), sessions(&pb, "reused")), (2, 1));
+    assert_eq!(crate::reuse::idle(&pb), 2);
+    // Dovecot saw one bearer login per device, not one per poll.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logins() - before < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(logins() - before, 2, "{}", s.dovecot.log());
+    assert_log_has_no_secrets(
+        &pb.log(),
+        &["phone-pass-1234", "scanner-pass-1234", "wrong-password"],
+    );
+}

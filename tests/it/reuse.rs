@@ -32,16 +32,21 @@ fn metric(pb: &Popbridge, series: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn sessions(pb: &Popbridge, kind: &str) -> u64 {
+pub(crate) fn sessions(pb: &Popbridge, kind: &str) -> u64 {
     metric(
         pb,
         &format!("popbridge_upstream_sessions_total{{kind=\"{kind}\"}}"),
     )
 }
 
+/// Idle upstream sessions in the pool now.
+pub(crate) fn idle(pb: &Popbridge) -> u64 {
+    metric(pb, "popbridge_upstream_sessions_idle")
+}
+
 /// Waits until the idle gauge reads `n` (sessions return to the pool as
 /// their POP3 session ends, just after QUIT's answer).
-fn wait_idle(pb: &Popbridge, n: u64) {
+pub(crate) fn wait_idle(pb: &Popbridge, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let idle = metric(pb, "popbridge_upstream_sessions_idle");

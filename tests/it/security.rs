@@ -263,8 +263,11 @@ fn check_session(sent: &[u8], user: &str, pass: &str, want_login: bool) {
         )
     };
     let login = if want_login { "LOGIN" } else { "AUTHENTICATE" };
-    let listed = [login, "CAPABILITY", "SELECT", "UID", "LOGOUT"];
-    let cached = [login, "CAPABILITY", "SELECT", "LOGOUT"];
+    // SELECT is followed by `UID SEARCH KEYWORD $PopbridgeExpunge` (an
+    // interrupted QUIT's flags) and, unless the listing is cached, the
+    // listing's UID FETCH.
+    let listed = [login, "CAPABILITY", "SELECT", "UID", "UID", "LOGOUT"];
+    let cached = [login, "CAPABILITY", "SELECT", "UID", "LOGOUT"];
     let mut tags = Vec::new();
     let mut names = Vec::new();
     let mut it = lines.iter();
