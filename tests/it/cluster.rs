@@ -625,9 +625,11 @@ fn cluster_a_silent_redis_fails_open_with_a_metric_and_no_hang() {
     );
 }
 
-/// `rediss://` with a CA file and a TLS name other than the URL's host:
-/// the shared connection code verifies the name; a replica keeps its lease
-/// in a TLS-only Redis; the wrong name is refused.
+/// `rediss://` with a CA file, a TLS name other than the URL's host and a
+/// password file: the shared connection code verifies the name (the wrong
+/// one is refused) and authenticates; the OAuth2 token store and a
+/// replica's session leases both work over it; the password is never
+/// logged.
 #[test]
 fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     use popbridge::cluster::RedisConn;
@@ -644,15 +646,18 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     );
     leaf.write(&cert, &key);
     std::fs::write(&ca_path, &ca.pem).unwrap();
+    const PASSWORD: &str = "redis-pw-7f3a9c";
+    let password_file = dir.path().join("redis-password");
+    crate::common::write_private(&password_file, format!("{PASSWORD}\n"));
     let redis = Redis::start_with(RedisOptions {
+        requirepass: Some(PASSWORD.into()),
         tls: Some((cert, key)),
-        ..RedisOptions::default()
     });
     let tls_port = redis.tls_port.unwrap();
     let url = format!("rediss://127.0.0.1:{tls_port}/0");
     let endpoint = |name: &str| RedisEndpoint {
         url: url.clone(),
-        password: SecretSource::Env("POPBRIDGE_TEST_UNSET".into()),
+        password: SecretSource::File(password_file.clone()),
         ca_file: Some(ca_path.clone()),
         tls_name: Some(name.into()),
         timeout: Duration::from_secs(5),
@@ -685,9 +690,11 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     crate::common::write_private(&key_file, "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n");
     let oauth_config = popbridge::config::Config::from_toml(&format!(
         "[oauth]\nkey_file = \"{}\"\nstore = \"redis\"\nredis_url = \"{url}\"\n\
-         redis_ca_file = \"{}\"\nredis_tls_name = \"redis.cluster.test\"\n",
+         redis_ca_file = \"{}\"\nredis_tls_name = \"redis.cluster.test\"\n\
+         redis_password_file = \"{}\"\n",
         key_file.display(),
-        ca_path.display()
+        ca_path.display(),
+        password_file.display()
     ))
     .unwrap();
     oauth_config.validate().unwrap();
@@ -700,9 +707,10 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     let cluster = Cluster::start(
         1,
         &format!(
-            "{}redis_ca_file = \"{}\"\nredis_tls_name = \"redis.cluster.test\"\n",
+            "{}redis_ca_file = \"{}\"\nredis_tls_name = \"redis.cluster.test\"\nredis_password_file = \"{}\"\n",
             config(&dovecot, &url),
-            ca_path.display()
+            ca_path.display(),
+            password_file.display()
         ),
     );
     let mut a = Client::connect(cluster.haproxy.port, Ipv4Addr::LOCALHOST).unwrap();
@@ -712,6 +720,8 @@ fn cluster_rediss_with_a_ca_file_and_a_tls_name() {
     assert!(lock_keys(&redis).is_empty());
     let m = cluster.replicas[0].metrics();
     assert!(!m.contains("popbridge_cluster_redis_errors_total{"), "{m}");
+    // The password (AUTH) never reaches a log.
+    assert!(!cluster.logs().contains(PASSWORD));
 }
 
 /// A lease taken over while its session runs (here: another token written
