@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the integration tests need: Dovecot (IMAP + POP3), curl,
 # fetchmail, mpop, getmail6, python3 and redis-server (the shared OAuth2
-# token store's backend), and the other IMAP upstreams of
+# token store's and the cluster state's backend), haproxy (the cluster test's load balancer), and the other IMAP upstreams of
 # tests/common/servers: GNU Mailutils imap4d (installed), Cyrus IMAP 3.6 and
 # Courier-IMAP 5.0 with their POP3 servers. Cyrus's and Courier's server
 # packages conflict with Dovecot's, so they are unpacked (apt-get download +
@@ -30,7 +30,7 @@ UNPACKED_COURIER="courier-imap courier-pop"
 # calls (unshare and mount come with util-linux/mount, always present).
 PACKAGES=(
     dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail mpop getmail6 python3
-    redis-server
+    redis-server haproxy
     cyrus-common cyrus-admin sasl2-bin libsasl2-modules libwrap0
     courier-base courier-authdaemon courier-authlib-userdb
     gamin libgamin0 libidn12 libgdbm6 libcourier-unicode4

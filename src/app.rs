@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::bridge::cluster::Cluster;
 use crate::bridge::directory::{Directory, POOL_SCOPE_PREFIX};
 use crate::bridge::pool::{sweep_forever, Pool};
 use crate::bridge::routing::{ConnectorFactory, RouteBuilder, Router};
-use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
+use crate::bridge::shared_throttle::Throttle;
+use crate::bridge::throttle::ThrottleConfig;
 use crate::bridge::Bridge;
 use crate::config::{
     Config, ConfigError, EffectiveRoute, RouteIndex, UpstreamAuth, UpstreamConfig, UpstreamTls,
@@ -146,8 +148,9 @@ pub fn serve(valid: Validated, reload: Reload) -> ExitCode {
 
 /// What a reload may carry over from the running configuration.
 struct Previous<'a> {
-    /// Failed-login memory, kept when the throttle settings are unchanged.
-    throttle: Arc<LoginThrottle>,
+    /// Failed-login memory (and the cluster state), kept when the throttle
+    /// and `[cluster]` settings are unchanged.
+    throttle: Throttle,
     /// The OAuth2 runtime and the configuration it was built from, kept
     /// (with its cached access tokens and refreshes in flight) when
     /// `[oauth]` and `[data]` are unchanged.
@@ -213,7 +216,11 @@ fn build_shared(
 ) -> Result<Shared<ImapConnector>, String> {
     let cfg = &valid.config;
     let (throttle, old_oauth, old_pool) = match previous {
-        Some(p) => (Some(p.throttle), p.oauth, Some((p.pool, p.config))),
+        Some(p) => (
+            Some((p.throttle, p.config.config.cluster.clone())),
+            p.oauth,
+            Some((p.pool, p.config)),
+        ),
         None => (None, None, None),
     };
     let pool = pool_for(valid, old_pool)?;
@@ -296,8 +303,11 @@ fn build_shared(
         ipv6_prefix_len: cfg.limits.ipv6_prefix_len,
     };
     let throttle = match throttle {
-        Some(t) if t.config() == &throttle_config => t,
-        _ => Arc::new(LoginThrottle::new(throttle_config)),
+        Some((t, old_cluster)) if t.config() == &throttle_config && old_cluster == cfg.cluster => t,
+        _ => match Cluster::from_config(&cfg.cluster).map_err(|e| format!("cluster: {e}"))? {
+            Some(cluster) => Throttle::shared(throttle_config, Arc::new(cluster)),
+            None => Throttle::local(throttle_config),
+        },
     };
     Ok(Shared {
         settings,

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 0),
     ("pop3", 0),
     ("tls", 0),
+    ("cluster", 1),
     ("imap", 1),
     ("migrate", 2),
     ("oauth", 2),

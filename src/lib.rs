@@ -19,6 +19,10 @@
 //! - [`oauth`] and [`migrate`]: OAuth2 upstreams (tokens, device logins)
 //!   and UIDL continuity from an old POP3 server (the imported maps). They
 //!   do not import each other.
+//! - [`cluster`]: the one Redis connection (`redis://`, `rediss://`,
+//!   bounded timeouts) shared by the OAuth2 token store and the cluster
+//!   state of several replicas (session leases and login throttles, in
+//!   [`bridge`]).
 //! - [`imap`]: popbridge's IMAP client behind the narrow
 //!   [`imap::Connector`] / [`imap::Upstream`] interface: connect, log in,
 //!   snapshot, stream a message, commit at QUIT.
@@ -32,6 +36,7 @@ pub mod app;
 pub mod bridge;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod imap;
 pub mod metrics;

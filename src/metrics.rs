@@ -121,8 +121,20 @@ pub struct Metrics {
     /// match). Any increase means someone wrote to the store without the
     /// key, or records await `popbridge device seal`.
     pub oauth_device_records_refused: Family<KindLabels, Counter>,
+    /// Failed operations on the shared Redis state (`[cluster]`), by `op`:
+    /// `lock_acquire`, `lock_renew`, `lock_release`, `throttle_begin`,
+    /// `throttle_settle`, `throttle_known`. Each one fell back to the
+    /// per-process lock or throttle (or, for a release, left the lease to
+    /// expire).
+    pub cluster_redis_errors: Family<OpLabels, Counter>,
     /// Directory lookups by result.
     pub directory_lookups: Family<ResultLabels, Counter>,
+}
+
+/// A label with one `op`: a shared-state operation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
 }
 
 impl Metrics {
@@ -151,6 +163,7 @@ impl Metrics {
             pool_events: Family::default(),
             pool_idle: Gauge::default(),
             oauth_device_records_refused: Family::default(),
+            cluster_redis_errors: Family::default(),
             directory_lookups: Family::default(),
             registry: Registry::default(),
         };
@@ -248,6 +261,11 @@ impl Metrics {
             m.oauth_cache_hits.clone(),
         );
         r.register(
+            "cluster_redis_errors",
+            "Failed operations on the shared Redis state, by operation (each fell back to the per-process lock or throttle)",
+            m.cluster_redis_errors.clone(),
+        );
+        r.register(
             "oauth_device_records_refused",
             "Device logins refused because the device record failed its check against the store key",
             m.oauth_device_records_refused.clone(),
@@ -336,6 +354,14 @@ impl Metrics {
     pub fn oauth_device_record_refused(&self, kind: &'static str) {
         self.oauth_device_records_refused
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts a failed shared-state operation (`op`, see
+    /// [`Metrics::cluster_redis_errors`]).
+    pub fn cluster_redis_error(&self, op: &'static str) {
+        self.cluster_redis_errors
+            .get_or_create(&OpLabels { op })
             .inc();
     }
 

@@ -505,7 +505,8 @@ mod with_fake_upstream {
     use super::*;
     use crate::bridge::pool::Pool;
     use crate::bridge::routing::{ConnectorFactory, Router};
-    use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
+    use crate::bridge::shared_throttle::Throttle;
+    use crate::bridge::throttle::ThrottleConfig;
     use crate::bridge::Bridge;
     use crate::config::{Config, RouteIndex};
     use crate::imap::fake::FakeConnector;
@@ -575,14 +576,14 @@ mod with_fake_upstream {
         Bridge {
             router: Router::new(Vec::new(), RouteIndex::default())
                 .with_directory(Arc::new(directory)),
-            throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
+            throttle: Throttle::local(ThrottleConfig {
                 failure_delay: Duration::from_millis(1),
                 max_failures_per_ip: 20,
                 max_failures_per_user: 3,
                 window: Duration::from_secs(300),
                 max_entries: 100,
                 ipv6_prefix_len: 64,
-            })),
+            }),
             oauth: None,
             pool: Arc::new(Pool::new(10).unwrap()),
         }

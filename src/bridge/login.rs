@@ -15,7 +15,8 @@ use super::policy::{device_keyword, session_view, valid_device, SessionView};
 use super::pool::{Credential, Pool, PoolKey, Reuse};
 use super::replies::{self, Refusal};
 use super::routing::{Resolved, Route, RouteAuth, Router, UidlMapSource};
-use super::throttle::{AccountKey, Attempt, LoginThrottle};
+use super::shared_throttle::{Attempt, Throttle};
+use super::throttle::AccountKey;
 use crate::config::{DeletePolicy, Policy};
 use crate::imap::{Connector, Credentials, DeleteAction, Snapshot, Upstream, UpstreamError};
 use crate::metrics::metrics;
@@ -32,7 +33,9 @@ use crate::pop3::session::{LoginFailure, Profile};
 pub struct Bridge<C: Connector> {
     /// Which upstream serves which login.
     pub router: Router<C>,
-    pub throttle: Arc<LoginThrottle>,
+    /// Failed-login memory: per process, or shared through Redis (then
+    /// the session lock takes a lease there too).
+    pub throttle: Throttle,
     /// Device logins and access tokens, when a route uses `auth = "oauth2"`.
     pub oauth: Option<Arc<OauthRuntime>>,
     /// Upstream sessions kept from ended POP3 sessions, for reuse.
@@ -83,7 +86,9 @@ impl<U: Upstream> LoggedIn<U> {
             keep,
             ..
         } = self;
-        drop(lock);
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         match keep {
             Some(k) if upstream.reusable() => k.pool.put(k.key, k.tag, upstream, k.reuse),
             _ => upstream.logout().await,
@@ -98,7 +103,7 @@ impl<C: Connector> Bridge<C> {
     /// Logs `user` in from `peer`, unless throttling says no. Failed logins
     /// are answered after a delay that grows with repeated failures from
     /// the address. The throttle counts the upstream account the login
-    /// would use (see [`LoginThrottle`]).
+    /// would use (see [`super::throttle::LoginThrottle`]).
     pub async fn login(
         &self,
         user: &str,
@@ -114,7 +119,7 @@ impl<C: Connector> Bridge<C> {
                 let attempt = self.begin(peer, &AccountKey::new("", user)).await?;
                 info!(user, "no route for this login");
                 metrics().auth("no_route");
-                tokio::time::sleep(attempt.failed()).await;
+                tokio::time::sleep(attempt.failed().await).await;
                 return Err(LoginFailure::Refused);
             }
             // Not the client's fault, and never a guess at the upstream.
@@ -162,7 +167,7 @@ impl<C: Connector> Bridge<C> {
                         }
                     }
                 };
-                attempt.succeeded();
+                attempt.succeeded().await;
                 let keep = self.keep(&route, key, &credential);
                 self.finish(&route, session, &upstream_user, view, keep)
                     .await
@@ -190,7 +195,7 @@ impl<C: Connector> Bridge<C> {
                 warn!(throttled = ?which, "login refused: too many failures");
                 let r = replies::throttled(which);
                 metrics().auth(r.metric);
-                tokio::time::sleep(self.throttle.refused_delay(peer.ip())).await;
+                tokio::time::sleep(self.throttle.refused_delay(peer.ip()).await).await;
                 Err(r.failure)
             }
         }
@@ -228,7 +233,7 @@ impl<C: Connector> Bridge<C> {
             }
         };
         // The device password was right; what follows is not a guess.
-        attempt.succeeded();
+        attempt.succeeded().await;
         let view = match device_view(&route.policy, &grant) {
             Ok(v) => v,
             Err(why) => return Err(policy_refused(user, why)),
@@ -379,7 +384,7 @@ impl<C: Connector> Bridge<C> {
     async fn refuse(&self, r: Refusal, attempt: Attempt) -> LoginFailure {
         metrics().auth(r.metric);
         if r.failed_login {
-            tokio::time::sleep(attempt.failed()).await;
+            tokio::time::sleep(attempt.failed().await).await;
         }
         r.failure
     }
@@ -395,7 +400,7 @@ impl<C: Connector> Bridge<C> {
     ) -> Result<Login<C::Conn>, LoginFailure> {
         let lock = if route.policy.lock {
             let key = format!("{}/{}", route.lock_scope, upstream_user.to_lowercase());
-            match MailboxLock::try_acquire(key) {
+            match MailboxLock::acquire(key, self.throttle.cluster()).await {
                 Some(lock) => Some(lock),
                 None => {
                     info!(route = %route.name, "mailbox locked by another POP3 session");
@@ -593,14 +598,14 @@ mod with_fake_upstream {
         index.add(0, &[], &[], true);
         Bridge {
             router: Router::new(vec![route], index),
-            throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
+            throttle: Throttle::local(ThrottleConfig {
                 failure_delay: Duration::from_secs(2),
                 max_failures_per_ip: 20,
                 max_failures_per_user: 3,
                 window: Duration::from_secs(300),
                 max_entries: 100,
                 ipv6_prefix_len: 64,
-            })),
+            }),
             oauth: None,
             pool: Arc::new(Pool::new(10).unwrap()),
         }

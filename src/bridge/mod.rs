@@ -5,6 +5,7 @@
 //! matches), the [`throttle`], the delete [`policy`] and the
 //! session [`lock`].
 
+pub mod cluster;
 pub mod directory;
 pub mod lock;
 pub mod login;
@@ -12,6 +13,7 @@ pub mod policy;
 pub mod pool;
 pub mod replies;
 pub mod routing;
+pub mod shared_throttle;
 pub mod throttle;
 
 pub use login::{Bridge, LoggedIn};

@@ -75,6 +75,12 @@ impl AccountKey {
     pub fn new(scope: &str, user: &str) -> Self {
         Self(format!("{scope}\0{}", user.to_lowercase()).into())
     }
+
+    /// The key as text for the shared throttle's Redis keys: the scope and
+    /// the account joined by `|` (scopes are `host:port`, without one).
+    pub fn id(&self) -> String {
+        self.0.replacen('\0', "|", 1)
+    }
 }
 
 /// Failures in one fixed window.

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cluster;
 pub mod directory;
 pub mod oauth;
 pub mod routes;
@@ -76,6 +77,9 @@ pub struct Config {
     /// Where popbridge keeps state of its own (imported UIDL maps, OAuth2
     /// tokens and device credentials).
     pub data: DataConfig,
+    /// Shared state for several replicas (session locks, login throttles):
+    /// a Redis server.
+    pub cluster: cluster::ClusterConfig,
     /// OAuth2 providers and the token store, for routes with
     /// `auth = "oauth2"`.
     pub oauth: oauth::OauthConfig,
@@ -434,7 +438,8 @@ pub struct Policy {
     /// Between account and device in a login (`alice+scanner`), for
     /// `per-device`.
     pub device_separator: String,
-    /// One POP3 session per account and mailbox at a time (in this process).
+    /// One POP3 session per account and mailbox at a time (in this process,
+    /// and across replicas with `[cluster]`).
     pub lock: bool,
 }
 
@@ -538,7 +543,8 @@ pub struct Pop3Config {
     /// (`alice+scanner` logs in as `alice`, device `scanner`).
     pub device_separator: String,
     /// Allow one POP3 session per account and mailbox at a time (in this
-    /// process); a second gets `-ERR [IN-USE]`.
+    /// process, and across replicas with `[cluster]`); a second gets
+    /// `-ERR [IN-USE]`.
     pub lock: bool,
     /// Seconds a logged-in client may stay silent. RFC 1939 §3: at least 600.
     pub idle_timeout_secs: u64,
@@ -835,7 +841,9 @@ impl Config {
         }
         // OAuth2 routes name defined providers (the key and secrets are
         // read where they are used).
-        self.oauth.validate(&routes, &self.data.dir)?;
+        self.oauth
+            .validate(&routes, &self.data.dir, &self.cluster)?;
+        self.cluster.validate()?;
         for (key, v) in [
             ("auth.failure_window_secs", self.auth.failure_window_secs),
             (

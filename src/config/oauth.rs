@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::cluster::{check_tls_keys, ClusterConfig, RedisEndpoint};
 use super::{ConfigError, EffectiveRoute, ProviderSasl, SaslMechanism, UpstreamAuth};
 
 /// Environment variable holding the store key (base64 or hex of 32 bytes)
@@ -16,6 +17,11 @@ pub const KEY_ENV: &str = "POPBRIDGE_OAUTH_KEY";
 /// Environment variable holding the Redis password when
 /// `oauth.redis_password_file` is empty.
 pub const REDIS_PASSWORD_ENV: &str = "POPBRIDGE_OAUTH_REDIS_PASSWORD";
+
+/// Bound on connecting to the token store's Redis and on each command: a
+/// token refresh may wait for it (the cluster state's own bound is
+/// shorter, `cluster.redis_timeout_ms`).
+pub const OAUTH_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Prefix of the environment variable holding a provider's client secret
 /// when its `client_secret_file` is empty: the provider's name follows,
 /// upper-cased, with every character other than a letter or digit as `_`.
@@ -45,12 +51,20 @@ pub struct OauthConfig {
     /// Where refresh tokens and device logins live: `file` (under
     /// `<data.dir>/oauth/`) or `redis` (shared by several replicas).
     pub store: StoreKind,
-    /// For `store = "redis"`: `redis://host:port/db`. No password here: use
-    /// `redis_password_file` (so the URL can be logged).
+    /// For `store = "redis"`: `redis://host:port/db` or `rediss://` (TLS).
+    /// No password here: use `redis_password_file` (so the URL can be
+    /// logged). Empty: the `[cluster]` Redis (`cluster.redis_url` and its
+    /// password, CA and TLS name).
     pub redis_url: String,
     /// For `store = "redis"`: file holding the Redis password (AUTH). Empty:
     /// the `POPBRIDGE_OAUTH_REDIS_PASSWORD` environment variable, or none.
     pub redis_password_file: String,
+    /// For a `rediss://` `redis_url`: PEM file of the CA that signed
+    /// Redis's certificate. Empty: the system's roots.
+    pub redis_ca_file: String,
+    /// For a `rediss://` `redis_url`: the name Redis's certificate must
+    /// carry, when it is not the URL's host.
+    pub redis_tls_name: String,
     /// Seconds before the provider's expiry at which an access token stops
     /// being used and is refreshed (at most half its lifetime).
     pub refresh_margin_secs: u64,
@@ -66,6 +80,8 @@ impl Default for OauthConfig {
             store: StoreKind::File,
             redis_url: String::new(),
             redis_password_file: String::new(),
+            redis_ca_file: String::new(),
+            redis_tls_name: String::new(),
             refresh_margin_secs: DEFAULT_REFRESH_MARGIN_SECS,
             providers: Vec::new(),
         }
@@ -587,6 +603,28 @@ impl OauthConfig {
         }
     }
 
+    /// The Redis server of `store = "redis"`: `oauth.redis_*` when
+    /// `oauth.redis_url` is set (as before `[cluster]` existed), else the
+    /// `[cluster]` one; `None` when neither is set.
+    pub fn redis_endpoint(&self, cluster: &ClusterConfig) -> Option<RedisEndpoint> {
+        if self.redis_url.is_empty() {
+            return cluster.endpoint().map(|mut e| {
+                // Token refreshes wait for the store: the OAuth2 store's
+                // own, longer bound.
+                e.timeout = e.timeout.max(OAUTH_REDIS_TIMEOUT);
+                e
+            });
+        }
+        Some(RedisEndpoint {
+            url: self.redis_url.clone(),
+            password: self.redis_password_source(),
+            ca_file: (!self.redis_ca_file.is_empty()).then(|| PathBuf::from(&self.redis_ca_file)),
+            tls_name: (!self.redis_tls_name.is_empty()).then(|| self.redis_tls_name.clone()),
+            timeout: OAUTH_REDIS_TIMEOUT,
+            section: "oauth",
+        })
+    }
+
     /// The file store's directory: `<data.dir>/oauth`.
     pub fn store_dir(data_dir: &str) -> Option<PathBuf> {
         (!data_dir.is_empty()).then(|| Path::new(data_dir).join("oauth"))
@@ -628,7 +666,12 @@ impl OauthConfig {
     /// every oauth2 route names a defined provider, the providers resolve,
     /// the store is described completely. Messages name keys and files,
     /// never secrets. [`OauthConfig::check_secrets`] reads them.
-    pub fn validate(&self, routes: &[EffectiveRoute], data_dir: &str) -> Result<(), ConfigError> {
+    pub fn validate(
+        &self,
+        routes: &[EffectiveRoute],
+        data_dir: &str,
+        cluster: &ClusterConfig,
+    ) -> Result<(), ConfigError> {
         let providers = self.resolved_providers()?;
         let mut any = false;
         for r in routes {
@@ -652,7 +695,17 @@ impl OauthConfig {
         }
         match self.store {
             StoreKind::File => {}
-            StoreKind::Redis => check_redis_url(&self.redis_url).map_err(ConfigError)?,
+            StoreKind::Redis if self.redis_url.is_empty() && cluster.enabled() => {}
+            StoreKind::Redis => {
+                check_redis_url(&self.redis_url).map_err(ConfigError)?;
+                check_tls_keys(
+                    "oauth",
+                    &self.redis_url,
+                    &self.redis_ca_file,
+                    &self.redis_tls_name,
+                )
+                .map_err(ConfigError)?;
+            }
         }
         if !any {
             return Ok(());
@@ -704,30 +757,15 @@ impl OauthConfig {
     }
 }
 
-/// `redis://host[:port][/db]` without credentials.
+/// `redis://` or `rediss://host[:port][/db]` without credentials.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
     if url.is_empty() {
-        return Err("oauth.store = \"redis\" needs oauth.redis_url (redis://host:6379/0)".into());
-    }
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| format!("oauth.redis_url is not a URL such as redis://host:6379/0: {e}"))?;
-    if parsed.scheme() != "redis" {
-        return Err(format!(
-            "oauth.redis_url: scheme {:?} is not supported (redis://)",
-            parsed.scheme()
-        ));
-    }
-    if parsed.password().is_some() || !parsed.username().is_empty() {
-        // Not echoed: the URL holds a password.
         return Err(
-            "oauth.redis_url must not contain credentials: put the password in oauth.redis_password_file or $POPBRIDGE_OAUTH_REDIS_PASSWORD"
+            "oauth.store = \"redis\" needs oauth.redis_url (redis://host:6379/0) or cluster.redis_url"
                 .into(),
         );
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err("oauth.redis_url has no host".into());
-    }
-    Ok(())
+    super::cluster::check_redis_url("oauth", url)
 }
 
 #[cfg(test)]

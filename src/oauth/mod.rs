@@ -52,12 +52,16 @@ pub fn open_store(config: &Config) -> Result<TokenStore, String> {
             TokenStore::open_file(dir, key).map_err(|e| e.to_string())
         }
         StoreKind::Redis => {
-            check_redis_url(&oauth.redis_url)?;
-            let password = oauth
-                .redis_password_source()
-                .read()
-                .map_err(|e| format!("oauth.redis_password_file: {e}"))?;
-            TokenStore::open_redis(&oauth.redis_url, password, key).map_err(|e| e.to_string())
+            // oauth.redis_url when set (it was the only key before
+            // [cluster]), else the cluster's Redis.
+            let endpoint = match oauth.redis_endpoint(&config.cluster) {
+                Some(e) => e,
+                None => return Err(check_redis_url("").err().unwrap_or_default()),
+            };
+            if endpoint.section == "oauth" {
+                check_redis_url(&endpoint.url)?;
+            }
+            TokenStore::open_redis(&endpoint, key).map_err(|e| e.to_string())
         }
     }
 }
@@ -163,7 +167,7 @@ impl OauthRuntime {
         }
         config
             .oauth
-            .validate(&routes, &config.data.dir)
+            .validate(&routes, &config.data.dir, &config.cluster)
             .map_err(|e| e.to_string())?;
         let providers = config
             .oauth

@@ -15,10 +15,12 @@
 //! a refresh race can never overwrite a newer refresh token.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::aio::MultiplexedConnection;
-use tokio::sync::Mutex;
+
+use crate::cluster::RedisConn;
+use crate::config::cluster::RedisEndpoint;
 
 use super::store::{
     RefreshLock, StoreError, StoredAccount, StoredDevice, FILE_VERSION, LOCK_POLL,
@@ -27,10 +29,6 @@ use super::store::{
 
 /// Namespace of every key.
 pub const PREFIX: &str = "popbridge:oauth:";
-/// Connecting to Redis.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// One command or script.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// KEYS[1] accounts hash; ARGV: account, expected version, new JSON.
 const CAS_SCRIPT: &str = r#"
@@ -57,21 +55,21 @@ end
 return 0
 "#;
 
-/// A Redis connection (multiplexed, re-opened after a failure).
+/// The token store's keys on a Redis server (through the shared
+/// connection code, [`crate::cluster`]).
 pub struct RedisStore {
-    client: redis::Client,
-    /// The URL without credentials, for messages.
-    url: String,
+    redis: RedisConn,
     /// Id of the configured key, checked against `meta` on each new
     /// connection.
     key_id: String,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The connection generation whose key id was checked last.
+    checked: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("url", &self.url)
+            .field("url", &self.redis.url())
             .finish()
     }
 }
@@ -81,49 +79,41 @@ fn key(name: &str) -> String {
 }
 
 impl RedisStore {
-    /// Prepares a client; nothing is contacted until first use.
-    pub fn new(url: &str, password: Option<String>, key_id: &str) -> Result<Self, StoreError> {
-        use redis::IntoConnectionInfo;
-        let mut info = url
-            .into_connection_info()
-            .map_err(|e| StoreError::Redis(format!("oauth.redis_url {url}: {e}")))?;
-        info.redis.password = password;
-        let client = redis::Client::open(info)
-            .map_err(|e| StoreError::Redis(format!("oauth.redis_url {url}: {e}")))?;
+    /// Prepares a connection (reads the password and CA files); nothing is
+    /// contacted until first use.
+    pub fn new(endpoint: &RedisEndpoint, key_id: &str) -> Result<Self, StoreError> {
+        let redis = RedisConn::new(endpoint).map_err(|e| StoreError::Redis(e.to_string()))?;
         Ok(Self {
-            client,
-            url: url.to_string(),
+            redis,
             key_id: key_id.to_string(),
-            conn: Mutex::new(None),
+            checked: AtomicU64::new(0),
         })
     }
 
-    /// A blocking check for start-up (no async runtime needed): a store
-    /// written with another key is an error; an unreachable server is
-    /// reported as `Ok(Some(reason))` so popbridge can start and retry at
-    /// first use.
+    /// A blocking check for start-up: a store written with another key is
+    /// an error; an unreachable server is reported as `Ok(Some(reason))`
+    /// so popbridge can start and retry at first use. Runs on a thread of
+    /// its own (callers may be inside a runtime).
     pub fn check_blocking(&self) -> Result<Option<String>, StoreError> {
-        let mut c = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() => {
-                return Ok(Some(self.err(e).to_string()))
-            }
-            Err(e) => return Err(self.err(e)),
-        };
-        c.set_read_timeout(Some(COMMAND_TIMEOUT))
-            .and_then(|()| c.set_write_timeout(Some(COMMAND_TIMEOUT)))
-            .map_err(|e| self.err(e))?;
-        let _: Option<String> = redis::cmd("SET")
-            .arg(key("meta"))
-            .arg(self.meta_json())
-            .arg("NX")
-            .query(&mut c)
-            .map_err(|e| self.err(e))?;
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(key("meta"))
-            .query(&mut c)
-            .map_err(|e| self.err(e))?;
-        self.compare_meta(stored).map(|()| None)
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                rt.block_on(async {
+                    let r = match self.redis.get().await {
+                        Err(e) => Ok(Some(e.to_string())),
+                        Ok(_) => self.check().await.map(|()| None),
+                    };
+                    // Its reader task ends with this runtime.
+                    self.redis.disconnect().await;
+                    r
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Io("start-up check panicked".into())))
+        })
     }
 
     fn meta_json(&self) -> String {
@@ -139,7 +129,10 @@ impl RedisStore {
         let key_id = self.key_id.as_str();
         let stored = stored.ok_or_else(|| self.err("meta key vanished"))?;
         let v: serde_json::Value = serde_json::from_str(&stored).map_err(|_| {
-            StoreError::Corrupt(format!("redis {}: {PREFIX}meta is corrupt", self.url))
+            StoreError::Corrupt(format!(
+                "redis {}: {PREFIX}meta is corrupt",
+                self.redis.url()
+            ))
         })?;
         match v.get("key_id").and_then(|k| k.as_str()) {
             Some(found) if found == key_id => Ok(()),
@@ -150,7 +143,7 @@ impl RedisStore {
             .into()),
             None => Err(StoreError::Corrupt(format!(
                 "redis {}: {PREFIX}meta has no key_id",
-                self.url
+                self.redis.url()
             ))),
         }
     }
@@ -158,54 +151,45 @@ impl RedisStore {
     /// Connects now (and checks the key id), for commands that should fail
     /// early.
     pub async fn check(&self) -> Result<(), StoreError> {
-        self.conn().await.map(|_| ())
+        self.checked_conn().await
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Redis(format!("redis {}: {e}", self.url))
+        StoreError::Redis(self.redis.error(e).to_string())
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.client.get_multiplexed_async_connection_with_config(
-                &redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(COMMAND_TIMEOUT),
-            ),
-        )
-        .await
-        .map_err(|_| self.err("connection timed out"))?
-        .map_err(|e| self.err(e))?;
-        let mut checked = c.clone();
-        tokio::time::timeout(COMMAND_TIMEOUT, self.check_key_id(&mut checked))
+    /// Makes sure the current connection's store has our key id (once per
+    /// connection).
+    async fn checked_conn(&self) -> Result<(), StoreError> {
+        let (mut c, generation) = self
+            .redis
+            .get()
             .await
-            .map_err(|_| self.err("key check timed out"))??;
-        *guard = Some(c.clone());
-        Ok(c)
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        if self.checked.load(Ordering::Relaxed) == generation {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.redis.timeout(), self.check_key_id(&mut c)).await {
+            Ok(Ok(())) => {
+                self.checked.store(generation, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                self.redis.reset(generation).await;
+                Err(self.err("key check timed out"))
+            }
+        }
     }
 
     /// Runs one command with a timeout; a failed connection is dropped so
     /// the next call reconnects.
     async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
-        let mut c = self.conn().await?;
-        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut c)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() {
-                    *self.conn.lock().await = None;
-                }
-                Err(self.err(e))
-            }
-            Err(_) => {
-                *self.conn.lock().await = None;
-                Err(self.err("command timed out"))
-            }
-        }
+        self.checked_conn().await?;
+        self.redis
+            .query(&cmd)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -214,28 +198,11 @@ impl RedisStore {
         keys: &[&str],
         args: &[&str],
     ) -> Result<T, StoreError> {
-        let script = redis::Script::new(src);
-        let mut inv = script.prepare_invoke();
-        for k in keys {
-            inv.key(*k);
-        }
-        for a in args {
-            inv.arg(*a);
-        }
-        let mut c = self.conn().await?;
-        match tokio::time::timeout(COMMAND_TIMEOUT, inv.invoke_async(&mut c)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() {
-                    *self.conn.lock().await = None;
-                }
-                Err(self.err(e))
-            }
-            Err(_) => {
-                *self.conn.lock().await = None;
-                Err(self.err("script timed out"))
-            }
-        }
+        self.checked_conn().await?;
+        self.redis
+            .script(&redis::Script::new(src), keys, args)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))
     }
 
     /// Records the key id on first use; refuses another key afterwards.
@@ -263,7 +230,7 @@ impl RedisStore {
         serde_json::from_str(json).map_err(|_| {
             StoreError::Corrupt(format!(
                 "redis {}: the record for {what} is corrupt",
-                self.url
+                self.redis.url()
             ))
         })
     }

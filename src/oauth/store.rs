@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::{OpenError, Sealed, StoreKey};
 use super::redis_store::RedisStore;
+use crate::config::cluster::RedisEndpoint;
 
 /// Name of the token file in the store directory.
 pub const TOKENS_FILE: &str = "tokens.json";
@@ -346,12 +347,8 @@ impl TokenStore {
     /// The Redis backend. Nothing is contacted until first use (or
     /// [`TokenStore::check`]); each new connection checks (or records, the
     /// first time) the key id.
-    pub fn open_redis(
-        url: &str,
-        password: Option<String>,
-        key: StoreKey,
-    ) -> Result<Self, StoreError> {
-        let r = RedisStore::new(url, password, key.id())?;
+    pub fn open_redis(endpoint: &RedisEndpoint, key: StoreKey) -> Result<Self, StoreError> {
+        let r = RedisStore::new(endpoint, key.id())?;
         Ok(Self {
             backend: Backend::Redis(Box::new(r)),
             key,

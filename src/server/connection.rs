@@ -381,6 +381,12 @@ impl<C: Connector> Connection<C> {
                         };
                     self.session
                         .commit_result(outcome, req.delete.len(), &mut self.out);
+                    // The lock (and its lease in Redis) goes before the
+                    // answer: a client that reconnects at once, through any
+                    // replica, is not refused [IN-USE].
+                    if let Some(lock) = self.logged_in.as_mut().and_then(|l| l.lock.take()) {
+                        lock.release().await;
+                    }
                     self.count(name);
                     metrics().messages_deleted.inc_by(self.stats.deleted);
                     self.send_out().await?;

@@ -11,7 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use super::*;
 use crate::bridge::pool::{Pool, Reuse};
 use crate::bridge::routing::{Route, RouteAuth, Router};
-use crate::bridge::throttle::{LoginThrottle, ThrottleConfig};
+use crate::bridge::shared_throttle::Throttle;
+use crate::bridge::throttle::ThrottleConfig;
 use crate::config::{LoginName, Policy, RouteIndex};
 use crate::imap::fake::FakeConnector;
 use crate::pop3::session::Profile;
@@ -56,14 +57,14 @@ async fn start(up: &FakeConnector) -> (u16, tokio::sync::oneshot::Sender<()>) {
         }),
         bridge: Bridge {
             router: Router::new(vec![route], index),
-            throttle: Arc::new(LoginThrottle::new(ThrottleConfig {
+            throttle: Throttle::local(ThrottleConfig {
                 failure_delay: Duration::from_millis(1),
                 max_failures_per_ip: 20,
                 max_failures_per_user: 10,
                 window: Duration::from_secs(60),
                 max_entries: 100,
                 ipv6_prefix_len: 64,
-            })),
+            }),
             oauth: None,
             pool: Arc::new(Pool::new(0).unwrap()),
         },

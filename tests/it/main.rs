@@ -18,6 +18,7 @@
 //!   - real clients and hostile input: `clients`, `security`;
 //!   - the upstream side: `compat` (one scenario on every IMAP server of
 //!     `common/servers`), `faults`, `client_id`, `tls`;
+//!   - several replicas behind HAProxy sharing Redis: `cluster`;
 //!   - routing by an HTTP directory (a small one runs in the test):
 //!     `directory`;
 //!   - old devices on the OpenSSL listener (cargo feature `legacy-tls`,
@@ -43,6 +44,7 @@ mod cache;
 mod capture_pairs;
 mod client_id;
 mod clients;
+mod cluster;
 mod compat;
 mod config_cli;
 mod cutover;

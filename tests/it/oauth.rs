@@ -27,7 +27,7 @@ use popbridge::imap::{AccessToken, Connector, Credentials, Upstream, UpstreamErr
 use popbridge::imap::{ImapConfig, ImapConnector, UpstreamTlsSetup};
 use popbridge::oauth::service::BACKOFF_BASE;
 
-const ACCOUNT: &str = "alice@example.org";
+pub(crate) const ACCOUNT: &str = "alice@example.org";
 const OTHER: &str = "bob@example.org";
 fn oauth_dovecot(oauth: &OauthServer) -> Dovecot {
     oauth_dovecot_for(oauth, &[ACCOUNT, OTHER])
@@ -386,8 +386,8 @@ fn upstream_password_login_lines() {
 // ---------------------------------------------------------------------------
 
 /// The OAUTHBEARER provider (generic preset) and its devices' domain.
-const CORP: &str = "corp";
-const CORP_DEVICES: &str = "corp.example";
+pub(crate) const CORP: &str = "corp";
+pub(crate) const CORP_DEVICES: &str = "corp.example";
 /// The XOAUTH2 provider with Microsoft's two-step exchange, and its
 /// devices' domain.
 const XO: &str = "xo";
@@ -402,11 +402,11 @@ const MAX_FAILURES_PER_USER: u32 = 2;
 /// configuration with two providers pointing at that server: `corp`
 /// (OAUTHBEARER, SASL-IR) for devices `*@corp.example`, `xo` (XOAUTH2, two
 /// steps) for devices `*@xo.example`.
-struct Setup {
-    oauth: OauthServer,
-    dovecot: Dovecot,
+pub(crate) struct Setup {
+    pub(crate) oauth: OauthServer,
+    pub(crate) dovecot: Dovecot,
     dir: tempfile::TempDir,
-    config: std::path::PathBuf,
+    pub(crate) config: std::path::PathBuf,
 }
 
 impl Setup {
@@ -421,7 +421,7 @@ impl Setup {
 
     /// With more keys for the `corp` route and for `[oauth]` (e.g. the
     /// Redis store).
-    fn with_keys(corp_extra: &str, oauth_extra: &str) -> Setup {
+    pub(crate) fn with_keys(corp_extra: &str, oauth_extra: &str) -> Setup {
         let oauth = OauthServer::start_with(OauthServerOptions {
             client_secret: Some(CLIENT_SECRET.to_string()),
             ..OauthServerOptions::default()
@@ -478,6 +478,7 @@ impl Setup {
              auth = \"oauth2\"\n\
              oauth_provider = \"{XO}\"\n\
              [auth]\n\
+             plaintext_networks = [\"127.0.0.0/8\"]\n\
              failure_delay_ms = 100\n\
              max_failures_per_user = {MAX_FAILURES_PER_USER}\n\
              [data]\n\
@@ -515,7 +516,7 @@ impl Setup {
     /// `popbridge oauth add ACCOUNT --provider P`: the device flow. The
     /// test plays the user: it reads the code popbridge prints and approves
     /// it at the server's control endpoint.
-    fn enrol(&self, account: &str, provider: &str) {
+    pub(crate) fn enrol(&self, account: &str, provider: &str) {
         self.enrol_approved_by(account, provider, account)
     }
 
@@ -585,7 +586,7 @@ impl Setup {
     }
 
     /// `popbridge device add LOGIN --account A --password-file F`.
-    fn add_device(&self, login: &str, account: &str, password: &str) {
+    pub(crate) fn add_device(&self, login: &str, account: &str, password: &str) {
         self.add_device_with(login, account, password, &[])
     }
 
@@ -628,7 +629,7 @@ impl Setup {
         )
     }
 
-    fn refreshes(&self) -> u64 {
+    pub(crate) fn refreshes(&self) -> u64 {
         self.oauth.stats().grant("refresh_token")
     }
 }
@@ -645,7 +646,7 @@ fn pop3_pass(port: u16, user: &str, pass: &str) -> String {
 
 /// Logs in, checks the mailbox holds `want` messages and that message 1 is
 /// `first`, quits without deleting.
-fn pop3_fetch(port: u16, user: &str, pass: &str, want: usize, first: &[u8]) {
+pub(crate) fn pop3_fetch(port: u16, user: &str, pass: &str, want: usize, first: &[u8]) {
     let mut p = Pop3::connect(port);
     p.login(user, pass);
     assert_eq!(p.stat().0, want, "{user}");
@@ -688,7 +689,7 @@ fn assert_log_has_no_secrets(log: &str, secrets: &[&str]) {
     }
 }
 
-fn message(subject: &str) -> Vec<u8> {
+pub(crate) fn message(subject: &str) -> Vec<u8> {
     format!(
         "From: a@example.org\r\nTo: b@example.org\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
     )

@@ -604,6 +604,7 @@ fn redis_starts_and_answers() {
 
     let locked = Redis::start_with(RedisOptions {
         requirepass: Some("p@ss".into()),
+        ..RedisOptions::default()
     });
     assert_ne!(locked.port, redis.port);
     assert_eq!(locked.command(&["PING"]), Resp::Simple("PONG".into()));

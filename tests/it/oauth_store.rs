@@ -63,6 +63,7 @@ fn redis_two_processes_refreshing_at_once_make_one_refresh_and_keep_the_newest_t
     let oauth = reuse_detecting_server();
     let redis = Redis::start_with(RedisOptions {
         requirepass: Some("redis-test-password".into()),
+        ..RedisOptions::default()
     });
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol into Redis");
@@ -179,6 +180,7 @@ fn redis_wrong_key_and_bad_urls_are_refused() {
     let oauth = OauthServer::start();
     let redis = Redis::start_with(RedisOptions {
         requirepass: Some("sekrit-redis-pw".into()),
+        ..RedisOptions::default()
     });
     let s = redis_setup(&oauth, &redis);
     s.enrol(&oauth, ACCOUNT).assert_ok("enrol");

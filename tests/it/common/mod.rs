@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod keepers;
 pub mod logs;
 pub mod oauth;

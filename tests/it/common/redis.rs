@@ -22,12 +22,18 @@ const MAX_BULK: usize = 16 * 1024 * 1024;
 pub struct RedisOptions {
     /// `--requirepass`: clients must `AUTH` first.
     pub requirepass: Option<String>,
+    /// A TLS listener too (`--tls-port`, clients not asked for a
+    /// certificate): the server certificate and key PEM files. The plain
+    /// port stays open for the harness's own client.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running redis-server (no persistence, 127.0.0.1 only, protected
 /// mode). Killed on drop; its log is printed if the test is panicking.
 pub struct Redis {
     pub port: u16,
+    /// The TLS listener's port, with [`RedisOptions::tls`].
+    pub tls_port: Option<u16>,
     pub password: Option<String>,
     child: Child,
     log_path: PathBuf,
@@ -103,6 +109,16 @@ impl Redis {
         if let Some(pass) = &opts.requirepass {
             cmd.args(["--requirepass", pass]);
         }
+        let tls_port = opts.tls.as_ref().map(|(cert, key)| {
+            let tls_port = ports::allocate();
+            cmd.args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]);
+            tls_port
+        });
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -116,6 +132,7 @@ impl Redis {
             })?;
         let mut redis = Redis {
             port,
+            tls_port,
             password: opts.requirepass.clone(),
             child,
             log_path,
