@@ -16,7 +16,7 @@ use super::pool::{Credential, Pool, PoolKey, Reuse};
 use super::replies::{self, Refusal};
 use super::routing::{Resolved, Route, RouteAuth, Router, UidlMapSource};
 use super::shared_throttle::{Attempt, Throttle};
-use super::throttle::AccountKey;
+use super::throttle::{AccountKey, Throttled};
 use crate::config::{DeletePolicy, Policy};
 use crate::imap::{Connector, Credentials, DeleteAction, Snapshot, Upstream, UpstreamError};
 use crate::metrics::metrics;
@@ -110,6 +110,12 @@ impl<C: Connector> Bridge<C> {
         pass: &Secret,
         peer: SocketAddr,
     ) -> Result<Login<C::Conn>, LoginFailure> {
+        // An address over its failure limit does not get the directory
+        // asked either (the account, and so the full check, needs the
+        // directory's answer; a guesser's names must not reach it).
+        if self.router.asks_directory(user) && self.throttle.address_refused(peer.ip()).await {
+            return Err(self.throttled(peer, Throttled::Address).await);
+        }
         let (route, directory_login) = match self.router.resolve(user, peer.ip()).await {
             Resolved::Route(route, login) => (route, login),
             Resolved::NoRoute => {
@@ -190,15 +196,19 @@ impl<C: Connector> Bridge<C> {
     async fn begin(&self, peer: SocketAddr, account: &AccountKey) -> Result<Attempt, LoginFailure> {
         match self.throttle.begin(peer.ip(), account).await {
             Ok(attempt) => Ok(attempt),
-            Err(which) => {
-                // The upstream is not asked: guesses stop here.
-                warn!(throttled = ?which, "login refused: too many failures");
-                let r = replies::throttled(which);
-                metrics().auth(r.metric);
-                tokio::time::sleep(self.throttle.refused_delay(peer.ip()).await).await;
-                Err(r.failure)
-            }
+            Err(which) => Err(self.throttled(peer, which).await),
         }
+    }
+
+    /// A login the throttle refused: answered after the pause a failure
+    /// would get, without asking the upstream (guesses stop here), and not
+    /// counted as a failure.
+    async fn throttled(&self, peer: SocketAddr, which: Throttled) -> LoginFailure {
+        warn!(throttled = ?which, "login refused: too many failures");
+        let r = replies::throttled(which);
+        metrics().auth(r.metric);
+        tokio::time::sleep(self.throttle.refused_delay(peer.ip()).await).await;
+        r.failure
     }
 
     /// Login on an OAuth2 route: the device password is checked locally

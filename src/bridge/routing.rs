@@ -216,6 +216,12 @@ impl<C> Router<C> {
         }
     }
 
+    /// Whether [`Router::resolve`] asks the directory for this login (no
+    /// static route matches it and a directory is configured).
+    pub fn asks_directory(&self, login: &str) -> bool {
+        self.directory.is_some() && self.route(login).is_none()
+    }
+
     /// The route for a login name, or `None` (no entry, no domain match, no
     /// default).
     pub fn route(&self, login: &str) -> Option<Arc<Route<C>>> {

@@ -180,6 +180,15 @@ impl Throttle {
         }
     }
 
+    /// Whether `ip` has reached its failure limit (any login from it would
+    /// be refused, whatever the account).
+    pub async fn address_refused(&self, ip: IpAddr) -> bool {
+        match self {
+            Self::Local(t) => t.address_refused(ip),
+            Self::Shared(t) => t.address_refused(ip).await,
+        }
+    }
+
     /// How long to wait before answering a login the throttle refused.
     pub async fn refused_delay(&self, ip: IpAddr) -> Duration {
         match self {
@@ -260,6 +269,16 @@ impl SharedThrottle {
                     return self.local.begin(ip, account).await.map(Attempt::Local);
                 }
             }
+        }
+    }
+
+    async fn address_refused(&self, ip: IpAddr) -> bool {
+        let addr = self.local.address_key(ip);
+        let mut get = redis::cmd("GET");
+        get.arg(key("fail:ip", &addr_id(addr)));
+        match self.cluster.redis.query::<Option<u32>>(&get).await {
+            Ok(n) => n.unwrap_or(0) >= self.local.config().max_failures_per_ip,
+            Err(_) => self.local.address_refused(ip),
         }
     }
 

@@ -232,6 +232,18 @@ impl LoginThrottle {
         }
     }
 
+    /// Whether `ip` has reached its failure limit in the current window:
+    /// any login from it would be refused, whatever the account.
+    pub fn address_refused(&self, ip: IpAddr) -> bool {
+        let n = Self::failures(
+            &self.by_ip,
+            &self.address_key(ip),
+            self.config.window,
+            Instant::now(),
+        );
+        n >= self.config.max_failures_per_ip
+    }
+
     /// How long to wait before answering a login the throttle refused
     /// (the same pause a failure from this address would get; not counted).
     pub fn refused_delay(&self, ip: IpAddr) -> Duration {

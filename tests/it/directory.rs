@@ -516,3 +516,35 @@ fn doctor_and_check_config_name_the_directory() {
         "{out}"
     );
 }
+
+/// A guesser's names never reach the directory once its address is over
+/// `max_failures_per_ip`: names the directory does not know (404) are
+/// failed logins, and after the limit the next unknown names are refused
+/// by the throttle without a lookup (the directory sees no request for
+/// them).
+#[test]
+fn an_address_over_its_failure_limit_does_not_reach_the_directory() {
+    let a = dovecot(&[("alice", "pw-a")]);
+    let dir = DirectoryService::start();
+    let toml = format!(
+        "[auth]\nfailure_delay_ms = 10\nmax_failures_per_ip = 3\nmax_failures_per_user = 100\n\n\
+         [directory]\nurl = \"{}\"\ncache_secs = 0\n",
+        dir.url()
+    );
+    let (pb, _cfg, _) = start(a.imap_port, &toml);
+    for i in 0..3 {
+        let user = format!("guess{i}");
+        let r = pass_reply(pb.port, &user, "pw");
+        assert!(r.starts_with("-ERR [AUTH]"), "{user}: {r}");
+        assert_eq!(dir.requests_for(&user).len(), 1, "{user} was looked up");
+    }
+    for i in 3..6 {
+        let user = format!("guess{i}");
+        let r = pass_reply(pb.port, &user, "pw");
+        assert!(r.starts_with("-ERR"), "{user}: {r}");
+        assert!(
+            dir.requests_for(&user).is_empty(),
+            "{user} reached the directory from an address over its limit"
+        );
+    }
+}
