@@ -12,6 +12,7 @@
 //! Figures (sessions, errors, lease expiry, throttle counts) are printed
 //! on stderr: `cargo test --test it -- cluster --nocapture`.
 
+use crate::hardening::wait_until_stable;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -231,24 +232,6 @@ fn dovecot_failures(dovecot: &Dovecot, user: Option<&str>) -> usize {
         .filter(|l| needle.as_ref().is_none_or(|n| l.contains(n.as_str())))
         .filter(|l| l.contains("Password mismatch") || l.contains("unknown user"))
         .count()
-}
-
-/// Waits until `count()` has stopped changing for a while (Dovecot logs
-/// failures a little after it answers); bounded.
-fn wait_until_stable(count: impl Fn() -> usize) {
-    let mut last = count();
-    let mut same = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while same < 10 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-        let now = count();
-        if now == last {
-            same += 1;
-        } else {
-            same = 0;
-            last = now;
-        }
-    }
 }
 
 /// Sends `n` wrong passwords through HAProxy's round robin from `from`, 8

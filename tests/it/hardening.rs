@@ -589,7 +589,7 @@ fn concurrent_guesses_do_not_pass_the_throttle() {
 
 /// Waits until `count()` has stopped changing for a while (Dovecot logs
 /// failures a little after it answers); bounded.
-fn wait_until_stable(count: impl Fn() -> usize) {
+pub(crate) fn wait_until_stable(count: impl Fn() -> usize) {
     let mut last = count();
     let mut same = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
