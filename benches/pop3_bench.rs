@@ -1946,6 +1946,7 @@ impl Bench {
         let mut rss = Vec::new();
         let mut per_rep = Vec::new();
         let sessions = p.many_sessions as f64;
+        let counters0 = (upstream_sessions(admin.0), upstream_sessions(admin.1));
         for rep in 0..p.reps {
             for side in self.sides() {
                 let before = listen_counters();
@@ -2138,6 +2139,21 @@ impl Bench {
             "many clients: upstream logins per POP3 session, each rep: {}; with the larger pool: {}",
             fmt_list(logins.0.get(&Side::Proxy)),
             fmt_list(pool_logins.0.get(&Side::Proxy)),
+        ));
+        let counters = |before: &HashMap<String, f64>, port: u16| {
+            let mut kinds: Vec<String> = upstream_sessions(port)
+                .into_iter()
+                .map(|(k, v)| format!("{k} {}", v - before.get(&k).unwrap_or(&0.0)))
+                .collect();
+            kinds.sort();
+            kinds.join(", ")
+        };
+        self.notes.push(format!(
+            "many clients: popbridge_upstream_sessions_total over the timed reps ({} POP3 sessions in all): \
+             default pool: {}; larger pool: {}",
+            p.many_sessions * p.reps,
+            counters(&counters0.0, admin.0),
+            counters(&counters0.1, admin.1)
         ));
         self.retire(pb, "many clients");
         self.retire(pool_pb, "many clients, larger pool");
