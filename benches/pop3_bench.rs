@@ -2421,10 +2421,25 @@ impl Bench {
     }
 
     fn dovecot_log_notes(&mut self) {
-        let log = self.dovecot.log();
-        let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pop3_bench-dovecot.log");
-        if fs::write(&saved, &log).is_ok() {
-            eprintln!("Dovecot's log: {}", saved.display());
+        let mut logs = vec![("Dovecot", "dovecot", self.dovecot.log())];
+        for side in self.other_sides() {
+            let file = match side {
+                Side::Default => "dovecot-default",
+                _ => "dovecot-imapc",
+            };
+            logs.push((side.name(), file, self.others[&side].dovecot.log()));
+        }
+        for (name, file, log) in logs {
+            self.log_notes(name, file, &log);
+        }
+    }
+
+    /// Keeps a Dovecot instance's log in the target folder and notes its
+    /// errors and warnings.
+    fn log_notes(&mut self, name: &str, file: &str, log: &str) {
+        let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pop3_bench-{file}.log"));
+        if fs::write(&saved, log).is_ok() {
+            eprintln!("{name}'s log: {}", saved.display());
         }
         let bad: Vec<&str> = log
             .lines()
@@ -2435,7 +2450,7 @@ impl Bench {
             })
             .collect();
         if !bad.is_empty() {
-            let mut note = format!("Dovecot logged {} errors/warnings, e.g.:", bad.len());
+            let mut note = format!("{name} logged {} errors/warnings, e.g.:", bad.len());
             for l in bad.iter().take(5) {
                 note.push_str(&format!("\n    {l}"));
             }
