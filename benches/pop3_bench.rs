@@ -1130,6 +1130,12 @@ fn listen_counters() -> (u64, u64) {
     (0, 0)
 }
 
+/// popbridge's log level: `POP3_BENCH_POPBRIDGE_LOG`, else `info` (its
+/// production default).
+fn popbridge_log_level() -> String {
+    std::env::var("POP3_BENCH_POPBRIDGE_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// popbridge's `popbridge_upstream_sessions_total` counters by kind
 /// (opened, reused, ...), read from its admin listener's `/metrics`.
 fn upstream_sessions(admin_port: u16) -> HashMap<String, f64> {
@@ -1543,7 +1549,11 @@ struct Bench {
 impl Bench {
     fn popbridge(&self) -> Popbridge {
         let config = self.config_path.to_str().expect("UTF-8 temp path");
-        let pb = Popbridge::start_with_log(self.dovecot.imap_port, &["--config", config], "info");
+        let pb = Popbridge::start_with_log(
+            self.dovecot.imap_port,
+            &["--config", config],
+            &popbridge_log_level(),
+        );
         std::thread::sleep(Duration::from_millis(100));
         pb
     }
@@ -1553,14 +1563,29 @@ impl Bench {
         let path = self.config_path.with_file_name("popbridge-variant.toml");
         fs::write(&path, config).expect("write popbridge config");
         let path = path.to_str().expect("UTF-8 temp path");
-        let pb = Popbridge::start_with_log(self.dovecot.imap_port, &["--config", path], "info");
+        let pb = Popbridge::start_with_log(
+            self.dovecot.imap_port,
+            &["--config", path],
+            &popbridge_log_level(),
+        );
         std::thread::sleep(Duration::from_millis(100));
         pb
     }
 
-    /// Notes warnings and errors from a popbridge log, then stops it.
+    /// Notes warnings and errors from a popbridge log, then stops it. With
+    /// `POP3_BENCH_KEEP_LOGS` set, the log is kept in the target folder.
     fn retire(&mut self, pb: Popbridge, label: &str) {
         let log = pb.log();
+        if std::env::var_os("POP3_BENCH_KEEP_LOGS").is_some() {
+            let name = format!(
+                "pop3_bench-popbridge-{}.log",
+                label.replace([' ', ','], "_")
+            );
+            let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+            if fs::write(&saved, &log).is_ok() {
+                eprintln!("popbridge's log ({label}): {}", saved.display());
+            }
+        }
         let bad: Vec<&str> = log
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
@@ -1943,6 +1968,8 @@ impl Bench {
         let mut pool_p99 = Samples::default();
         let mut pool_errors = Samples::default();
         let mut pool_logins = Samples::default();
+        let mut pool_cpu_dovecot = Samples::default();
+        let mut pool_cpu_pb = Samples::default();
         let mut rss = Vec::new();
         let mut per_rep = Vec::new();
         let sessions = p.many_sessions as f64;
@@ -2008,7 +2035,11 @@ impl Bench {
             }
             rss.push(rss_kb(pb.pid()));
             let pool0 = upstream_sessions(admin.1);
+            let cpu0 = self.cpu(Side::Proxy, &pool_pb);
             let b = self.many_batch(pool_pb.port);
+            let cpu = self.cpu(Side::Proxy, &pool_pb).since(cpu0);
+            pool_cpu_dovecot.push(Side::Proxy, cpu.dovecot * 1000.0 / sessions);
+            pool_cpu_pb.push(Side::Proxy, cpu.popbridge * 1000.0 / sessions);
             let pool1 = upstream_sessions(admin.1);
             let opened = pool1.get("opened").unwrap_or(&0.0) - pool0.get("opened").unwrap_or(&0.0);
             eprintln!(
@@ -2121,6 +2152,21 @@ impl Bench {
             )
             .popbridge(pool_logins.median(Side::Proxy))
             .target(Target::AtMost(0.1)),
+        );
+        let pool_cpu_dovecot = with_native(pool_cpu_dovecot, &cpu_dovecot);
+        self.rows.push(
+            Row::new(
+                &pool_name,
+                "CPU per session: Dovecot (all processes)",
+                Unit::Millis,
+            )
+            .native(pool_cpu_dovecot.median(Side::Native))
+            .popbridge(pool_cpu_dovecot.median(Side::Proxy))
+            .spread(pool_cpu_dovecot.ratio_range()),
+        );
+        self.rows.push(
+            Row::new(&pool_name, "CPU per session: popbridge", Unit::Millis)
+                .popbridge(pool_cpu_pb.median(Side::Proxy)),
         );
         self.notes
             .push(format!("many clients, each rep: {}", per_rep.join("; ")));
