@@ -1130,6 +1130,14 @@ fn listen_counters() -> (u64, u64) {
     (0, 0)
 }
 
+/// popbridge's configuration: [`POPBRIDGE_CONFIG`] and whatever
+/// `POP3_BENCH_POPBRIDGE_CONFIG` adds (TOML tables other than `[limits]`,
+/// `[admin]` and `[upstream]`, e.g. `[auth] max_failures_per_ip = 1000`).
+fn popbridge_config() -> String {
+    let extra = std::env::var("POP3_BENCH_POPBRIDGE_CONFIG").unwrap_or_default();
+    format!("{POPBRIDGE_CONFIG}\n{extra}\n")
+}
+
 /// popbridge's log level: `POP3_BENCH_POPBRIDGE_LOG`, else `info` (its
 /// production default).
 fn popbridge_log_level() -> String {
@@ -1941,7 +1949,8 @@ impl Bench {
         // A second popbridge whose pool keeps an idle upstream session for
         // every session of an account that runs at once.
         let pool_pb = self.popbridge_with(&format!(
-            "{POPBRIDGE_CONFIG}\n[upstream]\nreuse_max_per_account = {MANY_POOL_PER_ACCOUNT}\n"
+            "{}\n[upstream]\nreuse_max_per_account = {MANY_POOL_PER_ACCOUNT}\n",
+            popbridge_config()
         ));
         let admin = (pb.admin_port(), pool_pb.admin_port());
         // Untimed warm-up (index building, \Seen flags; the pools fill).
@@ -2730,7 +2739,7 @@ fn main() {
         others.insert(side, Other { dovecot, master });
     }
     let config_path = config_dir.path().join("popbridge.toml");
-    fs::write(&config_path, POPBRIDGE_CONFIG).expect("write popbridge config");
+    fs::write(&config_path, popbridge_config()).expect("write popbridge config");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
