@@ -62,12 +62,27 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// Dovecot's mail processes as uid/gid 5000 then.
 const MAIL_ID_AS_ROOT: u32 = 5000;
 
-/// popbridge's configuration: limits well above what the benchmark opens.
+/// popbridge's configuration: limits well above what the benchmark opens,
+/// and the admin listener (metrics: upstream logins per POP3 session).
+/// Everything else, upstream session reuse included, is default.
 const POPBRIDGE_CONFIG: &str = "\
 [limits]
 max_sessions = 20000
 max_sessions_per_ip = 20000
+
+[admin]
+address = \"127.0.0.1:0\"
 ";
+
+/// Idle upstream sessions per account in the many-clients scenario's second
+/// popbridge: one per session of an account that runs at once (500 over 10
+/// accounts), so a batch finds every session it needs in the pool.
+const MANY_POOL_PER_ACCOUNT: usize = 50;
+
+/// Sessions held open against the comparison Dovecots (one process per
+/// session; the imapc bridge) in the idle scenario: a few hundred processes
+/// show the cost per session without starting thousands.
+const IDLE_SESSIONS_OTHERS: usize = 200;
 
 // ---------------------------------------------------------------------------
 // What to run
@@ -133,10 +148,13 @@ struct Plan {
     big_message: usize,
     /// Sessions held open in the idle scenario.
     idle_sessions: usize,
+    /// Which other Dovecot setups run beside Dovecot's tuned POP3 and
+    /// popbridge: [`Side::Default`], [`Side::Imapc`].
+    compare: Vec<Side>,
 }
 
 impl Plan {
-    fn new(quick: bool, reps: Option<usize>, scenarios: Vec<Scenario>) -> Plan {
+    fn new(quick: bool, reps: Option<usize>, scenarios: Vec<Scenario>, compare: Vec<Side>) -> Plan {
         let scenarios = if scenarios.is_empty() {
             Scenario::ALL.to_vec()
         } else {
@@ -157,6 +175,7 @@ impl Plan {
             big_sessions: 100,
             big_message: 20 * 1024 * 1024,
             idle_sessions: 2_000,
+            compare,
         };
         if !quick {
             return full;
@@ -178,12 +197,63 @@ impl Plan {
 }
 
 const USAGE: &str = "usage: cargo bench --bench pop3_bench -- [--quick] [--reps N] \
-[--scenario bulk|poll|many|memory|retr-memory|idle|all[,...]]";
+[--scenario bulk|poll|many|memory|retr-memory|idle|all[,...]] [--compare default,imapc|all|none]
+environment (the options win): POP3_BENCH_SCENARIO, POP3_BENCH_REPS, POP3_BENCH_COMPARE, \
+POP3_BENCH_QUICK=1";
+
+/// Adds the scenarios named in `list` (comma-separated) to `scenarios`.
+fn add_scenarios(list: &str, scenarios: &mut Vec<Scenario>) -> Result<(), String> {
+    for name in list.split(',') {
+        for s in Scenario::parse(name.trim())? {
+            if !scenarios.contains(&s) {
+                scenarios.push(s);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The comparison Dovecots named in `list` (comma-separated).
+fn parse_compare(list: &str) -> Result<Vec<Side>, String> {
+    let mut sides = Vec::new();
+    for name in list.split(',').map(str::trim) {
+        let add: &[Side] = match name {
+            "all" => &[Side::Default, Side::Imapc],
+            "none" | "" => &[],
+            "default" => &[Side::Default],
+            "imapc" => &[Side::Imapc],
+            other => {
+                return Err(format!(
+                    "unknown comparison {other:?} (default, imapc, all, none)"
+                ))
+            }
+        };
+        for s in add {
+            if !sides.contains(s) {
+                sides.push(*s);
+            }
+        }
+    }
+    Ok(sides)
+}
+
+fn parse_reps(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(format!("--reps {v:?}: need a positive number"))
+}
 
 fn parse_args() -> Result<Plan, String> {
-    let mut quick = false;
-    let mut reps = None;
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let mut quick = env("POP3_BENCH_QUICK").is_some_and(|v| v != "0");
+    let mut reps = env("POP3_BENCH_REPS").map(|v| parse_reps(&v)).transpose()?;
     let mut scenarios = Vec::new();
+    let mut from_args = Vec::new();
+    if let Some(list) = env("POP3_BENCH_SCENARIO") {
+        add_scenarios(&list, &mut scenarios)?;
+    }
+    let mut compare = parse_compare(&env("POP3_BENCH_COMPARE").unwrap_or("all".into()))?;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -200,24 +270,9 @@ fn parse_args() -> Result<Plan, String> {
             // `cargo bench` passes --bench to every bench binary.
             "--bench" => {}
             "--quick" => quick = true,
-            "--reps" => {
-                let v = value("--reps")?;
-                reps = Some(
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or(format!("--reps {v:?}: need a positive number"))?,
-                );
-            }
-            "--scenario" => {
-                for name in value("--scenario")?.split(',') {
-                    for s in Scenario::parse(name.trim())? {
-                        if !scenarios.contains(&s) {
-                            scenarios.push(s);
-                        }
-                    }
-                }
-            }
+            "--reps" => reps = Some(parse_reps(&value("--reps")?)?),
+            "--scenario" => add_scenarios(&value("--scenario")?, &mut from_args)?,
+            "--compare" => compare = parse_compare(&value("--compare")?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -225,7 +280,10 @@ fn parse_args() -> Result<Plan, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok(Plan::new(quick, reps, scenarios))
+    if !from_args.is_empty() {
+        scenarios = from_args;
+    }
+    Ok(Plan::new(quick, reps, scenarios, compare))
 }
 
 // ---------------------------------------------------------------------------
@@ -953,21 +1011,49 @@ fn cpu_split(pid: u32) -> (f64, f64) {
     proc_stat(pid).map_or((0.0, 0.0), |(_, _, (u, s))| (u as f64 / hz, s as f64 / hz))
 }
 
+/// CPU seconds a Dovecot master used so far, its own and that of the
+/// children it has reaped (cutime, cstime): in the default process mode a
+/// session's processes are gone by the time it is measured.
+fn dovecot_cpu_reaped(pid: u32) -> f64 {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(close) = s.rfind(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let ticks: u64 = (11..=14)
+        .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
 /// CPU seconds (user + system) a process used so far.
 fn cpu_secs(pid: u32) -> f64 {
     let (user, system) = cpu_split(pid);
     user + system
 }
 
-/// The Dovecot master's pid: our child process named `dovecot`.
-fn dovecot_master() -> u32 {
+/// Our child processes named `dovecot` (Dovecot masters).
+fn dovecot_masters() -> Vec<u32> {
+    children(std::process::id(), Some("dovecot"))
+}
+
+/// The pid of a Dovecot master just started: our child process named
+/// `dovecot` that is not in `known`.
+fn dovecot_master(known: &[u32]) -> u32 {
     for _ in 0..100 {
-        if let Some(&pid) = children(std::process::id(), Some("dovecot")).first() {
+        if let Some(pid) = dovecot_masters().into_iter().find(|p| !known.contains(p)) {
             return pid;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("cannot find the Dovecot master process");
+}
+
+/// Total PSS (kB) of every process of a Dovecot instance.
+fn dovecot_pss_all(master: u32) -> u64 {
+    pss_kb(master) + children(master, None).into_iter().map(pss_kb).sum::<u64>()
 }
 
 /// Total PSS (kB) of Dovecot's `comm` processes.
@@ -988,12 +1074,17 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn now(master: u32, popbridge: u32) -> Cpu {
-        let dovecot = cpu_secs(master)
-            + children(master, None)
-                .into_iter()
-                .map(cpu_secs)
-                .sum::<f64>();
+    fn now(masters: &[u32], popbridge: u32) -> Cpu {
+        let dovecot = masters
+            .iter()
+            .map(|&master| {
+                dovecot_cpu_reaped(master)
+                    + children(master, None)
+                        .into_iter()
+                        .map(cpu_secs)
+                        .sum::<f64>()
+            })
+            .sum();
         let (user, system) = cpu_split(popbridge);
         Cpu {
             dovecot,
@@ -1039,6 +1130,44 @@ fn listen_counters() -> (u64, u64) {
     (0, 0)
 }
 
+/// popbridge's configuration: [`POPBRIDGE_CONFIG`] and whatever
+/// `POP3_BENCH_POPBRIDGE_CONFIG` adds (TOML tables other than `[limits]`,
+/// `[admin]` and `[upstream]`, e.g. `[auth] max_failures_per_ip = 1000`).
+fn popbridge_config() -> String {
+    let extra = std::env::var("POP3_BENCH_POPBRIDGE_CONFIG").unwrap_or_default();
+    format!("{POPBRIDGE_CONFIG}\n{extra}\n")
+}
+
+/// popbridge's log level: `POP3_BENCH_POPBRIDGE_LOG`, else `info` (its
+/// production default).
+fn popbridge_log_level() -> String {
+    std::env::var("POP3_BENCH_POPBRIDGE_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// popbridge's `popbridge_upstream_sessions_total` counters by kind
+/// (opened, reused, ...), read from its admin listener's `/metrics`.
+fn upstream_sessions(admin_port: u16) -> HashMap<String, f64> {
+    let resp = common::oauth::http_request(admin_port, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("popbridge_upstream_sessions_total{kind=\"")?;
+            let (kind, value) = rest.split_once("\"}")?;
+            Some((kind.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Values with two decimals, comma-separated.
+fn fmt_list(values: Option<&Vec<f64>>) -> String {
+    values.map_or_else(String::new, |v| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
 /// Raises the open-files limit to its hard maximum (inherited by Dovecot
 /// and popbridge); returns the new soft limit.
 fn raise_nofile() -> u64 {
@@ -1078,6 +1207,8 @@ enum Unit {
     MiB,
     KiB,
     Count,
+    /// A plain number with two decimals (per-session averages).
+    Ratio,
 }
 
 /// What popbridge should reach.
@@ -1097,6 +1228,13 @@ struct Row {
     metric: String,
     native: Option<f64>,
     popbridge: Option<f64>,
+    /// Dovecot's POP3 in its default process mode ([`Side::Default`]).
+    default: Option<f64>,
+    /// Dovecot's imapc bridge ([`Side::Imapc`]).
+    imapc: Option<f64>,
+    /// Smallest and largest popbridge/Dovecot ratio of one repetition (the
+    /// two sides ran back to back), when there were several.
+    spread: Option<(f64, f64)>,
     unit: Unit,
     target: Option<Target>,
 }
@@ -1108,6 +1246,9 @@ impl Row {
             metric: metric.to_string(),
             native: None,
             popbridge: None,
+            default: None,
+            imapc: None,
+            spread: None,
             unit,
             target: None,
         }
@@ -1123,13 +1264,23 @@ impl Row {
         self
     }
 
+    fn spread(mut self, spread: Option<(f64, f64)>) -> Row {
+        self.spread = spread;
+        self
+    }
+
     fn target(mut self, t: Target) -> Row {
         self.target = Some(t);
         self
     }
 
     fn ratio(&self) -> Option<f64> {
-        match (self.native, self.popbridge) {
+        self.ratio_of(self.popbridge)
+    }
+
+    /// `v` / Dovecot's (tuned POP3) value.
+    fn ratio_of(&self, v: Option<f64>) -> Option<f64> {
+        match (self.native, v) {
             (Some(n), Some(p)) if n > 0.0 => Some(p / n),
             _ => None,
         }
@@ -1176,19 +1327,47 @@ impl Samples {
         self.0.get(&side).map_or(0.0, |v| v.iter().sum())
     }
 
-    /// A row with both sides' totals (error counts): popbridge must have none.
+    /// A row with every side's totals (error counts): popbridge must have
+    /// none.
     fn errors_row(&self, scenario: &str) -> Row {
-        Row::new(scenario, "errors (all reps)", Unit::Count)
+        let total = |side| self.0.contains_key(&side).then(|| self.total(side));
+        let mut row = Row::new(scenario, "errors (all reps)", Unit::Count)
             .native(Some(self.total(Side::Native)))
             .popbridge(Some(self.total(Side::Proxy)))
-            .target(Target::AtMost(0.0))
+            .target(Target::AtMost(0.0));
+        row.default = total(Side::Default);
+        row.imapc = total(Side::Imapc);
+        row
     }
 
-    /// A row with both sides' medians.
+    /// A row with every side's medians and the spread of popbridge's
+    /// per-repetition ratio.
     fn row(&self, scenario: &str, metric: &str, unit: Unit) -> Row {
-        Row::new(scenario, metric, unit)
+        let mut row = Row::new(scenario, metric, unit)
             .native(self.median(Side::Native))
-            .popbridge(self.median(Side::Proxy))
+            .popbridge(self.median(Side::Proxy));
+        row.default = self.median(Side::Default);
+        row.imapc = self.median(Side::Imapc);
+        row.spread = self.ratio_range();
+        row
+    }
+
+    /// The smallest and largest popbridge/Dovecot ratio over repetitions
+    /// (sample i of one side against sample i of the other).
+    fn ratio_range(&self) -> Option<(f64, f64)> {
+        let (n, p) = (self.0.get(&Side::Native)?, self.0.get(&Side::Proxy)?);
+        if n.len() != p.len() || n.len() < 2 {
+            return None;
+        }
+        let ratios: Vec<f64> = n
+            .iter()
+            .zip(p)
+            .filter(|(n, _)| **n > 0.0)
+            .map(|(n, p)| p / n)
+            .collect();
+        let min = ratios.iter().copied().reduce(f64::min)?;
+        let max = ratios.iter().copied().reduce(f64::max)?;
+        Some((min, max))
     }
 }
 
@@ -1202,6 +1381,7 @@ fn fmt_value(v: f64, unit: Unit) -> String {
         Unit::MiB => format!("{v:.1} MiB"),
         Unit::KiB => format!("{v:.1} KiB"),
         Unit::Count => format!("{v:.0}"),
+        Unit::Ratio => format!("{v:.2}"),
     }
 }
 
@@ -1272,10 +1452,71 @@ fn dovecot_conf() -> String {
     conf
 }
 
+/// Who serves a measured session.
+/// The second Dovecot: POP3 on the first instance's Maildirs (and so its
+/// index files) in Dovecot's default process mode, `service_count = 1` for
+/// pop3-login and pop3: a process per login and per session. Only the
+/// process limits are raised, so 500 sessions at once (and the idle
+/// scenario's sessions) are not queued behind Dovecot's default limit of 100.
+fn default_mode_conf(main: &Dovecot) -> String {
+    format!(
+        "mail_location = maildir:{}/mail/%u/Maildir\n\
+         mail_max_userip_connections = 100000\n\
+         service pop3-login {{\n  process_limit = 1500\n}}\n\
+         service pop3 {{\n  process_limit = 1500\n}}\n\
+         service auth {{\n  client_limit = 5000\n}}\n\
+         service anvil {{\n  client_limit = 5000\n}}\n",
+        main.dir.path().display()
+    )
+}
+
+/// The third Dovecot: Dovecot's POP3-over-IMAP bridge as its documentation
+/// sets it up. The password is checked by logging in to the first
+/// instance's IMAP server (passdb imap); the pop3 process reads the mailbox
+/// from that IMAP server (`mail_location = imapc:`, keeping its own index
+/// under `home`), with `imapc_features = rfc822.size` so sizes come from
+/// the server instead of from downloading every message. Its harness
+/// passwd-file is empty, so every login reaches passdb imap. Same
+/// long-lived processes as the tuned instance.
+fn imapc_conf(main: &Dovecot, home: &Path) -> String {
+    let meta = fs::metadata("/proc/self").expect("stat /proc/self");
+    let (uid, gid) = if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
+        (MAIL_ID_AS_ROOT, MAIL_ID_AS_ROOT)
+    } else {
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::MetadataExt::gid(&meta),
+        )
+    };
+    let port = main.imap_port;
+    format!(
+        "mail_location = imapc:~/imapc\n\
+         imapc_host = 127.0.0.1\n\
+         imapc_port = {port}\n\
+         imapc_features = rfc822.size\n\
+         passdb {{\n  driver = imap\n  args = host=127.0.0.1 port={port}\n  \
+         default_fields = userdb_imapc_user=%u userdb_imapc_password=%w \
+         userdb_uid={uid} userdb_gid={gid} userdb_home={home}/%u\n}}\n\
+         userdb {{\n  driver = prefetch\n}}\n\
+         service auth {{\n  client_limit = 5000\n}}\n{}",
+        dovecot_conf(),
+        home = home.display()
+    )
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Side {
+    /// Dovecot's own POP3 server, tuned (long-lived processes): the
+    /// baseline every ratio is taken against.
     Native,
+    /// popbridge in front of the same Dovecot's IMAP server.
     Proxy,
+    /// Dovecot's own POP3 on the same Maildirs in Dovecot's default mode:
+    /// one login and one pop3 process per session (a second instance).
+    Default,
+    /// Dovecot's POP3-over-IMAP bridge: a third instance whose pop3 reads
+    /// the first one's IMAP server (`mail_location = imapc:`, passdb imap).
+    Imapc,
 }
 
 impl Side {
@@ -1283,8 +1524,17 @@ impl Side {
         match self {
             Side::Native => "Dovecot POP3",
             Side::Proxy => "popbridge",
+            Side::Default => "Dovecot POP3 (1 process/session)",
+            Side::Imapc => "Dovecot imapc bridge",
         }
     }
+}
+
+/// A comparison Dovecot ([`Side::Default`], [`Side::Imapc`]).
+struct Other {
+    dovecot: Dovecot,
+    /// Its master process.
+    master: u32,
 }
 
 struct Bench {
@@ -1292,6 +1542,8 @@ struct Bench {
     rt: Runtime,
     dovecot: Dovecot,
     master: u32,
+    /// The comparison Dovecots the plan asks for.
+    others: HashMap<Side, Other>,
     expected: HashMap<String, Expected>,
     config_path: PathBuf,
     _config_dir: tempfile::TempDir,
@@ -1305,14 +1557,43 @@ struct Bench {
 impl Bench {
     fn popbridge(&self) -> Popbridge {
         let config = self.config_path.to_str().expect("UTF-8 temp path");
-        let pb = Popbridge::start_with_log(self.dovecot.imap_port, &["--config", config], "info");
+        let pb = Popbridge::start_with_log(
+            self.dovecot.imap_port,
+            &["--config", config],
+            &popbridge_log_level(),
+        );
         std::thread::sleep(Duration::from_millis(100));
         pb
     }
 
-    /// Notes warnings and errors from a popbridge log, then stops it.
+    /// A popbridge with its own configuration file holding `config`.
+    fn popbridge_with(&self, config: &str) -> Popbridge {
+        let path = self.config_path.with_file_name("popbridge-variant.toml");
+        fs::write(&path, config).expect("write popbridge config");
+        let path = path.to_str().expect("UTF-8 temp path");
+        let pb = Popbridge::start_with_log(
+            self.dovecot.imap_port,
+            &["--config", path],
+            &popbridge_log_level(),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        pb
+    }
+
+    /// Notes warnings and errors from a popbridge log, then stops it. With
+    /// `POP3_BENCH_KEEP_LOGS` set, the log is kept in the target folder.
     fn retire(&mut self, pb: Popbridge, label: &str) {
         let log = pb.log();
+        if std::env::var_os("POP3_BENCH_KEEP_LOGS").is_some() {
+            let name = format!(
+                "pop3_bench-popbridge-{}.log",
+                label.replace([' ', ','], "_")
+            );
+            let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+            if fs::write(&saved, &log).is_ok() {
+                eprintln!("popbridge's log ({label}): {}", saved.display());
+            }
+        }
         let bad: Vec<&str> = log
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
@@ -1338,7 +1619,42 @@ impl Bench {
         match side {
             Side::Native => self.dovecot.pop3_port,
             Side::Proxy => pb.port,
+            other => self.others[&other].dovecot.pop3_port,
         }
+    }
+
+    /// Every side that runs: Dovecot's tuned POP3, popbridge, then the
+    /// comparison Dovecots.
+    fn sides(&self) -> Vec<Side> {
+        let mut sides = vec![Side::Native, Side::Proxy];
+        sides.extend(
+            self.plan
+                .compare
+                .iter()
+                .filter(|s| self.others.contains_key(s)),
+        );
+        sides
+    }
+
+    /// The comparison sides only.
+    fn other_sides(&self) -> Vec<Side> {
+        self.sides().into_iter().skip(2).collect()
+    }
+
+    /// The Dovecot masters whose processes serve `side`: the imapc bridge
+    /// uses the first instance's IMAP server too.
+    fn masters(&self, side: Side) -> Vec<u32> {
+        match side {
+            Side::Native | Side::Proxy => vec![self.master],
+            Side::Default => vec![self.others[&side].master],
+            Side::Imapc => vec![self.others[&side].master, self.master],
+        }
+    }
+
+    /// CPU used so far by the Dovecot processes serving `side`, popbridge
+    /// and this client.
+    fn cpu(&self, side: Side, pb: &Popbridge) -> Cpu {
+        Cpu::now(&self.masters(side), pb.pid())
     }
 
     fn note_errors(&mut self, what: &str, side: Side, errors: &[String]) {
@@ -1405,8 +1721,9 @@ impl Bench {
         let expected = self.expected("bulk");
         let pb = self.popbridge();
         // Untimed warm-up: the first session moves new/ to cur/, builds the
-        // index and sets \Seen on every message (Maildir renames).
-        for side in [Side::Native, Side::Proxy] {
+        // index and sets \Seen on every message (Maildir renames); the imapc
+        // bridge builds its own index.
+        for side in self.sides() {
             let port = self.port(side, &pb);
             let (_, r) =
                 self.rt
@@ -1432,16 +1749,16 @@ impl Bench {
                 Err(e) => self.notes.push(format!("bulk over IMAP: {e}")),
             }
             for pipelined in [false, true] {
-                for side in [Side::Native, Side::Proxy] {
+                for side in self.sides() {
                     let port = self.port(side, &pb);
-                    let before = Cpu::now(self.master, pb.pid());
+                    let before = self.cpu(side, &pb);
                     let (t, r) = self.rt.block_on(timed(bulk_session(
                         port,
                         "bulk".into(),
                         expected,
                         pipelined,
                     )));
-                    let cpu = Cpu::now(self.master, pb.pid()).since(before);
+                    let cpu = self.cpu(side, &pb).since(before);
                     eprintln!(
                         "bulk rep {}/{}{}: {} {:.2} s",
                         rep + 1,
@@ -1472,14 +1789,24 @@ impl Bench {
         let rate = |t: Option<f64>| t.map(|t| mb / t);
         self.rows.push(
             times
-                .row(&name, "session time (median)", Unit::Secs)
-                .target(Target::RatioAtMost(1.3)),
+                .row(
+                    &name,
+                    "session time, one RETR at a time (median)",
+                    Unit::Secs,
+                )
+                .target(Target::RatioAtMost(1.15)),
         );
         self.rows.push(
-            Row::new(&name, &format!("throughput ({mb:.0} MB)"), Unit::MBps)
-                .native(rate(times.median(Side::Native)))
-                .popbridge(rate(times.median(Side::Proxy))),
+            piped
+                .row(&name, "session time, RETRs pipelined (median)", Unit::Secs)
+                .target(Target::RatioAtMost(1.0)),
         );
+        let mut row = Row::new(&name, &format!("throughput ({mb:.0} MB)"), Unit::MBps)
+            .native(rate(times.median(Side::Native)))
+            .popbridge(rate(times.median(Side::Proxy)));
+        row.default = rate(times.median(Side::Default));
+        row.imapc = rate(times.median(Side::Imapc));
+        self.rows.push(row);
         self.rows
             .push(cpu_dovecot.row(&name, "CPU: Dovecot (all processes)", Unit::Secs));
         self.rows
@@ -1499,8 +1826,6 @@ impl Bench {
             )
             .native(median(&imap)),
         );
-        self.rows
-            .push(piped.row(&name, "session time, RETRs pipelined (median)", Unit::Secs));
         self.retire(pb, "bulk");
     }
 
@@ -1536,30 +1861,44 @@ impl Bench {
         let rss0 = rss_kb(pb.pid());
         let hwm0 = hwm_kb(pb.pid());
         let pb_cold = run(self, pb.port, Side::Proxy, "cold");
-        let mut warm_native = Vec::new();
-        let mut warm_pb = Vec::new();
+        // The process-per-session Dovecot shares the first one's index, so
+        // its first poll is its cold poll; the imapc bridge's first poll
+        // builds its own index (reported with Dovecot's), its second is
+        // its cold poll.
+        let mut first =
+            Row::new(&name, "first poll ever (builds the index)", Unit::Secs).native(index_build);
+        let mut cold = Row::new(&name, "cold poll", Unit::Secs)
+            .native(native_cold)
+            .popbridge(pb_cold);
+        if n == self.plan.poll_sizes.iter().copied().max().unwrap_or(n) {
+            cold = cold.target(Target::RatioAtMost(1.0));
+        }
+        for side in self.other_sides() {
+            let port = self.port(side, &pb);
+            if side == Side::Imapc {
+                first.imapc = run(self, port, side, "first ever");
+                cold.imapc = run(self, port, side, "cold");
+            } else {
+                cold.default = run(self, port, side, "cold");
+            }
+        }
+        let mut warm = Samples::default();
         let mut rss_after = Vec::new();
         for _ in 0..self.plan.reps {
-            warm_native.extend(run(self, native, Side::Native, "warm"));
-            warm_pb.extend(run(self, pb.port, Side::Proxy, "warm"));
+            for side in self.sides() {
+                let port = self.port(side, &pb);
+                if let Some(t) = run(self, port, side, "warm") {
+                    warm.push(side, t);
+                }
+            }
             rss_after.push(rss_kb(pb.pid()));
         }
         let hwm1 = hwm_kb(pb.pid());
+        self.rows.push(first);
+        self.rows.push(cold);
         self.rows.push(
-            Row::new(&name, "Dovecot's first poll (builds its index)", Unit::Secs)
-                .native(index_build),
-        );
-        self.rows.push(
-            Row::new(&name, "cold poll", Unit::Secs)
-                .native(native_cold)
-                .popbridge(pb_cold)
-                .target(Target::RatioAtMost(2.0)),
-        );
-        self.rows.push(
-            Row::new(&name, "warm poll (median)", Unit::Secs)
-                .native(median(&warm_native))
-                .popbridge(median(&warm_pb))
-                .target(Target::RatioAtMost(1.2)),
+            warm.row(&name, "warm poll (median)", Unit::Secs)
+                .target(Target::RatioAtMost(0.5)),
         );
         self.rows.push(
             Row::new(&name, "popbridge peak RSS over these polls", Unit::MiB)
@@ -1603,12 +1942,24 @@ impl Bench {
             p.many_retr,
             p.many_message / 1024
         );
+        let pool_name = format!(
+            "3. many clients, popbridge with upstream.reuse_max_per_account = {MANY_POOL_PER_ACCOUNT}"
+        );
         let pb = self.popbridge();
-        // Untimed warm-up (index building, \Seen flags).
-        for side in [Side::Native, Side::Proxy] {
+        // A second popbridge whose pool keeps an idle upstream session for
+        // every session of an account that runs at once.
+        let pool_pb = self.popbridge_with(&format!(
+            "{}\n[upstream]\nreuse_max_per_account = {MANY_POOL_PER_ACCOUNT}\n",
+            popbridge_config()
+        ));
+        let admin = (pb.admin_port(), pool_pb.admin_port());
+        // Untimed warm-up (index building, \Seen flags; the pools fill).
+        for side in self.sides() {
             let b = self.many_batch(self.port(side, &pb));
             self.note_errors("many clients warm-up", side, &b.errors);
         }
+        let b = self.many_batch(pool_pb.port);
+        self.note_errors("many clients warm-up (pool)", Side::Proxy, &b.errors);
         let mut rate = Samples::default();
         let mut p50 = Samples::default();
         let mut p99 = Samples::default();
@@ -1618,20 +1969,37 @@ impl Bench {
         let mut cpu_dovecot = Samples::default();
         let mut cpu_pb = Samples::default();
         let mut cpu_pb_sys = Samples::default();
+        let mut logins = Samples::default();
+        let mut reused = Samples::default();
+        // The popbridge with the larger pool, against the same Dovecot
+        // batches.
+        let mut pool_rate = Samples::default();
+        let mut pool_p99 = Samples::default();
+        let mut pool_errors = Samples::default();
+        let mut pool_logins = Samples::default();
+        let mut pool_cpu_dovecot = Samples::default();
+        let mut pool_cpu_pb = Samples::default();
         let mut rss = Vec::new();
         let mut per_rep = Vec::new();
+        let sessions = p.many_sessions as f64;
+        let counters0 = (upstream_sessions(admin.0), upstream_sessions(admin.1));
         for rep in 0..p.reps {
-            for side in [Side::Native, Side::Proxy] {
+            for side in self.sides() {
                 let before = listen_counters();
-                let cpu0 = Cpu::now(self.master, pb.pid());
+                let cpu0 = self.cpu(side, &pb);
+                let pool0 = upstream_sessions(admin.0);
                 let b = self.many_batch(self.port(side, &pb));
-                let cpu = Cpu::now(self.master, pb.pid()).since(cpu0);
+                let cpu = self.cpu(side, &pb).since(cpu0);
                 let after = listen_counters();
-                let sessions = p.many_sessions as f64;
                 cpu_dovecot.push(side, cpu.dovecot * 1000.0 / sessions);
                 if side == Side::Proxy {
                     cpu_pb.push(side, cpu.popbridge * 1000.0 / sessions);
                     cpu_pb_sys.push(side, cpu.popbridge_sys * 1000.0 / sessions);
+                    let pool1 = upstream_sessions(admin.0);
+                    let delta =
+                        |k: &str| pool1.get(k).unwrap_or(&0.0) - pool0.get(k).unwrap_or(&0.0);
+                    logins.push(side, delta("opened") / sessions);
+                    reused.push(side, delta("reused") / sessions);
                 }
                 if b.errors.is_empty() {
                     clean_rate.push(side, b.rate());
@@ -1675,10 +2043,43 @@ impl Bench {
                 self.note_errors(&format!("many clients rep {}", rep + 1), side, &b.errors);
             }
             rss.push(rss_kb(pb.pid()));
+            let pool0 = upstream_sessions(admin.1);
+            let cpu0 = self.cpu(Side::Proxy, &pool_pb);
+            let b = self.many_batch(pool_pb.port);
+            let cpu = self.cpu(Side::Proxy, &pool_pb).since(cpu0);
+            pool_cpu_dovecot.push(Side::Proxy, cpu.dovecot * 1000.0 / sessions);
+            pool_cpu_pb.push(Side::Proxy, cpu.popbridge * 1000.0 / sessions);
+            let pool1 = upstream_sessions(admin.1);
+            let opened = pool1.get("opened").unwrap_or(&0.0) - pool0.get("opened").unwrap_or(&0.0);
+            eprintln!(
+                "many rep {}/{}: popbridge (pool {MANY_POOL_PER_ACCOUNT}) {:.0} sessions/s, {} errors, {opened} upstream logins",
+                rep + 1,
+                p.reps,
+                b.rate(),
+                b.errors.len()
+            );
+            per_rep.push(format!(
+                "popbridge (pool {MANY_POOL_PER_ACCOUNT}) {:.0}/s ({} errors)",
+                b.rate(),
+                b.errors.len()
+            ));
+            pool_rate.push(Side::Proxy, b.rate());
+            pool_p99
+                .0
+                .entry(Side::Proxy)
+                .or_default()
+                .extend(percentile_ms(&b.times, 99.0));
+            pool_errors.push(Side::Proxy, b.errors.len() as f64);
+            pool_logins.push(Side::Proxy, opened / sessions);
+            self.note_errors(
+                &format!("many clients rep {} (pool)", rep + 1),
+                Side::Proxy,
+                &b.errors,
+            );
         }
         self.rows.push(
             rate.row(&name, "sessions per second (median)", Unit::PerSec)
-                .target(Target::RatioAtLeast(0.8)),
+                .target(Target::RatioAtLeast(1.0)),
         );
         self.rows.push(clean_rate.row(
             &name,
@@ -1687,9 +2088,25 @@ impl Bench {
         ));
         self.rows
             .push(p50.row(&name, "p50 session time (median)", Unit::Millis));
-        self.rows
-            .push(p99.row(&name, "p99 session time (median)", Unit::Millis));
+        self.rows.push(
+            p99.row(&name, "p99 session time (median)", Unit::Millis)
+                .target(Target::RatioAtMost(1.2)),
+        );
         self.rows.push(errors.errors_row(&name));
+        self.rows.push(
+            logins
+                .row(
+                    &name,
+                    "popbridge: upstream IMAP logins per POP3 session (metrics: opened / sessions)",
+                    Unit::Ratio,
+                )
+                .target(Target::AtMost(0.1)),
+        );
+        self.rows.push(reused.row(
+            &name,
+            "popbridge: upstream sessions reused per POP3 session",
+            Unit::Ratio,
+        ));
         self.rows.push(cpu_dovecot.row(
             &name,
             "CPU per session: Dovecot (all processes)",
@@ -1702,22 +2119,99 @@ impl Bench {
             "CPU per session: popbridge, of which system (kernel)",
             Unit::Millis,
         ));
+        let mut row = Row::new(&name, "kernel ListenOverflows (all reps)", Unit::Count)
+            .native(Some(overflows.total(Side::Native)))
+            .popbridge(Some(overflows.total(Side::Proxy)));
+        row.default = overflows.0.get(&Side::Default).map(|v| v.iter().sum());
+        row.imapc = overflows.0.get(&Side::Imapc).map(|v| v.iter().sum());
+        self.rows.push(row);
+        // The larger pool, against the Dovecot batches above.
+        let with_native = |mut s: Samples, from: &Samples| {
+            if let Some(v) = from.0.get(&Side::Native) {
+                s.0.insert(Side::Native, v.clone());
+            }
+            s
+        };
+        let pool_rate = with_native(pool_rate, &rate);
+        let pool_p99 = with_native(pool_p99, &p99);
         self.rows.push(
-            Row::new(&name, "kernel ListenOverflows (all reps)", Unit::Count)
-                .native(Some(overflows.total(Side::Native)))
-                .popbridge(Some(overflows.total(Side::Proxy))),
+            Row::new(&pool_name, "sessions per second (median)", Unit::PerSec)
+                .native(pool_rate.median(Side::Native))
+                .popbridge(pool_rate.median(Side::Proxy))
+                .spread(pool_rate.ratio_range())
+                .target(Target::RatioAtLeast(1.0)),
+        );
+        self.rows.push(
+            Row::new(&pool_name, "p99 session time (median)", Unit::Millis)
+                .native(pool_p99.median(Side::Native))
+                .popbridge(pool_p99.median(Side::Proxy))
+                .spread(pool_p99.ratio_range())
+                .target(Target::RatioAtMost(1.2)),
+        );
+        self.rows.push(
+            Row::new(&pool_name, "errors (all reps)", Unit::Count)
+                .popbridge(Some(pool_errors.total(Side::Proxy)))
+                .target(Target::AtMost(0.0)),
+        );
+        self.rows.push(
+            Row::new(
+                &pool_name,
+                "upstream IMAP logins per POP3 session",
+                Unit::Ratio,
+            )
+            .popbridge(pool_logins.median(Side::Proxy))
+            .target(Target::AtMost(0.1)),
+        );
+        let pool_cpu_dovecot = with_native(pool_cpu_dovecot, &cpu_dovecot);
+        self.rows.push(
+            Row::new(
+                &pool_name,
+                "CPU per session: Dovecot (all processes)",
+                Unit::Millis,
+            )
+            .native(pool_cpu_dovecot.median(Side::Native))
+            .popbridge(pool_cpu_dovecot.median(Side::Proxy))
+            .spread(pool_cpu_dovecot.ratio_range()),
+        );
+        self.rows.push(
+            Row::new(&pool_name, "CPU per session: popbridge", Unit::Millis)
+                .popbridge(pool_cpu_pb.median(Side::Proxy)),
         );
         self.notes
             .push(format!("many clients, each rep: {}", per_rep.join("; ")));
         self.notes.push(format!(
-            "many clients: popbridge VmRSS after each rep: {} MiB (peak {:.1} MiB)",
+            "many clients: popbridge VmRSS after each rep: {} MiB (peak {:.1} MiB); \
+             with the larger pool: {:.1} MiB (peak {:.1} MiB)",
             rss.iter()
                 .map(|&k| format!("{:.1}", mib(k)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            mib(hwm_kb(pb.pid()))
+            mib(hwm_kb(pb.pid())),
+            mib(rss_kb(pool_pb.pid())),
+            mib(hwm_kb(pool_pb.pid()))
+        ));
+        self.notes.push(format!(
+            "many clients: upstream logins per POP3 session, each rep: {}; with the larger pool: {}",
+            fmt_list(logins.0.get(&Side::Proxy)),
+            fmt_list(pool_logins.0.get(&Side::Proxy)),
+        ));
+        let counters = |before: &HashMap<String, f64>, port: u16| {
+            let mut kinds: Vec<String> = upstream_sessions(port)
+                .into_iter()
+                .map(|(k, v)| format!("{k} {}", v - before.get(&k).unwrap_or(&0.0)))
+                .collect();
+            kinds.sort();
+            kinds.join(", ")
+        };
+        self.notes.push(format!(
+            "many clients: popbridge_upstream_sessions_total over the timed reps ({} POP3 sessions in all): \
+             default pool: {}; larger pool: {}",
+            p.many_sessions * p.reps,
+            counters(&counters0.0, admin.0),
+            counters(&counters0.1, admin.1)
         ));
         self.retire(pb, "many clients");
+        self.retire(pool_pb, "many clients, larger pool");
     }
 
     // -- 4a. RETR of a big message, many at once ------------------------------
@@ -1748,12 +2242,13 @@ impl Bench {
         let mut errors = Samples::default();
         let mut base = Vec::new();
         let mut added = Vec::new();
+        let mut peak = Vec::new();
         let mut after = Vec::new();
         for rep in 0..p.reps {
             // A fresh popbridge each time, so VmHWM is this run's peak.
             let pb = self.popbridge();
             let rss0 = rss_kb(pb.pid());
-            for side in [Side::Native, Side::Proxy] {
+            for side in self.sides() {
                 let b = self.big_batch(self.port(side, &pb));
                 eprintln!(
                     "retr-memory rep {}/{}: {} {:.2} s, {} errors",
@@ -1770,6 +2265,7 @@ impl Bench {
             let hwm = hwm_kb(pb.pid());
             std::thread::sleep(SETTLE);
             base.push(mib(rss0));
+            peak.push(mib(hwm));
             added.push(mib(hwm.saturating_sub(rss0)));
             after.push(mib(rss_kb(pb.pid())));
             self.retire(pb, "big RETR");
@@ -1777,19 +2273,30 @@ impl Bench {
         let mb = (p.big_sessions * p.big_message) as f64 / 1e6;
         self.rows
             .push(times.row(&name, "all RETRs done (median)", Unit::Secs));
-        self.rows.push(
-            Row::new(&name, &format!("throughput ({mb:.0} MB)"), Unit::MBps)
-                .native(times.median(Side::Native).map(|t| mb / t))
-                .popbridge(times.median(Side::Proxy).map(|t| mb / t)),
-        );
+        let mut row = Row::new(&name, &format!("throughput ({mb:.0} MB)"), Unit::MBps)
+            .native(times.median(Side::Native).map(|t| mb / t))
+            .popbridge(times.median(Side::Proxy).map(|t| mb / t))
+            .target(Target::RatioAtLeast(0.9));
+        row.default = times.median(Side::Default).map(|t| mb / t);
+        row.imapc = times.median(Side::Imapc).map(|t| mb / t);
+        row.spread = times.ratio_range().map(|(lo, hi)| (1.0 / hi, 1.0 / lo));
+        self.rows.push(row);
         self.rows.push(errors.errors_row(&name));
         self.rows.push(
             Row::new(&name, "popbridge RSS before (median)", Unit::MiB).popbridge(median(&base)),
         );
         self.rows.push(
+            Row::new(
+                &name,
+                "popbridge peak RSS during the RETRs (median)",
+                Unit::MiB,
+            )
+            .popbridge(median(&peak)),
+        );
+        self.rows.push(
             Row::new(&name, "popbridge peak RSS added (median)", Unit::MiB)
                 .popbridge(median(&added))
-                .target(Target::AtMost(64.0)),
+                .target(Target::AtMost(32.0)),
         );
         self.rows.push(
             Row::new(&name, "popbridge RSS after the sessions closed", Unit::MiB)
@@ -1813,10 +2320,11 @@ impl Bench {
         &mut self,
         side: Side,
         port: u16,
+        n: usize,
         errors: &mut Samples,
         measure: impl FnOnce(&Bench, usize),
     ) -> Duration {
-        let (n, users) = (self.plan.idle_sessions, self.plan.many_users);
+        let users = self.plan.many_users;
         let start = Instant::now();
         let (clients, open_errors) = self.rt.block_on(open_idle(port, n, users));
         let opened = start.elapsed();
@@ -1846,8 +2354,11 @@ impl Bench {
         let mut second_round = Vec::new();
         let mut leftover = Vec::new();
         let mut dovecot_per = Samples::default();
+        let mut dovecot_all = Samples::default();
+        let mut together = Vec::new();
         let mut open_time = Samples::default();
         let mut errors = Samples::default();
+        let others_n = IDLE_SESSIONS_OTHERS.min(p.idle_sessions);
         for _ in 0..p.reps {
             let pb = self.popbridge();
             let (pid, port) = (pb.pid(), pb.port);
@@ -1872,23 +2383,47 @@ impl Bench {
             for (round, (side, port)) in rounds.into_iter().enumerate() {
                 let comm = if side == Side::Native { "pop3" } else { "imap" };
                 let pss0 = dovecot_pss(self.master, comm);
+                let all0 = dovecot_pss_all(self.master);
                 let mut sample = None;
-                let opened = self.hold_idle(side, port, &mut errors, |b, held| {
+                let n = p.idle_sessions;
+                let opened = self.hold_idle(side, port, n, &mut errors, |b, held| {
                     let pss = dovecot_pss(b.master, comm).saturating_sub(pss0);
-                    sample = Some((held, pss, rss_kb(pid)));
+                    let all = dovecot_pss_all(b.master).saturating_sub(all0);
+                    sample = Some((held, pss, all, rss_kb(pid)));
                 });
-                let Some((held, pss, rss)) = sample.filter(|s| s.0 > 0) else {
+                let Some((held, pss, all, rss)) = sample.filter(|s| s.0 > 0) else {
                     continue;
                 };
                 if round < 2 {
                     open_time.push(side, opened.as_secs_f64());
                     dovecot_per.push(side, pss as f64 / held as f64);
+                    dovecot_all.push(side, all as f64 / held as f64);
                 }
                 if side == Side::Proxy {
                     held_rss.push(rss);
                     if round == 1 {
-                        per_session.push(rss.saturating_sub(rss0) as f64 / held as f64);
+                        let pb_per = rss.saturating_sub(rss0) as f64 / held as f64;
+                        per_session.push(pb_per);
+                        together.push(pb_per + all as f64 / held as f64);
                     }
+                }
+            }
+            // The comparison Dovecots, with fewer sessions: every process
+            // of the instance (and, for the imapc bridge, of the IMAP
+            // server it reads) counts.
+            for side in self.other_sides() {
+                let masters = self.masters(side);
+                let all =
+                    |masters: &[u32]| masters.iter().map(|&m| dovecot_pss_all(m)).sum::<u64>();
+                let all0 = all(&masters);
+                let mut sample = None;
+                let port = self.port(side, &pb);
+                let opened = self.hold_idle(side, port, others_n, &mut errors, |_, held| {
+                    sample = Some((held, all(&masters).saturating_sub(all0)));
+                });
+                if let Some((held, pss)) = sample.filter(|s| s.0 > 0) {
+                    open_time.push(side, opened.as_secs_f64());
+                    dovecot_all.push(side, pss as f64 / held as f64);
                 }
             }
             if let [first, second] = held_rss[..] {
@@ -1900,12 +2435,31 @@ impl Bench {
         self.rows.push(
             Row::new(&name, "popbridge RSS per idle session (median)", Unit::KiB)
                 .popbridge(median(&per_session))
-                .target(Target::AtMost(64.0)),
+                .target(Target::AtMost(32.0)),
         );
         self.rows
             .push(dovecot_per.row(&name, "Dovecot pop3 / imap PSS per session", Unit::KiB));
-        self.rows
-            .push(open_time.row(&name, "time to open all sessions (median)", Unit::Secs));
+        self.rows.push(dovecot_all.row(
+            &name,
+            &format!(
+                "Dovecot, all processes' PSS per session (comparison Dovecots: {others_n} sessions)"
+            ),
+            Unit::KiB,
+        ));
+        self.rows.push(
+            Row::new(
+                &name,
+                "memory per session, Dovecot's processes plus popbridge",
+                Unit::KiB,
+            )
+            .native(dovecot_all.median(Side::Native))
+            .popbridge(median(&together)),
+        );
+        self.rows.push(open_time.row(
+            &name,
+            &format!("time to open all sessions (median; comparison Dovecots: {others_n})"),
+            Unit::Secs,
+        ));
         self.rows.push(errors.errors_row(&name));
         self.rows.push(
             Row::new(
@@ -1922,10 +2476,25 @@ impl Bench {
     }
 
     fn dovecot_log_notes(&mut self) {
-        let log = self.dovecot.log();
-        let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pop3_bench-dovecot.log");
-        if fs::write(&saved, &log).is_ok() {
-            eprintln!("Dovecot's log: {}", saved.display());
+        let mut logs = vec![("Dovecot", "dovecot", self.dovecot.log())];
+        for side in self.other_sides() {
+            let file = match side {
+                Side::Default => "dovecot-default",
+                _ => "dovecot-imapc",
+            };
+            logs.push((side.name(), file, self.others[&side].dovecot.log()));
+        }
+        for (name, file, log) in logs {
+            self.log_notes(name, file, &log);
+        }
+    }
+
+    /// Keeps a Dovecot instance's log in the target folder and notes its
+    /// errors and warnings.
+    fn log_notes(&mut self, name: &str, file: &str, log: &str) {
+        let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pop3_bench-{file}.log"));
+        if fs::write(&saved, log).is_ok() {
+            eprintln!("{name}'s log: {}", saved.display());
         }
         let bad: Vec<&str> = log
             .lines()
@@ -1936,7 +2505,7 @@ impl Bench {
             })
             .collect();
         if !bad.is_empty() {
-            let mut note = format!("Dovecot logged {} errors/warnings, e.g.:", bad.len());
+            let mut note = format!("{name} logged {} errors/warnings, e.g.:", bad.len());
             for l in bad.iter().take(5) {
                 note.push_str(&format!("\n    {l}"));
             }
@@ -2041,8 +2610,17 @@ fn print_report(bench: &Bench, elapsed: Duration) {
         elapsed.as_secs_f64()
     );
     println!();
-    println!("| Scenario | Metric | Dovecot | popbridge | popbridge / Dovecot | Target | |");
-    println!("|---|---|---|---|---|---|---|");
+    let others = &bench.plan.compare;
+    let mut header = String::from(
+        "| Scenario | Metric | Dovecot | popbridge | popbridge / Dovecot | per-rep ratio (min–max) | Target | |",
+    );
+    let mut rule = String::from("|---|---|---|---|---|---|---|---|");
+    for side in others {
+        header.push_str(&format!(" {} (/ Dovecot) |", side.name()));
+        rule.push_str("---|");
+    }
+    println!("{header}");
+    println!("{rule}");
     let mut last = String::new();
     for row in &bench.rows {
         let scenario = if row.scenario == last {
@@ -2051,15 +2629,31 @@ fn print_report(bench: &Bench, elapsed: Duration) {
             row.scenario.clone()
         };
         last = row.scenario.clone();
-        println!(
-            "| {scenario} | {} | {} | {} | {} | {} | {} |",
+        let mut line = format!(
+            "| {scenario} | {} | {} | {} | {} | {} | {} | {} |",
             row.metric,
             cell(row.native, row.unit),
             cell(row.popbridge, row.unit),
             row.ratio().map_or(String::new(), |r| format!("{r:.2}x")),
+            row.spread
+                .map_or(String::new(), |(lo, hi)| format!("{lo:.2}–{hi:.2}x")),
             row.target_text(),
             row.verdict()
         );
+        for side in others {
+            let v = match side {
+                Side::Default => row.default,
+                _ => row.imapc,
+            };
+            let ratio = row
+                .ratio_of(v)
+                .map_or(String::new(), |r| format!(" ({r:.2}x)"));
+            line.push_str(&format!(
+                " {}{ratio} |",
+                v.map_or(String::new(), |v| fmt_value(v, row.unit))
+            ));
+        }
+        println!("{line}");
     }
     if !bench.notes.is_empty() {
         println!();
@@ -2105,20 +2699,47 @@ fn main() {
     users.extend(plan.poll_sizes.iter().map(|&n| poll_user(n)));
     users.extend((0..plan.many_users).map(many_user));
     let dovecot = Dovecot::start_with(DovecotOptions {
-        users: users
-            .into_iter()
-            .map(|u| (u, PASSWORD.to_string()))
-            .collect(),
+        users: users.iter().map(|u| (u.clone(), PASSWORD.into())).collect(),
         imap_capability: None,
         extra_conf: dovecot_conf(),
     });
-    let master = dovecot_master();
+    let master = dovecot_master(&[]);
     let config_dir = tempfile::Builder::new()
         .prefix("pbbench-")
         .tempdir()
         .expect("temp dir");
+    let mut others = HashMap::new();
+    for &side in &plan.compare {
+        let known = dovecot_masters();
+        let dovecot = match side {
+            Side::Default => Dovecot::start_with(DovecotOptions {
+                users: users.iter().map(|u| (u.clone(), PASSWORD.into())).collect(),
+                imap_capability: None,
+                extra_conf: default_mode_conf(&dovecot),
+            }),
+            _ => {
+                // The bridge's own index, per user; its mail processes run
+                // as the mail user, so the folder must be open to it.
+                let home = config_dir.path().join("imapc");
+                fs::create_dir(&home).expect("mkdir imapc home");
+                for dir in [config_dir.path(), home.as_path()] {
+                    let mode = if dir == home { 0o1777 } else { 0o755 };
+                    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                        .expect("chmod imapc home");
+                }
+                Dovecot::start_with(DovecotOptions {
+                    users: Vec::new(),
+                    imap_capability: None,
+                    extra_conf: imapc_conf(&dovecot, &home),
+                })
+            }
+        };
+        let master = dovecot_master(&known);
+        eprintln!("started {} (master pid {master})", side.name());
+        others.insert(side, Other { dovecot, master });
+    }
     let config_path = config_dir.path().join("popbridge.toml");
-    fs::write(&config_path, POPBRIDGE_CONFIG).expect("write popbridge config");
+    fs::write(&config_path, popbridge_config()).expect("write popbridge config");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -2129,6 +2750,7 @@ fn main() {
         rt,
         dovecot,
         master,
+        others,
         expected: HashMap::new(),
         config_path,
         _config_dir: config_dir,
