@@ -201,9 +201,12 @@ impl ImapConn {
                     } else if len == 0 {
                         r.deliver(sink, &[]).await;
                     }
-                    if len == 0 {
-                        self.send_ahead(range, len).await?;
-                    }
+                    // The next message's FETCH goes out now, while this
+                    // body streams: the server answers it after this one
+                    // (RFC 3501 §5.5), and its round trip is hidden behind
+                    // this body. Its answer waits in the socket until this
+                    // fetch's tagged reply is read.
+                    self.send_ahead(range, len).await?;
                 }
                 Frame::BodyPiece(piece) => {
                     if r.dropping > 0 {
@@ -213,11 +216,6 @@ impl ImapConn {
                     match r.held.as_mut() {
                         Some(held) => held.extend_from_slice(piece),
                         None => r.deliver(sink, piece).await,
-                    }
-                    if let Some(len) = r.len {
-                        if r.delivered + held(&r) == len {
-                            self.send_ahead(range, len).await?;
-                        }
                     }
                 }
                 Frame::Response(bytes) => {
@@ -305,11 +303,11 @@ impl ImapConn {
         }
     }
 
-    /// This fetch's body is all in (`len` octets of a request for `range`):
-    /// when it was the message's last (the whole message, or a prefix that
-    /// came short) and the client already asked for another message, the
-    /// FETCH for that one goes out now, so its answer follows this one's
-    /// without a round trip in between.
+    /// This fetch's body has started (`len` octets announced for a request
+    /// for `range`): when it is the message's last (the whole message, or a
+    /// prefix that comes short) and the client already asked for another
+    /// message, the FETCH for that one goes out now, so its answer follows
+    /// this one's without a round trip in between.
     async fn send_ahead(
         &mut self,
         range: Option<(u64, u64)>,
