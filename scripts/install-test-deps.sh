@@ -73,7 +73,7 @@ fi
 have_all=1
 for tool in dovecot doveadm curl fetchmail mpop getmail python3 redis-server \
     saslpasswd2 couriertcpd makeuserdb imap4d openssl unshare promtool man systemd-analyze \
-    php pkg-config; do
+    php pkg-config haproxy; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
         have_all=0
         break
