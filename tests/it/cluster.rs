@@ -7,7 +7,8 @@
 //! one refresh; a rolling restart under polling clients loses and
 //! duplicates nothing; a lease taken over while its session runs is
 //! logged and the session goes on; a Redis outage fails open; `rediss://`
-//! with a CA file and a TLS name.
+//! with a CA file and a TLS name; an HTTP directory routes users to two
+//! Dovecots on every replica.
 //!
 //! Figures (sessions, errors, lease expiry, throttle counts) are printed
 //! on stderr: `cargo test --test it -- cluster --nocapture`.
@@ -734,4 +735,75 @@ fn cluster_a_lease_lost_while_the_session_runs_is_logged_and_the_session_goes_on
         Some("another-session"),
         "the session's end deleted a lease it no longer held"
     );
+}
+
+/// The directory behind the cluster: a small HTTP directory routes alice
+/// to one Dovecot and bob to another, and every replica, reached through
+/// HAProxy, serves each of them their own mailbox; each replica asks the
+/// directory at most once per user (its cache), and the lock (in Redis)
+/// holds across replicas for a directory route too.
+#[test]
+fn cluster_directory_routes_users_to_two_dovecots_on_every_replica() {
+    let a = Dovecot::start_with(users(&["alice"]));
+    let b = Dovecot::start_with(users(&["bob"]));
+    a.deliver("alice", b"Subject: for alice\r\n\r\nalice's mail\r\n");
+    for i in 0..2 {
+        b.deliver(
+            "bob",
+            format!("Subject: for bob {i}\r\n\r\nbob's mail\r\n").as_bytes(),
+        );
+    }
+    let dir = crate::directory::DirectoryService::start();
+    dir.route_to("alice", a.imap_port, "");
+    dir.route_to("bob", b.imap_port, "");
+    let redis = Redis::start();
+    let toml = format!(
+        "{}[directory]\nurl = \"{}\"\ncache_secs = 300\n",
+        config(&a, &redis.url()),
+        dir.url()
+    );
+    let cluster = Cluster::start(3, &toml);
+    let home = Ipv4Addr::new(127, 0, 0, 1);
+    for &port in &cluster.haproxy.pinned {
+        for (user, want) in [("alice", 1), ("bob", 2)] {
+            let mut c = Client::connect(port, home).unwrap();
+            let r = c.login(user, "secret").unwrap();
+            assert!(r.starts_with("+OK"), "{user} via {port}: {r}");
+            let stat = c.cmd("STAT").unwrap();
+            assert!(
+                stat.starts_with(&format!("+OK {want} ")),
+                "{user} via {port}: {stat}"
+            );
+            let body = c.multi("RETR 1").unwrap().join("\n");
+            assert!(body.contains(&format!("{user}'s mail")), "{user}: {body}");
+            assert!(c.cmd("QUIT").unwrap().starts_with("+OK"));
+        }
+    }
+    // Through the balanced port, twice more each: answered from the
+    // replicas' caches.
+    for _ in 0..2 {
+        for user in ["alice", "bob"] {
+            let mut c = Client::connect(cluster.haproxy.port, home).unwrap();
+            assert!(c.login(user, "secret").unwrap().starts_with("+OK"));
+            assert!(c.cmd("QUIT").unwrap().starts_with("+OK"));
+        }
+    }
+    for user in ["alice", "bob"] {
+        let asked = dir.requests_for(user).len();
+        assert!(
+            (1..=3).contains(&asked),
+            "{user}: the directory was asked {asked} times by 3 replicas"
+        );
+    }
+    // The lock holds across replicas on a directory route.
+    let pinned = &cluster.haproxy.pinned;
+    let mut first = Client::connect(pinned[0], home).unwrap();
+    assert!(first.login("bob", "secret").unwrap().starts_with("+OK"));
+    let mut second = Client::connect(pinned[1], home).unwrap();
+    let r = second.login("bob", "secret").unwrap();
+    assert!(
+        r.starts_with("-ERR [IN-USE]"),
+        "second session for bob: {r}"
+    );
+    assert!(first.cmd("QUIT").unwrap().starts_with("+OK"));
 }

@@ -32,7 +32,7 @@ enum Reply {
 
 /// One request the directory received.
 #[derive(Clone, Debug)]
-struct Request {
+pub(crate) struct Request {
     /// The request head, as received.
     head: String,
     /// The query's pairs, decoded.
@@ -47,13 +47,13 @@ struct State {
 }
 
 /// An HTTP directory on a loopback port, one thread per request.
-struct DirectoryService {
+pub(crate) struct DirectoryService {
     port: u16,
     state: Arc<Mutex<State>>,
 }
 
 impl DirectoryService {
-    fn start() -> DirectoryService {
+    pub(crate) fn start() -> DirectoryService {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the directory");
         let port = listener.local_addr().expect("directory address").port();
         let state = Arc::new(Mutex::new(State::default()));
@@ -68,7 +68,7 @@ impl DirectoryService {
         DirectoryService { port, state }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/route", self.port)
     }
 
@@ -82,7 +82,7 @@ impl DirectoryService {
 
     /// Routes `user` to the Dovecot on `imap_port`, plaintext, with more
     /// JSON fields (`, "key": value...`).
-    fn route_to(&self, user: &str, imap_port: u16, more: &str) {
+    pub(crate) fn route_to(&self, user: &str, imap_port: u16, more: &str) {
         self.set(
             user,
             Reply::Json(format!(
@@ -92,7 +92,7 @@ impl DirectoryService {
     }
 
     /// The requests for `user` so far.
-    fn requests_for(&self, user: &str) -> Vec<Request> {
+    pub(crate) fn requests_for(&self, user: &str) -> Vec<Request> {
         self.state
             .lock()
             .unwrap()
