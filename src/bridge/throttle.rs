@@ -90,11 +90,85 @@ struct Window {
     opened: Instant,
 }
 
-/// Logins between their check and their answer.
+/// Logins between their check and their answer, and the logins waiting
+/// for one of them to end, by the key that holds them back.
 #[derive(Debug, Default)]
 struct InFlight {
     by_ip: HashMap<IpAddr, u32>,
     by_user: HashMap<AccountKey, u32>,
+    waiting_ip: HashMap<IpAddr, Arc<Notify>>,
+    waiting_user: HashMap<AccountKey, Arc<Notify>>,
+}
+
+impl InFlight {
+    /// Where logins held back by `which` (of `ip`, `account`) wait.
+    fn waiters(&mut self, which: Throttled, ip: IpAddr, account: &AccountKey) -> Arc<Notify> {
+        match which {
+            Throttled::Address => self.waiting_ip.entry(ip).or_default().clone(),
+            Throttled::User => self
+                .waiting_user
+                .entry(account.clone())
+                .or_default()
+                .clone(),
+        }
+    }
+
+    /// Wakes one login waiting on `which`, if any. One: an attempt that
+    /// ends frees at most one place under each of its keys, so waking every
+    /// waiter would only make all but one of them check again for nothing
+    /// (thousands of wake-ups per answer when a botnet queues guesses for
+    /// one account).
+    fn wake_one(&self, which: Throttled, ip: IpAddr, account: &AccountKey) {
+        let n = match which {
+            Throttled::Address => self.waiting_ip.get(&ip),
+            Throttled::User => self.waiting_user.get(account),
+        };
+        if let Some(n) = n {
+            n.notify_one();
+        }
+    }
+
+    /// Drops the waiting places of `ip` and `account` that nobody holds.
+    fn forget_unused(&mut self, ip: IpAddr, account: &AccountKey) {
+        if self
+            .waiting_ip
+            .get(&ip)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            self.waiting_ip.remove(&ip);
+        }
+        if self
+            .waiting_user
+            .get(account)
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            self.waiting_user.remove(account);
+        }
+    }
+
+    /// Drops `which`'s waiting place once nobody else holds it.
+    fn forget(&mut self, which: Throttled, ip: IpAddr, account: &AccountKey, n: &Arc<Notify>) {
+        // Held by the map and by `n`'s owner only: nobody else waits there.
+        if Arc::strong_count(n) > 2 {
+            return;
+        }
+        match which {
+            Throttled::Address => {
+                if self.waiting_ip.get(&ip).is_some_and(|m| Arc::ptr_eq(m, n)) {
+                    self.waiting_ip.remove(&ip);
+                }
+            }
+            Throttled::User => {
+                if self
+                    .waiting_user
+                    .get(account)
+                    .is_some_and(|m| Arc::ptr_eq(m, n))
+                {
+                    self.waiting_user.remove(account);
+                }
+            }
+        }
+    }
 }
 
 /// Failed-login memory, bounded in size and time (moka), and the logins in
@@ -109,8 +183,6 @@ pub struct LoginThrottle {
     /// Held while checking and changing counts, so a check and its
     /// reservation are one step; never across an await.
     in_flight: Mutex<InFlight>,
-    /// Wakes logins waiting for an attempt in flight to end.
-    settled: Notify,
 }
 
 /// A login that must not be tried now.
@@ -124,8 +196,24 @@ pub enum Throttled {
 enum Decision {
     Go,
     Refuse(Throttled),
-    /// Attempts in flight could still reach a limit: wait for one to end.
-    Wait,
+    /// Attempts in flight under this key could still reach its limit: wait
+    /// for one of them to end (there is one: the key has attempts in
+    /// flight, or it would be a refusal).
+    Wait(Throttled),
+}
+
+/// Where a login waited for an attempt in flight to end.
+struct Held {
+    which: Throttled,
+    waiters: Arc<Notify>,
+    /// It was woken there (and so holds a freed place to use or pass on).
+    woken: bool,
+}
+
+/// What one check under the lock came to.
+enum Step {
+    Done(Result<Attempt, Throttled>),
+    Wait(Throttled, Arc<Notify>),
 }
 
 /// One login attempt between the check and the answer; it holds its place
@@ -146,7 +234,6 @@ impl LoginThrottle {
             by_user: bounded(config.max_entries, config.window),
             known: bounded(config.max_entries, KNOWN_ADDRESS_TTL),
             in_flight: Mutex::new(InFlight::default()),
-            settled: Notify::new(),
             config,
         }
     }
@@ -180,19 +267,21 @@ impl LoginThrottle {
         if ip_failures >= self.config.max_failures_per_ip {
             return Decision::Refuse(Throttled::Address);
         }
-        let mut wait = ip_failures + ip_pending >= self.config.max_failures_per_ip;
+        let mut wait = (ip_failures + ip_pending >= self.config.max_failures_per_ip)
+            .then_some(Throttled::Address);
         if !self.known.contains_key(&(account.clone(), ip)) {
             let user_failures = Self::failures(&self.by_user, account, window, now);
             if user_failures >= self.config.max_failures_per_user {
                 return Decision::Refuse(Throttled::User);
             }
             let user_pending = counts.by_user.get(account).copied().unwrap_or(0);
-            wait |= user_failures + user_pending >= self.config.max_failures_per_user;
+            if user_failures + user_pending >= self.config.max_failures_per_user {
+                wait = wait.or(Some(Throttled::User));
+            }
         }
-        if wait {
-            Decision::Wait
-        } else {
-            Decision::Go
+        match wait {
+            Some(which) => Decision::Wait(which),
+            None => Decision::Go,
         }
     }
 
@@ -205,30 +294,82 @@ impl LoginThrottle {
         account: &AccountKey,
     ) -> Result<Attempt, Throttled> {
         let ip = self.address_key(ip);
+        let mut held: Option<Held> = None;
         loop {
-            let settled = self.settled.notified();
-            tokio::pin!(settled);
-            // Registered before the check: an attempt that ends between the
-            // check and the await still wakes this one.
+            let (which, n) = match self.step(ip, account, held.take()) {
+                Step::Done(r) => return r,
+                Step::Wait(which, n) => (which, n),
+            };
+            let mut settled = Box::pin(n.notified());
             settled.as_mut().enable();
-            {
-                let mut counts = self.lock();
-                match self.decide(&counts, ip, account) {
-                    Decision::Refuse(which) => return Err(which),
-                    Decision::Go => {
-                        *counts.by_ip.entry(ip).or_insert(0) += 1;
-                        *counts.by_user.entry(account.clone()).or_insert(0) += 1;
-                        return Ok(Attempt {
-                            throttle: self.clone(),
-                            ip,
-                            account: account.clone(),
-                            done: false,
-                        });
+            // Checked again now that an attempt ending would wake this
+            // login (one may have ended since the check above).
+            let again = Held {
+                which,
+                waiters: n.clone(),
+                woken: false,
+            };
+            match self.step(ip, account, Some(again)) {
+                Step::Wait(w, m) if w == which && Arc::ptr_eq(&m, &n) => {}
+                other => {
+                    // A wake-up `settled` received meanwhile goes on to the
+                    // next waiter as it is dropped (tokio's Notified does
+                    // that); then the place is forgotten if nobody waits.
+                    drop(settled);
+                    self.lock().forget(which, ip, account, &n);
+                    match other {
+                        Step::Done(r) => return r,
+                        Step::Wait(w, m) => {
+                            held = Some(Held {
+                                which: w,
+                                waiters: m,
+                                woken: false,
+                            });
+                            continue;
+                        }
                     }
-                    Decision::Wait => {}
                 }
             }
             settled.await;
+            held = Some(Held {
+                which,
+                waiters: n.clone(),
+                woken: true,
+            });
+        }
+    }
+
+    /// One check under the lock: go (the place is taken), a refusal, or
+    /// where to wait. `held` is where this login waited before: a wake-up
+    /// from there that it does not use goes on to the next waiter, and the
+    /// place is forgotten once nobody waits there.
+    fn step(self: &Arc<Self>, ip: IpAddr, account: &AccountKey, held: Option<Held>) -> Step {
+        let mut counts = self.lock();
+        let decision = self.decide(&counts, ip, account);
+        if let Some(h) = held {
+            let taken = match decision {
+                Decision::Go => true,
+                Decision::Wait(w) => w == h.which,
+                Decision::Refuse(_) => false,
+            };
+            if h.woken && !taken {
+                counts.wake_one(h.which, ip, account);
+            }
+            counts.forget(h.which, ip, account, &h.waiters);
+        }
+        match decision {
+            Decision::Refuse(which) => Step::Done(Err(which)),
+            Decision::Go => {
+                *counts.by_ip.entry(ip).or_insert(0) += 1;
+                *counts.by_user.entry(account.clone()).or_insert(0) += 1;
+                Step::Done(Ok(Attempt {
+                    throttle: self.clone(),
+                    ip,
+                    account: account.clone(),
+                    done: false,
+                }))
+            }
+            Decision::Wait(which) => Step::Wait(which, counts.waiters(which, ip, account)),
         }
     }
 
@@ -282,16 +423,16 @@ impl LoginThrottle {
     /// Ends an attempt: releases its place and, for a failure, counts it.
     fn settle(&self, a: &Attempt, failed: bool) -> u32 {
         let mut ip_failures = 0;
-        {
-            let mut counts = self.lock();
-            release(&mut counts.by_ip, &a.ip);
-            release(&mut counts.by_user, &a.account);
-            if failed {
-                ip_failures = Self::count_failure(&self.by_ip, a.ip, self.config.window);
-                Self::count_failure(&self.by_user, a.account.clone(), self.config.window);
-            }
+        let mut counts = self.lock();
+        release(&mut counts.by_ip, &a.ip);
+        release(&mut counts.by_user, &a.account);
+        if failed {
+            ip_failures = Self::count_failure(&self.by_ip, a.ip, self.config.window);
+            Self::count_failure(&self.by_user, a.account.clone(), self.config.window);
         }
-        self.settled.notify_waiters();
+        counts.wake_one(Throttled::Address, a.ip, &a.account);
+        counts.wake_one(Throttled::User, a.ip, &a.account);
+        counts.forget_unused(a.ip, &a.account);
         ip_failures
     }
 }
@@ -511,6 +652,71 @@ mod tests {
         a.succeeded();
         drop(b);
         assert_eq!(third.await.unwrap(), Ok(()));
+    }
+
+    /// A burst of good logins from one address, many more than its limit:
+    /// every one goes ahead in turn, never more than the limit at once, and
+    /// no waiting place is left behind. Then a burst of guesses for one
+    /// account from many addresses: as many reach the server as the limit
+    /// allows, the rest are refused, none is left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bursts_wait_their_turn_and_leave_nothing_behind() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let t = throttle(5, 1000);
+        let busy = Arc::new(AtomicU32::new(0));
+        let most = Arc::new(AtomicU32::new(0));
+        let logins: Vec<_> = (0..200)
+            .map(|i| {
+                let (t, busy, most) = (t.clone(), busy.clone(), most.clone());
+                tokio::spawn(async move {
+                    let a = t.begin(ip("192.0.2.1"), &acct(&format!("u{i}"))).await?;
+                    let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    a.succeeded();
+                    Ok::<(), Throttled>(())
+                })
+            })
+            .collect();
+        for l in logins {
+            assert_eq!(l.await.unwrap(), Ok(()));
+        }
+        assert!(most.load(Ordering::SeqCst) <= 5, "{most:?} at once");
+        {
+            let counts = t.lock();
+            assert!(counts.by_ip.is_empty() && counts.by_user.is_empty());
+            assert!(
+                counts.waiting_ip.is_empty(),
+                "{:?}",
+                counts.waiting_ip.len()
+            );
+            assert!(counts.waiting_user.is_empty());
+        }
+
+        let t = throttle(1000, 3);
+        let bob = acct("bob");
+        let guesses: Vec<_> = (0..100)
+            .map(|i| {
+                let (t, bob) = (t.clone(), bob.clone());
+                tokio::spawn(async move {
+                    let a = t.begin(ip(&format!("198.51.100.{i}")), &bob).await?;
+                    tokio::task::yield_now().await;
+                    let _ = a.failed();
+                    Ok::<(), Throttled>(())
+                })
+            })
+            .collect();
+        let mut reached = 0;
+        for g in guesses {
+            match g.await.unwrap() {
+                Ok(()) => reached += 1,
+                Err(which) => assert_eq!(which, Throttled::User),
+            }
+        }
+        assert_eq!(reached, 3, "guesses that reached the server");
+        let counts = t.lock();
+        assert!(counts.waiting_user.is_empty() && counts.waiting_ip.is_empty());
     }
 
     #[test]
